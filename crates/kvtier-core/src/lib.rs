@@ -1,0 +1,14 @@
+//! kvtier core: everything that decides *what* is cached, with no network and no async runtime.
+//!
+//! Components:
+//! - [`hash`]: LMCache-compatible token hashing (blake3 prefix chain) and an incremental per-request cache.
+//! - [`key`]: [`key::ObjectKey`], kv_rank packing and the per-rank fan-out.
+//! - [`shm`]: the named POSIX shared-memory segment that backs L1 and that engines map.
+//! - [`l1`]: the L1 manager (object state machine, allocator, TTL locks) and eviction policies.
+//! - [`status`]: the composable status tree every component reports into.
+
+pub mod hash;
+pub mod key;
+pub mod l1;
+pub mod shm;
+pub mod status;

@@ -1,0 +1,1 @@
+//! LMCache 0.5.6 multiprocess wire protocol.
