@@ -1,1 +1,249 @@
-//! placeholder
+//! The composable status tree.
+//!
+//! Every component implements [`StatusReport`] and returns a [`StatusNode`]: its own fields plus
+//! `is_healthy`. Parents nest their children with [`StatusNode::child`] (or lists/maps of them);
+//! a parent is unhealthy as soon as any child is, and says which child in `unhealthy_reason`.
+//! A node that is unhealthy for its own reason says why in the same field.
+//!
+//! Serialised form (JSON, field order preserved): `is_healthy` first, then `unhealthy_reason`
+//! (only when unhealthy), then the fields in insertion order. Field names follow LMCache where
+//! LMCache has the field, so LMCache's status tooling can read a kvtier tree.
+//!
+//! Reports must be cheap: they are built from counters and snapshots, never by iterating cache
+//! objects under a lock.
+
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+use serde_json::Value;
+
+/// A component that can describe its own state.
+pub trait StatusReport {
+    /// Builds this component's node. Must not block on hot-path locks or iterate objects.
+    fn report_status(&self) -> StatusNode;
+}
+
+#[derive(Debug, Clone)]
+enum Field {
+    Value(Value),
+    Node(StatusNode),
+    List(Vec<StatusNode>),
+    Map(Vec<(String, StatusNode)>),
+}
+
+/// One node of the status tree.
+#[derive(Debug, Clone, Default)]
+pub struct StatusNode {
+    own_reason: Option<String>,
+    unhealthy_children: Vec<String>,
+    fields: Vec<(String, Field)>,
+}
+
+impl StatusNode {
+    /// A healthy node with no fields.
+    pub fn healthy() -> Self {
+        Self::default()
+    }
+
+    /// A node that is unhealthy for its own `reason`.
+    pub fn unhealthy(reason: impl Into<String>) -> Self {
+        Self {
+            own_reason: Some(reason.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Marks the node unhealthy for `reason` when `condition` is false.
+    pub fn require(mut self, condition: bool, reason: impl Into<String>) -> Self {
+        if !condition {
+            let reason = reason.into();
+            self.own_reason = Some(match self.own_reason.take() {
+                Some(prev) => format!("{prev}; {reason}"),
+                None => reason,
+            });
+        }
+        self
+    }
+
+    /// Adds a scalar (or any serialisable) field. Values that fail to serialise become `null`.
+    pub fn field(mut self, key: impl Into<String>, value: impl Serialize) -> Self {
+        let value = serde_json::to_value(value).unwrap_or(Value::Null);
+        self.fields.push((key.into(), Field::Value(value)));
+        self
+    }
+
+    /// Nests a child node; the parent becomes unhealthy if the child is.
+    pub fn child(mut self, key: impl Into<String>, child: StatusNode) -> Self {
+        let key = key.into();
+        if !child.is_healthy() {
+            self.unhealthy_children.push(key.clone());
+        }
+        self.fields.push((key, Field::Node(child)));
+        self
+    }
+
+    /// Nests a list of child nodes (rendered by viewers as `key[i]`).
+    pub fn child_list(mut self, key: impl Into<String>, children: Vec<StatusNode>) -> Self {
+        let key = key.into();
+        for (i, c) in children.iter().enumerate() {
+            if !c.is_healthy() {
+                self.unhealthy_children.push(format!("{key}[{i}]"));
+            }
+        }
+        self.fields.push((key, Field::List(children)));
+        self
+    }
+
+    /// Nests a map of named child nodes.
+    pub fn child_map(mut self, key: impl Into<String>, children: Vec<(String, StatusNode)>) -> Self {
+        let key = key.into();
+        for (name, c) in &children {
+            if !c.is_healthy() {
+                self.unhealthy_children.push(format!("{key}.{name}"));
+            }
+        }
+        self.fields.push((key, Field::Map(children)));
+        self
+    }
+
+    /// Whether this node and all its descendants are healthy.
+    pub fn is_healthy(&self) -> bool {
+        self.own_reason.is_none() && self.unhealthy_children.is_empty()
+    }
+
+    /// Why this node is unhealthy, if it is.
+    pub fn unhealthy_reason(&self) -> Option<String> {
+        let children = (!self.unhealthy_children.is_empty())
+            .then(|| format!("unhealthy: {}", self.unhealthy_children.join(", ")));
+        match (&self.own_reason, children) {
+            (None, None) => None,
+            (Some(r), None) => Some(r.clone()),
+            (None, Some(c)) => Some(c),
+            (Some(r), Some(c)) => Some(format!("{r}; {c}")),
+        }
+    }
+
+    /// The nodes that are unhealthy for their own reason, as `(dotted.path, reason)`, depth first.
+    /// `root` names the node itself in the paths.
+    pub fn unhealthy_paths(&self, root: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        self.collect_unhealthy(root, &mut out);
+        out
+    }
+
+    fn collect_unhealthy(&self, path: &str, out: &mut Vec<(String, String)>) {
+        if let Some(r) = &self.own_reason {
+            out.push((path.to_owned(), r.clone()));
+        }
+        for (key, f) in &self.fields {
+            match f {
+                Field::Value(_) => {}
+                Field::Node(n) => n.collect_unhealthy(&join(path, key), out),
+                Field::List(l) => {
+                    for (i, n) in l.iter().enumerate() {
+                        n.collect_unhealthy(&format!("{}[{i}]", join(path, key)), out);
+                    }
+                }
+                Field::Map(m) => {
+                    for (name, n) in m {
+                        n.collect_unhealthy(&join(&join(path, key), name), out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Converts the tree to a JSON value.
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+impl Serialize for StatusNode {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let reason = self.unhealthy_reason();
+        let mut map = serializer.serialize_map(Some(self.fields.len() + 2))?;
+        map.serialize_entry("is_healthy", &reason.is_none())?;
+        if let Some(r) = &reason {
+            map.serialize_entry("unhealthy_reason", r)?;
+        }
+        for (k, f) in &self.fields {
+            match f {
+                Field::Value(v) => map.serialize_entry(k, v)?,
+                Field::Node(n) => map.serialize_entry(k, n)?,
+                Field::List(l) => map.serialize_entry(k, l)?,
+                Field::Map(m) => map.serialize_entry(k, &OrderedNodes(m))?,
+            }
+        }
+        map.end()
+    }
+}
+
+struct OrderedNodes<'a>(&'a [(String, StatusNode)]);
+
+impl Serialize for OrderedNodes<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, n) in self.0 {
+            map.serialize_entry(k, n)?;
+        }
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_propagates_and_reasons_name_the_path() {
+        let evict = StatusNode::healthy()
+            .field("thread_alive", false)
+            .require(false, "eviction thread is not running");
+        let l1 = StatusNode::healthy().field("total_object_count", 3);
+        let sm = StatusNode::healthy()
+            .child("l1_manager", l1)
+            .child("l1_eviction_controller", evict)
+            .child_list("l2_adapters", vec![StatusNode::healthy()]);
+        let root = StatusNode::healthy().field("chunk_size", 256).child("storage_manager", sm);
+        assert!(!root.is_healthy());
+        let v = root.to_value();
+        assert_eq!(v["is_healthy"], false);
+        assert_eq!(v["unhealthy_reason"], "unhealthy: storage_manager");
+        assert_eq!(v["storage_manager"]["l1_manager"]["is_healthy"], true);
+        assert_eq!(
+            v["storage_manager"]["l1_eviction_controller"]["unhealthy_reason"],
+            "eviction thread is not running"
+        );
+        assert_eq!(
+            root.unhealthy_paths("engine"),
+            vec![(
+                "engine.storage_manager.l1_eviction_controller".to_owned(),
+                "eviction thread is not running".to_owned()
+            )]
+        );
+        // is_healthy is serialised first.
+        let text = serde_json::to_string(&root).expect("serialises");
+        assert!(text.starts_with("{\"is_healthy\":false,\"unhealthy_reason\""));
+    }
+
+    #[test]
+    fn healthy_tree_has_no_reason_field() {
+        let root = StatusNode::healthy().child_map(
+            "l1_managers",
+            vec![("_default".to_owned(), StatusNode::healthy().field("x", 1))],
+        );
+        let v = root.to_value();
+        assert_eq!(v["is_healthy"], true);
+        assert!(v.get("unhealthy_reason").is_none());
+        assert_eq!(v["l1_managers"]["_default"]["x"], 1);
+        assert!(root.unhealthy_paths("").is_empty());
+    }
+}

@@ -1,1 +1,17 @@
-//! placeholder
+//! The L1 tier: an object table over one shared-memory pool.
+//!
+//! - [`alloc`]: best-fit offset allocator over the pool.
+//! - [`eviction`]: the eviction-policy trait and its LRU / noop implementations.
+//! - [`manager`]: the object state machine, TTL locks, synchronous and background eviction.
+//! - [`controller`]: the background thread that expires TTLs and evicts above the watermark.
+
+pub mod alloc;
+pub mod controller;
+pub mod eviction;
+pub mod manager;
+
+pub use eviction::{EvictionPolicy, EvictionPolicyKind};
+pub use manager::{
+    Allocation, ClearOutcome, Clock, EvictionConfig, EvictionOutcome, L1Config, L1Counters,
+    L1Error, L1Manager, ReadLease, WriteTicket,
+};

@@ -1,0 +1,1103 @@
+//! The L1 manager: object table, state machine, TTL locks and eviction over the shared pool.
+//!
+//! # Object states
+//! ```text
+//!   reserve_write ──► STAGING ──finish_write──► READY ◄──finish_read (last)── READ-LOCKED
+//!     (per writer,      │  │                      │  └──────reserve_read──────────►┘
+//!      invisible)       │  └─abort_write / write TTL expiry──► discarded (never readable)
+//!                       └─finish_write_and_reserve_read──► READ-LOCKED (L2 prefetch)
+//! ```
+//! - A *staging* object belongs to the holder of its [`WriteTicket`]; readers see it as not
+//!   readable. If its write TTL expires it is discarded: a half-written object never becomes
+//!   readable (LMCache makes it readable; we do not).
+//! - Read locks are counted (1..=128 per call). The read TTL is per object and refreshed by every
+//!   lock; when it expires all holders are released at once and the object's *read epoch* moves
+//!   on, so a late release through an old [`ReadLease`] is a no-op instead of stealing a lock
+//!   that a newer reader took.
+//! - *Temporary* objects (L2 prefetch results) are deleted after their last reader.
+//! - `clear(force = true)` removes every object from the index at once; objects that are locked
+//!   at that moment become *doomed*: invisible to lookups, and freed when their last lock is
+//!   released or expires, so an engine that is still copying never sees its memory reused.
+//!
+//! # Concurrency and lock order
+//! All object state sits behind **one** `parking_lot::Mutex` ([`Inner`]). Every public method
+//! holds it for work proportional to the keys in the call (plus, for allocation failures, the
+//! objects it evicts), never for I/O or data copies, and never for a walk over all objects
+//! (`clear` works in bounded batches, releasing the lock between them). The eviction policy and
+//! the allocator live inside the same lock, so there is no lock order to get wrong.
+//! The counters that the status tree reads are atomics updated inside the critical sections:
+//! reading status never takes the lock and never iterates objects.
+//!
+//! # Memory
+//! The manager hands out byte ranges of the pool ([`Allocation`]); it never touches the pool's
+//! memory. When an allocation fails it first evicts synchronously (in policy order, skipping
+//! locked objects) and reports `OutOfMemory` only if that cannot make room, so a burst of stores
+//! is never rejected while evictable memory exists.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::alloc::RangeAllocator;
+use super::eviction::{EntryId, EvictionPolicy, EvictionPolicyKind};
+use crate::key::ObjectKey;
+use crate::status::{StatusNode, StatusReport};
+
+/// Most read locks a single call may take per object (LMCache's `MAX_READ_LOCK_COUNT`).
+pub const MAX_READ_LOCKS_PER_CALL: u32 = 128;
+
+/// Outcome of an L1 operation on one key (LMCache's `L1Error`, minus `SUCCESS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum L1Error {
+    /// No such object (or the handle refers to an object that is gone).
+    #[error("key does not exist")]
+    KeyNotExist,
+    /// The object exists but is still being written.
+    #[error("key is not readable (still being written)")]
+    KeyNotReadable,
+    /// The object already exists (or is being written by someone else).
+    #[error("key is not writable (already present or being written)")]
+    KeyNotWritable,
+    /// The operation does not apply to the object's current state.
+    #[error("key is in the wrong state for this operation")]
+    KeyInWrongState,
+    /// The object is locked and cannot be deleted.
+    #[error("key is locked")]
+    KeyIsLocked,
+    /// L1 has no room for the batch even after evicting everything evictable.
+    #[error("out of L1 memory")]
+    OutOfMemory,
+}
+
+impl L1Error {
+    /// Short stable label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::KeyNotExist => "key_not_exist",
+            Self::KeyNotReadable => "key_not_readable",
+            Self::KeyNotWritable => "key_not_writable",
+            Self::KeyInWrongState => "key_in_wrong_state",
+            Self::KeyIsLocked => "key_is_locked",
+            Self::OutOfMemory => "out_of_memory",
+        }
+    }
+}
+
+/// A byte range of the pool holding one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Allocation {
+    /// Byte offset into the pool; a multiple of the alignment.
+    pub offset: u64,
+    /// Object length in bytes (the reserved range is rounded up to the alignment).
+    pub len: u64,
+}
+
+/// Proof of a staging reservation: only its holder can publish or abort the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteTicket {
+    id: EntryId,
+    generation: u32,
+    /// Where to write the object's bytes.
+    pub alloc: Allocation,
+}
+
+/// Proof of read locks taken on one object; release it with [`L1Manager::finish_read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLease {
+    id: EntryId,
+    generation: u32,
+    epoch: u32,
+    /// Where the object's bytes are.
+    pub alloc: Allocation,
+}
+
+/// Time source, injectable so tests can expire TTLs without sleeping.
+#[derive(Debug, Clone)]
+pub struct Clock {
+    base: Instant,
+    manual: Option<Arc<AtomicU64>>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::system()
+    }
+}
+
+impl Clock {
+    /// The real monotonic clock.
+    pub fn system() -> Self {
+        Self {
+            base: Instant::now(),
+            manual: None,
+        }
+    }
+
+    /// A clock that only moves when [`advance`](Self::advance) is called.
+    pub fn manual() -> Self {
+        Self {
+            base: Instant::now(),
+            manual: Some(Arc::new(AtomicU64::new(0))),
+        }
+    }
+
+    /// Moves a manual clock forward (no-op on the system clock).
+    pub fn advance(&self, by: Duration) {
+        if let Some(m) = &self.manual {
+            m.fetch_add(u64::try_from(by.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+        }
+    }
+
+    /// Current instant.
+    pub fn now(&self) -> Instant {
+        match &self.manual {
+            Some(m) => self.base + Duration::from_nanos(m.load(Relaxed)),
+            None => Instant::now(),
+        }
+    }
+}
+
+/// Eviction settings (LMCache's `EvictionConfig`).
+#[derive(Debug, Clone, Copy)]
+pub struct EvictionConfig {
+    /// The ordering policy.
+    pub policy: EvictionPolicyKind,
+    /// Background eviction starts when `used / total` reaches this ratio (default 0.8).
+    pub trigger_watermark: f64,
+    /// Each background round frees this fraction of the used **bytes** (default 0.2).
+    pub eviction_ratio: f64,
+}
+
+impl Default for EvictionConfig {
+    fn default() -> Self {
+        Self {
+            policy: EvictionPolicyKind::Lru,
+            trigger_watermark: 0.8,
+            eviction_ratio: 0.2,
+        }
+    }
+}
+
+/// L1 manager settings.
+#[derive(Debug, Clone)]
+pub struct L1Config {
+    /// Pool size in bytes (rounded down to `align_bytes`).
+    pub capacity_bytes: u64,
+    /// Alignment of every object (default 4096).
+    pub align_bytes: u64,
+    /// Write-lock TTL (default 600 s).
+    pub write_ttl: Duration,
+    /// Read-lock TTL (default 300 s).
+    pub read_ttl: Duration,
+    /// Eviction settings.
+    pub eviction: EvictionConfig,
+}
+
+impl L1Config {
+    /// Defaults for a pool of `capacity_bytes`.
+    pub fn with_capacity(capacity_bytes: u64) -> Self {
+        Self {
+            capacity_bytes,
+            align_bytes: 4096,
+            write_ttl: Duration::from_secs(600),
+            read_ttl: Duration::from_secs(300),
+            eviction: EvictionConfig::default(),
+        }
+    }
+}
+
+/// What an eviction round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EvictionOutcome {
+    /// Objects removed.
+    pub objects: u64,
+    /// Bytes returned to the allocator.
+    pub bytes: u64,
+}
+
+/// What a clear did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClearOutcome {
+    /// Objects freed immediately.
+    pub removed: u64,
+    /// Locked objects hidden now and freed when their locks end (force only).
+    pub doomed: u64,
+    /// Locked objects left in place (no force).
+    pub kept: u64,
+}
+
+/// Lock-free counters behind the status tree and metrics. Gauges are kept exact inside the L1
+/// critical sections; `*_total` fields only grow.
+#[derive(Debug, Default)]
+pub struct L1Counters {
+    /// Objects holding memory (ready, staging and doomed).
+    pub objects: AtomicU64,
+    /// Objects in the staging (write-locked) state.
+    pub staging_objects: AtomicU64,
+    /// Bytes reserved by staging objects.
+    pub staging_bytes: AtomicU64,
+    /// Objects with at least one read lock.
+    pub read_locked_objects: AtomicU64,
+    /// Temporary objects.
+    pub temporary_objects: AtomicU64,
+    /// Objects removed from the index by a forced clear but still locked.
+    pub doomed_objects: AtomicU64,
+    /// Bytes reserved (aligned sizes) by all objects.
+    pub used_bytes: AtomicU64,
+    /// Objects published by `finish_write*`.
+    pub writes_committed_total: AtomicU64,
+    /// Staging objects discarded by `abort_write`.
+    pub writes_aborted_total: AtomicU64,
+    /// Keys refused because the pool had no room even after eviction.
+    pub oom_keys_total: AtomicU64,
+    /// Objects evicted (background and synchronous).
+    pub evicted_objects_total: AtomicU64,
+    /// Bytes evicted.
+    pub evicted_bytes_total: AtomicU64,
+    /// Allocation failures that triggered a synchronous eviction.
+    pub sync_evictions_total: AtomicU64,
+    /// Staging objects discarded because their write lock expired.
+    pub expired_write_locks_total: AtomicU64,
+    /// Objects whose read locks expired.
+    pub expired_read_locks_total: AtomicU64,
+    /// Read locks granted (counting each of `count`).
+    pub read_locks_total: AtomicU64,
+}
+
+fn inc(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Relaxed);
+}
+
+fn dec(c: &AtomicU64, by: u64) {
+    c.fetch_sub(by, Relaxed);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Staging,
+    Ready,
+}
+
+#[derive(Debug)]
+struct Entry {
+    key: ObjectKey,
+    alloc: Allocation,
+    reserved: u64,
+    phase: Phase,
+    readers: u32,
+    epoch: u32,
+    /// The entry's current position in the expiry queue (write TTL while staging, read TTL
+    /// while read-locked).
+    deadline: Option<Instant>,
+    temporary: bool,
+    doomed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    generation: u32,
+    entry: Option<Entry>,
+}
+
+/// Everything behind the L1 lock.
+#[derive(Debug)]
+struct Inner {
+    index: HashMap<ObjectKey, EntryId, foldhash::fast::RandomState>,
+    slots: Vec<Slot>,
+    free_slots: Vec<EntryId>,
+    alloc: RangeAllocator,
+    policy: Box<dyn EvictionPolicy>,
+    expiry: BTreeSet<(Instant, EntryId, u32)>,
+}
+
+/// The L1 tier: see the module docs.
+#[derive(Debug)]
+pub struct L1Manager {
+    inner: Mutex<Inner>,
+    counters: L1Counters,
+    config: L1Config,
+    capacity: u64,
+    clock: Clock,
+}
+
+impl L1Manager {
+    /// Creates a manager with the system clock.
+    pub fn new(config: L1Config) -> Self {
+        Self::with_clock(config, Clock::system())
+    }
+
+    /// Creates a manager with an explicit clock (tests).
+    pub fn with_clock(config: L1Config, clock: Clock) -> Self {
+        let alloc = RangeAllocator::new(config.capacity_bytes, config.align_bytes);
+        let capacity = alloc.capacity();
+        Self {
+            inner: Mutex::new(Inner {
+                index: HashMap::default(),
+                slots: Vec::new(),
+                free_slots: Vec::new(),
+                alloc,
+                policy: config.eviction.policy.build(),
+                expiry: BTreeSet::new(),
+            }),
+            counters: L1Counters::default(),
+            config,
+            capacity,
+            clock,
+        }
+    }
+
+    /// The configuration this manager was built with.
+    pub fn config(&self) -> &L1Config {
+        &self.config
+    }
+
+    /// Usable pool bytes.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The live counters (lock-free).
+    pub fn counters(&self) -> &L1Counters {
+        &self.counters
+    }
+
+    /// The clock used for TTLs.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// `(used_bytes, total_bytes)` without taking the lock.
+    pub fn usage(&self) -> (u64, u64) {
+        (self.counters.used_bytes.load(Relaxed), self.capacity)
+    }
+
+    /// Reserves staging objects for `items` (`(key, length in bytes)`).
+    ///
+    /// Keys that already exist (ready, read-locked or staging for another writer) get
+    /// `KeyNotWritable`, as does a key repeated within the call. All new keys are allocated as one
+    /// batch: if it does not fit even after synchronous eviction, every new key gets
+    /// `OutOfMemory` and nothing is reserved.
+    pub fn reserve_write(
+        &self,
+        items: &[(ObjectKey, u64)],
+        temporary: bool,
+    ) -> Vec<Result<WriteTicket, L1Error>> {
+        let now = self.clock.now();
+        let mut inner = self.inner.lock();
+        let mut out: Vec<Result<WriteTicket, L1Error>> = Vec::with_capacity(items.len());
+        let mut new_idx: Vec<usize> = Vec::with_capacity(items.len());
+        let mut sizes: Vec<u64> = Vec::with_capacity(items.len());
+        let mut seen: Vec<&ObjectKey> = Vec::new();
+        for (i, (key, len)) in items.iter().enumerate() {
+            if let Some(&id) = inner.index.get(key) {
+                let expired_staging = inner.entry(id).is_some_and(|e| {
+                    e.phase == Phase::Staging && e.deadline.is_some_and(|d| d <= now)
+                });
+                if expired_staging {
+                    self.discard_expired_staging(&mut inner, id);
+                } else {
+                    out.push(Err(L1Error::KeyNotWritable));
+                    continue;
+                }
+            }
+            // O(k^2) only for the duplicates check within one call; calls carry few keys and
+            // duplicates are a client bug, so a linear scan beats hashing here.
+            if items.len() <= 64 {
+                if seen.contains(&key) {
+                    out.push(Err(L1Error::KeyNotWritable));
+                    continue;
+                }
+                seen.push(key);
+            } else if items[..i].iter().any(|(k, _)| k == key) {
+                out.push(Err(L1Error::KeyNotWritable));
+                continue;
+            }
+            if *len == 0 || inner.alloc.reserved_size(*len).is_none() {
+                out.push(Err(L1Error::OutOfMemory));
+                continue;
+            }
+            out.push(Err(L1Error::OutOfMemory)); // placeholder, replaced below on success
+            new_idx.push(i);
+            sizes.push(*len);
+        }
+        if new_idx.is_empty() {
+            return out;
+        }
+        let Some(offsets) = self.alloc_batch_evicting(&mut inner, &sizes) else {
+            inc(&self.counters.oom_keys_total, new_idx.len() as u64);
+            return out;
+        };
+        let deadline = now + self.config.write_ttl;
+        for (&i, offset) in new_idx.iter().zip(offsets) {
+            let (key, len) = &items[i];
+            let alloc = Allocation { offset, len: *len };
+            let reserved = inner.alloc.reserved_size(*len).unwrap_or(*len);
+            let entry = Entry {
+                key: key.clone(),
+                alloc,
+                reserved,
+                phase: Phase::Staging,
+                readers: 0,
+                epoch: 0,
+                deadline: Some(deadline),
+                temporary,
+                doomed: false,
+            };
+            let (id, generation) = inner.insert(entry);
+            inner.expiry.insert((deadline, id, generation));
+            inc(&self.counters.objects, 1);
+            inc(&self.counters.staging_objects, 1);
+            inc(&self.counters.staging_bytes, reserved);
+            inc(&self.counters.used_bytes, reserved);
+            if temporary {
+                inc(&self.counters.temporary_objects, 1);
+            }
+            out[i] = Ok(WriteTicket {
+                id,
+                generation,
+                alloc,
+            });
+        }
+        out
+    }
+
+    /// Publishes staging objects: they become readable. A ticket whose object was discarded
+    /// (write TTL expired, aborted, force-cleared) gets `KeyNotExist`.
+    pub fn finish_write(&self, tickets: &[WriteTicket]) -> Vec<Result<(), L1Error>> {
+        let mut inner = self.inner.lock();
+        tickets
+            .iter()
+            .map(|t| self.publish(&mut inner, t).map(|_| ()))
+            .collect()
+    }
+
+    /// Publishes staging objects and read-locks them `count` times in one step (L2 prefetch).
+    pub fn finish_write_and_reserve_read(
+        &self,
+        tickets: &[WriteTicket],
+        count: u32,
+    ) -> Vec<Result<ReadLease, L1Error>> {
+        let now = self.clock.now();
+        let count = count.clamp(1, MAX_READ_LOCKS_PER_CALL);
+        let mut inner = self.inner.lock();
+        tickets
+            .iter()
+            .map(|t| {
+                let id = self.publish(&mut inner, t)?;
+                Ok(self.lock_read(&mut inner, id, count, now))
+            })
+            .collect()
+    }
+
+    /// Discards staging objects (failed or abandoned writes). They never become readable.
+    pub fn abort_write(&self, tickets: &[WriteTicket]) -> Vec<Result<(), L1Error>> {
+        let mut inner = self.inner.lock();
+        tickets
+            .iter()
+            .map(|t| {
+                let id = inner
+                    .live(t.id, t.generation)
+                    .ok_or(L1Error::KeyNotExist)?;
+                if inner.entry(id).map(|e| e.phase) != Some(Phase::Staging) {
+                    return Err(L1Error::KeyInWrongState);
+                }
+                self.remove_entry(&mut inner, id);
+                inc(&self.counters.writes_aborted_total, 1);
+                Ok(())
+            })
+            .collect()
+    }
+
+    /// Takes `count` read locks (clamped to 1..=128) on each key.
+    pub fn reserve_read(&self, keys: &[ObjectKey], count: u32) -> Vec<Result<ReadLease, L1Error>> {
+        let now = self.clock.now();
+        let count = count.clamp(1, MAX_READ_LOCKS_PER_CALL);
+        let mut inner = self.inner.lock();
+        keys.iter()
+            .map(|k| {
+                let id = self.readable(&mut inner, k, now)?;
+                Ok(self.lock_read(&mut inner, id, count, now))
+            })
+            .collect()
+    }
+
+    /// Read-locks the longest prefix of `keys` that is readable, in whole groups of `group` keys
+    /// (a chunk's keys for every rank): a group that is only partly readable is not locked at
+    /// all, so no lock is left behind on a partial chunk. Returns the leases of the prefix
+    /// (`len` is a multiple of `group`).
+    pub fn reserve_read_prefix(
+        &self,
+        keys: &[ObjectKey],
+        count: u32,
+        group: usize,
+    ) -> Vec<ReadLease> {
+        let now = self.clock.now();
+        let count = count.clamp(1, MAX_READ_LOCKS_PER_CALL);
+        let group = group.max(1);
+        let mut inner = self.inner.lock();
+        let mut ids = Vec::with_capacity(keys.len());
+        'groups: for chunk in keys.chunks(group) {
+            if chunk.len() < group {
+                break;
+            }
+            let start = ids.len();
+            for k in chunk {
+                match self.readable(&mut inner, k, now) {
+                    Ok(id) => ids.push(id),
+                    Err(_) => {
+                        ids.truncate(start);
+                        break 'groups;
+                    }
+                }
+            }
+        }
+        ids.into_iter()
+            .map(|id| self.lock_read(&mut inner, id, count, now))
+            .collect()
+    }
+
+    /// Releases `count` read locks per lease. A lease whose locks already expired (or whose
+    /// object is gone) gets `KeyInWrongState` / `KeyNotExist` and changes nothing.
+    pub fn finish_read(&self, leases: &[ReadLease], count: u32) -> Vec<Result<(), L1Error>> {
+        let count = count.max(1);
+        let mut inner = self.inner.lock();
+        leases
+            .iter()
+            .map(|l| {
+                let id = inner
+                    .live(l.id, l.generation)
+                    .ok_or(L1Error::KeyNotExist)?;
+                let (epoch, readers) = match inner.entry(id) {
+                    Some(e) => (e.epoch, e.readers),
+                    None => return Err(L1Error::KeyNotExist),
+                };
+                if epoch != l.epoch || readers == 0 {
+                    return Err(L1Error::KeyInWrongState);
+                }
+                self.unlock_read(&mut inner, id, count);
+                Ok(())
+            })
+            .collect()
+    }
+
+    /// Whether each key is readable right now (ready, not doomed). Takes no object lock.
+    pub fn contains(&self, keys: &[ObjectKey]) -> Vec<bool> {
+        let now = self.clock.now();
+        let mut inner = self.inner.lock();
+        keys.iter()
+            .map(|k| self.readable(&mut inner, k, now).is_ok())
+            .collect()
+    }
+
+    /// Deletes unlocked ready objects.
+    pub fn delete(&self, keys: &[ObjectKey]) -> Vec<Result<(), L1Error>> {
+        let mut inner = self.inner.lock();
+        keys.iter()
+            .map(|k| {
+                let id = *inner.index.get(k).ok_or(L1Error::KeyNotExist)?;
+                let e = inner.entry(id).ok_or(L1Error::KeyNotExist)?;
+                if e.phase == Phase::Staging || e.readers > 0 {
+                    return Err(L1Error::KeyIsLocked);
+                }
+                self.remove_entry(&mut inner, id);
+                Ok(())
+            })
+            .collect()
+    }
+
+    /// Empties L1. Unlocked objects are freed. Locked and staging objects are kept when `force`
+    /// is false; with `force` they are removed from the index now and freed when their locks end.
+    /// Works in batches so the lock is never held for a walk over every object.
+    pub fn clear(&self, force: bool) -> ClearOutcome {
+        const BATCH: usize = 4096;
+        let mut out = ClearOutcome::default();
+        let mut start = 0usize;
+        loop {
+            let mut inner = self.inner.lock();
+            let end = (start + BATCH).min(inner.slots.len());
+            for id in start..end {
+                let id = id as EntryId;
+                let Some(e) = inner.entry(id) else { continue };
+                if e.doomed {
+                    continue;
+                }
+                let locked = e.phase == Phase::Staging || e.readers > 0;
+                if !locked {
+                    self.remove_entry(&mut inner, id);
+                    out.removed += 1;
+                } else if force {
+                    self.doom(&mut inner, id);
+                    out.doomed += 1;
+                } else {
+                    out.kept += 1;
+                }
+            }
+            let done = end >= inner.slots.len();
+            drop(inner);
+            if done {
+                return out;
+            }
+            start = end;
+        }
+    }
+
+    /// Frees at least `goal_bytes` (if possible) by evicting unlocked ready objects in policy
+    /// order. Never touches staging, read-locked or doomed objects.
+    pub fn evict(&self, goal_bytes: u64) -> EvictionOutcome {
+        let mut inner = self.inner.lock();
+        self.evict_locked(&mut inner, goal_bytes)
+    }
+
+    /// One background round: expire TTLs, then evict `eviction_ratio` of the used bytes if usage
+    /// is at or above the watermark.
+    pub fn maintenance_round(&self) -> EvictionOutcome {
+        self.expire_locks();
+        let (used, total) = self.usage();
+        if total == 0 {
+            return EvictionOutcome::default();
+        }
+        let ratio = used as f64 / total as f64;
+        if ratio < self.config.eviction.trigger_watermark {
+            return EvictionOutcome::default();
+        }
+        let goal = ((used as f64) * self.config.eviction.eviction_ratio).ceil() as u64;
+        self.evict(goal.max(1))
+    }
+
+    /// Applies every TTL that has passed: staging objects are discarded, read locks released.
+    /// Returns the number of objects affected. Work is proportional to the expired entries.
+    pub fn expire_locks(&self) -> u64 {
+        let now = self.clock.now();
+        let mut inner = self.inner.lock();
+        let mut n = 0;
+        while let Some(&(deadline, id, generation)) = inner.expiry.first() {
+            if deadline > now {
+                break;
+            }
+            inner.expiry.pop_first();
+            if inner.live(id, generation).is_none() {
+                continue;
+            }
+            let phase = inner.entry(id).map(|e| e.phase);
+            match phase {
+                Some(Phase::Staging) => self.discard_expired_staging(&mut inner, id),
+                Some(Phase::Ready) => self.expire_readers(&mut inner, id),
+                None => continue,
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Recounts everything under the lock and compares with the counters and the allocator.
+    /// `O(n)`: for tests and the debug endpoint only.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let inner = self.inner.lock();
+        inner.alloc.check()?;
+        let (mut objects, mut staging, mut staging_bytes, mut readers, mut temp, mut doomed, mut used) =
+            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut ranges = Vec::new();
+        for (id, slot) in inner.slots.iter().enumerate() {
+            let Some(e) = &slot.entry else { continue };
+            objects += 1;
+            used += e.reserved;
+            ranges.push((e.alloc.offset, e.reserved));
+            if e.phase == Phase::Staging {
+                staging += 1;
+                staging_bytes += e.reserved;
+                if e.readers > 0 {
+                    return Err(format!("staging object {id} has readers"));
+                }
+            }
+            if e.readers > 0 {
+                readers += 1;
+            }
+            if e.temporary {
+                temp += 1;
+            }
+            if e.doomed {
+                doomed += 1;
+                if e.phase == Phase::Ready && e.readers == 0 {
+                    return Err(format!("doomed object {id} has no lock left"));
+                }
+            } else if inner.index.get(&e.key) != Some(&(id as EntryId)) {
+                return Err(format!("object {id} missing from the index"));
+            }
+            let in_queue = e
+                .deadline
+                .is_some_and(|d| inner.expiry.contains(&(d, id as EntryId, slot.generation)));
+            let needs_deadline = e.phase == Phase::Staging || e.readers > 0;
+            if needs_deadline != in_queue {
+                return Err(format!("object {id} expiry queue entry mismatch"));
+            }
+        }
+        if inner.index.len() as u64 != objects - doomed {
+            return Err("index size differs from live objects".into());
+        }
+        if inner.expiry.len() as u64 != staging + readers {
+            return Err("stale entries in the expiry queue".into());
+        }
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            if w[0].0 + w[0].1 > w[1].0 {
+                return Err(format!("objects overlap at offset {}", w[1].0));
+            }
+        }
+        if used + inner.alloc.free_bytes() != inner.alloc.capacity() {
+            return Err(format!(
+                "leaked bytes: used {used} + free {} != capacity {}",
+                inner.alloc.free_bytes(),
+                inner.alloc.capacity()
+            ));
+        }
+        let c = &self.counters;
+        let pairs = [
+            ("objects", c.objects.load(Relaxed), objects),
+            ("staging_objects", c.staging_objects.load(Relaxed), staging),
+            ("staging_bytes", c.staging_bytes.load(Relaxed), staging_bytes),
+            ("read_locked_objects", c.read_locked_objects.load(Relaxed), readers),
+            ("temporary_objects", c.temporary_objects.load(Relaxed), temp),
+            ("doomed_objects", c.doomed_objects.load(Relaxed), doomed),
+            ("used_bytes", c.used_bytes.load(Relaxed), used),
+        ];
+        for (name, counter, recount) in pairs {
+            if counter != recount {
+                return Err(format!("counter {name} = {counter}, recount = {recount}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocator fragmentation snapshot: `(free_bytes, largest_free_block, free_fragments)`.
+    pub fn fragmentation(&self) -> (u64, u64, usize) {
+        let inner = self.inner.lock();
+        (
+            inner.alloc.free_bytes(),
+            inner.alloc.largest_free_block(),
+            inner.alloc.free_fragments(),
+        )
+    }
+
+    // ---- internals (all called with the lock held) ----
+
+    /// Resolves `key` to a readable entry, applying lapsed TTLs first (a staging object whose
+    /// write TTL passed is discarded; lapsed read locks are released, which frees a temporary
+    /// or doomed object).
+    fn readable(&self, inner: &mut Inner, key: &ObjectKey, now: Instant) -> Result<EntryId, L1Error> {
+        let &id = inner.index.get(key).ok_or(L1Error::KeyNotExist)?;
+        let (phase, readers, deadline) = match inner.entry(id) {
+            Some(e) => (e.phase, e.readers, e.deadline),
+            None => return Err(L1Error::KeyNotExist),
+        };
+        let lapsed = deadline.is_some_and(|d| d <= now);
+        match phase {
+            Phase::Staging if lapsed => {
+                self.discard_expired_staging(inner, id);
+                Err(L1Error::KeyNotExist)
+            }
+            Phase::Staging => Err(L1Error::KeyNotReadable),
+            Phase::Ready => {
+                if readers > 0 && lapsed {
+                    self.expire_readers(inner, id);
+                    if inner.entry(id).is_none() {
+                        return Err(L1Error::KeyNotExist);
+                    }
+                }
+                Ok(id)
+            }
+        }
+    }
+
+    fn publish(&self, inner: &mut Inner, t: &WriteTicket) -> Result<EntryId, L1Error> {
+        let id = inner
+            .live(t.id, t.generation)
+            .ok_or(L1Error::KeyNotExist)?;
+        let (phase, doomed, deadline, reserved) = match inner.entry(id) {
+            Some(e) => (e.phase, e.doomed, e.deadline, e.reserved),
+            None => return Err(L1Error::KeyNotExist),
+        };
+        if phase != Phase::Staging {
+            return Err(L1Error::KeyInWrongState);
+        }
+        if doomed {
+            // Force-cleared while being written: the write is void.
+            self.remove_entry(inner, id);
+            return Err(L1Error::KeyNotExist);
+        }
+        let now = self.clock.now();
+        if deadline.is_some_and(|d| d <= now) {
+            self.discard_expired_staging(inner, id);
+            return Err(L1Error::KeyNotExist);
+        }
+        if let Some(d) = deadline {
+            inner.expiry.remove(&(d, id, t.generation));
+        }
+        if let Some(e) = inner.entry_mut(id) {
+            e.phase = Phase::Ready;
+            e.deadline = None;
+        }
+        dec(&self.counters.staging_objects, 1);
+        dec(&self.counters.staging_bytes, reserved);
+        inc(&self.counters.writes_committed_total, 1);
+        inner.policy.on_ready(id);
+        Ok(id)
+    }
+
+    fn lock_read(&self, inner: &mut Inner, id: EntryId, count: u32, now: Instant) -> ReadLease {
+        // `readable` (or `publish`) already applied any lapsed TTL to this entry.
+        let generation = inner.slots[id as usize].generation;
+        let deadline = now + self.config.read_ttl;
+        let (old_deadline, was_unlocked, epoch, alloc) = match inner.entry_mut(id) {
+            Some(e) => {
+                let old = e.deadline.replace(deadline);
+                let was_unlocked = e.readers == 0;
+                e.readers = e.readers.saturating_add(count);
+                (old, was_unlocked, e.epoch, e.alloc)
+            }
+            None => unreachable_entry(),
+        };
+        if let Some(d) = old_deadline {
+            inner.expiry.remove(&(d, id, generation));
+        }
+        inner.expiry.insert((deadline, id, generation));
+        if was_unlocked {
+            inc(&self.counters.read_locked_objects, 1);
+        }
+        inc(&self.counters.read_locks_total, u64::from(count));
+        inner.policy.on_access(id);
+        ReadLease {
+            id,
+            generation,
+            epoch,
+            alloc,
+        }
+    }
+
+    fn unlock_read(&self, inner: &mut Inner, id: EntryId, count: u32) {
+        let generation = inner.slots[id as usize].generation;
+        let (now_unlocked, deadline, free_now) = match inner.entry_mut(id) {
+            Some(e) => {
+                e.readers = e.readers.saturating_sub(count);
+                if e.readers == 0 {
+                    (true, e.deadline.take(), e.temporary || e.doomed)
+                } else {
+                    (false, None, false)
+                }
+            }
+            None => return,
+        };
+        if now_unlocked {
+            if let Some(d) = deadline {
+                inner.expiry.remove(&(d, id, generation));
+            }
+            dec(&self.counters.read_locked_objects, 1);
+            if free_now {
+                self.remove_entry(inner, id);
+                return;
+            }
+        }
+        inner.policy.on_access(id);
+    }
+
+    fn expire_readers(&self, inner: &mut Inner, id: EntryId) {
+        let generation = inner.slots[id as usize].generation;
+        let (deadline, free_now) = match inner.entry_mut(id) {
+            Some(e) if e.readers > 0 => {
+                e.readers = 0;
+                e.epoch = e.epoch.wrapping_add(1);
+                (e.deadline.take(), e.temporary || e.doomed)
+            }
+            _ => return,
+        };
+        if let Some(d) = deadline {
+            inner.expiry.remove(&(d, id, generation));
+        }
+        dec(&self.counters.read_locked_objects, 1);
+        inc(&self.counters.expired_read_locks_total, 1);
+        if free_now {
+            self.remove_entry(inner, id);
+        }
+    }
+
+    fn discard_expired_staging(&self, inner: &mut Inner, id: EntryId) {
+        inc(&self.counters.expired_write_locks_total, 1);
+        self.remove_entry(inner, id);
+    }
+
+    fn doom(&self, inner: &mut Inner, id: EntryId) {
+        let key = match inner.entry_mut(id) {
+            Some(e) => {
+                e.doomed = true;
+                e.key.clone()
+            }
+            None => return,
+        };
+        inner.index.remove(&key);
+        inner.policy.on_remove(id);
+        inc(&self.counters.doomed_objects, 1);
+    }
+
+    /// Removes an entry whatever its state and returns its memory.
+    fn remove_entry(&self, inner: &mut Inner, id: EntryId) {
+        let slot = &mut inner.slots[id as usize];
+        let generation = slot.generation;
+        let Some(e) = slot.entry.take() else { return };
+        slot.generation = slot.generation.wrapping_add(1);
+        inner.free_slots.push(id);
+        if let Some(d) = e.deadline {
+            inner.expiry.remove(&(d, id, generation));
+        }
+        if e.doomed {
+            dec(&self.counters.doomed_objects, 1);
+        } else {
+            inner.index.remove(&e.key);
+        }
+        inner.policy.on_remove(id);
+        inner.alloc.free(e.alloc.offset, e.alloc.len);
+        dec(&self.counters.objects, 1);
+        dec(&self.counters.used_bytes, e.reserved);
+        if e.phase == Phase::Staging {
+            dec(&self.counters.staging_objects, 1);
+            dec(&self.counters.staging_bytes, e.reserved);
+        }
+        if e.readers > 0 {
+            dec(&self.counters.read_locked_objects, 1);
+        }
+        if e.temporary {
+            dec(&self.counters.temporary_objects, 1);
+        }
+    }
+
+    fn evict_locked(&self, inner: &mut Inner, goal_bytes: u64) -> EvictionOutcome {
+        let mut victims = Vec::new();
+        let mut planned = 0u64;
+        {
+            let slots = &inner.slots;
+            inner.policy.visit_candidates(&mut |id| {
+                if planned >= goal_bytes {
+                    return false;
+                }
+                if let Some(Some(e)) = slots.get(id as usize).map(|s| s.entry.as_ref())
+                    && e.phase == Phase::Ready
+                    && e.readers == 0
+                    && !e.doomed
+                {
+                    victims.push(id);
+                    planned += e.reserved;
+                }
+                true
+            });
+        }
+        let mut out = EvictionOutcome::default();
+        for id in victims {
+            if let Some(e) = inner.entry(id) {
+                out.bytes += e.reserved;
+                out.objects += 1;
+                self.remove_entry(inner, id);
+            }
+        }
+        inc(&self.counters.evicted_objects_total, out.objects);
+        inc(&self.counters.evicted_bytes_total, out.bytes);
+        out
+    }
+
+    /// Allocates the whole batch, evicting synchronously while that can help.
+    fn alloc_batch_evicting(&self, inner: &mut Inner, sizes: &[u64]) -> Option<Vec<u64>> {
+        if let Some(offsets) = inner.alloc.alloc_batch(sizes) {
+            return Some(offsets);
+        }
+        inc(&self.counters.sync_evictions_total, 1);
+        let need: u64 = sizes
+            .iter()
+            .filter_map(|&s| inner.alloc.reserved_size(s))
+            .fold(0u64, u64::saturating_add);
+        if need > inner.alloc.capacity() {
+            return None;
+        }
+        loop {
+            let free = inner.alloc.free_bytes();
+            // Evict what is missing; if enough bytes are free but fragmented, evict the size of
+            // the largest object so neighbouring frees can coalesce.
+            let largest = sizes.iter().copied().max().unwrap_or(0);
+            let goal = need.saturating_sub(free).max(largest);
+            let freed = self.evict_locked(inner, goal);
+            if let Some(offsets) = inner.alloc.alloc_batch(sizes) {
+                return Some(offsets);
+            }
+            if freed.objects == 0 {
+                return None;
+            }
+        }
+    }
+}
+
+#[cold]
+fn unreachable_entry() -> ! {
+    // Callers only pass ids they just validated under the same lock.
+    panic!("L1 invariant violated: validated entry disappeared under the lock")
+}
+
+impl Inner {
+    fn entry(&self, id: EntryId) -> Option<&Entry> {
+        self.slots.get(id as usize).and_then(|s| s.entry.as_ref())
+    }
+
+    fn entry_mut(&mut self, id: EntryId) -> Option<&mut Entry> {
+        self.slots.get_mut(id as usize).and_then(|s| s.entry.as_mut())
+    }
+
+    /// `Some(id)` if the slot still holds the object of that generation.
+    fn live(&self, id: EntryId, generation: u32) -> Option<EntryId> {
+        let s = self.slots.get(id as usize)?;
+        (s.generation == generation && s.entry.is_some()).then_some(id)
+    }
+
+    fn insert(&mut self, entry: Entry) -> (EntryId, u32) {
+        let key = entry.key.clone();
+        let id = match self.free_slots.pop() {
+            Some(id) => id,
+            None => {
+                self.slots.push(Slot::default());
+                (self.slots.len() - 1) as EntryId
+            }
+        };
+        let slot = &mut self.slots[id as usize];
+        slot.entry = Some(entry);
+        let generation = slot.generation;
+        self.index.insert(key, id);
+        (id, generation)
+    }
+}
+
+impl StatusReport for L1Manager {
+    fn report_status(&self) -> StatusNode {
+        let c = &self.counters;
+        let (used, total) = self.usage();
+        let ratio = if total == 0 { 0.0 } else { used as f64 / total as f64 };
+        StatusNode::healthy()
+            .field("total_object_count", c.objects.load(Relaxed))
+            .field("write_locked_count", c.staging_objects.load(Relaxed))
+            .field("read_locked_count", c.read_locked_objects.load(Relaxed))
+            .field("temporary_count", c.temporary_objects.load(Relaxed))
+            .field("staging_object_count", c.staging_objects.load(Relaxed))
+            .field("staging_bytes", c.staging_bytes.load(Relaxed))
+            .field("doomed_object_count", c.doomed_objects.load(Relaxed))
+            .field("memory_used_bytes", used)
+            .field("memory_total_bytes", total)
+            .field("memory_configured_bytes", self.config.capacity_bytes)
+            .field("capacity_bytes_by_backend", serde_json::json!({ "shm": total }))
+            .field("memory_usage_ratio", ratio)
+            .field("write_ttl_seconds", self.config.write_ttl.as_secs())
+            .field("read_ttl_seconds", self.config.read_ttl.as_secs())
+            .field("align_bytes", self.config.align_bytes)
+            .field("evicted_object_count_total", c.evicted_objects_total.load(Relaxed))
+            .field("evicted_bytes_total", c.evicted_bytes_total.load(Relaxed))
+            .field("sync_eviction_count_total", c.sync_evictions_total.load(Relaxed))
+            .field("out_of_memory_key_count_total", c.oom_keys_total.load(Relaxed))
+            .field("expired_write_lock_count_total", c.expired_write_locks_total.load(Relaxed))
+            .field("expired_read_lock_count_total", c.expired_read_locks_total.load(Relaxed))
+    }
+}

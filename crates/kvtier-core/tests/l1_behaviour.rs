@@ -1,0 +1,321 @@
+//! Named behaviours of the L1 manager, a fragmentation churn test and a multi-threaded stress
+//! test that checks every invariant at the end.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use common::key;
+use kvtier_core::l1::{Clock, EvictionPolicyKind, L1Config, L1Error, L1Manager, ReadLease};
+
+const PAGE: u64 = 4096;
+
+fn manager(pages: u64) -> (L1Manager, Clock) {
+    let clock = Clock::manual();
+    let cfg = L1Config::with_capacity(pages * PAGE);
+    (L1Manager::with_clock(cfg, clock.clone()), clock)
+}
+
+fn store(l1: &L1Manager, n: u32, len: u64) -> Result<(), L1Error> {
+    let t = l1.reserve_write(&[(key(n), len)], false).remove(0)?;
+    l1.finish_write(&[t]).remove(0)
+}
+
+#[test]
+fn staging_objects_are_invisible_and_expired_writes_never_become_readable() {
+    let (l1, clock) = manager(16);
+    let t = l1.reserve_write(&[(key(1), PAGE)], false).remove(0).expect("reserved");
+    assert_eq!(l1.reserve_read(&[key(1)], 1)[0], Err(L1Error::KeyNotReadable));
+    assert_eq!(l1.contains(&[key(1)]), vec![false]);
+    // A second writer cannot take the same key while the first one holds it.
+    assert_eq!(l1.reserve_write(&[(key(1), PAGE)], false)[0], Err(L1Error::KeyNotWritable));
+    clock.advance(Duration::from_secs(601));
+    // The writer comes back too late: its object was discarded, not published.
+    assert_eq!(l1.finish_write(&[t])[0], Err(L1Error::KeyNotExist));
+    assert_eq!(l1.reserve_read(&[key(1)], 1)[0], Err(L1Error::KeyNotExist));
+    assert_eq!(l1.counters().expired_write_locks_total.load(Relaxed), 1);
+    assert_eq!(l1.usage().0, 0);
+    l1.check_invariants().expect("invariants");
+}
+
+#[test]
+fn background_sweep_discards_abandoned_staging_objects() {
+    let (l1, clock) = manager(16);
+    let _t = l1.reserve_write(&[(key(1), PAGE)], false).remove(0).expect("reserved");
+    assert_eq!(l1.counters().staging_objects.load(Relaxed), 1);
+    clock.advance(Duration::from_secs(600));
+    assert_eq!(l1.expire_locks(), 1);
+    assert_eq!(l1.counters().staging_objects.load(Relaxed), 0);
+    assert_eq!(l1.usage().0, 0);
+    // The key is writable again.
+    assert!(l1.reserve_write(&[(key(1), PAGE)], false)[0].is_ok());
+}
+
+#[test]
+fn expired_read_locks_are_released_and_stale_leases_do_not_steal_new_locks() {
+    let (l1, clock) = manager(16);
+    store(&l1, 1, PAGE).expect("stored");
+    let old: ReadLease = l1.reserve_read(&[key(1)], 2).remove(0).expect("locked");
+    assert_eq!(l1.delete(&[key(1)])[0], Err(L1Error::KeyIsLocked));
+    clock.advance(Duration::from_secs(301));
+    let new = l1.reserve_read(&[key(1)], 1).remove(0).expect("locked again");
+    // The first holder's late release must not remove the new holder's lock.
+    assert_eq!(l1.finish_read(&[old], 2)[0], Err(L1Error::KeyInWrongState));
+    assert_eq!(l1.delete(&[key(1)])[0], Err(L1Error::KeyIsLocked));
+    assert_eq!(l1.finish_read(&[new], 1)[0], Ok(()));
+    assert_eq!(l1.delete(&[key(1)])[0], Ok(()));
+    l1.check_invariants().expect("invariants");
+}
+
+#[test]
+fn temporary_objects_go_away_after_their_last_reader() {
+    let (l1, _clock) = manager(16);
+    let t = l1.reserve_write(&[(key(1), PAGE)], true).remove(0).expect("reserved");
+    let lease = l1.finish_write_and_reserve_read(&[t], 2).remove(0).expect("published");
+    assert_eq!(l1.finish_read(&[lease], 1)[0], Ok(()));
+    assert_eq!(l1.contains(&[key(1)]), vec![true]);
+    assert_eq!(l1.finish_read(&[lease], 1)[0], Ok(()));
+    assert_eq!(l1.contains(&[key(1)]), vec![false]);
+    assert_eq!(l1.usage().0, 0);
+}
+
+#[test]
+fn full_pool_evicts_synchronously_instead_of_rejecting_stores() {
+    let (l1, _clock) = manager(8);
+    for n in 0..8 {
+        store(&l1, n, PAGE).expect("fits");
+    }
+    // Lock the two oldest: eviction must skip them rather than stall on the locked head.
+    let leases: Vec<_> = l1
+        .reserve_read(&[key(0), key(1)], 1)
+        .into_iter()
+        .map(|r| r.expect("locked"))
+        .collect();
+    for n in 8..20 {
+        store(&l1, n, PAGE).expect("a burst of stores is never rejected while evictable memory exists");
+    }
+    assert_eq!(l1.contains(&[key(0), key(1)]), vec![true, true], "locked objects survive");
+    assert!(l1.counters().sync_evictions_total.load(Relaxed) > 0);
+    l1.finish_read(&leases, 1);
+    l1.check_invariants().expect("invariants");
+}
+
+#[test]
+fn batch_reservations_are_all_or_nothing() {
+    let (l1, _clock) = manager(4);
+    let leases: Vec<_> = (0..3)
+        .map(|n| {
+            store(&l1, n, PAGE).expect("fits");
+            l1.reserve_read(&[key(n)], 1).remove(0).expect("locked")
+        })
+        .collect();
+    // One page free, two requested, nothing evictable: both keys are refused, nothing leaks.
+    let got = l1.reserve_write(&[(key(10), PAGE), (key(11), PAGE)], false);
+    assert_eq!(got, vec![Err(L1Error::OutOfMemory), Err(L1Error::OutOfMemory)]);
+    assert_eq!(l1.usage().0, 3 * PAGE);
+    assert_eq!(l1.counters().oom_keys_total.load(Relaxed), 2);
+    l1.finish_read(&leases, 1);
+    l1.check_invariants().expect("invariants");
+}
+
+#[test]
+fn forced_clear_hides_locked_objects_but_keeps_their_memory_until_release() {
+    let (l1, _clock) = manager(8);
+    store(&l1, 1, PAGE).expect("stored");
+    store(&l1, 2, PAGE).expect("stored");
+    let lease = l1.reserve_read(&[key(1)], 1).remove(0).expect("locked");
+    let staging = l1.reserve_write(&[(key(3), PAGE)], false).remove(0).expect("reserved");
+    let out = l1.clear(true);
+    assert_eq!((out.removed, out.doomed), (1, 2));
+    assert_eq!(l1.contains(&[key(1), key(2)]), vec![false, false]);
+    assert_eq!(l1.usage().0, 2 * PAGE, "doomed memory is still in use");
+    // The key can be stored again while the doomed copy is still being read.
+    store(&l1, 1, PAGE).expect("stored again");
+    assert_eq!(l1.finish_read(&[lease], 1)[0], Ok(()));
+    assert_eq!(l1.finish_write(&[staging])[0], Err(L1Error::KeyNotExist));
+    assert_eq!(l1.usage().0, PAGE);
+    l1.check_invariants().expect("invariants");
+}
+
+#[test]
+fn unforced_clear_keeps_locked_objects() {
+    let (l1, _clock) = manager(8);
+    store(&l1, 1, PAGE).expect("stored");
+    store(&l1, 2, PAGE).expect("stored");
+    let _lease = l1.reserve_read(&[key(1)], 1).remove(0).expect("locked");
+    let out = l1.clear(false);
+    assert_eq!((out.removed, out.kept), (1, 1));
+    assert_eq!(l1.contains(&[key(1), key(2)]), vec![true, false]);
+}
+
+#[test]
+fn background_round_respects_watermark_and_ratio_of_bytes() {
+    let (l1, _clock) = manager(100);
+    for n in 0..79 {
+        store(&l1, n, PAGE).expect("fits");
+    }
+    assert_eq!(l1.maintenance_round().objects, 0, "below the 0.8 watermark");
+    store(&l1, 79, PAGE).expect("fits");
+    // Eighty pages used: the round frees 20 % of the used bytes, oldest first.
+    let out = l1.maintenance_round();
+    assert_eq!(out.objects, 16);
+    assert_eq!(out.bytes, 16 * PAGE);
+    assert_eq!(l1.contains(&[key(15), key(16)]), vec![false, true]);
+}
+
+#[test]
+fn noop_policy_never_evicts() {
+    let clock = Clock::manual();
+    let mut cfg = L1Config::with_capacity(4 * PAGE);
+    cfg.eviction.policy = EvictionPolicyKind::Noop;
+    let l1 = L1Manager::with_clock(cfg, clock);
+    for n in 0..4 {
+        store(&l1, n, PAGE).expect("fits");
+    }
+    assert_eq!(store(&l1, 9, PAGE), Err(L1Error::OutOfMemory));
+    assert_eq!(l1.maintenance_round().objects, 0);
+}
+
+/// Objects of three sizes (as for models with different chunk sizes) churn through a small
+/// pool; with eviction available every reservation must keep succeeding.
+#[test]
+fn mixed_size_churn_keeps_allocating() {
+    let (l1, _clock) = manager(1024);
+    let sizes = [PAGE, 3 * PAGE + 100, 32 * PAGE];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut held: Vec<ReadLease> = Vec::new();
+    let mut stored_bytes = 0u64;
+    for n in 0..20_000u32 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let len = sizes[(rng % 3) as usize];
+        store(&l1, n, len).unwrap_or_else(|e| panic!("store {n} of {len} bytes failed: {e}"));
+        stored_bytes += len.div_ceil(PAGE) * PAGE;
+        // Keep a few objects read-locked at any time, scattered through the pool.
+        if rng % 7 == 0
+            && let Ok(l) = l1.reserve_read(&[key(n)], 1).remove(0)
+        {
+            held.push(l);
+        }
+        if held.len() > 8 {
+            let l = held.remove(0);
+            l1.finish_read(&[l], 1);
+        }
+    }
+    // Bounded fragmentation: the bytes evicted to make room stay close to the bytes stored
+    // (a perfect packer evicts exactly what it stores once the pool is full).
+    let evicted = l1.counters().evicted_bytes_total.load(Relaxed);
+    let stored = stored_bytes;
+    let (free, largest, fragments) = l1.fragmentation();
+    eprintln!(
+        "stored {stored} evicted {evicted} ratio {:.3}; free {free} largest {largest} fragments {fragments}",
+        evicted as f64 / stored as f64
+    );
+    assert!(
+        (evicted as f64) < 1.25 * stored as f64,
+        "eviction amplification too high: evicted {evicted} for {stored} stored"
+    );
+    l1.finish_read(&held, 1);
+    l1.check_invariants().expect("invariants");
+}
+
+/// 8 threads, 1e5 operations in total, mixing every public operation; at the end every lock is
+/// released, L1 is cleared and no byte, object or counter may be left over.
+#[test]
+fn eight_thread_stress_leaves_no_leaks() {
+    const THREADS: u32 = 8;
+    const OPS_PER_THREAD: u32 = 12_500;
+    let l1 = Arc::new(L1Manager::new(L1Config::with_capacity(256 * PAGE)));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let l1 = Arc::clone(&l1);
+            std::thread::spawn(move || {
+                let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(t).wrapping_mul(0x1234_5678_9abc);
+                let mut leases: Vec<ReadLease> = Vec::new();
+                for _ in 0..OPS_PER_THREAD {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let k = (rng % 512) as u32;
+                    match (rng >> 32) % 10 {
+                        0..=2 => {
+                            let items: Vec<_> = (0..1 + (rng >> 40) % 4)
+                                .map(|i| (key(k + i as u32), PAGE * (1 + (rng >> 50) % 3)))
+                                .collect();
+                            let tickets: Vec<_> = l1
+                                .reserve_write(&items, false)
+                                .into_iter()
+                                .filter_map(Result::ok)
+                                .collect();
+                            if (rng >> 20) % 8 == 0 {
+                                l1.abort_write(&tickets);
+                            } else {
+                                l1.finish_write(&tickets);
+                            }
+                        }
+                        3..=4 => {
+                            let keys: Vec<_> = (0..4).map(|i| key(k + i)).collect();
+                            leases.extend(l1.reserve_read_prefix(&keys, 2, 2));
+                        }
+                        5 => {
+                            if let Ok(l) = l1.reserve_read(&[key(k)], 1).remove(0) {
+                                leases.push(l);
+                            }
+                        }
+                        6..=7 => {
+                            if !leases.is_empty() {
+                                let l = leases.swap_remove((rng as usize) % leases.len());
+                                l1.finish_read(&[l], 1);
+                                l1.finish_read(&[l], 1);
+                            }
+                        }
+                        8 => {
+                            l1.delete(&[key(k)]);
+                        }
+                        _ => match (rng >> 24) % 50 {
+                            0 => {
+                                l1.clear(rng % 2 == 0);
+                            }
+                            1..=10 => {
+                                l1.maintenance_round();
+                            }
+                            _ => {
+                                l1.evict(PAGE * 4);
+                            }
+                        },
+                    }
+                }
+                for l in leases {
+                    l1.finish_read(&[l], 2);
+                }
+            })
+        })
+        .collect();
+    // A status reader polls the counters the whole time, without taking the L1 lock.
+    let reader = {
+        let l1 = Arc::clone(&l1);
+        std::thread::spawn(move || {
+            let mut max_used = 0;
+            for _ in 0..2_000 {
+                let (used, total) = l1.usage();
+                assert!(used <= total);
+                max_used = max_used.max(used);
+                std::thread::yield_now();
+            }
+            max_used
+        })
+    };
+    for h in handles {
+        h.join().expect("worker thread");
+    }
+    reader.join().expect("reader thread");
+    l1.check_invariants().expect("invariants hold after the run");
+    l1.clear(true);
+    l1.check_invariants().expect("invariants hold after clear");
+    assert_eq!(l1.usage().0, 0, "no leaked bytes");
+    assert_eq!(l1.counters().objects.load(Relaxed), 0);
+    assert_eq!(l1.counters().read_locked_objects.load(Relaxed), 0);
+}
