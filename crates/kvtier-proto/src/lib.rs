@@ -1,1 +1,36 @@
-//! LMCache 0.5.6 multiprocess wire protocol.
+//! LMCache 0.5.6 multiprocess wire protocol: op table, msgpack payload decoding and response
+//! encoding, wire-compatible with LMCache 0.5.6 clients (msgspec msgpack over ZeroMQ).
+//!
+//! Layout of a request as the server's ROUTER socket sees it (see [`frame`]):
+//! `[identity, uid, op, payload_1, ..., payload_n]`; replies are `[identity, uid, op]` (for a
+//! `None` result) or `[identity, uid, op, response]`, with `uid` and `op` echoed byte-for-byte.
+//!
+//! Modules:
+//! - [`op`]: the operation table ([`Op`]) and op-frame decoding ([`decode_op`]).
+//! - [`reader`]: the strict streaming msgpack [`Reader`] with field-path errors.
+//! - [`request`]: typed payload decoding ([`decode_request`] → [`Request`]).
+//! - [`response`]: response encoders and each op's defined failure reply.
+//! - [`frame`]: multipart framing and stream control frames.
+//! - [`error`]: the error type, [`ProtoError`].
+//!
+//! Crate-wide invariants: no input bytes can make any function panic, overflow or allocate more
+//! than a small multiple of the input size; every decode failure is a typed [`ProtoError`]
+//! naming the field path. The reference server sends no error replies, so what the server does
+//! on error (log, then send [`Op::failure_reply`] or nothing) is decided outside this crate.
+
+pub mod error;
+pub mod frame;
+pub mod op;
+pub mod reader;
+pub mod request;
+pub mod response;
+
+pub use error::ProtoError;
+pub use frame::{RequestFrames, StreamControl, decode_uid};
+pub use op::{Op, Scheduling, decode_op};
+pub use reader::{Path, Reader};
+pub use request::{
+    BlockAllocationRecord, CpuShmWrapper, DeviceIpcWrapper, EngineGroupInfo, IpcKey,
+    RegisterEngineDrivenContext, RegisterKvCache, Request, TensorMetadata, decode_request,
+};
+pub use response::{RegisterEngineDrivenContextResponse, Slot};
