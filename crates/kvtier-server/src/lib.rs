@@ -1,0 +1,15 @@
+//! kvtier server: everything between the wire and the cache.
+//!
+//! - [`transport`]: the ZeroMQ ROUTER front end (poll thread + worker pools).
+//! - [`engine`]: LMCache 0.5.6 MP-server semantics (sessions, lookups, engine-driven transfers).
+//! - [`http`]: the admin API (status tree, health, configuration, cache clearing).
+//! - [`stats`]: lock-free per-operation counters and latency histograms.
+//! - [`server`]: start-up and ordered shutdown of all of the above.
+
+pub mod engine;
+pub mod http;
+pub mod server;
+pub mod stats;
+pub mod transport;
+
+pub use server::{Server, ServerConfig, ServerError};

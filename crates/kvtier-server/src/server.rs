@@ -1,0 +1,415 @@
+//! Wiring: builds the segment, L1, engine, front end, housekeeping thread and HTTP API, and
+//! stops them in order.
+//!
+//! Start order: shared-memory segment → L1 manager → eviction thread → engine → housekeeping
+//! thread → ZeroMQ front end → HTTP API. Shutdown runs the reverse: stop RPC intake and drain
+//! in-flight requests (bounded) → stop HTTP → stop housekeeping → release every client lock and
+//! pending transfer → stop eviction → unmap and unlink the segment.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvtier_core::hash::{HashAlgorithm, TokenHasher};
+use kvtier_core::l1::controller::EvictionController;
+use kvtier_core::l1::{EvictionConfig, L1Config, L1Manager};
+use kvtier_core::shm::{ShmOptions, ShmSegment};
+use kvtier_core::status::{StatusNode, StatusReport};
+use kvtier_proto::{Op, decode_request};
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+
+use crate::engine::{Engine, EngineConfig};
+use crate::http::{HttpConfig, HttpServer};
+use crate::stats::{Outcome, RpcStats};
+use crate::transport::{Handler, TransportConfig, ZmqFrontEnd};
+
+/// Everything `kvtier serve` can be told.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerConfig {
+    /// Address the ZeroMQ ROUTER binds.
+    pub host: String,
+    /// Port the ZeroMQ ROUTER binds (0 picks a free one).
+    pub port: u16,
+    /// Tokens per chunk.
+    pub chunk_size: usize,
+    /// Token hashing algorithm.
+    pub hash_algorithm: String,
+    /// L1 pool size in bytes.
+    pub l1_size_bytes: u64,
+    /// Object alignment in bytes.
+    pub l1_align_bytes: u64,
+    /// Eviction policy name.
+    pub eviction_policy: String,
+    /// Background eviction watermark.
+    pub eviction_trigger_watermark: f64,
+    /// Fraction of used bytes freed per background round.
+    pub eviction_ratio: f64,
+    /// Write-lock TTL.
+    pub l1_write_ttl: Duration,
+    /// Read-lock TTL.
+    pub l1_read_ttl: Duration,
+    /// Name of the shared-memory segment.
+    pub shm_name: String,
+    /// Populate the segment's pages at start (costs the memory up front; saves engine page
+    /// faults on first use).
+    pub l1_prefault: bool,
+    /// Workers per pool.
+    pub max_workers: usize,
+    /// Session idle TTL.
+    pub session_ttl: Duration,
+    /// Reap an engine instance this long after its last ping (0 disables).
+    pub worker_reap_timeout: Duration,
+    /// Grace period before an instance's first ping.
+    pub worker_registration_grace: Duration,
+    /// Shutdown drain bound.
+    pub drain_timeout: Duration,
+    /// HTTP admin API (`None` disables it).
+    pub http: Option<HttpConfig>,
+}
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A setting is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The shared-memory segment could not be created.
+    #[error(transparent)]
+    Shm(#[from] kvtier_core::shm::ShmError),
+    /// The front end could not start.
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    /// The HTTP API could not start.
+    #[error("http api: {0}")]
+    Http(String),
+    /// A thread could not be spawned.
+    #[error("spawning {what}: {source}")]
+    Spawn {
+        /// Which thread.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The request handler behind the front end: decode, run, account, and always reply.
+#[derive(Debug)]
+pub struct Service {
+    engine: Arc<Engine>,
+    rpc: Arc<RpcStats>,
+}
+
+impl Handler for Service {
+    fn handle(&self, op: Op, payloads: &[&[u8]]) -> Option<Vec<u8>> {
+        let t = Instant::now();
+        let (reply, outcome) = match decode_request(op, payloads) {
+            Err(e) => {
+                tracing::warn!(%op, error = %e, "malformed request; answering with the failure value");
+                (op.failure_reply(), Outcome::Malformed)
+            }
+            Ok(req) => match self.engine.handle(req) {
+                Ok(r) => (r, Outcome::Ok),
+                Err(e) => {
+                    let outcome = e.outcome();
+                    if outcome == Outcome::Failed {
+                        tracing::debug!(%op, error = %e, "request failed");
+                    } else {
+                        tracing::warn!(%op, error = %e, "request refused");
+                    }
+                    (op.failure_reply(), outcome)
+                }
+            },
+        };
+        self.rpc.record(op, outcome, t.elapsed());
+        reply
+    }
+}
+
+#[derive(Debug, Default)]
+struct Stopper {
+    stop: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    config: ServerConfig,
+    engine: Arc<Engine>,
+    rpc: Arc<RpcStats>,
+    frontend: Arc<ZmqFrontEnd>,
+    http: Option<HttpServer>,
+    housekeeper: Mutex<Option<JoinHandle<()>>>,
+    stopper: Arc<Stopper>,
+    started: Instant,
+}
+
+/// Shared view for the HTTP API: builds the status tree on demand.
+#[derive(Debug, Clone)]
+pub struct StatusSource {
+    inner: Arc<StatusParts>,
+}
+
+#[derive(Debug)]
+struct StatusParts {
+    engine: Arc<Engine>,
+    rpc: Arc<RpcStats>,
+    started: Instant,
+    housekeeper_alive: Arc<AtomicBool>,
+    config: ServerConfig,
+    frontend: Arc<ZmqFrontEnd>,
+}
+
+impl StatusSource {
+    /// The whole status tree.
+    pub fn status(&self) -> StatusNode {
+        let p = &self.inner;
+        let mut rpc = StatusNode::healthy();
+        let mut unsupported = serde_json::Map::new();
+        for (op, s) in p.rpc.iter() {
+            let count = s.latency.count();
+            if count == 0 {
+                continue;
+            }
+            let un = s.unsupported.load(Relaxed);
+            if un > 0 {
+                unsupported.insert(op.name().to_owned(), un.into());
+            }
+            rpc = rpc.field(
+                op.name(),
+                serde_json::json!({
+                    "count": count,
+                    "ok": s.ok.load(Relaxed),
+                    "malformed": s.malformed.load(Relaxed),
+                    "unsupported": un,
+                    "failed": s.failed.load(Relaxed),
+                    "latency_p50_seconds": s.latency.quantile(0.5),
+                    "latency_p99_seconds": s.latency.quantile(0.99),
+                }),
+            );
+        }
+        let hk_alive = p.housekeeper_alive.load(Relaxed);
+        let mut root = p
+            .engine
+            .report_status()
+            .child(
+                "housekeeping",
+                StatusNode::healthy()
+                    .require(hk_alive, "housekeeping thread is not running")
+                    .field("thread_alive", hk_alive)
+                    .field("interval_seconds", 1.0),
+            )
+            .child("rpc", rpc)
+            .field("unsupported_op_counts", unsupported);
+        root = root.child("transport", p.frontend.report_status());
+        root.field("uptime_seconds", p.started.elapsed().as_secs_f64())
+            .field("version", env!("CARGO_PKG_VERSION"))
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.config
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.inner.engine
+    }
+
+    /// Per-op statistics.
+    pub fn rpc(&self) -> &Arc<RpcStats> {
+        &self.inner.rpc
+    }
+}
+
+impl Server {
+    /// Builds and starts every component. `runtime` hosts the HTTP API.
+    pub fn start(config: ServerConfig, runtime: &tokio::runtime::Handle) -> Result<Self, ServerError> {
+        let started = Instant::now();
+        let algorithm: HashAlgorithm = config
+            .hash_algorithm
+            .parse()
+            .map_err(|e: kvtier_core::hash::HashError| ServerError::Config(e.to_string()))?;
+        let hasher = TokenHasher::new(config.chunk_size, algorithm)
+            .map_err(|e| ServerError::Config(format!("--chunk-size: {e}")))?;
+        let policy = config
+            .eviction_policy
+            .parse()
+            .map_err(|e: kvtier_core::l1::eviction::UnknownPolicy| {
+                ServerError::Config(format!("--eviction-policy: {e}"))
+            })?;
+        let segment = ShmSegment::create(
+            &config.shm_name,
+            config.l1_size_bytes,
+            ShmOptions {
+                prefault: config.l1_prefault,
+                ..ShmOptions::default()
+            },
+        )?;
+        let l1 = Arc::new(L1Manager::new(L1Config {
+            capacity_bytes: config.l1_size_bytes,
+            align_bytes: config.l1_align_bytes,
+            write_ttl: config.l1_write_ttl,
+            read_ttl: config.l1_read_ttl,
+            eviction: EvictionConfig {
+                policy,
+                trigger_watermark: config.eviction_trigger_watermark,
+                eviction_ratio: config.eviction_ratio,
+            },
+        }));
+        let evictor = EvictionController::spawn(Arc::clone(&l1), Duration::from_millis(100))
+            .map_err(|e| ServerError::Spawn {
+                what: "kvtier-l1-evict",
+                source: e,
+            })?;
+        let engine = Arc::new(Engine::new(
+            EngineConfig {
+                chunk_size: config.chunk_size,
+                session_ttl: config.session_ttl,
+                worker_reap_timeout: config.worker_reap_timeout,
+                worker_registration_grace: config.worker_registration_grace,
+            },
+            hasher,
+            l1,
+            segment,
+            evictor,
+        ));
+        let rpc = Arc::new(RpcStats::default());
+        let stopper = Arc::new(Stopper::default());
+        let housekeeper_alive = Arc::new(AtomicBool::new(true));
+        let housekeeper = {
+            let engine = Arc::clone(&engine);
+            let stopper = Arc::clone(&stopper);
+            let alive = Arc::clone(&housekeeper_alive);
+            std::thread::Builder::new()
+                .name("kvtier-housekeep".into())
+                .spawn(move || {
+                    struct Guard(Arc<AtomicBool>);
+                    impl Drop for Guard {
+                        fn drop(&mut self) {
+                            self.0.store(false, Relaxed);
+                        }
+                    }
+                    let _guard = Guard(alive);
+                    loop {
+                        {
+                            let mut stop = stopper.stop.lock();
+                            if !*stop {
+                                stopper.cv.wait_for(&mut stop, Duration::from_secs(1));
+                            }
+                            if *stop {
+                                return;
+                            }
+                        }
+                        engine.housekeeping();
+                    }
+                })
+                .map_err(|e| ServerError::Spawn {
+                    what: "kvtier-housekeep",
+                    source: e,
+                })?
+        };
+        let host = if config.host == "localhost" {
+            "127.0.0.1"
+        } else {
+            config.host.as_str()
+        };
+        let frontend = Arc::new(ZmqFrontEnd::start(
+            TransportConfig {
+                bind: format!("tcp://{host}:{}", config.port),
+                workers: config.max_workers,
+                queue_capacity: 4096,
+                drain_timeout: config.drain_timeout,
+            },
+            Arc::new(Service {
+                engine: Arc::clone(&engine),
+                rpc: Arc::clone(&rpc),
+            }),
+        )?);
+        let source = StatusSource {
+            inner: Arc::new(StatusParts {
+                engine: Arc::clone(&engine),
+                rpc: Arc::clone(&rpc),
+                started,
+                housekeeper_alive: Arc::clone(&housekeeper_alive),
+                config: config.clone(),
+                frontend: Arc::clone(&frontend),
+            }),
+        };
+        let http = match &config.http {
+            Some(h) => Some(
+                HttpServer::start(h.clone(), source.clone(), runtime)
+                    .map_err(|e| ServerError::Http(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let server = Self {
+            config,
+            engine,
+            rpc,
+            frontend,
+            http,
+            housekeeper: Mutex::new(Some(housekeeper)),
+            stopper,
+            started,
+        };
+        tracing::info!(
+            rpc = server.frontend.endpoint(),
+            http = server.http.as_ref().map(|h| h.local_addr().to_string()),
+            shm = server.engine.segment().name(),
+            l1_bytes = server.engine.l1().capacity_bytes(),
+            startup_ms = started.elapsed().as_secs_f64() * 1e3,
+            "kvtier serving"
+        );
+        Ok(server)
+    }
+
+    /// The ZeroMQ endpoint actually bound.
+    pub fn rpc_endpoint(&self) -> &str {
+        self.frontend.endpoint()
+    }
+
+    /// The HTTP address actually bound.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().map(HttpServer::local_addr)
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Per-op statistics.
+    pub fn rpc_stats(&self) -> &Arc<RpcStats> {
+        &self.rpc
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// Time since start.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Stops everything in order (see the module docs).
+    pub fn shutdown(self) {
+        tracing::info!("shutting down: stopping request intake");
+        self.frontend.shutdown();
+        if let Some(h) = &self.http {
+            h.shutdown();
+        }
+        *self.stopper.stop.lock() = true;
+        self.stopper.cv.notify_all();
+        if let Some(h) = self.housekeeper.lock().take() {
+            let _joined = h.join();
+        }
+        self.engine.release_all();
+        self.engine.evictor().stop();
+        tracing::info!("shutdown complete; removing the shared-memory segment");
+    }
+}

@@ -1,0 +1,209 @@
+//! Lock-free request statistics: per-operation counters and latency histograms.
+//!
+//! Recording is a handful of relaxed atomic increments, so workers never contend on a lock to
+//! account for a request. The histogram is log-linear (4 sub-buckets per power of two of
+//! nanoseconds, so a quantile is accurate to within ~19 %), which is plenty to tell a 50 µs p99
+//! from a 5 ms one; exact figures come from `kvtier bench`.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use kvtier_proto::Op;
+
+const SUB_BITS: u32 = 2;
+const SUBS: usize = 1 << SUB_BITS;
+/// Bucket count: covers 1 ns .. 2^40 ns (~18 min).
+const BUCKETS: usize = 41 * SUBS;
+
+/// A fixed-size log-linear latency histogram.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+fn bucket_of(ns: u64) -> usize {
+    if ns < SUBS as u64 {
+        return ns as usize;
+    }
+    let log = 63 - ns.leading_zeros();
+    let sub = ((ns >> (log - SUB_BITS)) & (SUBS as u64 - 1)) as usize;
+    ((log - SUB_BITS + 1) as usize * SUBS + sub).min(BUCKETS - 1)
+}
+
+/// Upper bound (inclusive) of a bucket in nanoseconds.
+fn bucket_upper(b: usize) -> u64 {
+    if b < SUBS {
+        return b as u64;
+    }
+    let log = (b / SUBS) as u32 + SUB_BITS - 1;
+    let sub = (b % SUBS) as u64;
+    let base = 1u64 << log;
+    let width = base >> SUB_BITS;
+    base + (sub + 1) * width - 1
+}
+
+impl LatencyHistogram {
+    /// Records one observation.
+    pub fn record(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.buckets[bucket_of(ns)].fetch_add(1, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// Sum of observations in seconds.
+    pub fn sum_seconds(&self) -> f64 {
+        self.sum_ns.load(Relaxed) as f64 / 1e9
+    }
+
+    /// The `q` quantile (0..=1) in seconds, as the upper bound of its bucket; 0 when empty.
+    pub fn quantile(&self, q: f64) -> f64 {
+        let total = self.count();
+        if total == 0 {
+            return 0.0;
+        }
+        let rank = ((total as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (b, c) in self.buckets.iter().enumerate() {
+            seen += c.load(Relaxed);
+            if seen >= rank {
+                return bucket_upper(b) as f64 / 1e9;
+            }
+        }
+        bucket_upper(BUCKETS - 1) as f64 / 1e9
+    }
+
+    /// Cumulative counts at the given upper bounds (seconds), for Prometheus exposition.
+    pub fn cumulative(&self, bounds_seconds: &[f64]) -> Vec<u64> {
+        let mut out = Vec::with_capacity(bounds_seconds.len());
+        let mut b = 0usize;
+        let mut acc = 0u64;
+        for &bound in bounds_seconds {
+            let bound_ns = (bound * 1e9) as u64;
+            while b < BUCKETS && bucket_upper(b) <= bound_ns {
+                acc += self.buckets[b].load(Relaxed);
+                b += 1;
+            }
+            out.push(acc);
+        }
+        out
+    }
+}
+
+/// How a request ended, for counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handled and answered normally.
+    Ok,
+    /// The request could not be decoded or failed validation; a failure value was sent.
+    Malformed,
+    /// The operation is not implemented; a failure value was sent.
+    Unsupported,
+    /// The request was valid but could not be served (e.g. no memory, unknown instance).
+    Failed,
+}
+
+/// Counters and latency for one operation.
+#[derive(Debug, Default)]
+pub struct OpStats {
+    /// Requests answered normally.
+    pub ok: AtomicU64,
+    /// Malformed requests.
+    pub malformed: AtomicU64,
+    /// Requests for unimplemented operations.
+    pub unsupported: AtomicU64,
+    /// Valid requests that failed.
+    pub failed: AtomicU64,
+    /// Handler latency (decode + handle + encode), excluding queueing.
+    pub latency: LatencyHistogram,
+}
+
+/// Statistics for every operation of the table.
+#[derive(Debug)]
+pub struct RpcStats {
+    ops: Vec<OpStats>,
+}
+
+impl Default for RpcStats {
+    fn default() -> Self {
+        Self {
+            ops: Op::ALL.iter().map(|_| OpStats::default()).collect(),
+        }
+    }
+}
+
+impl RpcStats {
+    /// Accounts for one handled request.
+    pub fn record(&self, op: Op, outcome: Outcome, elapsed: Duration) {
+        let Some(s) = self.get(op) else { return };
+        let c = match outcome {
+            Outcome::Ok => &s.ok,
+            Outcome::Malformed => &s.malformed,
+            Outcome::Unsupported => &s.unsupported,
+            Outcome::Failed => &s.failed,
+        };
+        c.fetch_add(1, Relaxed);
+        s.latency.record(elapsed);
+    }
+
+    /// The statistics of `op`.
+    pub fn get(&self, op: Op) -> Option<&OpStats> {
+        Op::ALL.iter().position(|&o| o == op).and_then(|i| self.ops.get(i))
+    }
+
+    /// Iterates `(op, stats)` pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (Op, &OpStats)> {
+        Op::ALL.iter().copied().zip(self.ops.iter())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_contain_their_values() {
+        let mut prev = 0;
+        for ns in [0u64, 1, 3, 4, 5, 7, 8, 100, 1_000, 65_535, 1 << 30] {
+            let b = bucket_of(ns);
+            assert!(b >= prev);
+            prev = b;
+            assert!(bucket_upper(b) >= ns, "{ns} above bucket {b} upper {}", bucket_upper(b));
+            if b > 0 {
+                assert!(bucket_upper(b - 1) < ns || ns < SUBS as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn quantiles_are_within_a_bucket() {
+        let h = LatencyHistogram::default();
+        for us in 1..=100u64 {
+            h.record(Duration::from_micros(us));
+        }
+        let p50 = h.quantile(0.5);
+        assert!((50e-6..=63e-6).contains(&p50), "p50 {p50}");
+        let p99 = h.quantile(0.99);
+        assert!((99e-6..=125e-6).contains(&p99), "p99 {p99}");
+        assert_eq!(h.count(), 100);
+        let cum = h.cumulative(&[1e-6, 1e-3]);
+        assert_eq!(cum[1], 100);
+    }
+}

@@ -1,0 +1,468 @@
+//! The ZeroMQ front end: one ROUTER socket, one thread that owns it, and two worker pools.
+//!
+//! ```text
+//!  clients (DEALER) ──tcp──► ROUTER ── kvtier-zmq thread ──┬── SYNC ops: handled inline
+//!                                 ▲                         ├── affinity ops ─► kvtier-xfer-N (one queue
+//!                                 │                         │     per worker, chosen by client identity)
+//!                                 │                         └── other ops ───► kvtier-rpc-N (shared queue)
+//!                                 └──── replies ◄── channel + eventfd ◄── workers
+//! ```
+//! - The socket is touched only by the `kvtier-zmq` thread (libzmq sockets are not thread-safe).
+//!   Workers hand replies back through a channel and wake the thread with an eventfd that sits in
+//!   the same `zmq_poll` set as the socket.
+//! - Transfer operations of one client always run on the same worker, in arrival order; a slow
+//!   client therefore delays only the clients that hash to its worker, never the whole server.
+//!   Replies may go out of order; clients match them by uid.
+//! - Every queue is bounded. When a pool's queue is full the request is answered at once with the
+//!   operation's failure value and counted (`rejected_busy`), so the poll thread never blocks.
+//! - Every request whose frames carry an identity, a uid and an op gets exactly one reply; only
+//!   messages too short to address a reply are dropped (and counted).
+//! - Shutdown: stop reading the socket, wait for in-flight requests up to the drain timeout while
+//!   still sending their replies, then close the socket and join the workers.
+
+use std::hash::{BuildHasher, Hasher};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, unbounded};
+use kvtier_core::status::{StatusNode, StatusReport};
+use kvtier_proto::{Op, Scheduling, decode_op};
+use parking_lot::Mutex;
+use rustix::event::{EventfdFlags, eventfd};
+
+/// Something that answers one request. Implemented by the engine service; must never panic.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles `op` with its payload frames and returns the reply payload (`None` = bare reply).
+    fn handle(&self, op: Op, payloads: &[&[u8]]) -> Option<Vec<u8>>;
+}
+
+/// Front-end settings.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// ZeroMQ endpoint to bind, e.g. `tcp://127.0.0.1:5555`.
+    pub bind: String,
+    /// Workers in each pool (transfer/affinity pool and normal pool).
+    pub workers: usize,
+    /// Queue capacity of each affinity worker and of the normal pool.
+    pub queue_capacity: usize,
+    /// How long shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+/// Transport errors (start-up only; the running loop logs and counts instead).
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// ZeroMQ refused an operation.
+    #[error("zeromq {op} failed for {endpoint}: {source}")]
+    Zmq {
+        /// What was attempted.
+        op: &'static str,
+        /// The endpoint.
+        endpoint: String,
+        /// libzmq's error.
+        source: zmq::Error,
+    },
+    /// A system call failed.
+    #[error("{op} failed: {source}")]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Lock-free front-end counters.
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    /// Messages received.
+    pub received: AtomicU64,
+    /// Replies sent.
+    pub replied: AtomicU64,
+    /// Messages with fewer than three frames (no reply possible).
+    pub too_few_frames: AtomicU64,
+    /// Messages whose op frame is not a known operation (answered with a bare reply).
+    pub unknown_op: AtomicU64,
+    /// Stream control frames received (no stream operation is implemented).
+    pub control_frames: AtomicU64,
+    /// Requests answered with a failure value because a pool queue was full.
+    pub rejected_busy: AtomicU64,
+    /// Replies that could not be sent (peer gone or not reading).
+    pub send_failures: AtomicU64,
+    /// Requests dispatched to a pool and not yet answered.
+    pub in_flight: AtomicU64,
+}
+
+struct Job {
+    identity: Vec<u8>,
+    uid: Vec<u8>,
+    op_frame: Vec<u8>,
+    op: Op,
+    payloads: Vec<Vec<u8>>,
+}
+
+struct Outgoing {
+    identity: Vec<u8>,
+    uid: Vec<u8>,
+    op_frame: Vec<u8>,
+    body: Option<Vec<u8>>,
+}
+
+/// The running front end.
+#[derive(Debug)]
+pub struct ZmqFrontEnd {
+    stop: Arc<AtomicBool>,
+    wake: Arc<OwnedFd>,
+    stats: Arc<TransportStats>,
+    poll_thread: Mutex<Option<JoinHandle<()>>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    alive: Arc<AtomicBool>,
+    config: TransportConfig,
+    endpoint: String,
+}
+
+fn wake(fd: &OwnedFd) {
+    // A full eventfd counter still wakes the poller, so a failed write is harmless.
+    let _written = rustix::io::write(fd, &1u64.to_ne_bytes());
+}
+
+impl ZmqFrontEnd {
+    /// Binds the socket and starts the poll thread and the worker pools.
+    pub fn start(config: TransportConfig, handler: Arc<dyn Handler>) -> Result<Self, TransportError> {
+        let zerr = |op, source| TransportError::Zmq {
+            op,
+            endpoint: config.bind.clone(),
+            source,
+        };
+        let ctx = zmq::Context::new();
+        let socket = ctx.socket(zmq::ROUTER).map_err(|e| zerr("socket", e))?;
+        socket.set_router_mandatory(true).map_err(|e| zerr("setsockopt", e))?;
+        socket.set_linger(0).map_err(|e| zerr("setsockopt", e))?;
+        socket.set_sndhwm(100_000).map_err(|e| zerr("setsockopt", e))?;
+        socket.set_rcvhwm(100_000).map_err(|e| zerr("setsockopt", e))?;
+        socket.bind(&config.bind).map_err(|e| zerr("bind", e))?;
+        let endpoint = socket
+            .get_last_endpoint()
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| config.bind.clone());
+
+        let wake_fd = Arc::new(
+            eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC).map_err(|e| {
+                TransportError::Io {
+                    op: "eventfd",
+                    source: e.into(),
+                }
+            })?,
+        );
+        let stats = Arc::new(TransportStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let alive = Arc::new(AtomicBool::new(true));
+        let (reply_tx, reply_rx) = unbounded::<Outgoing>();
+        let n = config.workers.max(1);
+        let cap = config.queue_capacity.max(1);
+
+        let mut workers = Vec::new();
+        let spawn_worker = |name: String, rx: Receiver<Job>| {
+            let handler = Arc::clone(&handler);
+            let reply_tx = reply_tx.clone();
+            let wake_fd = Arc::clone(&wake_fd);
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || worker_loop(&*handler, &rx, &reply_tx, &wake_fd))
+                .map_err(|e| TransportError::Io {
+                    op: "spawn worker",
+                    source: e,
+                })
+        };
+        let mut affinity_tx = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = bounded::<Job>(cap);
+            affinity_tx.push(tx);
+            workers.push(spawn_worker(format!("kvtier-xfer-{i}"), rx)?);
+        }
+        let (normal_tx, normal_rx) = bounded::<Job>(cap);
+        for i in 0..n {
+            workers.push(spawn_worker(format!("kvtier-rpc-{i}"), normal_rx.clone())?);
+        }
+        drop(normal_rx);
+
+        let poll = PollLoop {
+            socket,
+            _ctx: ctx,
+            handler,
+            affinity_tx,
+            normal_tx,
+            reply_rx,
+            wake_fd: Arc::clone(&wake_fd),
+            stats: Arc::clone(&stats),
+            stop: Arc::clone(&stop),
+            alive: Arc::clone(&alive),
+            drain_timeout: config.drain_timeout,
+            hasher: foldhash_state(),
+        };
+        let poll_thread = std::thread::Builder::new()
+            .name("kvtier-zmq".into())
+            .spawn(move || poll.run())
+            .map_err(|e| TransportError::Io {
+                op: "spawn poll thread",
+                source: e,
+            })?;
+        tracing::info!(%endpoint, workers = n, "zeromq front end listening");
+        Ok(Self {
+            stop,
+            wake: wake_fd,
+            stats,
+            poll_thread: Mutex::new(Some(poll_thread)),
+            workers: Mutex::new(workers),
+            alive,
+            config,
+            endpoint,
+        })
+    }
+
+    /// The bound endpoint (with the real port when binding port 0).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &TransportStats {
+        &self.stats
+    }
+
+    /// Stops intake, drains in-flight requests (bounded by the drain timeout), closes the socket
+    /// and joins every thread. Idempotent.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Relaxed);
+        wake(&self.wake);
+        if let Some(h) = self.poll_thread.lock().take() {
+            let _joined = h.join();
+        }
+        // The poll thread owned the job senders; with them gone the workers finish and exit.
+        for h in self.workers.lock().drain(..) {
+            let _joined = h.join();
+        }
+    }
+}
+
+impl Drop for ZmqFrontEnd {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn foldhash_state() -> foldhash::fast::FixedState {
+    foldhash::fast::FixedState::with_seed(0x6b76_7469_6572)
+}
+
+fn worker_loop(handler: &dyn Handler, rx: &Receiver<Job>, tx: &Sender<Outgoing>, wake_fd: &OwnedFd) {
+    while let Ok(job) = rx.recv() {
+        let payloads: Vec<&[u8]> = job.payloads.iter().map(Vec::as_slice).collect();
+        let body = handler.handle(job.op, &payloads);
+        let out = Outgoing {
+            identity: job.identity,
+            uid: job.uid,
+            op_frame: job.op_frame,
+            body,
+        };
+        if tx.send(out).is_err() {
+            return;
+        }
+        wake(wake_fd);
+    }
+}
+
+struct PollLoop {
+    socket: zmq::Socket,
+    _ctx: zmq::Context,
+    handler: Arc<dyn Handler>,
+    affinity_tx: Vec<Sender<Job>>,
+    normal_tx: Sender<Job>,
+    reply_rx: Receiver<Outgoing>,
+    wake_fd: Arc<OwnedFd>,
+    stats: Arc<TransportStats>,
+    stop: Arc<AtomicBool>,
+    alive: Arc<AtomicBool>,
+    drain_timeout: Duration,
+    hasher: foldhash::fast::FixedState,
+}
+
+impl PollLoop {
+    fn run(mut self) {
+        let mut drain_deadline: Option<Instant> = None;
+        let mut buf = [0u8; 8];
+        loop {
+            let (sock_ready, wake_ready) = {
+                let mut items = [
+                    self.socket.as_poll_item(zmq::POLLIN),
+                    zmq::PollItem::from_fd(self.wake_fd.as_raw_fd(), zmq::POLLIN),
+                ];
+                match zmq::poll(&mut items, 100) {
+                    Ok(_) => (items[0].is_readable(), items[1].is_readable()),
+                    Err(zmq::Error::EINTR) => (false, false),
+                    Err(e) => {
+                        tracing::error!(error = %e, "zmq_poll failed; front end stopping");
+                        break;
+                    }
+                }
+            };
+            if wake_ready {
+                let _drained = rustix::io::read(&*self.wake_fd, &mut buf);
+            }
+            self.flush_replies();
+            if drain_deadline.is_none() && self.stop.load(Relaxed) {
+                let deadline = Instant::now() + self.drain_timeout;
+                tracing::info!(
+                    in_flight = self.stats.in_flight.load(Relaxed),
+                    "front end draining"
+                );
+                drain_deadline = Some(deadline);
+            }
+            if let Some(deadline) = drain_deadline {
+                if self.stats.in_flight.load(Relaxed) == 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        in_flight = self.stats.in_flight.load(Relaxed),
+                        "drain timeout; dropping unanswered requests"
+                    );
+                    break;
+                }
+                continue;
+            }
+            if sock_ready {
+                self.read_requests();
+            }
+        }
+        self.alive.store(false, Relaxed);
+    }
+
+    fn flush_replies(&mut self) {
+        while let Ok(out) = self.reply_rx.try_recv() {
+            self.stats.in_flight.fetch_sub(1, Relaxed);
+            self.send(out.identity, out.uid, out.op_frame, out.body);
+        }
+    }
+
+    fn send(&self, identity: Vec<u8>, uid: Vec<u8>, op_frame: Vec<u8>, body: Option<Vec<u8>>) {
+        let result = match body {
+            Some(b) => self
+                .socket
+                .send_multipart([identity, uid, op_frame, b], zmq::DONTWAIT),
+            None => self
+                .socket
+                .send_multipart([identity, uid, op_frame], zmq::DONTWAIT),
+        };
+        match result {
+            Ok(()) => {
+                self.stats.replied.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                self.stats.send_failures.fetch_add(1, Relaxed);
+                tracing::debug!(error = %e, "reply not delivered (client gone or not reading)");
+            }
+        }
+    }
+
+    fn read_requests(&mut self) {
+        // Bounded batch so replies keep flowing under a flood of requests.
+        for _ in 0..256 {
+            let frames = match self.socket.recv_multipart(zmq::DONTWAIT) {
+                Ok(f) => f,
+                Err(zmq::Error::EAGAIN) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "zmq receive failed");
+                    return;
+                }
+            };
+            self.stats.received.fetch_add(1, Relaxed);
+            self.dispatch(frames);
+            self.flush_replies();
+        }
+    }
+
+    fn dispatch(&mut self, frames: Vec<Vec<u8>>) {
+        if frames.len() < 3 {
+            self.stats.too_few_frames.fetch_add(1, Relaxed);
+            tracing::warn!(frames = frames.len(), "message too short to answer; dropped");
+            return;
+        }
+        let mut it = frames.into_iter();
+        let (Some(identity), Some(uid), Some(op_frame)) = (it.next(), it.next(), it.next()) else {
+            return;
+        };
+        let payloads: Vec<Vec<u8>> = it.collect();
+        if op_frame.is_empty() {
+            // Stream control ([uid, "", ack|cancel]); kvtier implements no stream operation.
+            self.stats.control_frames.fetch_add(1, Relaxed);
+            return;
+        }
+        let op = match decode_op(&op_frame) {
+            Ok(op) => op,
+            Err(e) => {
+                self.stats.unknown_op.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "unknown operation; answering with an empty reply");
+                self.send(identity, uid, op_frame, None);
+                return;
+            }
+        };
+        let target = match op.scheduling() {
+            Scheduling::Sync => {
+                let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+                let body = self.handler.handle(op, &slices);
+                self.send(identity, uid, op_frame, body);
+                return;
+            }
+            Scheduling::Affinity => {
+                let mut h = self.hasher.build_hasher();
+                h.write(&identity);
+                let idx = (h.finish() % self.affinity_tx.len() as u64) as usize;
+                &self.affinity_tx[idx]
+            }
+            Scheduling::Normal => &self.normal_tx,
+        };
+        let job = Job {
+            identity,
+            uid,
+            op_frame,
+            op,
+            payloads,
+        };
+        self.stats.in_flight.fetch_add(1, Relaxed);
+        match target.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                self.stats.in_flight.fetch_sub(1, Relaxed);
+                self.stats.rejected_busy.fetch_add(1, Relaxed);
+                tracing::warn!(op = %job.op, "worker queue full; answering with the failure value");
+                self.send(job.identity, job.uid, job.op_frame, job.op.failure_reply());
+            }
+        }
+    }
+}
+
+impl StatusReport for ZmqFrontEnd {
+    fn report_status(&self) -> StatusNode {
+        let s = &self.stats;
+        let alive = self.alive.load(Relaxed) || self.stop.load(Relaxed);
+        StatusNode::healthy()
+            .require(alive, "zeromq poll thread is not running")
+            .field("endpoint", &self.endpoint)
+            .field("thread_alive", self.alive.load(Relaxed))
+            .field("workers_per_pool", self.config.workers.max(1))
+            .field("queue_capacity", self.config.queue_capacity)
+            .field("in_flight", s.in_flight.load(Relaxed))
+            .field("received_total", s.received.load(Relaxed))
+            .field("replied_total", s.replied.load(Relaxed))
+            .field("too_few_frames_total", s.too_few_frames.load(Relaxed))
+            .field("unknown_op_total", s.unknown_op.load(Relaxed))
+            .field("control_frames_total", s.control_frames.load(Relaxed))
+            .field("rejected_busy_total", s.rejected_busy.load(Relaxed))
+            .field("send_failures_total", s.send_failures.load(Relaxed))
+    }
+}

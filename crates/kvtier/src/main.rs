@@ -1,0 +1,36 @@
+//! `kvtier`: command-line entry point. Wiring only; the server lives in `kvtier-server`.
+
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// kvtier: an LMCache-compatible KV-cache server for LLM inference engines.
+#[derive(Debug, Parser)]
+#[command(name = "kvtier", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the cache server (ZeroMQ RPC compatible with LMCache 0.5.6 clients, plus an HTTP
+    /// admin API).
+    Serve(Box<serve::ServeArgs>),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(*args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kvtier: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

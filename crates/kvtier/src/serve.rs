@@ -1,0 +1,241 @@
+//! `kvtier serve`: flags, validation and the process lifecycle (signals, ordered shutdown).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use kvtier_server::http::HttpConfig;
+use kvtier_server::{Server, ServerConfig};
+
+/// Flags of `kvtier serve`. Names and defaults follow `lmcache server` where it has the flag;
+/// every flag can also be set through the environment variable shown.
+#[derive(Debug, Args)]
+#[command(next_line_help = false)]
+pub struct ServeArgs {
+    /// Address the ZeroMQ RPC socket binds ("localhost" means 127.0.0.1).
+    #[arg(long, env = "KVTIER_HOST", default_value = "127.0.0.1")]
+    host: String,
+
+    /// Port of the ZeroMQ RPC socket (LMCache clients connect to tcp://HOST:PORT).
+    #[arg(long, env = "KVTIER_PORT", default_value_t = 5555)]
+    port: u16,
+
+    /// Tokens per chunk; must match the engines' `get_chunk_size` expectation (a multiple of
+    /// the engine's block size).
+    #[arg(long, env = "KVTIER_CHUNK_SIZE", default_value_t = 256)]
+    chunk_size: usize,
+
+    /// Token hash algorithm. Only `blake3` is supported: it is the one LMCache computes
+    /// identically in every process.
+    #[arg(long, env = "KVTIER_HASH_ALGORITHM", default_value = "blake3")]
+    hash_algorithm: String,
+
+    /// L1 size in GiB: the size of the shared-memory segment that holds the cache
+    /// (`--l1-size` is accepted too). /dev/shm must have this much free space.
+    #[arg(long, visible_alias = "l1-size", env = "KVTIER_L1_SIZE_GB", default_value_t = 1.0)]
+    l1_size_gb: f64,
+
+    /// Alignment of every cached object in bytes (a power of two, at least 4096 recommended).
+    #[arg(long, env = "KVTIER_L1_ALIGN_BYTES", default_value_t = 4096)]
+    l1_align_bytes: u64,
+
+    /// Populate the whole segment at start-up so engines never pay first-touch page faults
+    /// (commits the full L1 size of memory immediately).
+    #[arg(long, env = "KVTIER_L1_PREFAULT")]
+    l1_prefault: bool,
+
+    /// L1 eviction policy: LRU or noop (case-insensitive).
+    #[arg(long, env = "KVTIER_EVICTION_POLICY", default_value = "LRU")]
+    eviction_policy: String,
+
+    /// Background eviction starts when L1 usage reaches this fraction (0 < x <= 1).
+    #[arg(long, env = "KVTIER_EVICTION_TRIGGER_WATERMARK", default_value_t = 0.8)]
+    eviction_trigger_watermark: f64,
+
+    /// Fraction of the used bytes each background eviction round frees (0 < x <= 1).
+    #[arg(long, env = "KVTIER_EVICTION_RATIO", default_value_t = 0.2)]
+    eviction_ratio: f64,
+
+    /// Seconds a store reservation may stay uncommitted before it is discarded.
+    #[arg(long, env = "KVTIER_L1_WRITE_TTL_SECONDS", default_value_t = 600.0)]
+    l1_write_ttl_seconds: f64,
+
+    /// Seconds a read lock (lookup or retrieve) lives without being refreshed.
+    #[arg(long, env = "KVTIER_L1_READ_TTL_SECONDS", default_value_t = 300.0)]
+    l1_read_ttl_seconds: f64,
+
+    /// Name of the POSIX shared-memory segment (/dev/shm/NAME) engines map
+    /// [default: kvtier_l1_<PORT>].
+    #[arg(long, env = "KVTIER_SHM_NAME")]
+    shm_name: Option<String>,
+
+    /// Worker threads per pool (one pool for transfers with per-client affinity, one for the
+    /// other operations) [default: number of CPUs].
+    #[arg(long, env = "KVTIER_MAX_WORKERS")]
+    max_workers: Option<usize>,
+
+    /// Seconds an idle request session (and the lookup locks it holds) survives without an
+    /// end_session.
+    #[arg(long, env = "KVTIER_SESSION_TTL_SECONDS", default_value_t = 600.0)]
+    session_ttl_seconds: f64,
+
+    /// Unregister an engine instance this many seconds after its last ping, releasing what it
+    /// holds (0 disables; otherwise at least 30).
+    #[arg(long, env = "KVTIER_WORKER_REAP_TIMEOUT_SECONDS", default_value_t = 120.0)]
+    worker_reap_timeout_seconds: f64,
+
+    /// Seconds an instance that never pinged is kept.
+    #[arg(long, env = "KVTIER_WORKER_REGISTRATION_GRACE_SECONDS", default_value_t = 3600.0)]
+    worker_registration_grace_seconds: f64,
+
+    /// Seconds shutdown waits for in-flight requests before exiting.
+    #[arg(long, env = "KVTIER_DRAIN_TIMEOUT_SECONDS", default_value_t = 5.0)]
+    drain_timeout_seconds: f64,
+
+    /// Address of the HTTP admin API.
+    #[arg(long, env = "KVTIER_HTTP_HOST", default_value = "127.0.0.1")]
+    http_host: String,
+
+    /// Port of the HTTP admin API.
+    #[arg(long, env = "KVTIER_HTTP_PORT", default_value_t = 8000)]
+    http_port: u16,
+
+    /// Do not start the HTTP admin API.
+    #[arg(long, env = "KVTIER_NO_HTTP")]
+    no_http: bool,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `kvtier_server=debug`); RUST_LOG
+    /// overrides it.
+    #[arg(long, env = "KVTIER_LOG", default_value = "info")]
+    log: String,
+}
+
+fn seconds(flag: &str, v: f64, allow_zero: bool) -> anyhow::Result<Duration> {
+    if !v.is_finite() || v < 0.0 || (!allow_zero && v == 0.0) {
+        bail!("--{flag} must be a {} number of seconds, got {v}", if allow_zero { "non-negative" } else { "positive" });
+    }
+    Duration::try_from_secs_f64(v).with_context(|| format!("--{flag}: {v} seconds is out of range"))
+}
+
+fn fraction(flag: &str, v: f64) -> anyhow::Result<f64> {
+    if !(v > 0.0 && v <= 1.0) {
+        bail!("--{flag} must be in (0, 1], got {v}");
+    }
+    Ok(v)
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<(ServerConfig, String)> {
+        if self.chunk_size == 0 || self.chunk_size > 1 << 20 {
+            bail!("--chunk-size must be between 1 and 1048576 tokens, got {}", self.chunk_size);
+        }
+        if !(self.l1_size_gb.is_finite() && self.l1_size_gb > 0.0) {
+            bail!("--l1-size-gb must be a positive number of GiB, got {}", self.l1_size_gb);
+        }
+        let l1_size_bytes = (self.l1_size_gb * (1u64 << 30) as f64) as u64;
+        if !self.l1_align_bytes.is_power_of_two() {
+            bail!("--l1-align-bytes must be a power of two, got {}", self.l1_align_bytes);
+        }
+        if l1_size_bytes < self.l1_align_bytes {
+            bail!("--l1-size-gb {} is smaller than one aligned object", self.l1_size_gb);
+        }
+        self.eviction_policy
+            .parse::<kvtier_core::l1::EvictionPolicyKind>()
+            .map_err(|e| anyhow::anyhow!("--eviction-policy: {e}"))?;
+        self.hash_algorithm
+            .parse::<kvtier_core::hash::HashAlgorithm>()
+            .map_err(|e| anyhow::anyhow!("--hash-algorithm: {e}"))?;
+        let reap = seconds("worker-reap-timeout-seconds", self.worker_reap_timeout_seconds, true)?;
+        if !reap.is_zero() && reap < Duration::from_secs(30) {
+            bail!("--worker-reap-timeout-seconds must be 0 (disabled) or at least 30, got {}", self.worker_reap_timeout_seconds);
+        }
+        let workers = match self.max_workers {
+            Some(0) => bail!("--max-workers must be at least 1"),
+            Some(n) if n > 1024 => bail!("--max-workers must be at most 1024, got {n}"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        };
+        let shm_name = self
+            .shm_name
+            .unwrap_or_else(|| format!("kvtier_l1_{}", self.port));
+        let cfg = ServerConfig {
+            host: self.host,
+            port: self.port,
+            chunk_size: self.chunk_size,
+            hash_algorithm: self.hash_algorithm,
+            l1_size_bytes,
+            l1_align_bytes: self.l1_align_bytes,
+            eviction_policy: self.eviction_policy,
+            eviction_trigger_watermark: fraction(
+                "eviction-trigger-watermark",
+                self.eviction_trigger_watermark,
+            )?,
+            eviction_ratio: fraction("eviction-ratio", self.eviction_ratio)?,
+            l1_write_ttl: seconds("l1-write-ttl-seconds", self.l1_write_ttl_seconds, false)?,
+            l1_read_ttl: seconds("l1-read-ttl-seconds", self.l1_read_ttl_seconds, false)?,
+            shm_name,
+            l1_prefault: self.l1_prefault,
+            max_workers: workers,
+            session_ttl: seconds("session-ttl-seconds", self.session_ttl_seconds, false)?,
+            worker_reap_timeout: reap,
+            worker_registration_grace: seconds(
+                "worker-registration-grace-seconds",
+                self.worker_registration_grace_seconds,
+                false,
+            )?,
+            drain_timeout: seconds("drain-timeout-seconds", self.drain_timeout_seconds, true)?,
+            http: (!self.no_http).then_some(HttpConfig {
+                host: self.http_host,
+                port: self.http_port,
+            }),
+        };
+        Ok((cfg, self.log))
+    }
+}
+
+fn init_logging(filter: &str) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => v,
+        _ => filter.to_owned(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .with_context(|| format!("invalid log filter {filter:?}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
+        .init();
+    Ok(())
+}
+
+/// Runs the server until SIGINT or SIGTERM, then shuts down in order and exits 0.
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let (cfg, log) = args.into_config()?;
+    init_logging(&log)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kvtier-http")
+        .enable_all()
+        .build()
+        .context("building the async runtime")?;
+    let server = Server::start(cfg, runtime.handle()).context("starting kvtier")?;
+    let signal = runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        Ok::<_, std::io::Error>(name)
+    });
+    match signal {
+        Ok(name) => tracing::info!(signal = name, "stopping"),
+        Err(e) => tracing::error!(error = %e, "signal handling failed; stopping"),
+    }
+    server.shutdown();
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    Ok(ExitCode::SUCCESS)
+}
