@@ -41,28 +41,31 @@ fn lifecycle(c: &mut Criterion) {
         let len = 3 << 20;
         let mut next = 0usize;
         g.throughput(Throughput::Elements(batch as u64));
-        g.bench_function(BenchmarkId::new("reserve_finish_read_release", batch), |b| {
-            b.iter(|| {
-                let start = next % (all.len() - batch);
-                next += batch;
-                let ks = &all[start..start + batch];
-                let items: Vec<_> = ks.iter().map(|k| (k.clone(), len)).collect();
-                let tickets: Vec<_> = l1
-                    .reserve_write(&items, false)
-                    .into_iter()
-                    .filter_map(Result::ok)
-                    .collect();
-                l1.finish_write(&tickets);
-                let leases: Vec<_> = l1
-                    .reserve_read(ks, 1)
-                    .into_iter()
-                    .filter_map(Result::ok)
-                    .collect();
-                l1.finish_read(&leases, 1);
-                l1.delete(ks);
-                black_box(leases.len())
-            });
-        });
+        g.bench_function(
+            BenchmarkId::new("reserve_finish_read_release", batch),
+            |b| {
+                b.iter(|| {
+                    let start = next % (all.len() - batch);
+                    next += batch;
+                    let ks = &all[start..start + batch];
+                    let items: Vec<_> = ks.iter().map(|k| (k.clone(), len)).collect();
+                    let tickets: Vec<_> = l1
+                        .reserve_write(&items, false)
+                        .into_iter()
+                        .filter_map(Result::ok)
+                        .collect();
+                    l1.finish_write(&tickets);
+                    let leases: Vec<_> = l1
+                        .reserve_read(ks, 1)
+                        .into_iter()
+                        .filter_map(Result::ok)
+                        .collect();
+                    l1.finish_read(&leases, 1);
+                    l1.delete(ks);
+                    black_box(leases.len())
+                });
+            },
+        );
     }
     g.finish();
 }

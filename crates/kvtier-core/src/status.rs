@@ -94,7 +94,11 @@ impl StatusNode {
     }
 
     /// Nests a map of named child nodes.
-    pub fn child_map(mut self, key: impl Into<String>, children: Vec<(String, StatusNode)>) -> Self {
+    pub fn child_map(
+        mut self,
+        key: impl Into<String>,
+        children: Vec<(String, StatusNode)>,
+    ) -> Self {
         let key = key.into();
         for (name, c) in &children {
             if !c.is_healthy() {
@@ -212,7 +216,9 @@ mod tests {
             .child("l1_manager", l1)
             .child("l1_eviction_controller", evict)
             .child_list("l2_adapters", vec![StatusNode::healthy()]);
-        let root = StatusNode::healthy().field("chunk_size", 256).child("storage_manager", sm);
+        let root = StatusNode::healthy()
+            .field("chunk_size", 256)
+            .child("storage_manager", sm);
         assert!(!root.is_healthy());
         let v = root.to_value();
         assert_eq!(v["is_healthy"], false);

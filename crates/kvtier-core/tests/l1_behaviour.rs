@@ -26,11 +26,20 @@ fn store(l1: &L1Manager, n: u32, len: u64) -> Result<(), L1Error> {
 #[test]
 fn staging_objects_are_invisible_and_expired_writes_never_become_readable() {
     let (l1, clock) = manager(16);
-    let t = l1.reserve_write(&[(key(1), PAGE)], false).remove(0).expect("reserved");
-    assert_eq!(l1.reserve_read(&[key(1)], 1)[0], Err(L1Error::KeyNotReadable));
+    let t = l1
+        .reserve_write(&[(key(1), PAGE)], false)
+        .remove(0)
+        .expect("reserved");
+    assert_eq!(
+        l1.reserve_read(&[key(1)], 1)[0],
+        Err(L1Error::KeyNotReadable)
+    );
     assert_eq!(l1.contains(&[key(1)]), vec![false]);
     // A second writer cannot take the same key while the first one holds it.
-    assert_eq!(l1.reserve_write(&[(key(1), PAGE)], false)[0], Err(L1Error::KeyNotWritable));
+    assert_eq!(
+        l1.reserve_write(&[(key(1), PAGE)], false)[0],
+        Err(L1Error::KeyNotWritable)
+    );
     clock.advance(Duration::from_secs(601));
     // The writer comes back too late: its object was discarded, not published.
     assert_eq!(l1.finish_write(&[t])[0], Err(L1Error::KeyNotExist));
@@ -43,7 +52,10 @@ fn staging_objects_are_invisible_and_expired_writes_never_become_readable() {
 #[test]
 fn background_sweep_discards_abandoned_staging_objects() {
     let (l1, clock) = manager(16);
-    let _t = l1.reserve_write(&[(key(1), PAGE)], false).remove(0).expect("reserved");
+    let _t = l1
+        .reserve_write(&[(key(1), PAGE)], false)
+        .remove(0)
+        .expect("reserved");
     assert_eq!(l1.counters().staging_objects.load(Relaxed), 1);
     clock.advance(Duration::from_secs(600));
     assert_eq!(l1.expire_locks(), 1);
@@ -60,7 +72,10 @@ fn expired_read_locks_are_released_and_stale_leases_do_not_steal_new_locks() {
     let old: ReadLease = l1.reserve_read(&[key(1)], 2).remove(0).expect("locked");
     assert_eq!(l1.delete(&[key(1)])[0], Err(L1Error::KeyIsLocked));
     clock.advance(Duration::from_secs(301));
-    let new = l1.reserve_read(&[key(1)], 1).remove(0).expect("locked again");
+    let new = l1
+        .reserve_read(&[key(1)], 1)
+        .remove(0)
+        .expect("locked again");
     // The first holder's late release must not remove the new holder's lock.
     assert_eq!(l1.finish_read(&[old], 2)[0], Err(L1Error::KeyInWrongState));
     assert_eq!(l1.delete(&[key(1)])[0], Err(L1Error::KeyIsLocked));
@@ -72,8 +87,14 @@ fn expired_read_locks_are_released_and_stale_leases_do_not_steal_new_locks() {
 #[test]
 fn temporary_objects_go_away_after_their_last_reader() {
     let (l1, _clock) = manager(16);
-    let t = l1.reserve_write(&[(key(1), PAGE)], true).remove(0).expect("reserved");
-    let lease = l1.finish_write_and_reserve_read(&[t], 2).remove(0).expect("published");
+    let t = l1
+        .reserve_write(&[(key(1), PAGE)], true)
+        .remove(0)
+        .expect("reserved");
+    let lease = l1
+        .finish_write_and_reserve_read(&[t], 2)
+        .remove(0)
+        .expect("published");
     assert_eq!(l1.finish_read(&[lease], 1)[0], Ok(()));
     assert_eq!(l1.contains(&[key(1)]), vec![true]);
     assert_eq!(l1.finish_read(&[lease], 1)[0], Ok(()));
@@ -94,9 +115,14 @@ fn full_pool_evicts_synchronously_instead_of_rejecting_stores() {
         .map(|r| r.expect("locked"))
         .collect();
     for n in 8..20 {
-        store(&l1, n, PAGE).expect("a burst of stores is never rejected while evictable memory exists");
+        store(&l1, n, PAGE)
+            .expect("a burst of stores is never rejected while evictable memory exists");
     }
-    assert_eq!(l1.contains(&[key(0), key(1)]), vec![true, true], "locked objects survive");
+    assert_eq!(
+        l1.contains(&[key(0), key(1)]),
+        vec![true, true],
+        "locked objects survive"
+    );
     assert!(l1.counters().sync_evictions_total.load(Relaxed) > 0);
     l1.finish_read(&leases, 1);
     l1.check_invariants().expect("invariants");
@@ -113,7 +139,10 @@ fn batch_reservations_are_all_or_nothing() {
         .collect();
     // One page free, two requested, nothing evictable: both keys are refused, nothing leaks.
     let got = l1.reserve_write(&[(key(10), PAGE), (key(11), PAGE)], false);
-    assert_eq!(got, vec![Err(L1Error::OutOfMemory), Err(L1Error::OutOfMemory)]);
+    assert_eq!(
+        got,
+        vec![Err(L1Error::OutOfMemory), Err(L1Error::OutOfMemory)]
+    );
     assert_eq!(l1.usage().0, 3 * PAGE);
     assert_eq!(l1.counters().oom_keys_total.load(Relaxed), 2);
     l1.finish_read(&leases, 1);
@@ -126,7 +155,10 @@ fn forced_clear_hides_locked_objects_but_keeps_their_memory_until_release() {
     store(&l1, 1, PAGE).expect("stored");
     store(&l1, 2, PAGE).expect("stored");
     let lease = l1.reserve_read(&[key(1)], 1).remove(0).expect("locked");
-    let staging = l1.reserve_write(&[(key(3), PAGE)], false).remove(0).expect("reserved");
+    let staging = l1
+        .reserve_write(&[(key(3), PAGE)], false)
+        .remove(0)
+        .expect("reserved");
     let out = l1.clear(true);
     assert_eq!((out.removed, out.doomed), (1, 2));
     assert_eq!(l1.contains(&[key(1), key(2)]), vec![false, false]);
@@ -233,7 +265,8 @@ fn eight_thread_stress_leaves_no_leaks() {
         .map(|t| {
             let l1 = Arc::clone(&l1);
             std::thread::spawn(move || {
-                let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(t).wrapping_mul(0x1234_5678_9abc);
+                let mut rng =
+                    0x9e37_79b9_7f4a_7c15u64 ^ u64::from(t).wrapping_mul(0x1234_5678_9abc);
                 let mut leases: Vec<ReadLease> = Vec::new();
                 for _ in 0..OPS_PER_THREAD {
                     rng ^= rng << 13;
@@ -312,7 +345,8 @@ fn eight_thread_stress_leaves_no_leaks() {
         h.join().expect("worker thread");
     }
     reader.join().expect("reader thread");
-    l1.check_invariants().expect("invariants hold after the run");
+    l1.check_invariants()
+        .expect("invariants hold after the run");
     l1.clear(true);
     l1.check_invariants().expect("invariants hold after clear");
     assert_eq!(l1.usage().0, 0, "no leaked bytes");

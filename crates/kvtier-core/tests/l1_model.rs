@@ -183,8 +183,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     for op in ops {
         match op {
             Op::ReserveWrite(ks, temporary) => {
-                let items: Vec<(ObjectKey, u64)> =
-                    ks.iter().map(|&k| (keys[k as usize].clone(), OBJ - 7)).collect();
+                let items: Vec<(ObjectKey, u64)> = ks
+                    .iter()
+                    .map(|&k| (keys[k as usize].clone(), OBJ - 7))
+                    .collect();
                 let got = l1.reserve_write(&items, temporary);
                 // Model.
                 let mut expect: Vec<Result<(), L1Error>> = Vec::new();

@@ -115,7 +115,9 @@ fn router(source: StatusSource) -> Router {
 type Shared = State<Arc<StatusSource>>;
 
 async fn root() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok", "service": "kvtier", "version": env!("CARGO_PKG_VERSION")}))
+    Json(
+        serde_json::json!({"status": "ok", "service": "kvtier", "version": env!("CARGO_PKG_VERSION")}),
+    )
 }
 
 async fn status(State(s): Shared) -> Json<serde_json::Value> {
@@ -125,7 +127,11 @@ async fn status(State(s): Shared) -> Json<serde_json::Value> {
 async fn healthcheck(State(s): Shared) -> Response {
     let tree = s.status();
     if tree.is_healthy() {
-        return (StatusCode::OK, Json(serde_json::json!({"status": "healthy"}))).into_response();
+        return (
+            StatusCode::OK,
+            Json(serde_json::json!({"status": "healthy"})),
+        )
+            .into_response();
     }
     let unhealthy: Vec<serde_json::Value> = tree
         .unhealthy_paths("engine")

@@ -226,7 +226,10 @@ impl StatusSource {
 
 impl Server {
     /// Builds and starts every component. `runtime` hosts the HTTP API.
-    pub fn start(config: ServerConfig, runtime: &tokio::runtime::Handle) -> Result<Self, ServerError> {
+    pub fn start(
+        config: ServerConfig,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Self, ServerError> {
         let started = Instant::now();
         let algorithm: HashAlgorithm = config
             .hash_algorithm
@@ -234,12 +237,11 @@ impl Server {
             .map_err(|e: kvtier_core::hash::HashError| ServerError::Config(e.to_string()))?;
         let hasher = TokenHasher::new(config.chunk_size, algorithm)
             .map_err(|e| ServerError::Config(format!("--chunk-size: {e}")))?;
-        let policy = config
-            .eviction_policy
-            .parse()
-            .map_err(|e: kvtier_core::l1::eviction::UnknownPolicy| {
+        let policy = config.eviction_policy.parse().map_err(
+            |e: kvtier_core::l1::eviction::UnknownPolicy| {
                 ServerError::Config(format!("--eviction-policy: {e}"))
-            })?;
+            },
+        )?;
         let segment = ShmSegment::create(
             &config.shm_name,
             config.l1_size_bytes,
@@ -273,7 +275,7 @@ impl Server {
             },
             hasher,
             l1,
-            segment,
+            Arc::new(segment),
             evictor,
         ));
         let rpc = Arc::new(RpcStats::default());

@@ -165,7 +165,10 @@ impl RpcStats {
 
     /// The statistics of `op`.
     pub fn get(&self, op: Op) -> Option<&OpStats> {
-        Op::ALL.iter().position(|&o| o == op).and_then(|i| self.ops.get(i))
+        Op::ALL
+            .iter()
+            .position(|&o| o == op)
+            .and_then(|i| self.ops.get(i))
     }
 
     /// Iterates `(op, stats)` pairs.
@@ -185,7 +188,11 @@ mod tests {
             let b = bucket_of(ns);
             assert!(b >= prev);
             prev = b;
-            assert!(bucket_upper(b) >= ns, "{ns} above bucket {b} upper {}", bucket_upper(b));
+            assert!(
+                bucket_upper(b) >= ns,
+                "{ns} above bucket {b} upper {}",
+                bucket_upper(b)
+            );
             if b > 0 {
                 assert!(bucket_upper(b - 1) < ns || ns < SUBS as u64);
             }

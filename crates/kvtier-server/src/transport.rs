@@ -131,7 +131,10 @@ fn wake(fd: &OwnedFd) {
 
 impl ZmqFrontEnd {
     /// Binds the socket and starts the poll thread and the worker pools.
-    pub fn start(config: TransportConfig, handler: Arc<dyn Handler>) -> Result<Self, TransportError> {
+    pub fn start(
+        config: TransportConfig,
+        handler: Arc<dyn Handler>,
+    ) -> Result<Self, TransportError> {
         let zerr = |op, source| TransportError::Zmq {
             op,
             endpoint: config.bind.clone(),
@@ -139,10 +142,16 @@ impl ZmqFrontEnd {
         };
         let ctx = zmq::Context::new();
         let socket = ctx.socket(zmq::ROUTER).map_err(|e| zerr("socket", e))?;
-        socket.set_router_mandatory(true).map_err(|e| zerr("setsockopt", e))?;
+        socket
+            .set_router_mandatory(true)
+            .map_err(|e| zerr("setsockopt", e))?;
         socket.set_linger(0).map_err(|e| zerr("setsockopt", e))?;
-        socket.set_sndhwm(100_000).map_err(|e| zerr("setsockopt", e))?;
-        socket.set_rcvhwm(100_000).map_err(|e| zerr("setsockopt", e))?;
+        socket
+            .set_sndhwm(100_000)
+            .map_err(|e| zerr("setsockopt", e))?;
+        socket
+            .set_rcvhwm(100_000)
+            .map_err(|e| zerr("setsockopt", e))?;
         socket.bind(&config.bind).map_err(|e| zerr("bind", e))?;
         let endpoint = socket
             .get_last_endpoint()
@@ -259,7 +268,12 @@ fn foldhash_state() -> foldhash::fast::FixedState {
     foldhash::fast::FixedState::with_seed(0x6b76_7469_6572)
 }
 
-fn worker_loop(handler: &dyn Handler, rx: &Receiver<Job>, tx: &Sender<Outgoing>, wake_fd: &OwnedFd) {
+fn worker_loop(
+    handler: &dyn Handler,
+    rx: &Receiver<Job>,
+    tx: &Sender<Outgoing>,
+    wake_fd: &OwnedFd,
+) {
     while let Ok(job) = rx.recv() {
         let payloads: Vec<&[u8]> = job.payloads.iter().map(Vec::as_slice).collect();
         let body = handler.handle(job.op, &payloads);
@@ -389,7 +403,10 @@ impl PollLoop {
     fn dispatch(&mut self, frames: Vec<Vec<u8>>) {
         if frames.len() < 3 {
             self.stats.too_few_frames.fetch_add(1, Relaxed);
-            tracing::warn!(frames = frames.len(), "message too short to answer; dropped");
+            tracing::warn!(
+                frames = frames.len(),
+                "message too short to answer; dropped"
+            );
             return;
         }
         let mut it = frames.into_iter();

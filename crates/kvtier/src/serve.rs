@@ -33,7 +33,12 @@ pub struct ServeArgs {
 
     /// L1 size in GiB: the size of the shared-memory segment that holds the cache
     /// (`--l1-size` is accepted too). /dev/shm must have this much free space.
-    #[arg(long, visible_alias = "l1-size", env = "KVTIER_L1_SIZE_GB", default_value_t = 1.0)]
+    #[arg(
+        long,
+        visible_alias = "l1-size",
+        env = "KVTIER_L1_SIZE_GB",
+        default_value_t = 1.0
+    )]
     l1_size_gb: f64,
 
     /// Alignment of every cached object in bytes (a power of two, at least 4096 recommended).
@@ -82,11 +87,19 @@ pub struct ServeArgs {
 
     /// Unregister an engine instance this many seconds after its last ping, releasing what it
     /// holds (0 disables; otherwise at least 30).
-    #[arg(long, env = "KVTIER_WORKER_REAP_TIMEOUT_SECONDS", default_value_t = 120.0)]
+    #[arg(
+        long,
+        env = "KVTIER_WORKER_REAP_TIMEOUT_SECONDS",
+        default_value_t = 120.0
+    )]
     worker_reap_timeout_seconds: f64,
 
     /// Seconds an instance that never pinged is kept.
-    #[arg(long, env = "KVTIER_WORKER_REGISTRATION_GRACE_SECONDS", default_value_t = 3600.0)]
+    #[arg(
+        long,
+        env = "KVTIER_WORKER_REGISTRATION_GRACE_SECONDS",
+        default_value_t = 3600.0
+    )]
     worker_registration_grace_seconds: f64,
 
     /// Seconds shutdown waits for in-flight requests before exiting.
@@ -113,7 +126,14 @@ pub struct ServeArgs {
 
 fn seconds(flag: &str, v: f64, allow_zero: bool) -> anyhow::Result<Duration> {
     if !v.is_finite() || v < 0.0 || (!allow_zero && v == 0.0) {
-        bail!("--{flag} must be a {} number of seconds, got {v}", if allow_zero { "non-negative" } else { "positive" });
+        bail!(
+            "--{flag} must be a {} number of seconds, got {v}",
+            if allow_zero {
+                "non-negative"
+            } else {
+                "positive"
+            }
+        );
     }
     Duration::try_from_secs_f64(v).with_context(|| format!("--{flag}: {v} seconds is out of range"))
 }
@@ -128,17 +148,29 @@ fn fraction(flag: &str, v: f64) -> anyhow::Result<f64> {
 impl ServeArgs {
     fn into_config(self) -> anyhow::Result<(ServerConfig, String)> {
         if self.chunk_size == 0 || self.chunk_size > 1 << 20 {
-            bail!("--chunk-size must be between 1 and 1048576 tokens, got {}", self.chunk_size);
+            bail!(
+                "--chunk-size must be between 1 and 1048576 tokens, got {}",
+                self.chunk_size
+            );
         }
         if !(self.l1_size_gb.is_finite() && self.l1_size_gb > 0.0) {
-            bail!("--l1-size-gb must be a positive number of GiB, got {}", self.l1_size_gb);
+            bail!(
+                "--l1-size-gb must be a positive number of GiB, got {}",
+                self.l1_size_gb
+            );
         }
         let l1_size_bytes = (self.l1_size_gb * (1u64 << 30) as f64) as u64;
         if !self.l1_align_bytes.is_power_of_two() {
-            bail!("--l1-align-bytes must be a power of two, got {}", self.l1_align_bytes);
+            bail!(
+                "--l1-align-bytes must be a power of two, got {}",
+                self.l1_align_bytes
+            );
         }
         if l1_size_bytes < self.l1_align_bytes {
-            bail!("--l1-size-gb {} is smaller than one aligned object", self.l1_size_gb);
+            bail!(
+                "--l1-size-gb {} is smaller than one aligned object",
+                self.l1_size_gb
+            );
         }
         self.eviction_policy
             .parse::<kvtier_core::l1::EvictionPolicyKind>()
@@ -146,9 +178,16 @@ impl ServeArgs {
         self.hash_algorithm
             .parse::<kvtier_core::hash::HashAlgorithm>()
             .map_err(|e| anyhow::anyhow!("--hash-algorithm: {e}"))?;
-        let reap = seconds("worker-reap-timeout-seconds", self.worker_reap_timeout_seconds, true)?;
+        let reap = seconds(
+            "worker-reap-timeout-seconds",
+            self.worker_reap_timeout_seconds,
+            true,
+        )?;
         if !reap.is_zero() && reap < Duration::from_secs(30) {
-            bail!("--worker-reap-timeout-seconds must be 0 (disabled) or at least 30, got {}", self.worker_reap_timeout_seconds);
+            bail!(
+                "--worker-reap-timeout-seconds must be 0 (disabled) or at least 30, got {}",
+                self.worker_reap_timeout_seconds
+            );
         }
         let workers = match self.max_workers {
             Some(0) => bail!("--max-workers must be at least 1"),
@@ -205,7 +244,10 @@ fn init_logging(filter: &str) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
     Ok(())
 }

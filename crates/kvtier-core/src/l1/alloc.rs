@@ -79,7 +79,8 @@ impl RangeAllocator {
         if size == 0 {
             return None;
         }
-        size.checked_add(self.align - 1).map(|s| s & !(self.align - 1))
+        size.checked_add(self.align - 1)
+            .map(|s| s & !(self.align - 1))
     }
 
     /// Allocates `size` bytes (rounded up to the alignment). Returns the offset, or `None` if no
@@ -163,7 +164,9 @@ impl RangeAllocator {
             if let Some(pe) = prev_end
                 && pe >= off
             {
-                return Err(format!("free block {off} overlaps or touches its predecessor"));
+                return Err(format!(
+                    "free block {off} overlaps or touches its predecessor"
+                ));
             }
             if off + len > self.capacity {
                 return Err(format!("free block {off}+{len} beyond capacity"));
@@ -172,7 +175,10 @@ impl RangeAllocator {
             sum += len;
         }
         if sum != self.free_bytes {
-            return Err(format!("free_bytes {} != sum of blocks {sum}", self.free_bytes));
+            return Err(format!(
+                "free_bytes {} != sum of blocks {sum}",
+                self.free_bytes
+            ));
         }
         Ok(())
     }
@@ -208,7 +214,10 @@ mod tests {
         let small = a.alloc(2 * 4096).expect("fits");
         assert_eq!(small, blocks[1], "small object goes to the small hole");
         let big = a.alloc(8 * 4096).expect("fits");
-        assert_eq!(big, blocks[3], "the 8-page hole stays intact for the big object");
+        assert_eq!(
+            big, blocks[3],
+            "the 8-page hole stays intact for the big object"
+        );
         a.check().expect("invariants");
     }
 

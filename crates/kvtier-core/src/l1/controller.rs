@@ -126,7 +126,11 @@ fn run(l1: &L1Manager, shared: Arc<Shared>, interval: Duration) {
         shared.rounds.fetch_add(1, Relaxed);
         if out.objects > 0 {
             shared.triggered.fetch_add(1, Relaxed);
-            tracing::debug!(objects = out.objects, bytes = out.bytes, "l1 eviction round");
+            tracing::debug!(
+                objects = out.objects,
+                bytes = out.bytes,
+                "l1 eviction round"
+            );
         }
     }
 }

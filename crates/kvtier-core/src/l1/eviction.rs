@@ -242,9 +242,18 @@ mod tests {
 
     #[test]
     fn policy_names_parse_case_insensitively() {
-        assert_eq!("lru".parse::<EvictionPolicyKind>().ok(), Some(EvictionPolicyKind::Lru));
-        assert_eq!("LRU".parse::<EvictionPolicyKind>().ok(), Some(EvictionPolicyKind::Lru));
-        assert_eq!("NoOp".parse::<EvictionPolicyKind>().ok(), Some(EvictionPolicyKind::Noop));
+        assert_eq!(
+            "lru".parse::<EvictionPolicyKind>().ok(),
+            Some(EvictionPolicyKind::Lru)
+        );
+        assert_eq!(
+            "LRU".parse::<EvictionPolicyKind>().ok(),
+            Some(EvictionPolicyKind::Lru)
+        );
+        assert_eq!(
+            "NoOp".parse::<EvictionPolicyKind>().ok(),
+            Some(EvictionPolicyKind::Noop)
+        );
         assert!("arc".parse::<EvictionPolicyKind>().is_err());
     }
 }

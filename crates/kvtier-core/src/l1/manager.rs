@@ -498,9 +498,7 @@ impl L1Manager {
         tickets
             .iter()
             .map(|t| {
-                let id = inner
-                    .live(t.id, t.generation)
-                    .ok_or(L1Error::KeyNotExist)?;
+                let id = inner.live(t.id, t.generation).ok_or(L1Error::KeyNotExist)?;
                 if inner.entry(id).map(|e| e.phase) != Some(Phase::Staging) {
                     return Err(L1Error::KeyInWrongState);
                 }
@@ -567,9 +565,7 @@ impl L1Manager {
         leases
             .iter()
             .map(|l| {
-                let id = inner
-                    .live(l.id, l.generation)
-                    .ok_or(L1Error::KeyNotExist)?;
+                let id = inner.live(l.id, l.generation).ok_or(L1Error::KeyNotExist)?;
                 let (epoch, readers) = match inner.entry(id) {
                     Some(e) => (e.epoch, e.readers),
                     None => return Err(L1Error::KeyNotExist),
@@ -697,8 +693,15 @@ impl L1Manager {
     pub fn check_invariants(&self) -> Result<(), String> {
         let inner = self.inner.lock();
         inner.alloc.check()?;
-        let (mut objects, mut staging, mut staging_bytes, mut readers, mut temp, mut doomed, mut used) =
-            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        let (
+            mut objects,
+            mut staging,
+            mut staging_bytes,
+            mut readers,
+            mut temp,
+            mut doomed,
+            mut used,
+        ) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
         let mut ranges = Vec::new();
         for (id, slot) in inner.slots.iter().enumerate() {
             let Some(e) = &slot.entry else { continue };
@@ -757,8 +760,16 @@ impl L1Manager {
         let pairs = [
             ("objects", c.objects.load(Relaxed), objects),
             ("staging_objects", c.staging_objects.load(Relaxed), staging),
-            ("staging_bytes", c.staging_bytes.load(Relaxed), staging_bytes),
-            ("read_locked_objects", c.read_locked_objects.load(Relaxed), readers),
+            (
+                "staging_bytes",
+                c.staging_bytes.load(Relaxed),
+                staging_bytes,
+            ),
+            (
+                "read_locked_objects",
+                c.read_locked_objects.load(Relaxed),
+                readers,
+            ),
             ("temporary_objects", c.temporary_objects.load(Relaxed), temp),
             ("doomed_objects", c.doomed_objects.load(Relaxed), doomed),
             ("used_bytes", c.used_bytes.load(Relaxed), used),
@@ -786,7 +797,12 @@ impl L1Manager {
     /// Resolves `key` to a readable entry, applying lapsed TTLs first (a staging object whose
     /// write TTL passed is discarded; lapsed read locks are released, which frees a temporary
     /// or doomed object).
-    fn readable(&self, inner: &mut Inner, key: &ObjectKey, now: Instant) -> Result<EntryId, L1Error> {
+    fn readable(
+        &self,
+        inner: &mut Inner,
+        key: &ObjectKey,
+        now: Instant,
+    ) -> Result<EntryId, L1Error> {
         let &id = inner.index.get(key).ok_or(L1Error::KeyNotExist)?;
         let (phase, readers, deadline) = match inner.entry(id) {
             Some(e) => (e.phase, e.readers, e.deadline),
@@ -812,9 +828,7 @@ impl L1Manager {
     }
 
     fn publish(&self, inner: &mut Inner, t: &WriteTicket) -> Result<EntryId, L1Error> {
-        let id = inner
-            .live(t.id, t.generation)
-            .ok_or(L1Error::KeyNotExist)?;
+        let id = inner.live(t.id, t.generation).ok_or(L1Error::KeyNotExist)?;
         let (phase, doomed, deadline, reserved) = match inner.entry(id) {
             Some(e) => (e.phase, e.doomed, e.deadline, e.reserved),
             None => return Err(L1Error::KeyNotExist),
@@ -1046,7 +1060,9 @@ impl Inner {
     }
 
     fn entry_mut(&mut self, id: EntryId) -> Option<&mut Entry> {
-        self.slots.get_mut(id as usize).and_then(|s| s.entry.as_mut())
+        self.slots
+            .get_mut(id as usize)
+            .and_then(|s| s.entry.as_mut())
     }
 
     /// `Some(id)` if the slot still holds the object of that generation.
@@ -1076,7 +1092,11 @@ impl StatusReport for L1Manager {
     fn report_status(&self) -> StatusNode {
         let c = &self.counters;
         let (used, total) = self.usage();
-        let ratio = if total == 0 { 0.0 } else { used as f64 / total as f64 };
+        let ratio = if total == 0 {
+            0.0
+        } else {
+            used as f64 / total as f64
+        };
         StatusNode::healthy()
             .field("total_object_count", c.objects.load(Relaxed))
             .field("write_locked_count", c.staging_objects.load(Relaxed))
@@ -1088,16 +1108,34 @@ impl StatusReport for L1Manager {
             .field("memory_used_bytes", used)
             .field("memory_total_bytes", total)
             .field("memory_configured_bytes", self.config.capacity_bytes)
-            .field("capacity_bytes_by_backend", serde_json::json!({ "shm": total }))
+            .field(
+                "capacity_bytes_by_backend",
+                serde_json::json!({ "shm": total }),
+            )
             .field("memory_usage_ratio", ratio)
             .field("write_ttl_seconds", self.config.write_ttl.as_secs())
             .field("read_ttl_seconds", self.config.read_ttl.as_secs())
             .field("align_bytes", self.config.align_bytes)
-            .field("evicted_object_count_total", c.evicted_objects_total.load(Relaxed))
+            .field(
+                "evicted_object_count_total",
+                c.evicted_objects_total.load(Relaxed),
+            )
             .field("evicted_bytes_total", c.evicted_bytes_total.load(Relaxed))
-            .field("sync_eviction_count_total", c.sync_evictions_total.load(Relaxed))
-            .field("out_of_memory_key_count_total", c.oom_keys_total.load(Relaxed))
-            .field("expired_write_lock_count_total", c.expired_write_locks_total.load(Relaxed))
-            .field("expired_read_lock_count_total", c.expired_read_locks_total.load(Relaxed))
+            .field(
+                "sync_eviction_count_total",
+                c.sync_evictions_total.load(Relaxed),
+            )
+            .field(
+                "out_of_memory_key_count_total",
+                c.oom_keys_total.load(Relaxed),
+            )
+            .field(
+                "expired_write_lock_count_total",
+                c.expired_write_locks_total.load(Relaxed),
+            )
+            .field(
+                "expired_read_lock_count_total",
+                c.expired_read_locks_total.load(Relaxed),
+            )
     }
 }

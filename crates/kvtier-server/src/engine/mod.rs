@@ -174,7 +174,7 @@ pub struct Engine {
     cfg: EngineConfig,
     hasher: TokenHasher,
     l1: Arc<L1Manager>,
-    segment: ShmSegment,
+    segment: Arc<ShmSegment>,
     evictor: EvictionController,
     sessions: SessionManager,
     contexts: RwLock<HashMap<i64, Context>>,
@@ -189,7 +189,7 @@ impl Engine {
         cfg: EngineConfig,
         hasher: TokenHasher,
         l1: Arc<L1Manager>,
-        segment: ShmSegment,
+        segment: Arc<ShmSegment>,
         evictor: EvictionController,
     ) -> Self {
         Self {
@@ -212,7 +212,7 @@ impl Engine {
     }
 
     /// The shared-memory segment backing L1.
-    pub fn segment(&self) -> &ShmSegment {
+    pub fn segment(&self) -> &Arc<ShmSegment> {
         &self.segment
     }
 
@@ -255,11 +255,16 @@ impl Engine {
             Request::RegisterKvCacheEngineDrivenContext(p) => self.register_context(p, now),
             Request::UnregisterKvCacheEngineDrivenContext { instance_id } => {
                 if !self.unregister_context(instance_id) {
-                    tracing::warn!(instance_id, "unregister of an unknown engine-driven context");
+                    tracing::warn!(
+                        instance_id,
+                        "unregister of an unknown engine-driven context"
+                    );
                 }
                 Ok(None)
             }
-            Request::PrepareStore { key, instance_id } => self.prepare_store(&key, instance_id, now),
+            Request::PrepareStore { key, instance_id } => {
+                self.prepare_store(&key, instance_id, now)
+            }
             Request::CommitStore {
                 key,
                 instance_id,
@@ -281,7 +286,13 @@ impl Engine {
             Request::CommitRetrieve { key, instance_id } => self.commit_retrieve(&key, instance_id),
             Request::Clear { force } => {
                 let out = self.l1.clear(force);
-                tracing::info!(force, removed = out.removed, doomed = out.doomed, kept = out.kept, "l1 cleared");
+                tracing::info!(
+                    force,
+                    removed = out.removed,
+                    doomed = out.doomed,
+                    kept = out.kept,
+                    "l1 cleared"
+                );
                 Ok(None)
             }
             Request::ReportBlockAllocation { records, .. } => {
@@ -324,7 +335,12 @@ impl Engine {
         let shape: Vec<u64> = if p.use_mla {
             vec![u64::from(p.num_layers), slots, u64::from(p.hidden_dim_size)]
         } else {
-            vec![2, u64::from(p.num_layers), slots, u64::from(p.hidden_dim_size)]
+            vec![
+                2,
+                u64::from(p.num_layers),
+                slots,
+                u64::from(p.hidden_dim_size),
+            ]
         };
         let object_len = shape
             .iter()
@@ -355,7 +371,10 @@ impl Engine {
             last_ping: None,
         };
         if self.contexts.write().insert(iid, ctx).is_some() {
-            tracing::info!(instance_id = iid, "context re-registered; previous layout replaced");
+            tracing::info!(
+                instance_id = iid,
+                "context re-registered; previous layout replaced"
+            );
         }
         let resp = RegisterEngineDrivenContextResponse {
             shm_name: self.segment.name().to_owned(),
@@ -370,7 +389,11 @@ impl Engine {
         let known = self.contexts.write().remove(&instance_id).is_some();
         let stores: Vec<PendingStore> = {
             let mut p = self.pending_stores.lock();
-            let keys: Vec<_> = p.keys().filter(|k| k.instance_id == instance_id).cloned().collect();
+            let keys: Vec<_> = p
+                .keys()
+                .filter(|k| k.instance_id == instance_id)
+                .cloned()
+                .collect();
             keys.iter().filter_map(|k| p.remove(k)).collect()
         };
         for s in stores {
@@ -378,7 +401,11 @@ impl Engine {
         }
         let retrieves: Vec<PendingRetrieve> = {
             let mut p = self.pending_retrieves.lock();
-            let keys: Vec<_> = p.keys().filter(|k| k.instance_id == instance_id).cloned().collect();
+            let keys: Vec<_> = p
+                .keys()
+                .filter(|k| k.instance_id == instance_id)
+                .cloned()
+                .collect();
             keys.iter().filter_map(|k| p.remove(k)).collect()
         };
         for r in retrieves {
@@ -388,11 +415,15 @@ impl Engine {
     }
 
     fn context(&self, instance_id: i64) -> Result<Context, EngineError> {
-        self.contexts.read().get(&instance_id).cloned().ok_or_else(|| {
-            EngineError::Failed(format!(
-                "engine-driven context {instance_id} is not registered"
-            ))
-        })
+        self.contexts
+            .read()
+            .get(&instance_id)
+            .cloned()
+            .ok_or_else(|| {
+                EngineError::Failed(format!(
+                    "engine-driven context {instance_id} is not registered"
+                ))
+            })
     }
 
     /// Hashes `[start, end)` of `key` through its session and expands it to object keys.
@@ -586,7 +617,9 @@ impl Engine {
         self.counters
             .lookup_chunks_requested
             .fetch_add((keys.len() / group.max(1)) as u64, Relaxed);
-        let leases = self.l1.reserve_read_prefix(&keys, key.num_kv_readers, group);
+        let leases = self
+            .l1
+            .reserve_read_prefix(&keys, key.num_kv_readers, group);
         let hits = (leases.len() / group.max(1)) as u64;
         self.counters.lookup_chunks_hit.fetch_add(hits, Relaxed);
         let mut stale = Vec::new();
@@ -630,9 +663,7 @@ impl Engine {
                 return i64::try_from(n).unwrap_or(i64::MAX);
             }
         }
-        self.counters
-            .unknown_prefetch_queries
-            .fetch_add(1, Relaxed);
+        self.counters.unknown_prefetch_queries.fetch_add(1, Relaxed);
         0
     }
 
@@ -784,7 +815,10 @@ impl Engine {
                 .map(|(&iid, _)| iid)
                 .collect();
             for iid in dead {
-                tracing::warn!(instance_id = iid, "engine instance silent too long; unregistering it");
+                tracing::warn!(
+                    instance_id = iid,
+                    "engine instance silent too long; unregistering it"
+                );
                 self.unregister_context(iid);
                 self.counters.instances_reaped.fetch_add(1, Relaxed);
             }
