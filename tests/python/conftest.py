@@ -126,8 +126,12 @@ def spawn_server(extra: list[str] | None = None, shm_name: str | None = None) ->
         kvtier_bin(), "serve",
         "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
         "--l1-size-gb", str(L1_SIZE_GB), "--shm-name", shm, "--chunk-size", "256",
-        "--eviction-policy", "LRU", "--max-workers", "2",
-    ] + list(extra or [])
+    ]
+    extra = list(extra or [])
+    for flag, default in (("--eviction-policy", "LRU"), ("--max-workers", "2")):
+        if flag not in extra:
+            args += [flag, default]
+    args += extra
     fd, log_path = tempfile.mkstemp(prefix="kvtier-server-", suffix=".log")
     env = dict(os.environ)
     env.setdefault("RUST_BACKTRACE", "1")

@@ -280,3 +280,19 @@ def test_server_still_alive(server: Server, env: Env):
     env.c.end_session("mal")
     l1 = server.l1()
     assert l1["read_locked_count"] == 0 and l1["write_locked_count"] == 0, l1
+
+
+def test_client_vanishing_with_requests_in_flight(server: Server, rng):
+    """Replies to a DEALER that has gone away are dropped; the server keeps serving everyone else."""
+    tokens = fresh_tokens(rng, 512)
+    for _ in range(5):
+        c = server.client()
+        for i in range(50):
+            c.send("noop")
+            c.send("lookup", lookup_key(MODEL, tokens, f"vanish{i}"), 1)
+            c.send("wait_prefetch_status", f"vanish{i}", 0.2)
+        c.close()
+    check_healthy(server, rng)
+    with server.client() as c:
+        for i in range(50):
+            c.end_session(f"vanish{i}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import Server, fresh_tokens, new_iid
-from kvclient import EngineContext, KVClient, lookup_key, retrieve_context, store_context
+from kvclient import EngineContext, KVClient, decode_reply, lookup_key, retrieve_context, store_context
+from lmcache_types import PrepareStoreResponse
 
 MODEL = "rt-model"
 
@@ -219,3 +220,44 @@ def test_same_tokens_different_salt_are_distinct(server: Server, ranks_factory, 
     assert R.hits(tokens, "nosalt") == 2
     assert c.retrieve(tokens, 0, 512, "nosalt") == a
     R.sched.end_session("nosalt")
+
+
+def test_two_sessions_lock_the_same_chunks_independently(server: Server, ranks_factory, rng):
+    R = ranks_factory(1, "4x512-bf16")
+    c = R.ctx[0]
+    tokens = fresh_tokens(rng, 512)
+    data = c.random_chunks(rng, 2)
+    c.store(tokens, 0, 512, data)
+    assert R.hits(tokens, "A") == 2
+    assert R.hits(tokens, "B") == 2
+    R.sched.end_session("A")
+    assert server.l1()["read_locked_count"] == 2  # B still holds both chunks
+    assert c.retrieve(tokens, 0, 512, "A") is None
+    assert c.retrieve(tokens, 0, 512, "B") == data
+    R.sched.end_session("B")
+    assert server.l1()["read_locked_count"] == 0
+
+
+def test_pipelined_data_ops_on_one_dealer(server: Server, ranks_factory, rng):
+    """Many prepare/commit/lookup requests in flight on one socket; replies matched by uid."""
+    R = ranks_factory(1, "4x512-bf16")
+    c = R.ctx[0]
+    cl = c.client
+    seqs = [(fresh_tokens(rng, 512), c.random_chunks(rng, 2)) for _ in range(8)]
+    keys = [c.key(t, 0, 512, f"pipe{i}") for i, (t, _) in enumerate(seqs)]
+    sent = [cl.send("prepare_store", k, c.instance_id) for k in keys]
+    for (uid, opf), (_, data) in zip(sent, seqs):
+        sc = store_context(decode_reply(cl.wait(uid, opf), PrepareStoreResponse))
+        assert sc.chunk_indices == [0, 1]
+        for s, i in zip(sc.slots, sc.chunk_indices):
+            c.pool.write(s, data[i])
+    sent = [cl.send("commit_store", k, c.instance_id, b"") for k in keys]
+    assert [decode_reply(cl.wait(u, o), bool) for u, o in reversed(sent)] == [True] * 8
+    sent = [cl.send("lookup", lookup_key(MODEL, t, f"pipe{i}"), 1) for i, (t, _) in enumerate(seqs)]
+    for u, o in sent:
+        assert cl.wait(u, o).bare
+    sent = [cl.send("wait_prefetch_status", f"pipe{i}", 5.0) for i in range(8)]
+    assert [decode_reply(cl.wait(u, o), int | None) for u, o in sent] == [2] * 8
+    for i, (t, data) in enumerate(seqs):
+        assert c.retrieve(t, 0, 512, f"pipe{i}") == data
+        R.sched.end_session(f"pipe{i}")
