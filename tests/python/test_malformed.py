@@ -180,6 +180,7 @@ CASES: dict[str, Callable[[Env], None]] = {
     # wrong number of payload frames
     "prepare_store-1-frame": lambda e: e.prepare_store_fails(_fresh_key(e)),
     "prepare_store-3-frames": lambda e: e.prepare_store_fails(_fresh_key(e), e.iid, b""),
+    "prepare_store-1000-frames": lambda e: e.prepare_store_fails(_fresh_key(e), e.iid, *([0] * 998)),
     "commit_store-2-frames": lambda e: _pending_store(e, lambda k: e.bool_false("commit_store", k, e.iid)),
     "commit_store-4-frames": lambda e: _pending_store(e, lambda k: e.bool_false("commit_store", k, e.iid, b"", b"")),
     "prepare_retrieve-0-frames": lambda e: _locked(e, lambda: e.prepare_retrieve_fails()),

@@ -261,3 +261,20 @@ def test_pipelined_data_ops_on_one_dealer(server: Server, ranks_factory, rng):
     for i, (t, data) in enumerate(seqs):
         assert c.retrieve(t, 0, 512, f"pipe{i}") == data
         R.sched.end_session(f"pipe{i}")
+
+
+def test_free_lookup_locks_only_touches_its_own_session(server: Server, ranks_factory, rng):
+    R = ranks_factory(1, "4x512-bf16")
+    c = R.ctx[0]
+    tokens = fresh_tokens(rng, 512)
+    data = c.random_chunks(rng, 2)
+    c.store(tokens, 0, 512, data)
+    assert R.hits(tokens, "A") == 2
+    assert R.hits(tokens, "B") == 2
+    assert R.sched.free_lookup_locks(lookup_key(MODEL, tokens, "A"), 1) is None
+    assert server.l1()["read_locked_count"] == 2
+    assert c.retrieve(tokens, 0, 512, "A") is None
+    assert c.retrieve(tokens, 0, 512, "B") == data
+    R.sched.end_session("A")
+    R.sched.end_session("B")
+    assert server.l1()["read_locked_count"] == 0
