@@ -82,7 +82,10 @@ fn dealer(ctx: &zmq::Context, endpoint: &str) -> zmq::Socket {
 }
 
 fn send(s: &zmq::Socket, uid: u64, op: Op, payloads: &[Vec<u8>]) {
-    let mut frames = vec![mp_int(uid), mp_int(u64::from(op.legacy_id().expect("legacy id")))];
+    let mut frames = vec![
+        mp_int(uid),
+        mp_int(u64::from(op.legacy_id().expect("legacy id"))),
+    ];
     frames.extend(payloads.iter().cloned());
     s.send_multipart(frames, 0).expect("send");
 }
@@ -98,9 +101,13 @@ fn replies_echo_uid_and_op_and_bare_none() {
     let c = dealer(&ctx, fe.endpoint());
     // uid 256 is `cd 01 00`: echoed byte for byte.
     send(&c, 256, Op::GetChunkSize, &[]);
-    assert_eq!(recv(&c), vec![vec![0xcd, 0x01, 0x00], vec![21], mp_int(256)]);
+    assert_eq!(
+        recv(&c),
+        vec![vec![0xcd, 0x01, 0x00], vec![21], mp_int(256)]
+    );
     // An op sent by name is echoed as sent.
-    c.send_multipart([mp_int(1), mp_str("noop")], 0).expect("send");
+    c.send_multipart([mp_int(1), mp_str("noop")], 0)
+        .expect("send");
     assert_eq!(recv(&c), vec![mp_int(1), mp_str("noop"), mp_str("OK")]);
     // A None result is a reply without a payload frame.
     send(&c, 2, Op::Clear, &[vec![0xc2]]);
@@ -145,7 +152,10 @@ fn a_slow_request_does_not_hold_back_other_clients_and_replies_may_reorder() {
     let t = Instant::now();
     send(&fast, 1, Op::EndSession, &[mp_str("x")]);
     assert_eq!(recv(&fast), vec![mp_int(1), mp_int(13), mp_int(1)]);
-    assert!(t.elapsed() < Duration::from_millis(250), "another client was held back");
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "another client was held back"
+    );
     assert_eq!(recv(&slow), vec![mp_int(1), mp_int(9), mp_int(7)]);
     fe.shutdown();
 }
@@ -156,12 +166,28 @@ fn full_queue_is_answered_with_the_failure_value() {
     let fe = start(Arc::clone(&h), 1, 1);
     let ctx = zmq::Context::new();
     let c = dealer(&ctx, fe.endpoint());
-    // ping blocks its worker; the second fills the queue; the third must be refused at once.
-    for uid in 0..3 {
-        send(&c, uid, Op::Ping, &[vec![0xc0]]);
+    // Whatever happens below, release the blocked worker so shutdown can join it.
+    struct OpenOnDrop(Arc<Scripted>);
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.open_gate();
+        }
     }
+    let _release = OpenOnDrop(Arc::clone(&h));
+    // The first ping blocks the only worker; the second fills the queue; the third must be
+    // refused at once.
+    send(&c, 0, Op::Ping, &[vec![0xc0]]);
+    while h.handled.load(Relaxed) == 0 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    send(&c, 1, Op::Ping, &[vec![0xc0]]);
+    send(&c, 2, Op::Ping, &[vec![0xc0]]);
     let refused = recv(&c);
-    assert_eq!(refused, vec![mp_int(2), mp_int(22), vec![0xc2]], "ping's failure value is false");
+    assert_eq!(
+        refused,
+        vec![mp_int(2), mp_int(22), vec![0xc2]],
+        "ping's failure value is false"
+    );
     assert_eq!(fe.stats().rejected_busy.load(Relaxed), 1);
     h.open_gate();
     let mut uids: Vec<Vec<u8>> = (0..2).map(|_| recv(&c).remove(0)).collect();
@@ -185,7 +211,11 @@ fn shutdown_drains_in_flight_requests() {
         let fe = Arc::clone(&fe);
         std::thread::spawn(move || fe.shutdown())
     };
-    assert_eq!(recv(&c), vec![mp_int(1), mp_int(9), mp_int(7)], "in-flight reply delivered");
+    assert_eq!(
+        recv(&c),
+        vec![mp_int(1), mp_int(9), mp_int(7)],
+        "in-flight reply delivered"
+    );
     stopper.join().expect("shutdown thread");
     assert_eq!(fe.stats().in_flight.load(Relaxed), 0);
 }
