@@ -21,6 +21,7 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
 use crate::engine::{Engine, EngineConfig};
+use crate::http::metrics::HttpStats;
 use crate::http::{HttpConfig, HttpServer};
 use crate::stats::{Outcome, RpcStats};
 use crate::transport::{Handler, TransportConfig, ZmqFrontEnd};
@@ -175,6 +176,7 @@ struct StatusParts {
     housekeeper_alive: Arc<AtomicBool>,
     config: ServerConfig,
     frontend: Arc<ZmqFrontEnd>,
+    http: Arc<HttpStats>,
 }
 
 impl StatusSource {
@@ -219,6 +221,9 @@ impl StatusSource {
             .child("rpc", rpc)
             .field("unsupported_op_counts", unsupported);
         root = root.child("transport", p.frontend.report_status());
+        if p.config.http.is_some() {
+            root = root.child("http", p.http.report_status());
+        }
         root.field("uptime_seconds", p.started.elapsed().as_secs_f64())
             .field("version", env!("CARGO_PKG_VERSION"))
     }
@@ -246,6 +251,11 @@ impl StatusSource {
     /// Time since the server started.
     pub fn uptime(&self) -> Duration {
         self.inner.started.elapsed()
+    }
+
+    /// Counters and liveness of the HTTP API.
+    pub fn http_stats(&self) -> &Arc<HttpStats> {
+        &self.inner.http
     }
 }
 
@@ -366,6 +376,7 @@ impl Server {
                 housekeeper_alive: Arc::clone(&housekeeper_alive),
                 config: config.clone(),
                 frontend: Arc::clone(&frontend),
+                http: Arc::new(HttpStats::default()),
             }),
         };
         let http = match &config.http {

@@ -162,6 +162,13 @@ fn every_route_and_alias_answers() {
         assert_eq!(l1["memory_total_bytes"], 16 << 20);
         assert!(v["storage_manager"]["l1_eviction_controller"]["thread_alive"] == true);
         assert!(v["transport"]["endpoint"].is_string());
+        assert_eq!(v["http"]["is_healthy"], true);
+        assert_eq!(v["http"]["serving"], true);
+        assert_eq!(v["http"]["auth_required"], false);
+        assert_eq!(
+            v["http"]["address"],
+            t.server().http_addr().expect("http").to_string()
+        );
         assert!(v["rpc"].is_object());
         assert!(v["uptime_seconds"].is_f64());
     }

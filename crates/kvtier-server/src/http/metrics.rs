@@ -21,8 +21,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+
+use kvtier_core::status::{StatusNode, StatusReport};
 
 use parking_lot::Mutex;
 use prometheus_client::collector::Collector;
@@ -37,13 +40,39 @@ use crate::stats::Outcome;
 /// The content type of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Counters of the admin API itself.
+/// Counters and liveness of the admin API itself (reported in the status tree as `http` and
+/// in `/metrics` as `kvtier_http_*`).
 #[derive(Debug, Default)]
 pub struct HttpStats {
     /// `(route, status code)` → requests. Bounded: routes are the fixed table plus `unmatched`.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     /// Requests refused for a missing or wrong token.
     pub auth_failures: AtomicU64,
+    /// Bound address, once listening.
+    pub(crate) addr: OnceLock<SocketAddr>,
+    /// Whether a token is required.
+    pub(crate) authenticated: AtomicBool,
+    /// True while the server task runs.
+    pub(crate) serving: AtomicBool,
+    /// Set before an orderly stop, so a stopped task is not reported as a failure.
+    pub(crate) stopping: AtomicBool,
+}
+
+impl StatusReport for HttpStats {
+    fn report_status(&self) -> StatusNode {
+        let serving = self.serving.load(Relaxed);
+        let requests: u64 = self.requests.lock().values().sum();
+        StatusNode::healthy()
+            .require(
+                serving || self.stopping.load(Relaxed),
+                "http server task is not running",
+            )
+            .field("address", self.addr.get().map(ToString::to_string))
+            .field("serving", serving)
+            .field("auth_required", self.authenticated.load(Relaxed))
+            .field("requests_total", requests)
+            .field("auth_failures_total", self.auth_failures.load(Relaxed))
+    }
 }
 
 impl HttpStats {

@@ -99,6 +99,7 @@ pub enum HttpError {
 #[derive(Debug)]
 pub struct HttpServer {
     addr: SocketAddr,
+    stats: Arc<HttpStats>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     runtime: tokio::runtime::Handle,
@@ -121,12 +122,25 @@ impl HttpServer {
         listener.set_nonblocking(true).map_err(bind_err)?;
         let addr = listener.local_addr().map_err(bind_err)?;
         let authenticated = cfg.auth_token.is_some();
+        let stats = Arc::clone(source.http_stats());
+        let _first = stats.addr.set(addr);
+        stats.authenticated.store(authenticated, Relaxed);
+        stats.serving.store(true, Relaxed);
         let app = router(source, cfg.auth_token);
         let (tx, rx) = oneshot::channel::<()>();
         let task = {
             let _guard = runtime.enter();
             let listener = tokio::net::TcpListener::from_std(listener).map_err(bind_err)?;
+            let alive = Arc::clone(&stats);
             runtime.spawn(async move {
+                /// Clears `serving` however the task ends (return, error, panic, abort).
+                struct Serving(Arc<HttpStats>);
+                impl Drop for Serving {
+                    fn drop(&mut self) {
+                        self.0.serving.store(false, Relaxed);
+                    }
+                }
+                let _serving = Serving(alive);
                 let served = axum::serve(listener, app)
                     .with_graceful_shutdown(async {
                         let _stopped = rx.await;
@@ -143,6 +157,7 @@ impl HttpServer {
         tracing::info!(%addr, authenticated, "http admin api listening");
         Ok(Self {
             addr,
+            stats,
             stop: Mutex::new(Some(tx)),
             task: Mutex::new(Some(task)),
             runtime: runtime.clone(),
@@ -156,6 +171,7 @@ impl HttpServer {
 
     /// Stops accepting, finishes open requests, and waits for the server task.
     pub fn shutdown(&self) {
+        self.stats.stopping.store(true, Relaxed);
         if let Some(tx) = self.stop.lock().take() {
             let _sent = tx.send(());
         }
@@ -198,7 +214,7 @@ struct AppState {
 type Shared = State<Arc<AppState>>;
 
 fn router(source: StatusSource, token: Option<AuthToken>) -> Router {
-    let stats = Arc::new(HttpStats::default());
+    let stats = Arc::clone(source.http_stats());
     let state = Arc::new(AppState {
         registry: metrics::registry(source.clone(), Arc::clone(&stats)),
         source,
