@@ -124,6 +124,61 @@ fn status_renders_the_kvtier_fixture_and_exits_0() {
     assert!(!reqs[0].to_ascii_lowercase().contains("authorization"));
 }
 
+/// Runs `cmd` with stdout on a pseudo-terminal; returns what it printed.
+fn run_on_a_terminal(cmd: &mut Command) -> String {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).expect("openpt");
+    grantpt(&master).expect("grantpt");
+    unlockpt(&master).expect("unlockpt");
+    let name = ptsname(&master, Vec::new()).expect("ptsname");
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(name.to_str().expect("utf-8 path"))
+        .expect("open the terminal");
+    let mut child = cmd
+        .stdout(Stdio::from(slave))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // The command still holds our copy of the terminal; drop it so the master sees EIO once the
+    // child exits.
+    cmd.stdout(Stdio::null());
+    // Drain while it runs (a terminal buffers little), until the last writer closes (EIO).
+    let reader = std::thread::spawn(move || {
+        let mut master = std::fs::File::from(master);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    });
+    child.wait().expect("exits");
+    String::from_utf8(reader.join().expect("reader")).expect("utf-8")
+}
+
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let srv = Canned::start(200, read_fixture("kvtier-status-unhealthy.json"));
+    let tty = run_on_a_terminal(kvtier().args(["status", "--url", &srv.url()]));
+    assert!(
+        tty.contains("engine  \x1b[31m[UNHEALTHY]\x1b[0m"),
+        "{tty:?}"
+    );
+    assert!(tty.contains("l1_manager  \x1b[32m[HEALTHY]\x1b[0m"));
+    let no_color = run_on_a_terminal(
+        kvtier()
+            .args(["status", "--url", &srv.url()])
+            .env("NO_COLOR", "1"),
+    );
+    assert!(no_color.contains("engine  [UNHEALTHY]"), "{no_color:?}");
+    assert!(!no_color.contains('\x1b'));
+}
+
 #[test]
 fn status_renders_the_lmcache_sample() {
     let srv = Canned::start(200, read_fixture("lmcache-status-sample.json"));
