@@ -301,7 +301,7 @@ fn healthcheck_is_503_and_names_the_dead_component() {
         "eviction thread is not running"
     );
     let m = t.get("/metrics", None);
-    assert!(m.body.contains("\nkvtier_healthy 0\n"), "{}", m.body);
+    assert!(m.body.contains("\nkvtier_status_healthy 0\n"), "{}", m.body);
     assert!(m.body.contains("\nkvtier_l1_eviction_thread_up 0\n"));
 }
 
@@ -526,8 +526,8 @@ fn metrics_parse_and_reflect_real_traffic() {
         ("kvtier_sessions_active", "gauge"),
         ("kvtier_transport_received_messages", "counter"),
         ("kvtier_http_requests", "counter"),
-        ("kvtier_healthy", "gauge"),
-        ("kvtier_uptime_seconds", "gauge"),
+        ("kvtier_status_healthy", "gauge"),
+        ("kvtier_process_uptime_seconds", "gauge"),
     ] {
         assert_eq!(
             e.types.get(family).map(String::as_str),
@@ -561,7 +561,7 @@ fn metrics_parse_and_reflect_real_traffic() {
     assert!(!s.keys().any(|k| k.contains("op=\"store\"")));
     assert_eq!(s["kvtier_transport_received_messages_total"], 2.0);
     assert_eq!(s["kvtier_l1_capacity_bytes"], (16u64 << 20) as f64);
-    assert_eq!(s["kvtier_healthy"], 1.0);
+    assert_eq!(s["kvtier_status_healthy"], 1.0);
     // Histogram buckets are cumulative and end at the count.
     let buckets: Vec<f64> = m
         .body

@@ -17,7 +17,7 @@
 //!
 //! Cost of a scrape: O(operations × buckets + admin routes), two brief O(1) engine lock
 //! acquisitions (pending-transfer counts, context count) and one status-tree build for
-//! `kvtier_healthy`; never a walk over cached objects.
+//! `kvtier_status_healthy`; never a walk over cached objects.
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -514,14 +514,14 @@ impl KvtierCollector {
         )?;
         gauge(
             enc,
-            "kvtier_healthy",
+            "kvtier_status_healthy",
             "1 when the whole status tree is healthy (see /api/healthcheck for the reasons).",
             None,
             u64::from(self.source.status().is_healthy()),
         )?;
         gauge(
             enc,
-            "kvtier_uptime",
+            "kvtier_process_uptime",
             "Time since the server started.",
             Some(&Unit::Seconds),
             self.source.uptime().as_secs_f64(),
