@@ -37,8 +37,8 @@ const FULL: Plan = Plan {
     objects: 1_000_000,
     status_iters: 2_000,
     http_iters: 2_000,
-    rounds: 10,
-    phase: Duration::from_secs(1),
+    rounds: 20,
+    phase: Duration::from_millis(500),
 };
 
 const SMOKE: Plan = Plan {
@@ -158,11 +158,28 @@ fn over_http(url: &str, iters: usize) -> (Summary, usize) {
     (summarise(times), bytes)
 }
 
-/// Stores for `phase`; returns chunks stored per second.
-fn store_phase(l1: &L1Manager, next: &mut u64, phase: Duration) -> f64 {
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// One store phase: chunks stored per wall-clock second, and CPU nanoseconds the storing
+/// thread spent per chunk (immune to preemption by other processes on a shared machine).
+#[derive(Debug, Clone, Copy)]
+struct PhaseResult {
+    per_second: f64,
+    cpu_ns_per_chunk: f64,
+}
+
+/// Stores for `phase`.
+fn store_phase(l1: &L1Manager, next: &mut u64, phase: Duration) -> PhaseResult {
     let model: Arc<str> = Arc::from("meta-llama/Llama-3.1-8B-Instruct");
     let salt: Arc<str> = Arc::from("");
     let start = Instant::now();
+    let cpu0 = thread_cpu();
     let mut stored = 0u64;
     while start.elapsed() < phase {
         let keys: Vec<_> = (0..BATCH as u64)
@@ -179,7 +196,11 @@ fn store_phase(l1: &L1Manager, next: &mut u64, phase: Duration) -> f64 {
         l1.finish_write(&tickets);
         l1.delete(&keys);
     }
-    stored as f64 / start.elapsed().as_secs_f64()
+    let cpu = thread_cpu().saturating_sub(cpu0);
+    PhaseResult {
+        per_second: stored as f64 / start.elapsed().as_secs_f64(),
+        cpu_ns_per_chunk: cpu.as_nanos() as f64 / stored.max(1) as f64,
+    }
 }
 
 /// Polls `url` at 10 Hz until `stop`; returns the poll latencies.
@@ -291,12 +312,10 @@ fn main() {
     let mut next = u64::from(plan.objects) + 1;
     let mut without = Vec::new();
     let mut with = Vec::new();
-    let mut ratios = Vec::new();
     let mut poll_times = Vec::new();
     let _warm = store_phase(&l1, &mut next, plan.phase / 4);
     for round in 0..plan.rounds {
         // ABBA order, so a drift in machine load does not favour one side.
-        let mut pair = [0.0f64; 2];
         let order: [bool; 2] = if round % 2 == 0 {
             [false, true]
         } else {
@@ -305,19 +324,19 @@ fn main() {
         for polled in order {
             let stop = Arc::new(AtomicBool::new(false));
             let handle = polled.then(|| poller(status_url.clone(), Arc::clone(&stop)));
-            pair[usize::from(polled)] = store_phase(&l1, &mut next, plan.phase);
+            let r = store_phase(&l1, &mut next, plan.phase);
             stop.store(true, Ordering::Relaxed);
             if let Some(h) = handle {
                 poll_times.extend(h.join().expect("poller"));
+                with.push(r);
+            } else {
+                without.push(r);
             }
         }
-        without.push(pair[0]);
-        with.push(pair[1]);
-        ratios.push(pair[1] / pair[0]);
     }
-    let fmt = |v: &[f64]| {
+    let fmt = |v: &[PhaseResult]| {
         v.iter()
-            .map(|x| format!("{:.0}", x / 1e3))
+            .map(|x| format!("{:.0}", x.per_second / 1e3))
             .collect::<Vec<_>>()
             .join(" ")
     };
@@ -326,17 +345,39 @@ fn main() {
         fmt(&without)
     );
     println!("store k chunks/s per round, 10 Hz poller:   {}", fmt(&with));
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+    let median = |v: &[PhaseResult], f: fn(&PhaseResult) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
     };
-    let (a, b, r) = (median(&mut without), median(&mut with), median(&mut ratios));
+    let ratio = |v: &[f64]| {
+        let mut x = v.to_vec();
+        x.sort_by(f64::total_cmp);
+        (x[x.len() / 2] - 1.0) * 100.0
+    };
+    let wall: Vec<f64> = without
+        .iter()
+        .zip(&with)
+        .map(|(a, b)| b.per_second / a.per_second)
+        .collect();
+    let cpu: Vec<f64> = without
+        .iter()
+        .zip(&with)
+        .map(|(a, b)| b.cpu_ns_per_chunk / a.cpu_ns_per_chunk)
+        .collect();
     println!(
-        "store throughput median: without {a:.0}/s, with a 10 Hz /api/status poller {b:.0}/s; \
-         median paired ratio {:+.2} % (range {:+.2} % .. {:+.2} %)",
-        (r - 1.0) * 100.0,
-        (ratios[0] - 1.0) * 100.0,
-        (ratios[ratios.len() - 1] - 1.0) * 100.0,
+        "store throughput (median of rounds): without {:.0} chunks/s, with a 10 Hz /api/status \
+         poller {:.0} chunks/s; median paired change {:+.2} %",
+        median(&without, |r| r.per_second),
+        median(&with, |r| r.per_second),
+        ratio(&wall),
+    );
+    println!(
+        "store CPU per chunk (median of rounds): without {:.0} ns, with poller {:.0} ns; median \
+         paired change {:+.2} %",
+        median(&without, |r| r.cpu_ns_per_chunk),
+        median(&with, |r| r.cpu_ns_per_chunk),
+        ratio(&cpu),
     );
     if !poll_times.is_empty() {
         let n = poll_times.len();
