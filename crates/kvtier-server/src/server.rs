@@ -21,11 +21,13 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
 use crate::engine::{Engine, EngineConfig};
+use crate::http::metrics::HttpStats;
 use crate::http::{HttpConfig, HttpServer};
 use crate::stats::{Outcome, RpcStats};
 use crate::transport::{Handler, TransportConfig, ZmqFrontEnd};
 
-/// Everything `kvtier serve` can be told.
+/// Everything `kvtier serve` can be told. `Debug` and `Serialize` (what `GET /config` shows)
+/// never reveal the HTTP auth token; durations serialise as `<name>_seconds` floats.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerConfig {
     /// Address the ZeroMQ ROUTER binds.
@@ -47,8 +49,10 @@ pub struct ServerConfig {
     /// Fraction of used bytes freed per background round.
     pub eviction_ratio: f64,
     /// Write-lock TTL.
+    #[serde(rename = "l1_write_ttl_seconds", serialize_with = "as_seconds")]
     pub l1_write_ttl: Duration,
     /// Read-lock TTL.
+    #[serde(rename = "l1_read_ttl_seconds", serialize_with = "as_seconds")]
     pub l1_read_ttl: Duration,
     /// Name of the shared-memory segment.
     pub shm_name: String,
@@ -58,15 +62,26 @@ pub struct ServerConfig {
     /// Workers per pool.
     pub max_workers: usize,
     /// Session idle TTL.
+    #[serde(rename = "session_ttl_seconds", serialize_with = "as_seconds")]
     pub session_ttl: Duration,
     /// Reap an engine instance this long after its last ping (0 disables).
+    #[serde(rename = "worker_reap_timeout_seconds", serialize_with = "as_seconds")]
     pub worker_reap_timeout: Duration,
     /// Grace period before an instance's first ping.
+    #[serde(
+        rename = "worker_registration_grace_seconds",
+        serialize_with = "as_seconds"
+    )]
     pub worker_registration_grace: Duration,
     /// Shutdown drain bound.
+    #[serde(rename = "drain_timeout_seconds", serialize_with = "as_seconds")]
     pub drain_timeout: Duration,
     /// HTTP admin API (`None` disables it).
     pub http: Option<HttpConfig>,
+}
+
+fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
 }
 
 /// Start-up failures.
@@ -81,9 +96,9 @@ pub enum ServerError {
     /// The front end could not start.
     #[error(transparent)]
     Transport(#[from] crate::transport::TransportError),
-    /// The HTTP API could not start.
+    /// The HTTP API could not start (or its configuration is refused).
     #[error("http api: {0}")]
-    Http(String),
+    Http(#[from] crate::http::HttpError),
     /// A thread could not be spawned.
     #[error("spawning {what}: {source}")]
     Spawn {
@@ -136,6 +151,7 @@ struct Stopper {
 /// A running server.
 #[derive(Debug)]
 pub struct Server {
+    source: StatusSource,
     config: ServerConfig,
     engine: Arc<Engine>,
     rpc: Arc<RpcStats>,
@@ -163,6 +179,7 @@ struct StatusParts {
     config: ServerConfig,
     frontend: Arc<ZmqFrontEnd>,
     prefault: Arc<PrefaultProgress>,
+    http: Arc<HttpStats>,
 }
 
 impl StatusSource {
@@ -208,6 +225,9 @@ impl StatusSource {
             .field("unsupported_op_counts", unsupported);
         root = root.child("transport", p.frontend.report_status());
         root = root.child("l1_prefault", p.prefault.report(p.config.l1_prefault));
+        if p.config.http.is_some() {
+            root = root.child("http", p.http.report_status());
+        }
         root.field("uptime_seconds", p.started.elapsed().as_secs_f64())
             .field("version", env!("CARGO_PKG_VERSION"))
     }
@@ -226,6 +246,21 @@ impl StatusSource {
     pub fn rpc(&self) -> &Arc<RpcStats> {
         &self.inner.rpc
     }
+
+    /// The ZeroMQ front end (transport counters).
+    pub fn frontend(&self) -> &Arc<ZmqFrontEnd> {
+        &self.inner.frontend
+    }
+
+    /// Time since the server started.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Counters and liveness of the HTTP API.
+    pub fn http_stats(&self) -> &Arc<HttpStats> {
+        &self.inner.http
+    }
 }
 
 impl Server {
@@ -235,6 +270,9 @@ impl Server {
         runtime: &tokio::runtime::Handle,
     ) -> Result<Self, ServerError> {
         let started = Instant::now();
+        if let Some(h) = &config.http {
+            h.check_exposure().map_err(crate::http::HttpError::from)?;
+        }
         let algorithm: HashAlgorithm = config
             .hash_algorithm
             .parse()
@@ -346,16 +384,15 @@ impl Server {
                 config: config.clone(),
                 frontend: Arc::clone(&frontend),
                 prefault: Arc::clone(&prefault),
+                http: Arc::new(HttpStats::default()),
             }),
         };
         let http = match &config.http {
-            Some(h) => Some(
-                HttpServer::start(h.clone(), source.clone(), runtime)
-                    .map_err(|e| ServerError::Http(e.to_string()))?,
-            ),
+            Some(h) => Some(HttpServer::start(h.clone(), source.clone(), runtime)?),
             None => None,
         };
         let server = Self {
+            source,
             config,
             engine,
             rpc,
@@ -391,6 +428,11 @@ impl Server {
     /// The engine.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// What the HTTP API serves: the status tree, configuration and counters.
+    pub fn status_source(&self) -> &StatusSource {
+        &self.source
     }
 
     /// Per-op statistics.
