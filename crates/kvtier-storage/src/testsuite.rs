@@ -152,10 +152,12 @@ fn ok_all(r: &[Result<(), L2Error>], what: &str) {
     }
 }
 
+type Case = fn(&tokio::runtime::Runtime, &Factory<'_>, &Arena);
+
 /// Runs every conformance case against backends from `factory`, each case on `rt`.
 pub fn run_conformance(name: &str, rt: &tokio::runtime::Runtime, factory: &Factory<'_>) {
     let arena = Arena::new(64 << 20);
-    let cases: [(&str, fn(&tokio::runtime::Runtime, &Factory<'_>, &Arena)); 10] = [
+    let cases: [(&str, Case); 10] = [
         ("round_trip", case_round_trip),
         ("existing_store_is_idempotent", case_existing),
         ("missing_and_mismatched_loads", case_missing),
