@@ -568,10 +568,9 @@ fn cancelled_and_uncollected_results_release_their_locks() {
         readers: 1,
     });
     p.pc.cancel(id);
-    wait_until(
-        "the cancelled request to finish",
-        Duration::from_secs(10),
-        || p.pc.report_status().to_value()["in_flight_request_count"] == 0,
+    assert!(
+        p.pc.wait(id, Duration::from_secs(10)),
+        "the cancelled request did not finish"
     );
     assert!(matches!(p.pc.try_take(id), Take::Unknown));
     assert_eq!(p.fx.read_locked(), 0);
