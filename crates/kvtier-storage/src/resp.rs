@@ -184,7 +184,7 @@ impl RespBackend {
                 .client
                 .get_multiplexed_async_connection_with_config(&cfg)
                 .await
-                .map_err(|e| format!("redis at {} unreachable: {e}", self.endpoint))?;
+                .map_err(|e| format!("cannot connect to redis at {}: {e}", self.endpoint))?;
             redis::cmd("PING")
                 .query_async::<()>(&mut c)
                 .await
