@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use kvtier_storage::AdapterConfig;
-use kvtier_storage::config::{FsConfig, RespConfig};
+use kvtier_storage::config::{FsConfig, MockConfig, RespConfig};
 use kvtier_storage::testsuite::RedisServer;
 use serde_json::json;
 
@@ -303,6 +303,54 @@ fn resp_l2_round_trip_and_outage() {
         http_get(addr, "/api/healthcheck").0 == 200
     });
     round_trip_through_l2(&mut c, &server, 6);
+    drop(c);
+    server.shutdown();
+}
+
+#[test]
+fn wait_prefetch_status_times_out_with_nil_then_answers() {
+    // A slow mock L2: 8 chunks of 8 KiB at 256 KiB/s take ~250 ms per store or load batch.
+    let slow = AdapterConfig::Mock(MockConfig {
+        max_size_gb: 1.0,
+        mock_bandwidth_gb: 1.0 / 4096.0,
+        eviction: None,
+    });
+    let rt = http_runtime();
+    let server = start(config(vec![slow]), &rt);
+    let mut c = Client::connect(server.rpc_endpoint());
+    c.register(1, MODEL);
+    let toks = tokens(7, 8);
+    store(&mut c, &server, 1, MODEL, &toks, 7, "s");
+    wait_written(&server);
+    clear_l1(&mut c, &server);
+    let k = key(MODEL, &toks, 0, toks.len(), None, "slow");
+    assert!(c.call_json("lookup", &[k, json!(1)]).is_none());
+    assert_eq!(
+        c.call_json("query_prefetch_status", &[json!("slow")]),
+        None,
+        "nil while L2 is loading"
+    );
+    assert_eq!(
+        c.call_json("wait_prefetch_status", &[json!("slow"), json!(0.001)]),
+        None,
+        "nil when the wait times out"
+    );
+    assert_eq!(
+        c.call_json("wait_prefetch_status", &[json!("slow"), json!(30.0)]),
+        Some(json!(8))
+    );
+    let got = retrieve(&mut c, &server, 1, MODEL, &toks, 8, "slow");
+    assert!(got.iter().enumerate().all(|(i, b)| *b == chunk_bytes(7, i)));
+    c.call_json("end_session", &[json!("slow")]);
+    let v = status(&server);
+    assert!(
+        v["storage_manager"]["l2"]["wait_timeouts_total"].as_u64() >= Some(1),
+        "{v}"
+    );
+    assert_eq!(
+        v["storage_manager"]["l2_adapters"][0]["type"],
+        "MockL2Adapter"
+    );
     drop(c);
     server.shutdown();
 }

@@ -158,6 +158,57 @@ pub(crate) fn copy_in(segment: &ShmSegment, offset: u64, bytes: &[u8]) -> Result
         .map_err(|e| L2Error::Invalid(e.to_string()))
 }
 
+/// A bounded pool of reusable byte buffers for the copies between L1 and a backend.
+///
+/// Large fresh allocations cost page faults and zeroing on every object; reusing at most
+/// `max_buffers` buffers (each at most [`BufPool::MAX_POOLED`] bytes) avoids that while bounding
+/// the memory kept. Buffers keep their length when returned, so a reused buffer of the right
+/// size is handed out without zeroing.
+#[derive(Debug)]
+pub(crate) struct BufPool {
+    bufs: parking_lot::Mutex<Vec<Vec<u8>>>,
+    max_buffers: usize,
+}
+
+impl BufPool {
+    /// Largest buffer kept for reuse.
+    pub const MAX_POOLED: usize = 256 << 20;
+
+    pub fn new(max_buffers: usize) -> Self {
+        Self {
+            bufs: parking_lot::Mutex::new(Vec::new()),
+            max_buffers,
+        }
+    }
+
+    /// A buffer (empty or reused, contents unspecified).
+    pub fn take(&self) -> Vec<u8> {
+        self.bufs.lock().pop().unwrap_or_default()
+    }
+
+    /// A buffer of exactly `len` bytes (contents unspecified).
+    pub fn take_len(&self, len: usize) -> Vec<u8> {
+        let mut v = self.take();
+        if v.len() < len {
+            v.resize(len, 0);
+        } else {
+            v.truncate(len);
+        }
+        v
+    }
+
+    /// Returns a buffer for reuse (dropped if the pool is full or it is too large).
+    pub fn give(&self, v: Vec<u8>) {
+        if v.capacity() > Self::MAX_POOLED {
+            return;
+        }
+        let mut bufs = self.bufs.lock();
+        if bufs.len() < self.max_buffers {
+            bufs.push(v);
+        }
+    }
+}
+
 /// The same error for every key of a batch.
 pub(crate) fn all_err(n: usize, e: &L2Error) -> KeyResults {
     (0..n).map(|_| Err(e.clone())).collect()

@@ -56,7 +56,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::backend::{
-    BoxFuture, KeyResults, L2Backend, Usage, all_err, check_batch, copy_in, copy_out,
+    BoxFuture, BufPool, KeyResults, L2Backend, Usage, all_err, check_batch, copy_in, usize_len,
 };
 use crate::config::{EvictionPolicyName, FsConfig, gib_to_bytes};
 use crate::error::{ConfigError, L2Error};
@@ -157,13 +157,21 @@ fn classify(e: &io::Error, what: &str) -> L2Error {
     }
 }
 
-/// Reads a whole object file and verifies it. Returns the buffer and the payload offset.
-fn read_verified(path: &Path, key: &str, expected_len: u64) -> Result<(Vec<u8>, usize), L2Error> {
-    let buf = match fs::read(path) {
-        Ok(b) => b,
+/// Reads a whole object file into `buf` and verifies it. Returns the payload offset.
+fn read_verified(
+    path: &Path,
+    key: &str,
+    expected_len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<usize, L2Error> {
+    buf.clear();
+    let read = File::open(path).and_then(|mut f| f.read_to_end(buf));
+    match read {
+        Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(L2Error::NotFound),
         Err(e) => return Err(classify(&e, "reading")),
-    };
+    }
+    let buf = &buf[..];
     let h = parse_header(&buf, key).map_err(L2Error::Corrupt)?;
     let end = (h.payload_offset as u64)
         .checked_add(h.payload_len)
@@ -187,7 +195,7 @@ fn read_verified(path: &Path, key: &str, expected_len: u64) -> Result<(Vec<u8>, 
     if hasher.finalize().as_bytes() != &h.checksum {
         return Err(L2Error::Corrupt("checksum mismatch".to_owned()));
     }
-    Ok((buf, h.payload_offset))
+    Ok(h.payload_offset)
 }
 
 /// Writes and fsyncs a new temp file; removes it on failure.
@@ -236,6 +244,7 @@ pub struct FsBackend {
     tmp: PathBuf,
     index: Mutex<ObjectIndex>,
     io: Arc<Semaphore>,
+    bufs: Arc<BufPool>,
     health: Health,
     stats: AdapterStats,
     tmp_seq: AtomicU64,
@@ -271,6 +280,7 @@ impl FsBackend {
         );
         let me = Arc::new(Self {
             io: Arc::new(Semaphore::new(cfg.num_workers)),
+            bufs: Arc::new(BufPool::new(cfg.num_workers)),
             cfg,
             base,
             tmp,
@@ -494,11 +504,22 @@ impl FsBackend {
                 .join(format!("{seq:016x}-{}.tmp", std::process::id()));
             let seg = Arc::clone(segment);
             let a = src[i];
+            let bufs = Arc::clone(&self.bufs);
             set.spawn_blocking(move || {
                 let _permit = permit;
-                let r = copy_out(&seg, a).and_then(|payload| {
-                    write_tmp(&tmp, &key_text, &payload)
-                        .map_err(|e| classify(&e, "writing the temp file"))
+                let r = usize_len(a.len).and_then(|len| {
+                    let mut payload = bufs.take_len(len);
+                    let r = usize_len(a.offset)
+                        .and_then(|off| {
+                            seg.copy_out(off, &mut payload)
+                                .map_err(|e| L2Error::Invalid(e.to_string()))
+                        })
+                        .and_then(|()| {
+                            write_tmp(&tmp, &key_text, &payload)
+                                .map_err(|e| classify(&e, "writing the temp file"))
+                        });
+                    bufs.give(payload);
+                    r
                 });
                 (i, r.map(|()| tmp))
             });
@@ -612,11 +633,13 @@ impl FsBackend {
             let key_text = k.to_string();
             let seg = Arc::clone(segment);
             let a = *a;
+            let bufs = Arc::clone(&self.bufs);
             set.spawn_blocking(move || {
                 let _permit = permit;
-                let r = read_verified(&path, &key_text, a.len).and_then(|(buf, off)| {
-                    copy_in(&seg, a.offset, buf.get(off..).unwrap_or_default())
-                });
+                let mut buf = bufs.take();
+                let r = read_verified(&path, &key_text, a.len, &mut buf)
+                    .and_then(|off| copy_in(&seg, a.offset, buf.get(off..).unwrap_or_default()));
+                bufs.give(buf);
                 (i, r)
             });
         }
