@@ -172,7 +172,7 @@ fn read_verified(
         Err(e) => return Err(classify(&e, "reading")),
     }
     let buf = &buf[..];
-    let h = parse_header(&buf, key).map_err(L2Error::Corrupt)?;
+    let h = parse_header(buf, key).map_err(L2Error::Corrupt)?;
     let end = (h.payload_offset as u64)
         .checked_add(h.payload_len)
         .ok_or_else(|| L2Error::Corrupt("payload length overflows".to_owned()))?;
