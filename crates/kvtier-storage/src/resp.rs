@@ -20,7 +20,10 @@
 //! Pins are local to this process (a set in the [`ObjectIndex`]). The adapter indexes the
 //! objects it wrote itself; with `max_capacity_gb` it keeps its own usage under the limit by
 //! deleting unpinned objects it wrote (LRU), and with an `eviction` section also at the
-//! watermark. Objects written by other processes are served but never evicted by this one.
+//! watermark. Objects written by other processes are served but never evicted by this one. The
+//! index can go stale when the server loses data (restart without persistence, its own
+//! `maxmemory` eviction); a lookup or load that misses an indexed key un-indexes it, so usage
+//! heals and the next store of that key rewrites it.
 //!
 //! # Concurrency and faults
 //! `num_workers` multiplexed connections are used round-robin, and a semaphore bounds the
@@ -471,7 +474,15 @@ impl L2Backend for RespBackend {
                 keys.iter()
                     .zip(headers)
                     .map(|(k, h)| {
-                        let (_, len) = h?;
+                        let Some((_, len)) = h else {
+                            // Gone from the server (restarted without persistence, evicted
+                            // by its maxmemory policy, deleted by someone else): forget it,
+                            // so its capacity is freed and the next store rewrites it.
+                            if ix.remove(k).is_some() {
+                                self.stats.vanished_objects.fetch_add(1, Relaxed);
+                            }
+                            return None;
+                        };
                         ix.get(k);
                         ix.pin(k);
                         Some(len)

@@ -199,3 +199,51 @@ fn corrupt_value_is_a_removed_miss() {
     let v = b.report_status().to_value();
     assert_eq!(v["ops"]["corrupt_objects_total"], 1, "{v}");
 }
+
+#[test]
+fn index_heals_after_the_server_loses_data() {
+    let mut redis = RedisServer::start();
+    let rt = runtime();
+    let arena = Arena::new(4 << 20);
+    let b = rt
+        .block_on(RespBackend::open(
+            RespConfig::new("127.0.0.1", redis.port()),
+            rt.handle(),
+        ))
+        .expect("open");
+    let model = unique_model();
+    let k = key(&model, 1);
+    let src = arena.put(&pattern(1, 20_000));
+    let store = |b: &RespBackend| {
+        rt.block_on(async {
+            let r = b
+                .store(std::slice::from_ref(&k), &arena.segment, &[src])
+                .await;
+            assert!(r[0].is_ok(), "{r:?}");
+        });
+    };
+    store(&b);
+    assert_eq!(b.usage().object_count, 1);
+    // The server restarts empty (no persistence).
+    redis.restart();
+    wait_until("reconnect", Duration::from_secs(15), || {
+        rt.block_on(b.lookup_and_pin(std::slice::from_ref(&k)))
+            .is_ok()
+    });
+    assert_eq!(
+        b.usage().object_count,
+        0,
+        "the miss un-indexed the lost object"
+    );
+    // The next store rewrites it instead of skipping it as "already held".
+    store(&b);
+    assert_eq!(
+        rt.block_on(b.lookup_and_pin(std::slice::from_ref(&k)))
+            .expect("lookup"),
+        vec![Some(20_000)]
+    );
+    rt.block_on(async {
+        b.unpin(std::slice::from_ref(&k)).await;
+        b.close().await;
+    });
+}
