@@ -1,12 +1,12 @@
 //! Wiring: builds the segment, L1, engine, front end, housekeeping thread and HTTP API, and
 //! stops them in order.
 //!
-//! Start order: shared-memory segment → L1 manager → eviction thread → L2 tier (adapters, store
-//! and prefetch controllers; only with `--l2-adapter`) → engine → housekeeping thread → ZeroMQ
-//! front end → HTTP API. Shutdown runs the reverse: stop RPC intake and drain in-flight requests
-//! (bounded) → stop HTTP → stop housekeeping → stop L2 (prefetch, then write-behind flush with a
-//! deadline, then close adapters) → release every client lock and pending transfer → stop
-//! eviction → unmap and unlink the segment.
+//! Start order: shared-memory segment (+ background prefault thread) → L1 manager → eviction
+//! thread → L2 tier (adapters, store and prefetch controllers; only with `--l2-adapter`) → engine
+//! → housekeeping thread → ZeroMQ front end → HTTP API. Shutdown runs the reverse: stop RPC
+//! intake and drain in-flight requests (bounded) → stop HTTP → stop housekeeping → stop prefault
+//! → stop L2 (prefetch, then write-behind flush with a deadline, then close adapters) → release
+//! every client lock and pending transfer → stop eviction → unmap and unlink the segment.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -55,8 +55,8 @@ pub struct ServerConfig {
     pub l1_read_ttl: Duration,
     /// Name of the shared-memory segment.
     pub shm_name: String,
-    /// Populate the segment's pages at start (costs the memory up front; saves engine page
-    /// faults on first use).
+    /// Populate the segment's pages in the background after start (commits the memory up front,
+    /// saves engines the tmpfs allocation fault on first use of every page).
     pub l1_prefault: bool,
     /// Workers per pool.
     pub max_workers: usize,
@@ -154,6 +154,8 @@ pub struct Server {
     frontend: Arc<ZmqFrontEnd>,
     http: Option<HttpServer>,
     housekeeper: Mutex<Option<JoinHandle<()>>>,
+    prefaulter: Mutex<Option<JoinHandle<()>>>,
+    prefault: Arc<PrefaultProgress>,
     stopper: Arc<Stopper>,
     started: Instant,
 }
@@ -172,6 +174,7 @@ struct StatusParts {
     housekeeper_alive: Arc<AtomicBool>,
     config: ServerConfig,
     frontend: Arc<ZmqFrontEnd>,
+    prefault: Arc<PrefaultProgress>,
 }
 
 impl StatusSource {
@@ -216,6 +219,7 @@ impl StatusSource {
             .child("rpc", rpc)
             .field("unsupported_op_counts", unsupported);
         root = root.child("transport", p.frontend.report_status());
+        root = root.child("l1_prefault", p.prefault.report(p.config.l1_prefault));
         root.field("uptime_seconds", p.started.elapsed().as_secs_f64())
             .field("version", env!("CARGO_PKG_VERSION"))
     }
@@ -254,14 +258,17 @@ impl Server {
                 ServerError::Config(format!("--eviction-policy: {e}"))
             },
         )?;
-        let segment = ShmSegment::create(
+        let segment = Arc::new(ShmSegment::create(
             &config.shm_name,
             config.l1_size_bytes,
-            ShmOptions {
-                prefault: config.l1_prefault,
-                ..ShmOptions::default()
-            },
-        )?;
+            ShmOptions::default(),
+        )?);
+        let prefault = Arc::new(PrefaultProgress::default());
+        let prefaulter = if config.l1_prefault {
+            Some(spawn_prefault(Arc::clone(&segment), Arc::clone(&prefault))?)
+        } else {
+            None
+        };
         let l1 = Arc::new(L1Manager::new(L1Config {
             capacity_bytes: config.l1_size_bytes,
             align_bytes: config.l1_align_bytes,
@@ -278,7 +285,6 @@ impl Server {
                 what: "kvtier-l1-evict",
                 source: e,
             })?;
-        let segment = Arc::new(segment);
         let l2 = if config.l2_adapters.is_empty() {
             None
         } else {
@@ -371,6 +377,7 @@ impl Server {
                 housekeeper_alive: Arc::clone(&housekeeper_alive),
                 config: config.clone(),
                 frontend: Arc::clone(&frontend),
+                prefault: Arc::clone(&prefault),
             }),
         };
         let http = match &config.http {
@@ -387,6 +394,8 @@ impl Server {
             frontend,
             http,
             housekeeper: Mutex::new(Some(housekeeper)),
+            prefaulter: Mutex::new(prefaulter),
+            prefault,
             stopper,
             started,
         };
@@ -444,9 +453,72 @@ impl Server {
         if let Some(h) = self.housekeeper.lock().take() {
             let _joined = h.join();
         }
+        self.prefault.stop.store(true, Relaxed);
+        if let Some(h) = self.prefaulter.lock().take() {
+            let _joined = h.join();
+        }
         self.engine.shutdown_l2();
         self.engine.release_all();
         self.engine.evictor().stop();
         tracing::info!("shutdown complete; removing the shared-memory segment");
     }
+}
+
+/// Progress of the background prefault of the L1 segment.
+#[derive(Debug, Default)]
+struct PrefaultProgress {
+    done_bytes: std::sync::atomic::AtomicU64,
+    total_bytes: std::sync::atomic::AtomicU64,
+    alive: AtomicBool,
+    stop: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+impl PrefaultProgress {
+    fn report(&self, enabled: bool) -> StatusNode {
+        let error = self.error.lock().clone();
+        // A failed prefault is not fatal (pages are then allocated on first use), but an
+        // operator should see it: /dev/shm may be filling up.
+        StatusNode::healthy()
+            .require(error.is_none(), error.clone().unwrap_or_default())
+            .field("enabled", enabled)
+            .field("thread_alive", self.alive.load(Relaxed))
+            .field("done_bytes", self.done_bytes.load(Relaxed))
+            .field("total_bytes", self.total_bytes.load(Relaxed))
+            .field("error", error)
+    }
+}
+
+/// Populates the segment in 64 MiB pieces from offset 0 upward (the allocator hands out low
+/// offsets first, so the pages engines touch first are warm first). Runs off the request path
+/// and stops early on shutdown.
+fn spawn_prefault(
+    segment: Arc<ShmSegment>,
+    progress: Arc<PrefaultProgress>,
+) -> Result<JoinHandle<()>, ServerError> {
+    const PIECE: usize = 64 << 20;
+    progress.total_bytes.store(segment.len() as u64, Relaxed);
+    progress.alive.store(true, Relaxed);
+    std::thread::Builder::new()
+        .name("kvtier-l1-prefault".into())
+        .spawn(move || {
+            let t = Instant::now();
+            let mut off = 0usize;
+            while off < segment.len() && !progress.stop.load(Relaxed) {
+                let len = PIECE.min(segment.len() - off);
+                if let Err(e) = segment.prefault_range(off, len) {
+                    tracing::warn!(error = %e, "l1 prefault stopped; pages will be allocated on first use");
+                    *progress.error.lock() = Some(e.to_string());
+                    break;
+                }
+                off += len;
+                progress.done_bytes.store(off as u64, Relaxed);
+            }
+            progress.alive.store(false, Relaxed);
+            tracing::debug!(bytes = off, seconds = t.elapsed().as_secs_f64(), "l1 prefault finished");
+        })
+        .map_err(|e| ServerError::Spawn {
+            what: "kvtier-l1-prefault",
+            source: e,
+        })
 }

@@ -45,10 +45,11 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_L1_ALIGN_BYTES", default_value_t = 4096)]
     l1_align_bytes: u64,
 
-    /// Populate the whole segment at start-up so engines never pay first-touch page faults
-    /// (commits the full L1 size of memory immediately).
-    #[arg(long, env = "KVTIER_L1_PREFAULT")]
-    l1_prefault: bool,
+    /// Do not populate the segment's pages in the background after start-up. By default they
+    /// are allocated (the full L1 size of RAM) so engines do not pay the tmpfs allocation fault
+    /// the first time they write each page.
+    #[arg(long, env = "KVTIER_NO_L1_PREFAULT")]
+    no_l1_prefault: bool,
 
     /// L1 eviction policy: LRU or noop (case-insensitive).
     #[arg(long, env = "KVTIER_EVICTION_POLICY", default_value = "LRU")]
@@ -243,7 +244,7 @@ impl ServeArgs {
             l1_write_ttl: seconds("l1-write-ttl-seconds", self.l1_write_ttl_seconds, false)?,
             l1_read_ttl: seconds("l1-read-ttl-seconds", self.l1_read_ttl_seconds, false)?,
             shm_name,
-            l1_prefault: self.l1_prefault,
+            l1_prefault: !self.no_l1_prefault,
             max_workers: workers,
             session_ttl: seconds("session-ttl-seconds", self.session_ttl_seconds, false)?,
             worker_reap_timeout: reap,

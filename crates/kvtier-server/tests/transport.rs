@@ -1,0 +1,221 @@
+//! The ZeroMQ front end against real DEALER sockets, with a scripted handler: framing, dispatch,
+//! out-of-order replies, the queue-full policy, malformed messages and draining shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use kvtier_proto::Op;
+use kvtier_server::transport::{Handler, TransportConfig, ZmqFrontEnd};
+use parking_lot::{Condvar, Mutex};
+
+/// noop → "OK"; get_chunk_size → 256 (sync); ping blocks until released; lookup echoes its
+/// payload length as a msgpack int; query_prefetch_status sleeps `slow_ms` first.
+#[derive(Default)]
+struct Scripted {
+    gate: Mutex<bool>,
+    cv: Condvar,
+    handled: AtomicU64,
+}
+
+impl Scripted {
+    fn open_gate(&self) {
+        *self.gate.lock() = true;
+        self.cv.notify_all();
+    }
+}
+
+fn mp_int(v: u64) -> Vec<u8> {
+    let mut b = Vec::new();
+    rmp::encode::write_uint(&mut b, v).expect("vec write");
+    b
+}
+
+fn mp_str(s: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    rmp::encode::write_str(&mut b, s).expect("vec write");
+    b
+}
+
+impl Handler for Scripted {
+    fn handle(&self, op: Op, payloads: &[&[u8]]) -> Option<Vec<u8>> {
+        self.handled.fetch_add(1, Relaxed);
+        match op {
+            Op::Noop => Some(mp_str("OK")),
+            Op::GetChunkSize => Some(mp_int(256)),
+            Op::Ping => {
+                let mut open = self.gate.lock();
+                while !*open {
+                    self.cv.wait(&mut open);
+                }
+                Some(vec![0xc3])
+            }
+            Op::QueryPrefetchStatus => {
+                std::thread::sleep(Duration::from_millis(300));
+                Some(mp_int(7))
+            }
+            Op::EndSession => Some(mp_int(payloads.len() as u64)),
+            _ => None,
+        }
+    }
+}
+
+fn start(handler: Arc<Scripted>, workers: usize, queue: usize) -> ZmqFrontEnd {
+    ZmqFrontEnd::start(
+        TransportConfig {
+            bind: "tcp://127.0.0.1:0".into(),
+            workers,
+            queue_capacity: queue,
+            drain_timeout: Duration::from_secs(5),
+        },
+        handler,
+    )
+    .expect("front end starts")
+}
+
+fn dealer(ctx: &zmq::Context, endpoint: &str) -> zmq::Socket {
+    let s = ctx.socket(zmq::DEALER).expect("socket");
+    s.set_rcvtimeo(5_000).expect("rcvtimeo");
+    s.set_linger(0).expect("linger");
+    s.connect(endpoint).expect("connect");
+    s
+}
+
+fn send(s: &zmq::Socket, uid: u64, op: Op, payloads: &[Vec<u8>]) {
+    let mut frames = vec![
+        mp_int(uid),
+        mp_int(u64::from(op.legacy_id().expect("legacy id"))),
+    ];
+    frames.extend(payloads.iter().cloned());
+    s.send_multipart(frames, 0).expect("send");
+}
+
+fn recv(s: &zmq::Socket) -> Vec<Vec<u8>> {
+    s.recv_multipart(0).expect("a reply within the timeout")
+}
+
+#[test]
+fn replies_echo_uid_and_op_and_bare_none() {
+    let fe = start(Arc::new(Scripted::default()), 2, 16);
+    let ctx = zmq::Context::new();
+    let c = dealer(&ctx, fe.endpoint());
+    // uid 256 is `cd 01 00`: echoed byte for byte.
+    send(&c, 256, Op::GetChunkSize, &[]);
+    assert_eq!(
+        recv(&c),
+        vec![vec![0xcd, 0x01, 0x00], vec![21], mp_int(256)]
+    );
+    // An op sent by name is echoed as sent.
+    c.send_multipart([mp_int(1), mp_str("noop")], 0)
+        .expect("send");
+    assert_eq!(recv(&c), vec![mp_int(1), mp_str("noop"), mp_str("OK")]);
+    // A None result is a reply without a payload frame.
+    send(&c, 2, Op::Clear, &[vec![0xc2]]);
+    assert_eq!(recv(&c), vec![mp_int(2), mp_int(20)]);
+    fe.shutdown();
+}
+
+#[test]
+fn unknown_ops_get_a_bare_reply_and_short_messages_are_dropped() {
+    let h = Arc::new(Scripted::default());
+    let fe = start(Arc::clone(&h), 1, 16);
+    let ctx = zmq::Context::new();
+    let c = dealer(&ctx, fe.endpoint());
+    send_raw(&c, vec![mp_int(5), mp_int(99)]);
+    assert_eq!(recv(&c), vec![mp_int(5), mp_int(99)]);
+    send_raw(&c, vec![mp_int(6), mp_str("no_such_op")]);
+    assert_eq!(recv(&c), vec![mp_int(6), mp_str("no_such_op")]);
+    // [uid] alone cannot be answered (no op to echo); the server must keep serving.
+    send_raw(&c, vec![mp_int(7)]);
+    send(&c, 8, Op::Noop, &[]);
+    assert_eq!(recv(&c), vec![mp_int(8), mp_int(24), mp_str("OK")]);
+    assert_eq!(fe.stats().too_few_frames.load(Relaxed), 1);
+    assert_eq!(fe.stats().unknown_op.load(Relaxed), 2);
+    assert_eq!(h.handled.load(Relaxed), 1);
+    fe.shutdown();
+}
+
+fn send_raw(s: &zmq::Socket, frames: Vec<Vec<u8>>) {
+    s.send_multipart(frames, 0).expect("send");
+}
+
+#[test]
+fn a_slow_request_does_not_hold_back_other_clients_and_replies_may_reorder() {
+    let fe = start(Arc::new(Scripted::default()), 2, 16);
+    let ctx = zmq::Context::new();
+    let slow = dealer(&ctx, fe.endpoint());
+    let fast = dealer(&ctx, fe.endpoint());
+    send(&slow, 1, Op::QueryPrefetchStatus, &[mp_str("r")]);
+    send(&slow, 2, Op::Noop, &[]);
+    // The SYNC noop on the same socket overtakes the slow pooled request.
+    assert_eq!(recv(&slow)[0], mp_int(2));
+    let t = Instant::now();
+    send(&fast, 1, Op::EndSession, &[mp_str("x")]);
+    assert_eq!(recv(&fast), vec![mp_int(1), mp_int(13), mp_int(1)]);
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "another client was held back"
+    );
+    assert_eq!(recv(&slow), vec![mp_int(1), mp_int(9), mp_int(7)]);
+    fe.shutdown();
+}
+
+#[test]
+fn full_queue_is_answered_with_the_failure_value() {
+    let h = Arc::new(Scripted::default());
+    let fe = start(Arc::clone(&h), 1, 1);
+    let ctx = zmq::Context::new();
+    let c = dealer(&ctx, fe.endpoint());
+    // Whatever happens below, release the blocked worker so shutdown can join it.
+    struct OpenOnDrop(Arc<Scripted>);
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.open_gate();
+        }
+    }
+    let _release = OpenOnDrop(Arc::clone(&h));
+    // The first ping blocks the only worker; the second fills the queue; the third must be
+    // refused at once.
+    send(&c, 0, Op::Ping, &[vec![0xc0]]);
+    while h.handled.load(Relaxed) == 0 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    send(&c, 1, Op::Ping, &[vec![0xc0]]);
+    send(&c, 2, Op::Ping, &[vec![0xc0]]);
+    let refused = recv(&c);
+    assert_eq!(
+        refused,
+        vec![mp_int(2), mp_int(22), vec![0xc2]],
+        "ping's failure value is false"
+    );
+    assert_eq!(fe.stats().rejected_busy.load(Relaxed), 1);
+    h.open_gate();
+    let mut uids: Vec<Vec<u8>> = (0..2).map(|_| recv(&c).remove(0)).collect();
+    uids.sort();
+    assert_eq!(uids, vec![mp_int(0), mp_int(1)]);
+    fe.shutdown();
+}
+
+#[test]
+fn shutdown_drains_in_flight_requests() {
+    let h = Arc::new(Scripted::default());
+    let fe = Arc::new(start(Arc::clone(&h), 1, 16));
+    let ctx = zmq::Context::new();
+    let c = dealer(&ctx, fe.endpoint());
+    send(&c, 1, Op::QueryPrefetchStatus, &[mp_str("r")]);
+    // Let the request reach its worker, then stop while it is still running.
+    while fe.stats().in_flight.load(Relaxed) == 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stopper = {
+        let fe = Arc::clone(&fe);
+        std::thread::spawn(move || fe.shutdown())
+    };
+    assert_eq!(
+        recv(&c),
+        vec![mp_int(1), mp_int(9), mp_int(7)],
+        "in-flight reply delivered"
+    );
+    stopper.join().expect("shutdown thread");
+    assert_eq!(fe.stats().in_flight.load(Relaxed), 0);
+}
