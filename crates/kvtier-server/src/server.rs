@@ -1,10 +1,12 @@
 //! Wiring: builds the segment, L1, engine, front end, housekeeping thread and HTTP API, and
 //! stops them in order.
 //!
-//! Start order: shared-memory segment → L1 manager → eviction thread → engine → housekeeping
-//! thread → ZeroMQ front end → HTTP API. Shutdown runs the reverse: stop RPC intake and drain
-//! in-flight requests (bounded) → stop HTTP → stop housekeeping → release every client lock and
-//! pending transfer → stop eviction → unmap and unlink the segment.
+//! Start order: shared-memory segment (+ background prefault thread) → L1 manager → eviction
+//! thread → L2 tier (adapters, store and prefetch controllers; only with `--l2-adapter`) → engine
+//! → housekeeping thread → ZeroMQ front end → HTTP API. Shutdown runs the reverse: stop RPC
+//! intake and drain in-flight requests (bounded) → stop HTTP → stop housekeeping → stop prefault
+//! → stop L2 (prefetch, then write-behind flush with a deadline, then close adapters) → release
+//! every client lock and pending transfer → stop eviction → unmap and unlink the segment.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -17,6 +19,7 @@ use kvtier_core::l1::{EvictionConfig, L1Config, L1Manager};
 use kvtier_core::shm::{ShmOptions, ShmSegment};
 use kvtier_core::status::{StatusNode, StatusReport};
 use kvtier_proto::{Op, decode_request};
+use kvtier_storage::{AdapterConfig, L2Tier, L2TierConfig};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
@@ -78,6 +81,12 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// HTTP admin API (`None` disables it).
     pub http: Option<HttpConfig>,
+    /// L2 adapters in index order (`--l2-adapter`, repeatable); empty disables L2.
+    pub l2_adapters: Vec<AdapterConfig>,
+    /// L2 prefetch requests running at once (`--l2-prefetch-max-in-flight`).
+    pub l2_prefetch_max_in_flight: usize,
+    /// How long shutdown waits for the write-behind queue to drain.
+    pub l2_flush_timeout: Duration,
 }
 
 fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -99,6 +108,9 @@ pub enum ServerError {
     /// The HTTP API could not start (or its configuration is refused).
     #[error("http api: {0}")]
     Http(#[from] crate::http::HttpError),
+    /// The L2 tier could not start.
+    #[error("l2: {0}")]
+    L2(#[from] kvtier_storage::error::ConfigError),
     /// A thread could not be spawned.
     #[error("spawning {what}: {source}")]
     Spawn {
@@ -311,7 +323,23 @@ impl Server {
                 what: "kvtier-l1-evict",
                 source: e,
             })?;
-        let engine = Arc::new(Engine::new(
+        let l2 = if config.l2_adapters.is_empty() {
+            None
+        } else {
+            let mut l2_cfg = L2TierConfig {
+                adapters: config.l2_adapters.clone(),
+                flush_timeout: config.l2_flush_timeout,
+                ..L2TierConfig::default()
+            };
+            l2_cfg.prefetch.max_in_flight = config.l2_prefetch_max_in_flight.max(1);
+            l2_cfg.prefetch.result_ttl = config.l1_read_ttl;
+            Some(L2Tier::start(
+                l2_cfg,
+                Arc::clone(&l1),
+                Arc::clone(&segment),
+            )?)
+        };
+        let mut engine = Engine::new(
             EngineConfig {
                 chunk_size: config.chunk_size,
                 session_ttl: config.session_ttl,
@@ -322,7 +350,11 @@ impl Server {
             l1,
             segment,
             evictor,
-        ));
+        );
+        if let Some(l2) = l2 {
+            engine = engine.with_l2(l2);
+        }
+        let engine = Arc::new(engine);
         let rpc = Arc::new(RpcStats::default());
         let stopper = Arc::new(Stopper::default());
         let housekeeper_alive = Arc::new(AtomicBool::new(true));
@@ -409,6 +441,7 @@ impl Server {
             http = server.http.as_ref().map(|h| h.local_addr().to_string()),
             shm = server.engine.segment().name(),
             l1_bytes = server.engine.l1().capacity_bytes(),
+            l2_adapters = server.config.l2_adapters.len(),
             startup_ms = started.elapsed().as_secs_f64() * 1e3,
             "kvtier serving"
         );
@@ -466,6 +499,7 @@ impl Server {
         if let Some(h) = self.prefaulter.lock().take() {
             let _joined = h.join();
         }
+        self.engine.shutdown_l2();
         self.engine.release_all();
         self.engine.evictor().stop();
         tracing::info!("shutdown complete; removing the shared-memory segment");
