@@ -89,6 +89,36 @@ pub struct ServerConfig {
     pub l2_flush_timeout: Duration,
 }
 
+impl Default for ServerConfig {
+    /// The defaults of `kvtier serve` (shared-memory name for port 5555, HTTP on loopback:8000).
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 5555,
+            chunk_size: 256,
+            hash_algorithm: "blake3".into(),
+            l1_size_bytes: 1 << 30,
+            l1_align_bytes: 4096,
+            eviction_policy: "LRU".into(),
+            eviction_trigger_watermark: 0.8,
+            eviction_ratio: 0.2,
+            l1_write_ttl: Duration::from_secs(600),
+            l1_read_ttl: Duration::from_secs(300),
+            shm_name: "kvtier_l1_5555".into(),
+            l1_prefault: true,
+            max_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            session_ttl: Duration::from_secs(600),
+            worker_reap_timeout: Duration::from_secs(120),
+            worker_registration_grace: Duration::from_secs(3600),
+            drain_timeout: Duration::from_secs(5),
+            http: Some(HttpConfig::local(8000)),
+            l2_adapters: Vec::new(),
+            l2_prefetch_max_in_flight: 8,
+            l2_flush_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }

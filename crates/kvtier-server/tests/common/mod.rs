@@ -47,10 +47,7 @@ pub fn config(l2_adapters: Vec<AdapterConfig>) -> ServerConfig {
         worker_reap_timeout: Duration::ZERO,
         worker_registration_grace: Duration::from_secs(3600),
         drain_timeout: Duration::from_secs(2),
-        http: Some(HttpConfig {
-            host: "127.0.0.1".into(),
-            port: 0,
-        }),
+        http: Some(HttpConfig::local(0)),
         l2_adapters,
         l2_prefetch_max_in_flight: 8,
         l2_flush_timeout: Duration::from_secs(10),
