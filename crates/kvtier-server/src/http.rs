@@ -1,6 +1,6 @@
 //! The HTTP admin API (axum on the server's tokio runtime, never on request-path threads).
 //!
-//! Routes: `GET /api/status` (alias `/status`): the status tree; `GET /api/healthcheck` (alias
+//! Routes: `GET /` (and the rest of [`crate::dashboard`]): the web dashboard; `GET /api/status` (alias `/status`): the status tree; `GET /api/healthcheck` (alias
 //! `/healthcheck`): 200 `{"status":"healthy"}` only when the tree is healthy, else 503 with the
 //! unhealthy paths and reasons; `GET /version`; `GET /config`; `POST /api/clear-cache` and
 //! `POST /cache/clear` (`{"tier":"l1","force":false}`).
@@ -100,7 +100,6 @@ impl HttpServer {
 
 fn router(source: StatusSource) -> Router {
     Router::new()
-        .route("/", get(root))
         .route("/api/status", get(status))
         .route("/status", get(status))
         .route("/api/healthcheck", get(healthcheck))
@@ -109,16 +108,11 @@ fn router(source: StatusSource) -> Router {
         .route("/config", get(config))
         .route("/api/clear-cache", post(clear_cache))
         .route("/cache/clear", post(cache_clear))
+        .merge(crate::dashboard::routes(source.clone()))
         .with_state(Arc::new(source))
 }
 
 type Shared = State<Arc<StatusSource>>;
-
-async fn root() -> Json<serde_json::Value> {
-    Json(
-        serde_json::json!({"status": "ok", "service": "kvtier", "version": env!("CARGO_PKG_VERSION")}),
-    )
-}
 
 async fn status(State(s): Shared) -> Json<serde_json::Value> {
     Json(s.status().to_value())

@@ -2,9 +2,10 @@
 //! stops them in order.
 //!
 //! Start order: shared-memory segment → L1 manager → eviction thread → engine → housekeeping
-//! thread → ZeroMQ front end → HTTP API. Shutdown runs the reverse: stop RPC intake and drain
-//! in-flight requests (bounded) → stop HTTP → stop housekeeping → release every client lock and
-//! pending transfer → stop eviction → unmap and unlink the segment.
+//! thread → telemetry sampler → ZeroMQ front end → HTTP API. Shutdown runs the reverse: stop RPC
+//! intake and drain in-flight requests (bounded) → stop HTTP → stop the telemetry sampler → stop
+//! housekeeping → release every client lock and pending transfer → stop eviction → unmap and
+//! unlink the segment.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -23,6 +24,7 @@ use serde::Serialize;
 use crate::engine::{Engine, EngineConfig};
 use crate::http::{HttpConfig, HttpServer};
 use crate::stats::{Outcome, RpcStats};
+use crate::telemetry::{Telemetry, TelemetryConfig};
 use crate::transport::{Handler, TransportConfig, ZmqFrontEnd};
 
 /// Everything `kvtier serve` can be told.
@@ -67,6 +69,9 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// HTTP admin API (`None` disables it).
     pub http: Option<HttpConfig>,
+    /// Test-only: mounts `POST /api/debug/fault` on the HTTP API, which makes a component fail
+    /// as if it had crashed (see `dashboard`). Never enable it in production.
+    pub fault_injection: bool,
 }
 
 /// Start-up failures.
@@ -142,6 +147,7 @@ pub struct Server {
     frontend: Arc<ZmqFrontEnd>,
     http: Option<HttpServer>,
     housekeeper: Mutex<Option<JoinHandle<()>>>,
+    telemetry: Arc<Telemetry>,
     prefaulter: Mutex<Option<JoinHandle<()>>>,
     prefault: Arc<PrefaultProgress>,
     stopper: Arc<Stopper>,
@@ -163,6 +169,7 @@ struct StatusParts {
     config: ServerConfig,
     frontend: Arc<ZmqFrontEnd>,
     prefault: Arc<PrefaultProgress>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl StatusSource {
@@ -208,6 +215,7 @@ impl StatusSource {
             .field("unsupported_op_counts", unsupported);
         root = root.child("transport", p.frontend.report_status());
         root = root.child("l1_prefault", p.prefault.report(p.config.l1_prefault));
+        root = root.child("telemetry", p.telemetry.report_status());
         root.field("uptime_seconds", p.started.elapsed().as_secs_f64())
             .field("version", env!("CARGO_PKG_VERSION"))
     }
@@ -225,6 +233,11 @@ impl StatusSource {
     /// Per-op statistics.
     pub fn rpc(&self) -> &Arc<RpcStats> {
         &self.inner.rpc
+    }
+
+    /// The telemetry ring (the dashboard's time series).
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.inner.telemetry
     }
 }
 
@@ -320,6 +333,17 @@ impl Server {
                     source: e,
                 })?
         };
+        let telemetry = Arc::new(
+            Telemetry::spawn(
+                Arc::clone(&engine),
+                Arc::clone(&rpc),
+                TelemetryConfig::default(),
+            )
+            .map_err(|e| ServerError::Spawn {
+                what: "kvtier-telemetry",
+                source: e,
+            })?,
+        );
         let host = if config.host == "localhost" {
             "127.0.0.1"
         } else {
@@ -346,6 +370,7 @@ impl Server {
                 config: config.clone(),
                 frontend: Arc::clone(&frontend),
                 prefault: Arc::clone(&prefault),
+                telemetry: Arc::clone(&telemetry),
             }),
         };
         let http = match &config.http {
@@ -362,6 +387,7 @@ impl Server {
             frontend,
             http,
             housekeeper: Mutex::new(Some(housekeeper)),
+            telemetry,
             prefaulter: Mutex::new(prefaulter),
             prefault,
             stopper,
@@ -403,6 +429,11 @@ impl Server {
         &self.config
     }
 
+    /// The telemetry sampler and its ring.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
     /// Time since start.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
@@ -415,6 +446,7 @@ impl Server {
         if let Some(h) = &self.http {
             h.shutdown();
         }
+        self.telemetry.stop();
         *self.stopper.stop.lock() = true;
         self.stopper.cv.notify_all();
         if let Some(h) = self.housekeeper.lock().take() {

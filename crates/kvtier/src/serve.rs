@@ -119,6 +119,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_NO_HTTP")]
     no_http: bool,
 
+    /// Test-only: mounts `POST /api/debug/fault` on the HTTP API, which makes a component fail
+    /// as if it had crashed (used by the dashboard's end-to-end test). Hidden from --help;
+    /// never enable it in production.
+    #[arg(long, hide = true)]
+    enable_fault_injection: bool,
+
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `kvtier_server=debug`); RUST_LOG
     /// overrides it.
     #[arg(long, env = "KVTIER_LOG", default_value = "info")]
@@ -229,6 +235,7 @@ impl ServeArgs {
                 host: self.http_host,
                 port: self.http_port,
             }),
+            fault_injection: self.enable_fault_injection,
         };
         Ok((cfg, self.log))
     }
