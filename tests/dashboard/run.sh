@@ -78,4 +78,4 @@ if [ "$SCREENSHOTS" -eq 1 ]; then
 fi
 
 cd "$DIR"
-exec node --test --test-reporter=spec dashboard.test.mjs
+exec node --test --test-reporter=spec dashboard.test.mjs auth.test.mjs

@@ -2,7 +2,8 @@
 //!
 //! - [`transport`]: the ZeroMQ ROUTER front end (poll thread + worker pools).
 //! - [`engine`]: LMCache 0.5.6 MP-server semantics (sessions, lookups, engine-driven transfers).
-//! - [`http`]: the admin API (status tree, health, configuration, cache clearing).
+//! - [`http`]: the admin API (status tree, health, Prometheus metrics, configuration, cache
+//!   clearing) with optional bearer-token access control.
 //! - [`dashboard`]: the web dashboard served by the admin API, and its time-series endpoint.
 //! - [`telemetry`]: the background sampler that keeps recent history of the counters.
 //! - [`stats`]: lock-free per-operation counters and latency histograms.

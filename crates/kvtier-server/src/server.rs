@@ -22,12 +22,14 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
 use crate::engine::{Engine, EngineConfig};
+use crate::http::metrics::HttpStats;
 use crate::http::{HttpConfig, HttpServer};
 use crate::stats::{Outcome, RpcStats};
 use crate::telemetry::{Telemetry, TelemetryConfig};
 use crate::transport::{Handler, TransportConfig, ZmqFrontEnd};
 
-/// Everything `kvtier serve` can be told.
+/// Everything `kvtier serve` can be told. `Debug` and `Serialize` (what `GET /config` shows)
+/// never reveal the HTTP auth token; durations serialise as `<name>_seconds` floats.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerConfig {
     /// Address the ZeroMQ ROUTER binds.
@@ -49,8 +51,10 @@ pub struct ServerConfig {
     /// Fraction of used bytes freed per background round.
     pub eviction_ratio: f64,
     /// Write-lock TTL.
+    #[serde(rename = "l1_write_ttl_seconds", serialize_with = "as_seconds")]
     pub l1_write_ttl: Duration,
     /// Read-lock TTL.
+    #[serde(rename = "l1_read_ttl_seconds", serialize_with = "as_seconds")]
     pub l1_read_ttl: Duration,
     /// Name of the shared-memory segment.
     pub shm_name: String,
@@ -60,18 +64,29 @@ pub struct ServerConfig {
     /// Workers per pool.
     pub max_workers: usize,
     /// Session idle TTL.
+    #[serde(rename = "session_ttl_seconds", serialize_with = "as_seconds")]
     pub session_ttl: Duration,
     /// Reap an engine instance this long after its last ping (0 disables).
+    #[serde(rename = "worker_reap_timeout_seconds", serialize_with = "as_seconds")]
     pub worker_reap_timeout: Duration,
     /// Grace period before an instance's first ping.
+    #[serde(
+        rename = "worker_registration_grace_seconds",
+        serialize_with = "as_seconds"
+    )]
     pub worker_registration_grace: Duration,
     /// Shutdown drain bound.
+    #[serde(rename = "drain_timeout_seconds", serialize_with = "as_seconds")]
     pub drain_timeout: Duration,
     /// HTTP admin API (`None` disables it).
     pub http: Option<HttpConfig>,
     /// Test-only: mounts `POST /api/debug/fault` on the HTTP API, which makes a component fail
     /// as if it had crashed (see `dashboard`). Never enable it in production.
     pub fault_injection: bool,
+}
+
+fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
 }
 
 /// Start-up failures.
@@ -86,9 +101,9 @@ pub enum ServerError {
     /// The front end could not start.
     #[error(transparent)]
     Transport(#[from] crate::transport::TransportError),
-    /// The HTTP API could not start.
+    /// The HTTP API could not start (or its configuration is refused).
     #[error("http api: {0}")]
-    Http(String),
+    Http(#[from] crate::http::HttpError),
     /// A thread could not be spawned.
     #[error("spawning {what}: {source}")]
     Spawn {
@@ -141,6 +156,7 @@ struct Stopper {
 /// A running server.
 #[derive(Debug)]
 pub struct Server {
+    source: StatusSource,
     config: ServerConfig,
     engine: Arc<Engine>,
     rpc: Arc<RpcStats>,
@@ -169,6 +185,7 @@ struct StatusParts {
     config: ServerConfig,
     frontend: Arc<ZmqFrontEnd>,
     prefault: Arc<PrefaultProgress>,
+    http: Arc<HttpStats>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -215,6 +232,9 @@ impl StatusSource {
             .field("unsupported_op_counts", unsupported);
         root = root.child("transport", p.frontend.report_status());
         root = root.child("l1_prefault", p.prefault.report(p.config.l1_prefault));
+        if p.config.http.is_some() {
+            root = root.child("http", p.http.report_status());
+        }
         root = root.child("telemetry", p.telemetry.report_status());
         root.field("uptime_seconds", p.started.elapsed().as_secs_f64())
             .field("version", env!("CARGO_PKG_VERSION"))
@@ -235,6 +255,21 @@ impl StatusSource {
         &self.inner.rpc
     }
 
+    /// The ZeroMQ front end (transport counters).
+    pub fn frontend(&self) -> &Arc<ZmqFrontEnd> {
+        &self.inner.frontend
+    }
+
+    /// Time since the server started.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Counters and liveness of the HTTP API.
+    pub fn http_stats(&self) -> &Arc<HttpStats> {
+        &self.inner.http
+    }
+
     /// The telemetry ring (the dashboard's time series).
     pub fn telemetry(&self) -> &Arc<Telemetry> {
         &self.inner.telemetry
@@ -248,6 +283,9 @@ impl Server {
         runtime: &tokio::runtime::Handle,
     ) -> Result<Self, ServerError> {
         let started = Instant::now();
+        if let Some(h) = &config.http {
+            h.check_exposure().map_err(crate::http::HttpError::from)?;
+        }
         let algorithm: HashAlgorithm = config
             .hash_algorithm
             .parse()
@@ -370,17 +408,16 @@ impl Server {
                 config: config.clone(),
                 frontend: Arc::clone(&frontend),
                 prefault: Arc::clone(&prefault),
+                http: Arc::new(HttpStats::default()),
                 telemetry: Arc::clone(&telemetry),
             }),
         };
         let http = match &config.http {
-            Some(h) => Some(
-                HttpServer::start(h.clone(), source.clone(), runtime)
-                    .map_err(|e| ServerError::Http(e.to_string()))?,
-            ),
+            Some(h) => Some(HttpServer::start(h.clone(), source.clone(), runtime)?),
             None => None,
         };
         let server = Self {
+            source,
             config,
             engine,
             rpc,
@@ -417,6 +454,11 @@ impl Server {
     /// The engine.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// What the HTTP API serves: the status tree, configuration and counters.
+    pub fn status_source(&self) -> &StatusSource {
+        &self.source
     }
 
     /// Per-op statistics.

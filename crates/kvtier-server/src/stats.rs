@@ -90,6 +90,32 @@ impl LatencyHistogram {
         bucket_upper(BUCKETS - 1) as f64 / 1e9
     }
 
+    /// Reads the histogram into the [`EXPOSITION_LOG2_NS`] buckets: one pass of relaxed loads,
+    /// no lock, no allocation beyond the result.
+    pub fn exposition(&self) -> HistogramSnapshot {
+        let mut buckets = Vec::with_capacity(EXPOSITION_LOG2_NS.count() + 1);
+        let mut b = 0usize;
+        let mut count = 0u64;
+        for k in EXPOSITION_LOG2_NS {
+            let bound_ns = 1u64 << k;
+            let mut interval = 0u64;
+            while b < BUCKETS && bucket_upper(b) < bound_ns {
+                interval += self.buckets[b].load(Relaxed);
+                b += 1;
+            }
+            count += interval;
+            buckets.push((bound_ns as f64 / 1e9, interval));
+        }
+        let rest: u64 = self.buckets[b..].iter().map(|c| c.load(Relaxed)).sum();
+        count += rest;
+        buckets.push((f64::INFINITY, rest));
+        HistogramSnapshot {
+            count,
+            sum_seconds: self.sum_seconds(),
+            buckets,
+        }
+    }
+
     /// Cumulative counts at the given upper bounds (seconds), for Prometheus exposition.
     pub fn cumulative(&self, bounds_seconds: &[f64]) -> Vec<u64> {
         let mut out = Vec::with_capacity(bounds_seconds.len());
@@ -105,6 +131,23 @@ impl LatencyHistogram {
         }
         out
     }
+}
+
+/// Upper bounds of the Prometheus buckets, as powers of two of nanoseconds (2^10 ns ≈ 1 µs to
+/// 2^34 ns ≈ 17 s, one per octave). They are exact edges of this histogram's buckets, so the
+/// exposed cumulative counts are exact (to 1 ns), not interpolated.
+pub const EXPOSITION_LOG2_NS: std::ops::RangeInclusive<u32> = 10..=34;
+
+/// A consistent-enough reading of a histogram for Prometheus.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Observations: the sum of the bucket counts read (so it always equals the `+Inf` bucket).
+    pub count: u64,
+    /// Sum of observations in seconds (read separately; may lag the buckets by in-flight records).
+    pub sum_seconds: f64,
+    /// `(upper bound in seconds, observations in this interval)`, *not* cumulative, ending with
+    /// `f64::INFINITY`; the form `prometheus_client`'s encoder expects.
+    pub buckets: Vec<(f64, u64)>,
 }
 
 /// How a request ended, for counters.
@@ -247,6 +290,27 @@ mod tests {
         assert_eq!(h.count(), 100);
         let cum = h.cumulative(&[1e-6, 1e-3]);
         assert_eq!(cum[1], 100);
+    }
+
+    #[test]
+    fn exposition_buckets_are_exact_octaves() {
+        let h = LatencyHistogram::default();
+        // 1023 ns is below the first bound (1024 ns); 1024 ns is not.
+        h.record(Duration::from_nanos(1023));
+        h.record(Duration::from_nanos(1024));
+        h.record(Duration::from_nanos(2047));
+        h.record(Duration::from_micros(3));
+        h.record(Duration::from_secs(60));
+        let snap = h.exposition();
+        assert_eq!(snap.count, 5);
+        assert_eq!(snap.buckets.len(), EXPOSITION_LOG2_NS.count() + 1);
+        assert_eq!(snap.buckets[0], (1024e-9, 1));
+        assert_eq!(snap.buckets[1], (2048e-9, 2));
+        assert_eq!(snap.buckets[2], (4096e-9, 1));
+        let last = snap.buckets[snap.buckets.len() - 1];
+        assert_eq!(last, (f64::INFINITY, 1));
+        assert_eq!(snap.buckets.iter().map(|b| b.1).sum::<u64>(), 5);
+        assert!((snap.sum_seconds - 60.000_007_094).abs() < 1e-9);
     }
 
     #[test]

@@ -39,10 +39,7 @@ fn config(fault_injection: bool) -> ServerConfig {
         worker_reap_timeout: Duration::ZERO,
         worker_registration_grace: Duration::from_secs(60),
         drain_timeout: Duration::from_secs(1),
-        http: Some(HttpConfig {
-            host: "127.0.0.1".into(),
-            port: 0,
-        }),
+        http: Some(HttpConfig::local(0)),
         fault_injection,
     }
 }

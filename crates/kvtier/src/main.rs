@@ -1,6 +1,7 @@
 //! `kvtier`: command-line entry point. Wiring only; the server lives in `kvtier-server`.
 
 mod serve;
+mod status;
 
 use std::process::ExitCode;
 
@@ -19,12 +20,17 @@ enum Command {
     /// Run the cache server (ZeroMQ RPC compatible with LMCache 0.5.6 clients, plus an HTTP
     /// admin API).
     Serve(Box<serve::ServeArgs>),
+    /// Fetch a server's status tree over HTTP and print it (kvtier, or LMCache 0.5.6 with
+    /// --url http://HOST:8080/status). Exit code 0 healthy, 2 unhealthy, 1 unreachable, refused
+    /// (401) or a bad answer.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
+        Command::Status(args) => return status::run(args),
     };
     match result {
         Ok(code) => code,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use kvtier_server::http::HttpConfig;
+use kvtier_server::http::{AuthToken, HttpConfig};
 use kvtier_server::{Server, ServerConfig};
 
 /// Flags of `kvtier serve`. Names and defaults follow `lmcache server` where it has the flag;
@@ -107,17 +107,35 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_DRAIN_TIMEOUT_SECONDS", default_value_t = 5.0)]
     drain_timeout_seconds: f64,
 
-    /// Address of the HTTP admin API.
+    /// Address of the HTTP admin API (status tree, health check, Prometheus metrics, config,
+    /// cache clearing). A non-loopback address needs --http-auth-token, or --http-insecure.
     #[arg(long, env = "KVTIER_HTTP_HOST", default_value = "127.0.0.1")]
     http_host: String,
 
-    /// Port of the HTTP admin API.
+    /// Port of the HTTP admin API (0 picks a free one).
     #[arg(long, env = "KVTIER_HTTP_PORT", default_value_t = 8000)]
     http_port: u16,
 
     /// Do not start the HTTP admin API.
     #[arg(long, env = "KVTIER_NO_HTTP")]
     no_http: bool,
+
+    /// Bearer token the HTTP admin API requires on every route except /api/healthcheck and
+    /// /healthcheck (clients send `Authorization: Bearer <token>`). Prefer the environment
+    /// variable: a flag is visible in the process list. Never shown by /config or in logs.
+    #[arg(
+        long,
+        env = "KVTIER_HTTP_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        value_parser = parse_token
+    )]
+    http_auth_token: Option<AuthToken>,
+
+    /// Allow a non-loopback --http-host without --http-auth-token (anyone who can reach the
+    /// port can then read the status and clear the cache).
+    #[arg(long, env = "KVTIER_HTTP_INSECURE")]
+    http_insecure: bool,
 
     /// Test-only: mounts `POST /api/debug/fault` on the HTTP API, which makes a component fail
     /// as if it had crashed (used by the dashboard's end-to-end test). Hidden from --help;
@@ -129,6 +147,11 @@ pub struct ServeArgs {
     /// overrides it.
     #[arg(long, env = "KVTIER_LOG", default_value = "info")]
     log: String,
+}
+
+/// Token validation for clap (its `Debug` is redacted, so `ServeArgs` is safe to print).
+fn parse_token(s: &str) -> Result<AuthToken, kvtier_server::http::HttpConfigError> {
+    AuthToken::new(s)
 }
 
 fn seconds(flag: &str, v: f64, allow_zero: bool) -> anyhow::Result<Duration> {
@@ -231,10 +254,18 @@ impl ServeArgs {
                 false,
             )?,
             drain_timeout: seconds("drain-timeout-seconds", self.drain_timeout_seconds, true)?,
-            http: (!self.no_http).then_some(HttpConfig {
-                host: self.http_host,
-                port: self.http_port,
-            }),
+            http: if self.no_http {
+                None
+            } else {
+                let http = HttpConfig {
+                    host: self.http_host,
+                    port: self.http_port,
+                    auth_token: self.http_auth_token,
+                    allow_insecure: self.http_insecure,
+                };
+                http.check_exposure()?;
+                Some(http)
+            },
             fault_injection: self.enable_fault_injection,
         };
         Ok((cfg, self.log))

@@ -162,15 +162,10 @@
     panel.hidden = !on;
     $('#content').hidden = on;
     if (!on) return;
-    const h = $('h2', panel);
-    if (state.token) {
-      h.textContent = 'The access token was rejected';
-      $('#auth-detail').textContent =
-        'This server requires an access token, and the one this tab sent was not accepted. ' +
-        'Enter the current token (--http-auth-token / KVTIER_HTTP_TOKEN of the server).';
-    } else {
-      h.textContent = 'This server requires an access token';
-    }
+    $('#auth-title').textContent = state.token
+      ? 'The access token was rejected'
+      : 'This server requires an access token';
+    $('#auth-rejected').hidden = !state.token;
     $('#auth-example').textContent = window.location.pathname + '?token=<token>';
     setBadge(null, 'locked');
     $('#auth-token').focus();

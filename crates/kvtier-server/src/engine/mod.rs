@@ -235,6 +235,19 @@ impl Engine {
         &self.counters
     }
 
+    /// Registered engine instances (a brief read lock on the context table; O(1)).
+    pub fn registered_instance_count(&self) -> usize {
+        self.contexts.read().len()
+    }
+
+    /// `(pending stores, pending retrieves)`: prepared transfers not yet committed (two brief
+    /// lock acquisitions, one after the other; O(1)).
+    pub fn pending_transfer_counts(&self) -> (usize, usize) {
+        let stores = self.pending_stores.lock().len();
+        let retrieves = self.pending_retrieves.lock().len();
+        (stores, retrieves)
+    }
+
     /// Chunk size in tokens.
     pub fn chunk_size(&self) -> usize {
         self.cfg.chunk_size

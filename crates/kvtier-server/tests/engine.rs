@@ -1,0 +1,258 @@
+//! Engine semantics driven directly with decoded requests and a manual clock: lock ownership,
+//! session TTL, worker reaping, abandoned transfers. (The wire itself is covered by the Python
+//! conformance suite and the transport tests.)
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::time::Duration;
+
+use kvtier_core::hash::{HashAlgorithm, TokenHasher};
+use kvtier_core::l1::controller::EvictionController;
+use kvtier_core::l1::{Clock, L1Config, L1Manager};
+use kvtier_core::shm::{ShmOptions, ShmSegment};
+use kvtier_proto::{IpcKey, RegisterEngineDrivenContext, Request};
+use kvtier_server::engine::{Engine, EngineConfig, EngineError};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+struct Fixture {
+    engine: Engine,
+    clock: Clock,
+}
+
+fn fixture() -> Fixture {
+    let clock = Clock::manual();
+    let name = format!(
+        "kvtier_engine_test_{}_{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Relaxed)
+    );
+    let segment =
+        Arc::new(ShmSegment::create(&name, 64 << 20, ShmOptions::default()).expect("segment"));
+    let l1 = Arc::new(L1Manager::with_clock(
+        L1Config::with_capacity(64 << 20),
+        clock.clone(),
+    ));
+    let evictor =
+        EvictionController::spawn(Arc::clone(&l1), Duration::from_secs(3600)).expect("evictor");
+    let engine = Engine::new(
+        EngineConfig {
+            chunk_size: 256,
+            session_ttl: Duration::from_secs(600),
+            worker_reap_timeout: Duration::from_secs(120),
+            worker_registration_grace: Duration::from_secs(3600),
+        },
+        TokenHasher::new(256, HashAlgorithm::Blake3).expect("hasher"),
+        l1,
+        segment,
+        evictor,
+    );
+    Fixture { engine, clock }
+}
+
+fn key(request_id: &str, worker: Option<u32>, chunks: u64) -> IpcKey {
+    IpcKey {
+        model_name: "m".into(),
+        world_size: 1,
+        worker_id: worker,
+        token_ids: (0..(chunks * 256) as u32).collect(),
+        start: 0,
+        end: chunks * 256,
+        request_id: request_id.into(),
+        cache_salt: String::new(),
+        num_kv_readers: 1,
+    }
+}
+
+fn register(e: &Engine, iid: i64) {
+    e.handle(Request::RegisterKvCacheEngineDrivenContext(
+        RegisterEngineDrivenContext {
+            instance_id: iid,
+            model_name: "m".into(),
+            world_size: 1,
+            block_size: 16,
+            num_layers: 2,
+            hidden_dim_size: 64,
+            dtype_str: "float16".into(),
+            use_mla: false,
+            num_physical_slots: None,
+        },
+    ))
+    .expect("registered");
+}
+
+fn store(e: &Engine, iid: i64, request_id: &str, chunks: u64) {
+    e.handle(Request::PrepareStore {
+        key: key(request_id, Some(0), chunks),
+        instance_id: iid,
+    })
+    .expect("prepared");
+    e.handle(Request::CommitStore {
+        key: key(request_id, Some(0), chunks),
+        instance_id: iid,
+        data: Vec::new(),
+    })
+    .expect("committed");
+}
+
+fn lookup(e: &Engine, request_id: &str, chunks: u64) -> Vec<u8> {
+    e.handle(Request::Lookup {
+        key: key(request_id, None, chunks),
+        tp_size: 1,
+    })
+    .expect("lookup");
+    e.handle(Request::QueryPrefetchStatus {
+        request_id: request_id.into(),
+    })
+    .expect("query")
+    .expect("an int reply")
+}
+
+fn read_locked(e: &Engine) -> u64 {
+    e.l1().counters().read_locked_objects.load(Relaxed)
+}
+
+#[test]
+fn idle_sessions_expire_and_release_their_lookup_locks() {
+    let f = fixture();
+    register(&f.engine, 1);
+    store(&f.engine, 1, "w", 3);
+    assert_eq!(lookup(&f.engine, "r", 3), vec![3]);
+    assert_eq!(read_locked(&f.engine), 3);
+    f.clock.advance(Duration::from_secs(599));
+    f.engine.housekeeping();
+    assert_eq!(read_locked(&f.engine), 3, "not idle long enough");
+    f.clock.advance(Duration::from_secs(2));
+    f.engine.housekeeping();
+    assert_eq!(
+        read_locked(&f.engine),
+        0,
+        "an abandoned lookup's locks are released"
+    );
+    assert_eq!(f.engine.sessions().active_count(), 0);
+    f.engine.l1().check_invariants().expect("invariants");
+}
+
+#[test]
+fn silent_instances_are_reaped_with_their_pending_transfers() {
+    let f = fixture();
+    register(&f.engine, 7);
+    f.engine
+        .handle(Request::Ping {
+            instance_id: Some(7),
+        })
+        .expect("ping");
+    // A reservation the engine never commits.
+    f.engine
+        .handle(Request::PrepareStore {
+            key: key("s", Some(0), 2),
+            instance_id: 7,
+        })
+        .expect("prepared");
+    assert_eq!(f.engine.l1().counters().staging_objects.load(Relaxed), 2);
+    f.clock.advance(Duration::from_secs(121));
+    f.engine.housekeeping();
+    assert_eq!(f.engine.l1().counters().staging_objects.load(Relaxed), 0);
+    assert_eq!(
+        f.engine.l1().usage().0,
+        0,
+        "the reaped instance's reservation is returned"
+    );
+    let after = f.engine.handle(Request::PrepareStore {
+        key: key("s2", Some(0), 1),
+        instance_id: 7,
+    });
+    assert!(
+        matches!(after, Err(EngineError::Failed(_))),
+        "instance is gone: {after:?}"
+    );
+    assert_eq!(f.engine.counters().instances_reaped.load(Relaxed), 1);
+}
+
+#[test]
+fn instances_that_never_ping_get_the_registration_grace() {
+    let f = fixture();
+    register(&f.engine, 9);
+    f.clock.advance(Duration::from_secs(3599));
+    f.engine.housekeeping();
+    assert_eq!(f.engine.counters().instances_reaped.load(Relaxed), 0);
+    f.clock.advance(Duration::from_secs(2));
+    f.engine.housekeeping();
+    assert_eq!(f.engine.counters().instances_reaped.load(Relaxed), 1);
+}
+
+#[test]
+fn retrieve_consumes_exactly_the_session_locks_and_end_session_releases_the_rest() {
+    let f = fixture();
+    register(&f.engine, 1);
+    register(&f.engine, 2);
+    store(&f.engine, 1, "w", 4);
+    assert_eq!(lookup(&f.engine, "r", 4), vec![4]);
+    // Retrieve the first two chunks only; the other two stay locked by the session.
+    let mut k = key("r", Some(0), 4);
+    k.end = 512;
+    let reply = f
+        .engine
+        .handle(Request::PrepareRetrieve {
+            key: k.clone(),
+            instance_id: 1,
+        })
+        .expect("prepared");
+    assert!(reply.is_some());
+    // A second reader of the same chunks finds no lock left to take (num_kv_readers = 1).
+    let again = f.engine.handle(Request::PrepareRetrieve {
+        key: k.clone(),
+        instance_id: 2,
+    });
+    assert!(
+        matches!(&again, Err(EngineError::Failed(m)) if m.contains("not locked")),
+        "{again:?}"
+    );
+    f.engine
+        .handle(Request::CommitRetrieve {
+            key: k,
+            instance_id: 1,
+        })
+        .expect("committed");
+    assert_eq!(read_locked(&f.engine), 2);
+    f.engine
+        .handle(Request::EndSession {
+            request_id: "r".into(),
+        })
+        .expect("ended");
+    assert_eq!(read_locked(&f.engine), 0);
+    // The prefetch result was consumed exactly once.
+    let q = f
+        .engine
+        .handle(Request::QueryPrefetchStatus {
+            request_id: "r".into(),
+        })
+        .expect("query");
+    assert_eq!(q, Some(vec![0]));
+    f.engine.l1().check_invariants().expect("invariants");
+}
+
+#[test]
+fn abandoned_retrieves_and_stores_are_swept_after_their_ttl() {
+    let f = fixture();
+    register(&f.engine, 1);
+    store(&f.engine, 1, "w", 2);
+    assert_eq!(lookup(&f.engine, "r", 2), vec![2]);
+    f.engine
+        .handle(Request::PrepareRetrieve {
+            key: key("r", Some(0), 2),
+            instance_id: 1,
+        })
+        .expect("prepared");
+    f.engine
+        .handle(Request::EndSession {
+            request_id: "r".into(),
+        })
+        .expect("ended");
+    // The pending retrieve still protects the bytes the engine may be copying.
+    assert_eq!(read_locked(&f.engine), 2);
+    f.clock.advance(Duration::from_secs(301));
+    f.engine.housekeeping();
+    assert_eq!(read_locked(&f.engine), 0);
+    f.engine.l1().check_invariants().expect("invariants");
+}
