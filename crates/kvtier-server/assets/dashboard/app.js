@@ -333,8 +333,9 @@
     const tr = tree.transfers || {};
     const life = tr.lookup_chunks_requested_total
       ? tr.lookup_chunks_hit_total / tr.lookup_chunks_requested_total : null;
-    tile('tile-hit', req ? fmtPct(hit / req) : 'no lookups',
-      `${fmtNum(hit)} / ${fmtNum(req)} chunks · lifetime ${fmtPct(life)}`);
+    tile('tile-hit', req ? fmtPct(hit / req) : '–',
+      req ? `${fmtNum(hit)} / ${fmtNum(req)} chunks · lifetime ${fmtPct(life)}`
+        : 'no lookups in the last minute');
 
     const recent = lastN(5);
     const avg = (k) => mean(recent.map((p) => p[k]));
