@@ -76,6 +76,7 @@ test('?token= shows the dashboard and leaves the address bar', async () => {
   await page.locator('#tree details[data-path="engine"]').waitFor({ timeout: 10000 });
   await page.waitForFunction(() => Number(document.querySelector('#chart-l1').dataset.points) >= 1,
     null, { timeout: 5000 });
+  assert.equal(await page.locator('#l2 tbody').textContent(), 'No L2 adapters configured.');
   assert.deepEqual(errors, []);
   await page.close();
 });

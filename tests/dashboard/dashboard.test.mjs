@@ -27,7 +27,10 @@ let page;
 let errors;
 
 before(async () => {
-  server = await startServer(['--enable-fault-injection']);
+  server = await startServer([
+    '--enable-fault-injection',
+    '--l2-adapter', '{"type":"mock","max_size_gb":1,"mock_bandwidth_gb":10}',
+  ]);
   chrome = await launchBrowser();
   ({ page, errors } = await newPage(chrome.context));
 });
@@ -71,7 +74,11 @@ test('the status tree renders, with health colours', async () => {
   assert.equal(await page.locator('#tile-l1 [data-v]').textContent(), '0 B');
   assert.equal(await page.locator('#tile-l1 [data-sub]').textContent(), 'of 512 MiB · 0 %');
   assert.equal(await page.locator('#engines tbody').textContent(), 'No engine registered.');
-  assert.equal(await page.locator('#l2 tbody').textContent(), 'No L2 adapters configured.');
+  const l2 = page.locator('#l2 tbody tr');
+  assert.equal(await l2.count(), 1);
+  assert.deepEqual(await l2.locator('td').allTextContents(),
+    ['0', 'mock', 'healthy', '0', '0 B / 1.00 GiB', 'yes', '0', '0', '']);
+  assert.equal(await node('engine.storage_manager.l2_adapters[0]').getAttribute('data-healthy'), 'true');
   await waitFor('three samples on the charts',
     async () => (await num(page.locator('#chart-rpc'), 'data-points')) >= 3, 8000);
   await page.screenshot({ path: path.join(SHOTS, 'dashboard-idle.png'), fullPage: true });
@@ -103,6 +110,9 @@ test('charts gain points while load runs', async () => {
     await waitFor('a lookup hit rate', async () =>
       /%$/.test((await page.locator('#tile-hit [data-v]').textContent()).trim()), 10000);
     assert.match(await page.locator('#engines tbody').textContent(), /dashboard-load/);
+    // Write-behind copies the stores to the L2 adapter.
+    await waitFor('objects in the L2 adapter', async () =>
+      Number((await page.locator('#l2 tbody tr td').nth(3).textContent()).replace(/,/g, '')) > 0, 10000);
     assert.notEqual(await page.locator('#tile-rpc [data-v]').textContent(), 'idle');
     // Let a few more seconds of load reach the charts for the screenshot.
     const want = Math.max(6, LOAD_SECONDS - 4);

@@ -259,7 +259,7 @@ fn main() {
         worker_registration_grace: Duration::from_secs(3600),
         drain_timeout: Duration::from_secs(1),
         http: Some(HttpConfig::local(0)),
-        fault_injection: false,
+        ..ServerConfig::default()
     };
     let server = Server::start(config, rt.handle()).expect("server starts");
     let addr = server.http_addr().expect("http");

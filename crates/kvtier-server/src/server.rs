@@ -1,11 +1,13 @@
 //! Wiring: builds the segment, L1, engine, front end, housekeeping thread and HTTP API, and
 //! stops them in order.
 //!
-//! Start order: shared-memory segment → L1 manager → eviction thread → engine → housekeeping
-//! thread → telemetry sampler → ZeroMQ front end → HTTP API. Shutdown runs the reverse: stop RPC
-//! intake and drain in-flight requests (bounded) → stop HTTP → stop the telemetry sampler → stop
-//! housekeeping → release every client lock and pending transfer → stop eviction → unmap and
-//! unlink the segment.
+//! Start order: shared-memory segment (+ background prefault thread) → L1 manager → eviction
+//! thread → L2 tier (adapters, store and prefetch controllers; only with `--l2-adapter`) → engine
+//! → housekeeping thread → telemetry sampler → ZeroMQ front end → HTTP API. Shutdown runs the
+//! reverse: stop RPC intake and drain in-flight requests (bounded) → stop HTTP → stop the
+//! telemetry sampler → stop housekeeping → stop prefault → stop L2 (prefetch, then write-behind
+//! flush with a deadline, then close adapters) → release every client lock and pending transfer →
+//! stop eviction → unmap and unlink the segment.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -18,6 +20,7 @@ use kvtier_core::l1::{EvictionConfig, L1Config, L1Manager};
 use kvtier_core::shm::{ShmOptions, ShmSegment};
 use kvtier_core::status::{StatusNode, StatusReport};
 use kvtier_proto::{Op, decode_request};
+use kvtier_storage::{AdapterConfig, L2Tier, L2TierConfig};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
@@ -80,9 +83,46 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// HTTP admin API (`None` disables it).
     pub http: Option<HttpConfig>,
+    /// L2 adapters in index order (`--l2-adapter`, repeatable); empty disables L2.
+    pub l2_adapters: Vec<AdapterConfig>,
+    /// L2 prefetch requests running at once (`--l2-prefetch-max-in-flight`).
+    pub l2_prefetch_max_in_flight: usize,
+    /// How long shutdown waits for the write-behind queue to drain.
+    pub l2_flush_timeout: Duration,
     /// Test-only: mounts `POST /api/debug/fault` on the HTTP API, which makes a component fail
     /// as if it had crashed (see `dashboard`). Never enable it in production.
     pub fault_injection: bool,
+}
+
+impl Default for ServerConfig {
+    /// The defaults of `kvtier serve` (shared-memory name for port 5555, HTTP on loopback:8000).
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 5555,
+            chunk_size: 256,
+            hash_algorithm: "blake3".into(),
+            l1_size_bytes: 1 << 30,
+            l1_align_bytes: 4096,
+            eviction_policy: "LRU".into(),
+            eviction_trigger_watermark: 0.8,
+            eviction_ratio: 0.2,
+            l1_write_ttl: Duration::from_secs(600),
+            l1_read_ttl: Duration::from_secs(300),
+            shm_name: "kvtier_l1_5555".into(),
+            l1_prefault: true,
+            max_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            session_ttl: Duration::from_secs(600),
+            worker_reap_timeout: Duration::from_secs(120),
+            worker_registration_grace: Duration::from_secs(3600),
+            drain_timeout: Duration::from_secs(5),
+            http: Some(HttpConfig::local(8000)),
+            l2_adapters: Vec::new(),
+            l2_prefetch_max_in_flight: 8,
+            l2_flush_timeout: Duration::from_secs(10),
+            fault_injection: false,
+        }
+    }
 }
 
 fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -104,6 +144,9 @@ pub enum ServerError {
     /// The HTTP API could not start (or its configuration is refused).
     #[error("http api: {0}")]
     Http(#[from] crate::http::HttpError),
+    /// The L2 tier could not start.
+    #[error("l2: {0}")]
+    L2(#[from] kvtier_storage::error::ConfigError),
     /// A thread could not be spawned.
     #[error("spawning {what}: {source}")]
     Spawn {
@@ -324,7 +367,23 @@ impl Server {
                 what: "kvtier-l1-evict",
                 source: e,
             })?;
-        let engine = Arc::new(Engine::new(
+        let l2 = if config.l2_adapters.is_empty() {
+            None
+        } else {
+            let mut l2_cfg = L2TierConfig {
+                adapters: config.l2_adapters.clone(),
+                flush_timeout: config.l2_flush_timeout,
+                ..L2TierConfig::default()
+            };
+            l2_cfg.prefetch.max_in_flight = config.l2_prefetch_max_in_flight.max(1);
+            l2_cfg.prefetch.result_ttl = config.l1_read_ttl;
+            Some(L2Tier::start(
+                l2_cfg,
+                Arc::clone(&l1),
+                Arc::clone(&segment),
+            )?)
+        };
+        let mut engine = Engine::new(
             EngineConfig {
                 chunk_size: config.chunk_size,
                 session_ttl: config.session_ttl,
@@ -335,7 +394,11 @@ impl Server {
             l1,
             segment,
             evictor,
-        ));
+        );
+        if let Some(l2) = l2 {
+            engine = engine.with_l2(l2);
+        }
+        let engine = Arc::new(engine);
         let rpc = Arc::new(RpcStats::default());
         let stopper = Arc::new(Stopper::default());
         let housekeeper_alive = Arc::new(AtomicBool::new(true));
@@ -435,6 +498,7 @@ impl Server {
             http = server.http.as_ref().map(|h| h.local_addr().to_string()),
             shm = server.engine.segment().name(),
             l1_bytes = server.engine.l1().capacity_bytes(),
+            l2_adapters = server.config.l2_adapters.len(),
             startup_ms = started.elapsed().as_secs_f64() * 1e3,
             "kvtier serving"
         );
@@ -498,6 +562,7 @@ impl Server {
         if let Some(h) = self.prefaulter.lock().take() {
             let _joined = h.join();
         }
+        self.engine.shutdown_l2();
         self.engine.release_all();
         self.engine.evictor().stop();
         tracing::info!("shutdown complete; removing the shared-memory segment");

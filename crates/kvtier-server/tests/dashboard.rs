@@ -17,17 +17,8 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 
 fn config(fault_injection: bool) -> ServerConfig {
     ServerConfig {
-        host: "127.0.0.1".into(),
         port: 0,
-        chunk_size: 256,
-        hash_algorithm: "blake3".into(),
         l1_size_bytes: 16 << 20,
-        l1_align_bytes: 4096,
-        eviction_policy: "LRU".into(),
-        eviction_trigger_watermark: 0.8,
-        eviction_ratio: 0.2,
-        l1_write_ttl: Duration::from_secs(60),
-        l1_read_ttl: Duration::from_secs(60),
         shm_name: format!(
             "kvtier_dash_test_{}_{}",
             std::process::id(),
@@ -35,12 +26,11 @@ fn config(fault_injection: bool) -> ServerConfig {
         ),
         l1_prefault: false,
         max_workers: 1,
-        session_ttl: Duration::from_secs(60),
         worker_reap_timeout: Duration::ZERO,
-        worker_registration_grace: Duration::from_secs(60),
         drain_timeout: Duration::from_secs(1),
         http: Some(HttpConfig::local(0)),
         fault_injection,
+        ..ServerConfig::default()
     }
 }
 

@@ -36,7 +36,7 @@ fn config(token: Option<&str>) -> ServerConfig {
             auth_token: token.map(|t| AuthToken::new(t).expect("valid token")),
             ..HttpConfig::local(0)
         }),
-        fault_injection: false,
+        ..ServerConfig::default()
     }
 }
 

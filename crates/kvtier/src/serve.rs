@@ -143,6 +143,23 @@ pub struct ServeArgs {
     #[arg(long, hide = true)]
     enable_fault_injection: bool,
 
+    /// An L2 adapter as LMCache JSON, repeatable (index order = order given). Types: `mock`
+    /// {max_size_gb, mock_bandwidth_gb}, `fs` {base_path, max_capacity_gb?, relative_tmp_dir?,
+    /// num_workers?}, `resp` {host, port, username?, password?, max_capacity_gb?, num_workers?};
+    /// each may add "eviction": {"eviction_policy": "LRU"|"FIFO", "trigger_watermark": 0.8,
+    /// "eviction_ratio": 0.2}. Example: --l2-adapter '{"type":"fs","base_path":"/var/cache/kvtier"}'
+    /// (The environment variable sets one adapter.)
+    #[arg(long = "l2-adapter", value_name = "JSON", env = "KVTIER_L2_ADAPTER")]
+    l2_adapter: Vec<String>,
+
+    /// L2 prefetch requests loading at once; further lookups wait in a FIFO.
+    #[arg(long, env = "KVTIER_L2_PREFETCH_MAX_IN_FLIGHT", default_value_t = 8)]
+    l2_prefetch_max_in_flight: usize,
+
+    /// Seconds shutdown waits for queued L2 write-behind stores.
+    #[arg(long, env = "KVTIER_L2_FLUSH_TIMEOUT_SECONDS", default_value_t = 10.0)]
+    l2_flush_timeout_seconds: f64,
+
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `kvtier_server=debug`); RUST_LOG
     /// overrides it.
     #[arg(long, env = "KVTIER_LOG", default_value = "info")]
@@ -225,6 +242,18 @@ impl ServeArgs {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(2, |n| n.get()),
         };
+        let mut l2_adapters = Vec::with_capacity(self.l2_adapter.len());
+        for (i, json) in self.l2_adapter.iter().enumerate() {
+            let cfg = kvtier_storage::parse_adapter_json(json)
+                .map_err(|e| anyhow::anyhow!("--l2-adapter #{i}: {e}"))?;
+            l2_adapters.push(cfg);
+        }
+        if !(1..=1024).contains(&self.l2_prefetch_max_in_flight) {
+            bail!(
+                "--l2-prefetch-max-in-flight must be between 1 and 1024, got {}",
+                self.l2_prefetch_max_in_flight
+            );
+        }
         let shm_name = self
             .shm_name
             .unwrap_or_else(|| format!("kvtier_l1_{}", self.port));
@@ -266,6 +295,13 @@ impl ServeArgs {
                 http.check_exposure()?;
                 Some(http)
             },
+            l2_adapters,
+            l2_prefetch_max_in_flight: self.l2_prefetch_max_in_flight,
+            l2_flush_timeout: seconds(
+                "l2-flush-timeout-seconds",
+                self.l2_flush_timeout_seconds,
+                true,
+            )?,
             fault_injection: self.enable_fault_injection,
         };
         Ok((cfg, self.log))

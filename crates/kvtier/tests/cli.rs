@@ -336,7 +336,7 @@ fn server_config(token: Option<&str>) -> ServerConfig {
             auth_token: token.map(|t| AuthToken::new(t).expect("valid")),
             ..HttpConfig::local(0)
         }),
-        fault_injection: false,
+        ..ServerConfig::default()
     }
 }
 

@@ -711,34 +711,41 @@
     }));
   }
 
+  // One row per adapter (storage_manager.l2_adapters, in index order).
+  const L2_COLUMNS = [
+    ['#', (a, i) => String(a.index ?? i)],
+    ['adapter', (a) => a.kind || a.type || ''],
+    ['health', null],
+    ['objects', (a) => fmtNum(a.stored_object_count)],
+    ['size', (a) => a.current_size_bytes === undefined ? '' : fmtBytes(a.current_size_bytes) +
+      (a.max_capacity_bytes ? ` / ${fmtBytes(a.max_capacity_bytes)}` : '')],
+    ['connected', (a) => a.connected === undefined ? '' : a.connected ? 'yes' : 'no'],
+    ['stored', (a) => fmtNum(dig(a, 'ops', 'store', 'objects_total'))],
+    ['loaded', (a) => fmtNum(dig(a, 'ops', 'load', 'objects_total'))],
+    ['last error', (a) => a.last_error || ''],
+  ];
+
   function renderL2(tree) {
     const adapters = dig(tree, 'storage_manager', 'l2_adapters');
-    const list = Array.isArray(adapters) ? adapters : [];
-    const thead = $('#l2 thead');
-    const tbody = $('#l2 tbody');
-    const keys = [];
-    for (const a of list) {
-      if (!isObj(a)) continue;
-      for (const [k, v] of Object.entries(a)) {
-        if (k === 'is_healthy' || k === 'unhealthy_reason' || isObj(v) || Array.isArray(v)) continue;
-        if (!keys.includes(k) && keys.length < 8) keys.push(k);
-      }
-    }
+    const list = Array.isArray(adapters) ? adapters.filter(isObj) : [];
     const head = el('tr');
-    for (const h of ['#', 'health', ...keys]) head.appendChild(el('th', '', h));
-    thead.replaceChildren(head);
+    for (const [h] of L2_COLUMNS) head.appendChild(el('th', '', h));
+    $('#l2 thead').replaceChildren(head);
+    const tbody = $('#l2 tbody');
     if (!list.length) {
-      emptyRow(tbody, 2 + keys.length, 'No L2 adapters configured.');
+      emptyRow(tbody, L2_COLUMNS.length, 'No L2 adapters configured.');
       return;
     }
     tbody.replaceChildren(...list.map((a, i) => {
       const tr = el('tr');
-      tr.appendChild(el('td', '', String(i)));
-      const healthy = isObj(a) ? a.is_healthy : undefined;
-      const h = el('td', healthy === false ? 'bad' : 'ok',
-        healthy === false ? `unhealthy: ${a.unhealthy_reason || ''}` : 'healthy');
-      tr.appendChild(h);
-      for (const k of keys) tr.appendChild(el('td', '', isObj(a) && k in a ? fmtField(k, a[k]) : ''));
+      for (const [, get] of L2_COLUMNS) {
+        if (get) {
+          tr.appendChild(el('td', '', get(a, i)));
+        } else {
+          const bad = a.is_healthy === false;
+          tr.appendChild(el('td', bad ? 'bad' : 'ok', bad ? `unhealthy: ${a.unhealthy_reason || ''}` : 'healthy'));
+        }
+      }
       return tr;
     }));
   }

@@ -17,9 +17,14 @@
 //! object by one pending store. `end_session`, `free_lookup_locks`, commits, instance
 //! unregistration, worker reaping and the TTL sweeps each release what they own.
 //!
-//! Lock order: `contexts` → `pending_*` → session mutex → L1 (inside `L1Manager`). No lock is
-//! held across I/O; L1 calls are O(keys in the request).
+//! Lock order: `contexts` → `pending_*` → session mutex → (L2 prefetch results, see [`l2`]) →
+//! L1 (inside `L1Manager`). No lock is held across I/O; L1 calls are O(keys in the request).
+//!
+//! L2 (optional, [`l2`]): committed stores are queued for write-behind, lookups whose L1 prefix
+//! ends early continue in L2, and prefetched objects' read leases are owned by the session like
+//! L1 hits.
 
+pub mod l2;
 pub mod session;
 
 use std::collections::HashMap;
@@ -34,10 +39,11 @@ use kvtier_core::l1::{L1Manager, ReadLease, WriteTicket};
 use kvtier_core::shm::ShmSegment;
 use kvtier_core::status::{StatusNode, StatusReport};
 use kvtier_proto::response::{
-    RegisterEngineDrivenContextResponse, Slot, encode_bool, encode_int, encode_prepare_retrieve,
+    RegisterEngineDrivenContextResponse, Slot, encode_bool, encode_prepare_retrieve,
     encode_prepare_store, encode_str, encode_str_list, encode_uint,
 };
 use kvtier_proto::{IpcKey, Op, RegisterEngineDrivenContext, Request};
+use kvtier_storage::L2Tier;
 use parking_lot::{Mutex, RwLock};
 use session::{HeldLock, PrefetchState, SessionManager};
 
@@ -126,7 +132,22 @@ struct TransferKey {
 #[derive(Debug)]
 struct PendingStore {
     tickets: Vec<WriteTicket>,
+    /// The key of each ticket (for L2 write-behind on commit).
+    keys: Vec<ObjectKey>,
     created: Instant,
+}
+
+/// What a lookup found in L1.
+#[derive(Debug)]
+struct L1Lookup {
+    /// Every key of the lookup, chunk-major.
+    keys: Vec<ObjectKey>,
+    /// Keys of the L1 prefix (read-locked and recorded in the session).
+    locked: usize,
+    /// Keys per chunk.
+    group: usize,
+    /// Chunks in the L1 prefix.
+    hits: u64,
 }
 
 #[derive(Debug)]
@@ -185,6 +206,8 @@ pub struct Engine {
     pending_stores: Mutex<HashMap<TransferKey, PendingStore>>,
     pending_retrieves: Mutex<HashMap<TransferKey, PendingRetrieve>>,
     counters: EngineCounters,
+    l2: Option<L2Tier>,
+    l2_counters: l2::L2Counters,
 }
 
 impl Engine {
@@ -207,6 +230,8 @@ impl Engine {
             pending_stores: Mutex::new(HashMap::new()),
             pending_retrieves: Mutex::new(HashMap::new()),
             counters: EngineCounters::default(),
+            l2: None,
+            l2_counters: l2::L2Counters::default(),
         }
     }
 
@@ -288,10 +313,11 @@ impl Engine {
                 data,
             } => self.commit_store(&key, instance_id, &data),
             Request::Lookup { key, .. } => self.lookup(&key, now).map(|()| None),
-            Request::QueryPrefetchStatus { request_id }
-            | Request::WaitPrefetchStatus { request_id, .. } => {
-                Ok(Some(encode_int(self.take_prefetch_result(&request_id))))
-            }
+            Request::QueryPrefetchStatus { request_id } => Ok(self.query_prefetch(&request_id)),
+            Request::WaitPrefetchStatus {
+                request_id,
+                timeout,
+            } => Ok(self.wait_prefetch(&request_id, timeout)),
             Request::FreeLookupLocks { key, .. } => self.free_lookup_locks(&key).map(|()| None),
             Request::EndSession { request_id } => {
                 self.end_session(&request_id);
@@ -510,6 +536,7 @@ impl Engine {
         let items: Vec<(ObjectKey, u64)> = keys.into_iter().map(|k| (k, ctx.object_len)).collect();
         let results = self.l1.reserve_write(&items, false);
         let mut tickets = Vec::new();
+        let mut ticket_keys = Vec::new();
         let mut slots = Vec::new();
         let mut indices = Vec::new();
         let mut rejected = 0u64;
@@ -519,6 +546,9 @@ impl Engine {
                     slots.push(Self::slot(&ctx, t.alloc.offset));
                     indices.push(i as u64);
                     tickets.push(t);
+                    if let Some((k, _)) = items.get(i) {
+                        ticket_keys.push(k.clone());
+                    }
                 }
                 Err(kvtier_core::l1::L1Error::OutOfMemory) => rejected += 1,
                 Err(_) => {
@@ -546,6 +576,7 @@ impl Engine {
                 tk,
                 PendingStore {
                     tickets,
+                    keys: ticket_keys,
                     created: now,
                 },
             );
@@ -596,6 +627,14 @@ impl Engine {
         self.counters
             .store_bytes_committed
             .fetch_add(ok_bytes, Relaxed);
+        let published: Vec<ObjectKey> = pending
+            .keys
+            .into_iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(k, _)| k)
+            .collect();
+        self.notify_l2_stored(published);
         if ok != results.len() {
             return Err(EngineError::Failed(format!(
                 "{} of {} chunks expired or were cleared before commit",
@@ -610,18 +649,17 @@ impl Engine {
         self.counters.lookups.fetch_add(1, Relaxed);
         let session = self.sessions.get_or_create(&key.request_id, now);
         let result = self.lookup_locked(key, now, &session);
-        let mut s = session.lock();
-        match result {
-            Ok(hits) => {
-                s.prefetch = PrefetchState::Done(hits);
-                Ok(())
-            }
-            Err(e) => {
-                // The client will poll for a result: give it a definite 0.
-                s.prefetch = PrefetchState::Done(0);
-                Err(e)
-            }
-        }
+        let (next, result) = match result {
+            Ok(l) => (
+                self.prefetch_suffix(&l.keys, l.locked, l.group, key.num_kv_readers, l.hits),
+                Ok(()),
+            ),
+            // The client will poll for a result: give it a definite 0.
+            Err(e) => (PrefetchState::Done(0), Err(e)),
+        };
+        let previous = std::mem::replace(&mut session.lock().prefetch, next);
+        self.discard_prefetch(previous);
+        result
     }
 
     fn lookup_locked(
@@ -629,7 +667,7 @@ impl Engine {
         key: &IpcKey,
         now: Instant,
         session: &Arc<Mutex<session::Session>>,
-    ) -> Result<u64, EngineError> {
+    ) -> Result<L1Lookup, EngineError> {
         if key.num_kv_readers == 0 {
             return Err(malformed(
                 "lookup with num_kv_readers = 0 (clients older than LMCache 0.5 are not supported)",
@@ -649,49 +687,22 @@ impl Engine {
             .reserve_read_prefix(&keys, key.num_kv_readers, group);
         let hits = (leases.len() / group.max(1)) as u64;
         self.counters.lookup_chunks_hit.fetch_add(hits, Relaxed);
-        let mut stale = Vec::new();
-        {
+        let locked = leases.len();
+        let stale = {
             let mut s = session.lock();
-            for (k, lease) in keys.into_iter().zip(leases) {
-                match s.locks.get_mut(&k) {
-                    Some(held) if held.lease == lease => held.remaining += key.num_kv_readers,
-                    Some(held) => {
-                        // The previous lease expired or its object was replaced.
-                        stale.push(*held);
-                        *held = HeldLock {
-                            lease,
-                            remaining: key.num_kv_readers,
-                        };
-                    }
-                    None => {
-                        s.locks.insert(
-                            k,
-                            HeldLock {
-                                lease,
-                                remaining: key.num_kv_readers,
-                            },
-                        );
-                    }
-                }
-            }
-        }
+            // A previous lease on the same key that expired or whose object was replaced is
+            // returned as stale and released below.
+            l2::record_locks(&mut s, keys.iter().cloned(), leases, key.num_kv_readers)
+        };
         for h in stale {
             self.l1.finish_read(&[h.lease], h.remaining);
         }
-        Ok(hits)
-    }
-
-    /// Returns and consumes the lookup result of `request_id`; 0 when there is none.
-    fn take_prefetch_result(&self, request_id: &str) -> i64 {
-        if let Some(session) = self.sessions.get(request_id) {
-            let mut s = session.lock();
-            if let PrefetchState::Done(n) = s.prefetch {
-                s.prefetch = PrefetchState::Idle;
-                return i64::try_from(n).unwrap_or(i64::MAX);
-            }
-        }
-        self.counters.unknown_prefetch_queries.fetch_add(1, Relaxed);
-        0
+        Ok(L1Lookup {
+            keys,
+            locked,
+            group,
+            hits,
+        })
     }
 
     fn free_lookup_locks(&self, key: &IpcKey) -> Result<(), EngineError> {
@@ -719,11 +730,22 @@ impl Engine {
             .fetch_add(held.len() as u64, Relaxed);
     }
 
+    /// Releases everything a removed session owns (its locks and any pending L2 prefetch).
+    /// Returns the number of lock records released.
+    fn retire_session(&self, session: &Mutex<session::Session>) -> usize {
+        let (held, prefetch) = {
+            let mut s = session.lock();
+            (s.drain_locks(), std::mem::take(&mut s.prefetch))
+        };
+        self.release_held(&held);
+        self.discard_prefetch(prefetch);
+        held.len()
+    }
+
     /// Ends a session and releases every lock it still holds.
     pub fn end_session(&self, request_id: &str) {
         if let Some(session) = self.sessions.remove(request_id) {
-            let held = session.lock().drain_locks();
-            self.release_held(&held);
+            self.retire_session(&session);
         }
     }
 
@@ -824,11 +846,10 @@ impl Engine {
     pub fn housekeeping(&self) {
         let now = self.l1.clock().now();
         for (request_id, session) in self.sessions.take_expired(now) {
-            let held = session.lock().drain_locks();
-            if !held.is_empty() {
-                tracing::info!(%request_id, locks = held.len(), "session expired; releasing its locks");
+            let locks = self.retire_session(&session);
+            if locks > 0 {
+                tracing::info!(%request_id, locks, "session expired; releasing its locks");
             }
-            self.release_held(&held);
         }
         if !self.cfg.worker_reap_timeout.is_zero() {
             let dead: Vec<i64> = self
@@ -886,8 +907,7 @@ impl Engine {
     /// Releases everything held on behalf of clients (shutdown).
     pub fn release_all(&self) {
         for s in self.sessions.take_all() {
-            let held = s.lock().drain_locks();
-            self.release_held(&held);
+            self.retire_session(&s);
         }
         let iids: Vec<i64> = self.contexts.read().keys().copied().collect();
         for iid in iids {
@@ -928,27 +948,17 @@ impl StatusReport for Engine {
         let (used, total) = self.l1.usage();
         let l1 = self.l1.report_status();
         let evict = self.evictor.report_status();
+        let (store, prefetch, adapters, active_prefetch_jobs) = self.l2_status();
+        let num_adapters = adapters.len();
         let storage = StatusNode::healthy()
             .child("l1_manager", l1)
             .child("l1_eviction_controller", evict)
-            .child(
-                "store_controller",
-                StatusNode::healthy()
-                    .field("enabled", false)
-                    .field("pending_keys_count", 0)
-                    .field("in_flight_task_count", 0)
-                    .field("num_l2_adapters", 0),
-            )
-            .child(
-                "prefetch_controller",
-                StatusNode::healthy()
-                    .field("enabled", false)
-                    .field("in_flight_request_count", 0)
-                    .field("num_l2_adapters", 0),
-            )
-            .child_list("l2_adapters", Vec::new())
-            .field("num_l2_adapters", 0)
-            .field("l1_usage", [used, total]);
+            .child("store_controller", store)
+            .child("prefetch_controller", prefetch)
+            .child_list("l2_adapters", adapters)
+            .field("num_l2_adapters", num_adapters)
+            .field("l1_usage", [used, total])
+            .field("l2", self.l2_counters_json());
         let (ids, meta) = self.contexts_status();
         let c = &self.counters;
         StatusNode::healthy()
@@ -957,6 +967,7 @@ impl StatusReport for Engine {
             .field("hash_algorithm", self.hasher.hash_algorithm_name())
             .field("active_sessions", self.sessions.active_count())
             .child("storage_manager", storage)
+            .field("active_prefetch_jobs", active_prefetch_jobs)
             .field("shm_name", self.segment.name())
             .field(
                 "worker_liveness",

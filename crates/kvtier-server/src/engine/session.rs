@@ -35,10 +35,27 @@ pub enum PrefetchState {
     /// No lookup result waiting.
     #[default]
     Idle,
-    /// The lookup is still loading from L2.
-    Pending,
+    /// The lookup's L1 prefix is recorded; L2 prefetch request `job` is loading the rest.
+    /// The session owns the job: whoever moves the state away from `Pending` takes its result
+    /// (query/wait) or cancels it (end_session, expiry, a newer lookup).
+    Pending {
+        /// PrefetchController request id.
+        job: u64,
+        /// Chunks found in L1 (already locked and recorded in `locks`).
+        l1_chunks: u64,
+    },
     /// The lookup finished with this many prefix chunks; consumed by the next query.
     Done(u64),
+}
+
+impl PrefetchState {
+    /// The pending L2 job, if any.
+    pub fn pending_job(&self) -> Option<u64> {
+        match self {
+            Self::Pending { job, .. } => Some(*job),
+            _ => None,
+        }
+    }
 }
 
 /// One request's state.

@@ -1,0 +1,215 @@
+//! The L2 backend trait.
+//!
+//! Contract every adapter follows (checked by the conformance suite in `testsuite`):
+//! 1. **Batch first.** Every data call takes a batch of keys and answers per key, in order.
+//! 2. **Lookup pins.** [`L2Backend::lookup_and_pin`] reports, per key, whether the object is
+//!    stored and its length, and pins each hit against the adapter's own eviction until the
+//!    caller [`unpin`](L2Backend::unpin)s it (pins are counted: two lookups need two unpins).
+//!    Pins are local to this process, even for a shared remote store.
+//! 3. **Loads copy into caller-reserved L1 memory.** `dst[i]` is an L1 range the caller owns
+//!    (a staging reservation); its `len` must equal the stored length. On success the range
+//!    holds exactly the stored bytes; on failure its contents are unspecified and the caller
+//!    discards the reservation. Corrupt or truncated objects are a failure (`Corrupt`), removed
+//!    from the backend and counted, and never copied as if they were good.
+//! 4. **Stores copy out of read-locked L1 memory.** The caller keeps `src[i]` read-locked until
+//!    the future completes. A key the adapter already holds is not rewritten (`Ok`). A store
+//!    is acknowledged (`Ok`) only once it is durable in the backend's own terms (fs: file and
+//!    directory fsynced; resp: the server replied OK).
+//! 5. **Never hold a lock across an `.await`**; disk I/O runs on the blocking pool.
+//! 6. **Fail fast when unhealthy.** While [`health`](L2Backend::health) says the backend is
+//!    down, calls that need it return `Unavailable` at once (counted); a background probe
+//!    brings it back.
+//!
+//! The trait is dyn-safe: async methods return boxed futures ([`BoxFuture`]), and the tier
+//! holds adapters as `Arc<dyn L2Backend>`.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use kvtier_core::key::ObjectKey;
+use kvtier_core::l1::Allocation;
+use kvtier_core::shm::ShmSegment;
+use kvtier_core::status::StatusNode;
+use serde::Serialize;
+
+use crate::error::L2Error;
+use crate::health::HealthSnapshot;
+
+/// A boxed, sendable future (what the dyn-safe async methods return).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Per-key outcome of a load or store.
+pub type KeyResults = Vec<Result<(), L2Error>>;
+
+/// Space accounting of one adapter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Bytes of stored objects (payload bytes; headers are not counted).
+    pub used_bytes: u64,
+    /// Capacity limit in bytes; 0 means unlimited.
+    pub capacity_bytes: u64,
+    /// Stored objects.
+    pub object_count: u64,
+    /// Keys currently pinned by lookups.
+    pub pinned_count: u64,
+}
+
+/// An L2 store. See the module docs for the contract.
+pub trait L2Backend: Send + Sync + fmt::Debug + 'static {
+    /// LMCache's adapter class name, reported as the status field `type`
+    /// (e.g. `"FSL2Adapter"`).
+    fn type_name(&self) -> &'static str;
+
+    /// Short adapter kind as configured (`"mock"`, `"fs"`, `"resp"`).
+    fn kind(&self) -> &'static str;
+
+    /// For each key: `Some(len)` if stored (and now pinned), `None` if not. A batch-wide failure
+    /// (backend unreachable) is an `Err` and pins nothing.
+    fn lookup_and_pin<'a>(
+        &'a self,
+        keys: &'a [ObjectKey],
+    ) -> BoxFuture<'a, Result<Vec<Option<u64>>, L2Error>>;
+
+    /// Releases one pin per key. Unknown or unpinned keys are ignored.
+    fn unpin<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, ()>;
+
+    /// Copies each object into `segment` at `dst[i]`.
+    fn load<'a>(
+        &'a self,
+        keys: &'a [ObjectKey],
+        segment: &'a Arc<ShmSegment>,
+        dst: &'a [Allocation],
+    ) -> BoxFuture<'a, KeyResults>;
+
+    /// Stores each object from `segment` at `src[i]`.
+    fn store<'a>(
+        &'a self,
+        keys: &'a [ObjectKey],
+        segment: &'a Arc<ShmSegment>,
+        src: &'a [Allocation],
+    ) -> BoxFuture<'a, KeyResults>;
+
+    /// Deletes the keys that are stored and not pinned; returns how many were deleted.
+    fn delete<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, Result<u64, L2Error>>;
+
+    /// Space accounting (lock-free or O(1)).
+    fn usage(&self) -> Usage;
+
+    /// Connectivity and the last error.
+    fn health(&self) -> HealthSnapshot;
+
+    /// The adapter's status node: LMCache's fields (`type`, `stored_object_count`,
+    /// `locked_key_count`, `current_size_bytes`, `max_capacity_bytes`) plus `connected`,
+    /// `last_error`, error counters and per-operation metrics.
+    fn report_status(&self) -> StatusNode;
+
+    /// Stops background tasks and refuses further calls (`Closed`).
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Checks that `keys` and `allocs` pair up and that every range lies in `segment`.
+pub(crate) fn check_batch(
+    keys: &[ObjectKey],
+    segment: &ShmSegment,
+    allocs: &[Allocation],
+) -> Result<(), L2Error> {
+    if keys.len() != allocs.len() {
+        return Err(L2Error::Invalid(format!(
+            "{} keys but {} L1 ranges",
+            keys.len(),
+            allocs.len()
+        )));
+    }
+    for a in allocs {
+        let end = a.offset.checked_add(a.len);
+        if end.is_none_or(|e| e > segment.len() as u64) {
+            return Err(L2Error::Invalid(format!(
+                "L1 range {}+{} lies outside the {}-byte segment",
+                a.offset,
+                a.len,
+                segment.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `len` as a `usize` (L1 ranges were checked against the segment, so this cannot fail in
+/// practice; an error keeps it total).
+pub(crate) fn usize_len(len: u64) -> Result<usize, L2Error> {
+    usize::try_from(len).map_err(|_| L2Error::Invalid(format!("length {len} overflows usize")))
+}
+
+/// Copies an L1 range out of the segment into a new buffer.
+pub(crate) fn copy_out(segment: &ShmSegment, a: Allocation) -> Result<Vec<u8>, L2Error> {
+    let mut buf = vec![0u8; usize_len(a.len)?];
+    segment
+        .copy_out(usize_len(a.offset)?, &mut buf)
+        .map_err(|e| L2Error::Invalid(e.to_string()))?;
+    Ok(buf)
+}
+
+/// Copies `bytes` into the segment at `offset`.
+pub(crate) fn copy_in(segment: &ShmSegment, offset: u64, bytes: &[u8]) -> Result<(), L2Error> {
+    segment
+        .copy_in(usize_len(offset)?, bytes)
+        .map_err(|e| L2Error::Invalid(e.to_string()))
+}
+
+/// A bounded pool of reusable byte buffers for the copies between L1 and a backend.
+///
+/// Large fresh allocations cost page faults and zeroing on every object; reusing at most
+/// `max_buffers` buffers (each at most [`BufPool::MAX_POOLED`] bytes) avoids that while bounding
+/// the memory kept. Buffers keep their length when returned, so a reused buffer of the right
+/// size is handed out without zeroing.
+#[derive(Debug)]
+pub(crate) struct BufPool {
+    bufs: parking_lot::Mutex<Vec<Vec<u8>>>,
+    max_buffers: usize,
+}
+
+impl BufPool {
+    /// Largest buffer kept for reuse.
+    pub const MAX_POOLED: usize = 256 << 20;
+
+    pub fn new(max_buffers: usize) -> Self {
+        Self {
+            bufs: parking_lot::Mutex::new(Vec::new()),
+            max_buffers,
+        }
+    }
+
+    /// A buffer (empty or reused, contents unspecified).
+    pub fn take(&self) -> Vec<u8> {
+        self.bufs.lock().pop().unwrap_or_default()
+    }
+
+    /// A buffer of exactly `len` bytes (contents unspecified).
+    pub fn take_len(&self, len: usize) -> Vec<u8> {
+        let mut v = self.take();
+        if v.len() < len {
+            v.resize(len, 0);
+        } else {
+            v.truncate(len);
+        }
+        v
+    }
+
+    /// Returns a buffer for reuse (dropped if the pool is full or it is too large).
+    pub fn give(&self, v: Vec<u8>) {
+        if v.capacity() > Self::MAX_POOLED {
+            return;
+        }
+        let mut bufs = self.bufs.lock();
+        if bufs.len() < self.max_buffers {
+            bufs.push(v);
+        }
+    }
+}
+
+/// The same error for every key of a batch.
+pub(crate) fn all_err(n: usize, e: &L2Error) -> KeyResults {
+    (0..n).map(|_| Err(e.clone())).collect()
+}

@@ -1,0 +1,449 @@
+//! `--l2-adapter '<JSON>'` parsing (LMCache's syntax and type names).
+//!
+//! Each flag value is one JSON object with a `"type"` and that type's keys. Adapter order on the
+//! command line is adapter index order (the prefetch plan prefers the lowest index).
+//!
+//! | type | keys (required in bold) |
+//! |---|---|
+//! | `mock` | **`max_size_gb`** (> 0), **`mock_bandwidth_gb`** (GiB/s, > 0), `eviction` |
+//! | `fs` | **`base_path`**, `max_capacity_gb` (0 = unlimited), `relative_tmp_dir` (`.kvtier-tmp`), `num_workers` (4, concurrent file operations), `use_odirect` (only `false`), `eviction` |
+//! | `resp` | **`host`**, **`port`**, `username`, `password`, `max_capacity_gb` (0 = unlimited), `num_workers` (8, concurrent requests and connections), `eviction` |
+//!
+//! `eviction` is `{"eviction_policy": "LRU"|"FIFO", "trigger_watermark": 0.8, "eviction_ratio":
+//! 0.2}`: with it, the adapter also evicts in the background of stores once its usage reaches
+//! the watermark; without it, it evicts only what a store needs (mock: FIFO, fs/resp: LRU).
+//! Sizes are GiB (2^30 bytes), like `--l1-size-gb`.
+//!
+//! Unknown keys are rejected with an error naming the key; missing required keys are named too.
+//! The resp password is never printed (`Debug` and `Serialize` redact it).
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::error::ConfigError;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Eviction order of an adapter's own capacity management.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum EvictionPolicyName {
+    /// Least recently stored or loaded first.
+    #[serde(rename = "LRU")]
+    Lru,
+    /// Oldest stored first.
+    #[serde(rename = "FIFO")]
+    Fifo,
+}
+
+impl<'de> Deserialize<'de> for EvictionPolicyName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.to_ascii_uppercase().as_str() {
+            "LRU" => Ok(Self::Lru),
+            "FIFO" => Ok(Self::Fifo),
+            _ => Err(serde::de::Error::custom(format!(
+                "unknown eviction_policy {s:?}; supported: LRU, FIFO"
+            ))),
+        }
+    }
+}
+
+/// The optional per-adapter `"eviction"` section.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvictionSettings {
+    /// Eviction order.
+    pub eviction_policy: EvictionPolicyName,
+    /// Background eviction starts at this fraction of the capacity.
+    #[serde(default = "default_watermark")]
+    pub trigger_watermark: f64,
+    /// Fraction of the used bytes each eviction round frees.
+    #[serde(default = "default_ratio")]
+    pub eviction_ratio: f64,
+}
+
+fn default_watermark() -> f64 {
+    0.8
+}
+
+fn default_ratio() -> f64 {
+    0.2
+}
+
+/// `{"type":"mock",...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MockConfig {
+    /// Capacity in GiB.
+    pub max_size_gb: f64,
+    /// Simulated bandwidth in GiB/s (each load and store is delayed by `bytes / bandwidth`).
+    pub mock_bandwidth_gb: f64,
+    /// Optional watermark eviction.
+    #[serde(default)]
+    pub eviction: Option<EvictionSettings>,
+}
+
+/// `{"type":"fs",...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// Directory holding the objects (created if missing).
+    pub base_path: String,
+    /// Capacity in GiB; 0 = unlimited.
+    #[serde(default)]
+    pub max_capacity_gb: f64,
+    /// Directory for in-progress writes, relative to `base_path` (same filesystem, so the final
+    /// rename is atomic).
+    #[serde(default = "default_tmp_dir")]
+    pub relative_tmp_dir: String,
+    /// Concurrent file operations.
+    #[serde(default = "default_fs_workers")]
+    pub num_workers: usize,
+    /// Accepted for LMCache compatibility; only `false` is supported.
+    #[serde(default)]
+    pub use_odirect: bool,
+    /// Optional watermark eviction.
+    #[serde(default)]
+    pub eviction: Option<EvictionSettings>,
+}
+
+fn default_tmp_dir() -> String {
+    ".kvtier-tmp".to_owned()
+}
+
+fn default_fs_workers() -> usize {
+    4
+}
+
+/// `{"type":"resp",...}`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespConfig {
+    /// Redis/Valkey host.
+    pub host: String,
+    /// Redis/Valkey port.
+    pub port: u16,
+    /// ACL user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password (never printed).
+    #[serde(default, serialize_with = "redact")]
+    pub password: Option<String>,
+    /// Capacity in GiB that this adapter may use; 0 = unlimited. The adapter tracks and evicts
+    /// only objects it wrote itself.
+    #[serde(default)]
+    pub max_capacity_gb: f64,
+    /// Concurrent requests (and connections).
+    #[serde(default = "default_resp_workers")]
+    pub num_workers: usize,
+    /// Optional watermark eviction.
+    #[serde(default)]
+    pub eviction: Option<EvictionSettings>,
+    /// Values longer than this are split across several keys (not settable from JSON; tests
+    /// lower it to exercise splitting).
+    #[serde(skip, default = "default_part_bytes")]
+    pub part_bytes: usize,
+}
+
+fn default_resp_workers() -> usize {
+    8
+}
+
+/// Default largest single RESP value (Redis accepts up to 512 MB; smaller parts keep one slow
+/// value from monopolising a connection).
+pub fn default_part_bytes() -> usize {
+    64 << 20
+}
+
+fn redact<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("***"),
+        None => s.serialize_none(),
+    }
+}
+
+impl fmt::Debug for RespConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RespConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("max_capacity_gb", &self.max_capacity_gb)
+            .field("num_workers", &self.num_workers)
+            .field("eviction", &self.eviction)
+            .field("part_bytes", &self.part_bytes)
+            .finish()
+    }
+}
+
+impl RespConfig {
+    /// A config for `host:port` with every default.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            username: None,
+            password: None,
+            max_capacity_gb: 0.0,
+            num_workers: default_resp_workers(),
+            eviction: None,
+            part_bytes: default_part_bytes(),
+        }
+    }
+}
+
+impl FsConfig {
+    /// A config for `base_path` with every default.
+    pub fn new(base_path: impl Into<String>) -> Self {
+        Self {
+            base_path: base_path.into(),
+            max_capacity_gb: 0.0,
+            relative_tmp_dir: default_tmp_dir(),
+            num_workers: default_fs_workers(),
+            use_odirect: false,
+            eviction: None,
+        }
+    }
+}
+
+/// One configured adapter.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum AdapterConfig {
+    /// In-memory test adapter.
+    Mock(MockConfig),
+    /// Local filesystem.
+    Fs(FsConfig),
+    /// Redis/Valkey over RESP.
+    Resp(RespConfig),
+}
+
+impl AdapterConfig {
+    /// The configured type name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Mock(_) => "mock",
+            Self::Fs(_) => "fs",
+            Self::Resp(_) => "resp",
+        }
+    }
+
+    /// The optional eviction section.
+    pub fn eviction(&self) -> Option<&EvictionSettings> {
+        match self {
+            Self::Mock(c) => c.eviction.as_ref(),
+            Self::Fs(c) => c.eviction.as_ref(),
+            Self::Resp(c) => c.eviction.as_ref(),
+        }
+    }
+}
+
+/// Capacity in bytes from a GiB figure (already validated as finite and non-negative).
+pub(crate) fn gib_to_bytes(gb: f64) -> u64 {
+    (gb * GIB) as u64
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+fn check_size(kind: &str, key: &str, v: f64, allow_zero: bool) -> Result<(), ConfigError> {
+    let ok = v.is_finite() && (v > 0.0 || (allow_zero && v == 0.0)) && v * GIB < u64::MAX as f64;
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{kind} adapter: \"{key}\" must be a {} number of GiB, got {v}",
+            if allow_zero {
+                "non-negative"
+            } else {
+                "positive"
+            }
+        )))
+    }
+}
+
+fn check_eviction(kind: &str, e: Option<&EvictionSettings>) -> Result<(), ConfigError> {
+    let Some(e) = e else { return Ok(()) };
+    for (key, v) in [
+        ("trigger_watermark", e.trigger_watermark),
+        ("eviction_ratio", e.eviction_ratio),
+    ] {
+        if !(v > 0.0 && v <= 1.0) {
+            return Err(invalid(format!(
+                "{kind} adapter: \"eviction.{key}\" must be in (0, 1], got {v}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_workers(kind: &str, n: usize) -> Result<(), ConfigError> {
+    if (1..=256).contains(&n) {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{kind} adapter: \"num_workers\" must be between 1 and 256, got {n}"
+        )))
+    }
+}
+
+impl AdapterConfig {
+    /// Checks value ranges (the JSON shape was checked by serde).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let kind = self.kind();
+        check_eviction(kind, self.eviction())?;
+        match self {
+            Self::Mock(c) => {
+                check_size(kind, "max_size_gb", c.max_size_gb, false)?;
+                if !(c.mock_bandwidth_gb.is_finite() && c.mock_bandwidth_gb > 0.0) {
+                    return Err(invalid(format!(
+                        "mock adapter: \"mock_bandwidth_gb\" must be a positive number of GiB/s, got {}",
+                        c.mock_bandwidth_gb
+                    )));
+                }
+            }
+            Self::Fs(c) => {
+                if c.base_path.trim().is_empty() {
+                    return Err(invalid("fs adapter: \"base_path\" must not be empty"));
+                }
+                check_size(kind, "max_capacity_gb", c.max_capacity_gb, true)?;
+                check_workers(kind, c.num_workers)?;
+                let tmp = std::path::Path::new(&c.relative_tmp_dir);
+                if c.relative_tmp_dir.is_empty()
+                    || tmp.is_absolute()
+                    || tmp
+                        .components()
+                        .any(|p| !matches!(p, std::path::Component::Normal(_)))
+                {
+                    return Err(invalid(format!(
+                        "fs adapter: \"relative_tmp_dir\" must be a relative path inside base_path, got {:?}",
+                        c.relative_tmp_dir
+                    )));
+                }
+                if c.use_odirect {
+                    return Err(invalid(
+                        "fs adapter: \"use_odirect\": true is not supported (kvtier uses buffered I/O with fsync)",
+                    ));
+                }
+            }
+            Self::Resp(c) => {
+                if c.host.trim().is_empty() {
+                    return Err(invalid("resp adapter: \"host\" must not be empty"));
+                }
+                if c.port == 0 {
+                    return Err(invalid(
+                        "resp adapter: \"port\" must be between 1 and 65535",
+                    ));
+                }
+                check_size(kind, "max_capacity_gb", c.max_capacity_gb, true)?;
+                check_workers(kind, c.num_workers)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses and validates one `--l2-adapter` value.
+pub fn parse_adapter_json(json: &str) -> Result<AdapterConfig, ConfigError> {
+    let value: Value =
+        serde_json::from_str(json).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+    let Value::Object(mut map) = value else {
+        return Err(invalid(
+            "must be a JSON object such as {\"type\": \"fs\", ...}",
+        ));
+    };
+    let kind = match map.remove("type") {
+        Some(Value::String(s)) => s,
+        Some(other) => {
+            return Err(invalid(format!(
+                "\"type\" must be a string (mock, fs or resp), got {other}"
+            )));
+        }
+        None => {
+            return Err(invalid(
+                "missing required key \"type\" (one of: mock, fs, resp)",
+            ));
+        }
+    };
+    let rest = Value::Object(map);
+    let err = |kind: &str, e: serde_json::Error| invalid(format!("{kind} adapter: {e}"));
+    let cfg = match kind.as_str() {
+        "mock" => AdapterConfig::Mock(MockConfig::deserialize(rest).map_err(|e| err("mock", e))?),
+        "fs" => AdapterConfig::Fs(FsConfig::deserialize(rest).map_err(|e| err("fs", e))?),
+        "resp" => AdapterConfig::Resp(RespConfig::deserialize(rest).map_err(|e| err("resp", e))?),
+        other => {
+            return Err(invalid(format!(
+                "unknown adapter type {other:?}; kvtier supports mock, fs and resp"
+            )));
+        }
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> String {
+        parse_adapter_json(json)
+            .expect_err("must be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn parses_each_type_with_defaults() {
+        let c = parse_adapter_json(r#"{"type":"fs","base_path":"/tmp/x"}"#).expect("valid");
+        assert_eq!(c, AdapterConfig::Fs(FsConfig::new("/tmp/x")));
+        let c = parse_adapter_json(
+            r#"{"type":"resp","host":"h","port":6379,"password":"secret","num_workers":2,
+                "eviction":{"eviction_policy":"lru"}}"#,
+        )
+        .expect("valid");
+        let AdapterConfig::Resp(r) = &c else {
+            panic!("resp expected")
+        };
+        assert_eq!(r.num_workers, 2);
+        assert_eq!(r.part_bytes, default_part_bytes());
+        let e = r.eviction.expect("eviction section");
+        assert_eq!(e.eviction_policy, EvictionPolicyName::Lru);
+        assert!((e.trigger_watermark - 0.8).abs() < 1e-12);
+        // The password never shows.
+        let shown = serde_json::to_string(&c).expect("serialises");
+        assert!(!shown.contains("secret") && shown.contains("\"type\":\"resp\""));
+        assert!(!format!("{c:?}").contains("secret"));
+        let c = parse_adapter_json(r#"{"type":"mock","max_size_gb":1,"mock_bandwidth_gb":10}"#)
+            .expect("valid");
+        assert_eq!(c.kind(), "mock");
+    }
+
+    #[test]
+    fn names_unknown_and_missing_keys() {
+        let e = err(r#"{"type":"fs","base_path":"/x","bogus_key":1}"#);
+        assert!(e.contains("bogus_key") && e.contains("fs adapter"), "{e}");
+        let e = err(r#"{"type":"resp","host":"h"}"#);
+        assert!(e.contains("missing field `port`"), "{e}");
+        let e = err(r#"{"type":"mock","max_size_gb":1}"#);
+        assert!(e.contains("mock_bandwidth_gb"), "{e}");
+        let e = err(r#"{"base_path":"/x"}"#);
+        assert!(e.contains("\"type\""), "{e}");
+        let e = err(r#"{"type":"s3"}"#);
+        assert!(e.contains("s3"), "{e}");
+        let e = err(r#"{"type":"fs","base_path":"/x","eviction":{"eviction_policy":"LRU","x":1}}"#);
+        assert!(e.contains("`x`"), "{e}");
+        let e = err(r#"{"type":"fs","base_path":"/x","eviction":{"eviction_policy":"ARC"}}"#);
+        assert!(e.contains("ARC"), "{e}");
+        let e = err(r#"{"type":"fs","base_path":"/x","max_capacity_gb":-1}"#);
+        assert!(e.contains("max_capacity_gb"), "{e}");
+        let e = err(r#"{"type":"fs","base_path":"/x","relative_tmp_dir":"../t"}"#);
+        assert!(e.contains("relative_tmp_dir"), "{e}");
+        let e = err(r#"{"type":"resp","host":"h","port":1,"part_bytes":5}"#);
+        assert!(e.contains("part_bytes"), "{e}");
+        let e = err("[1]");
+        assert!(e.contains("JSON object"), "{e}");
+    }
+}

@@ -1,0 +1,897 @@
+//! `fs`: objects as files on a local filesystem, crash-safe and verified, surviving restarts.
+//!
+//! # Layout
+//! `base_path/<ObjectKey>.data`, where `<ObjectKey>` is the key's text form
+//! (`<model with / as -SEP->@0x<kv_rank:08x>@<group hex>@<chunk hash hex>[@<salt>]`), the same
+//! names as LMCache's fs adapter. In-progress writes live in `base_path/<relative_tmp_dir>/`
+//! (same filesystem, so the final rename is atomic); leftovers there are removed at start.
+//!
+//! # File format (version 1, little-endian)
+//! ```text
+//! 0   8   magic "KVTIERL2"
+//! 8   4   format version (1)
+//! 12  4   key length K (bytes of the text form)
+//! 16  8   payload length N
+//! 24  32  blake3(key text || payload)
+//! 56  K   key text (must equal the file name without ".data")
+//! 56+K N  payload (the L1 object's bytes)
+//! ```
+//!
+//! # Durability and verification
+//! - A store writes the temp file, `fsync`s it, renames it into place and `fsync`s the directory
+//!   (once per batch) before it is acknowledged and indexed. A crash at any point leaves either
+//!   no file or a complete one under the final name.
+//! - A load reads the whole file and checks magic, version, key, both lengths, the file size and
+//!   the checksum before copying a single byte into L1. A file that fails is a miss, counted in
+//!   `corrupt_objects_total`, logged and deleted: corrupt data is never served.
+//! - At start the index is rebuilt by scanning `base_path` (headers and sizes are checked; the
+//!   checksum is checked on load), ordered by modification time, then trimmed to the capacity.
+//!
+//! # Capacity and health
+//! With `max_capacity_gb` the adapter evicts unpinned files (LRU unless the `eviction` section
+//! says FIFO) to make room, and with an `eviction` section also at the watermark. A write that
+//! fails because the device is full (ENOSPC, EDQUOT, EFBIG, EROFS) marks the adapter down:
+//! stores then fail fast while lookups and loads keep working, and a probe (writing a file as
+//! large as the one that failed) brings it back when space returns.
+//!
+//! # Concurrency
+//! File operations run on tokio's blocking pool, at most `num_workers` at a time (a semaphore).
+//! The index mutex is held only for in-memory updates, never across I/O or an `.await`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant, SystemTime};
+
+use kvtier_core::key::ObjectKey;
+use kvtier_core::l1::Allocation;
+use kvtier_core::shm::ShmSegment;
+use kvtier_core::status::StatusNode;
+use parking_lot::Mutex;
+use rustix::io::Errno;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::backend::{
+    BoxFuture, BufPool, KeyResults, L2Backend, Usage, all_err, check_batch, copy_in, usize_len,
+};
+use crate::config::{EvictionPolicyName, FsConfig, gib_to_bytes};
+use crate::error::{ConfigError, L2Error};
+use crate::health::{Health, HealthSnapshot, ProbeLoop, Prober, spawn_probe_loop};
+use crate::index::ObjectIndex;
+use crate::metrics::AdapterStats;
+
+/// File magic.
+pub const MAGIC: [u8; 8] = *b"KVTIERL2";
+/// File format version.
+pub const FORMAT_VERSION: u32 = 1;
+/// Bytes of the fixed part of the header.
+pub const HEADER_FIXED: usize = 56;
+/// File name suffix.
+pub const SUFFIX: &str = ".data";
+
+const PROBE_MAX_BYTES: u64 = 64 << 20;
+
+/// Encodes the header of an object file.
+pub fn encode_header(key: &str, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HEADER_FIXED + key.len());
+    h.extend_from_slice(&MAGIC);
+    h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    h.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(key.as_bytes());
+    hasher.update(payload);
+    h.extend_from_slice(hasher.finalize().as_bytes());
+    h.extend_from_slice(key.as_bytes());
+    h
+}
+
+/// A parsed header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Offset of the payload in the file.
+    pub payload_offset: usize,
+    /// Payload length.
+    pub payload_len: u64,
+    /// Stored checksum.
+    pub checksum: [u8; 32],
+}
+
+fn le_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn le_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Parses and checks the header at the start of `buf` against the expected key text.
+pub fn parse_header(buf: &[u8], expected_key: &str) -> Result<Header, String> {
+    if buf.len() < HEADER_FIXED {
+        return Err(format!(
+            "file has {} bytes, shorter than a header",
+            buf.len()
+        ));
+    }
+    if buf.get(..8) != Some(&MAGIC[..]) {
+        return Err("bad magic".to_owned());
+    }
+    let version = le_u32(buf, 8).ok_or("short header")?;
+    if version != FORMAT_VERSION {
+        return Err(format!("unsupported format version {version}"));
+    }
+    let key_len = le_u32(buf, 12).ok_or("short header")? as usize;
+    let payload_len = le_u64(buf, 16).ok_or("short header")?;
+    let checksum: [u8; 32] = buf
+        .get(24..56)
+        .and_then(|s| s.try_into().ok())
+        .ok_or("short header")?;
+    let key = buf
+        .get(HEADER_FIXED..HEADER_FIXED + key_len)
+        .ok_or("header truncated inside the key")?;
+    if key != expected_key.as_bytes() {
+        return Err("header key does not match the file name".to_owned());
+    }
+    Ok(Header {
+        payload_offset: HEADER_FIXED + key_len,
+        payload_len,
+        checksum,
+    })
+}
+
+fn is_full(e: &io::Error) -> bool {
+    let full = [Errno::NOSPC, Errno::DQUOT, Errno::FBIG, Errno::ROFS];
+    e.raw_os_error()
+        .is_some_and(|c| full.iter().any(|f| f.raw_os_error() == c))
+}
+
+fn classify(e: &io::Error, what: &str) -> L2Error {
+    if is_full(e) {
+        L2Error::NoSpace(format!("{what}: {e}"))
+    } else {
+        L2Error::Io(format!("{what}: {e}"))
+    }
+}
+
+/// Reads a whole object file into `buf` and verifies it. Returns the payload offset.
+fn read_verified(
+    path: &Path,
+    key: &str,
+    expected_len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<usize, L2Error> {
+    buf.clear();
+    let read = File::open(path).and_then(|mut f| f.read_to_end(buf));
+    match read {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(L2Error::NotFound),
+        Err(e) => return Err(classify(&e, "reading")),
+    }
+    let buf = &buf[..];
+    let h = parse_header(buf, key).map_err(L2Error::Corrupt)?;
+    let end = (h.payload_offset as u64)
+        .checked_add(h.payload_len)
+        .ok_or_else(|| L2Error::Corrupt("payload length overflows".to_owned()))?;
+    if buf.len() as u64 != end {
+        return Err(L2Error::Corrupt(format!(
+            "file is {} bytes, header says {end} (truncated or extended)",
+            buf.len()
+        )));
+    }
+    if h.payload_len != expected_len {
+        return Err(L2Error::Corrupt(format!(
+            "payload is {} bytes, index says {expected_len}",
+            h.payload_len
+        )));
+    }
+    let payload = buf.get(h.payload_offset..).unwrap_or_default();
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(key.as_bytes());
+    hasher.update(payload);
+    if hasher.finalize().as_bytes() != &h.checksum {
+        return Err(L2Error::Corrupt("checksum mismatch".to_owned()));
+    }
+    Ok(h.payload_offset)
+}
+
+/// Writes and fsyncs a new temp file; removes it on failure.
+fn write_tmp(path: &Path, key: &str, payload: &[u8]) -> io::Result<()> {
+    let write = || -> io::Result<()> {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
+        f.write_all(&encode_header(key, payload))?;
+        f.write_all(payload)?;
+        f.sync_data()
+    };
+    let r = write();
+    if r.is_err() {
+        let _removed = fs::remove_file(path);
+    }
+    r
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// What the start-up scan found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RebuildReport {
+    /// Objects indexed.
+    pub objects: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Files whose header or size was wrong (removed).
+    pub corrupt_removed: u64,
+    /// Leftover temp files removed.
+    pub tmp_removed: u64,
+    /// `.data` files whose name is not a key (left alone).
+    pub foreign_files: u64,
+    /// Objects evicted because the capacity shrank.
+    pub evicted: u64,
+    /// Scan duration.
+    pub seconds: f64,
+}
+
+/// The `fs` adapter.
+#[derive(Debug)]
+pub struct FsBackend {
+    cfg: FsConfig,
+    base: PathBuf,
+    tmp: PathBuf,
+    index: Mutex<ObjectIndex>,
+    io: Arc<Semaphore>,
+    bufs: Arc<BufPool>,
+    health: Health,
+    stats: AdapterStats,
+    tmp_seq: AtomicU64,
+    last_failed_len: AtomicU64,
+    closed: AtomicBool,
+    probe: Mutex<Option<Arc<ProbeLoop>>>,
+    rebuild: RebuildReport,
+}
+
+impl FsBackend {
+    /// Opens (creating if needed) `base_path`, removes leftover temp files, rebuilds the index
+    /// from the files present, and starts the health probe on `handle`. Blocking: call it at
+    /// start-up, not from async code.
+    pub fn open(cfg: FsConfig, handle: &tokio::runtime::Handle) -> Result<Arc<Self>, ConfigError> {
+        let open_err = |reason: String| ConfigError::Open { kind: "fs", reason };
+        let base = PathBuf::from(&cfg.base_path);
+        let tmp = base.join(&cfg.relative_tmp_dir);
+        fs::create_dir_all(&tmp)
+            .map_err(|e| open_err(format!("creating {}: {e}", tmp.display())))?;
+        let capacity = gib_to_bytes(cfg.max_capacity_gb);
+        let mut index = ObjectIndex::new(capacity, EvictionPolicyName::Lru, cfg.eviction.as_ref());
+        let rebuild = Self::rebuild(&base, &tmp, &mut index)
+            .map_err(|e| open_err(format!("scanning {}: {e}", base.display())))?;
+        tracing::info!(
+            base_path = %base.display(),
+            objects = rebuild.objects,
+            bytes = rebuild.bytes,
+            corrupt_removed = rebuild.corrupt_removed,
+            tmp_removed = rebuild.tmp_removed,
+            evicted = rebuild.evicted,
+            seconds = rebuild.seconds,
+            "fs l2 adapter index rebuilt from disk"
+        );
+        let me = Arc::new(Self {
+            io: Arc::new(Semaphore::new(cfg.num_workers)),
+            bufs: Arc::new(BufPool::new(cfg.num_workers)),
+            cfg,
+            base,
+            tmp,
+            index: Mutex::new(index),
+            health: Health::new(),
+            stats: AdapterStats::default(),
+            tmp_seq: AtomicU64::new(0),
+            last_failed_len: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            probe: Mutex::new(None),
+            rebuild,
+        });
+        // No heartbeat: an idle disk does not go away; the probe runs only while down.
+        let probe = spawn_probe_loop(handle, Arc::downgrade(&me), Duration::from_secs(3600));
+        *me.probe.lock() = Some(Arc::new(probe));
+        Ok(me)
+    }
+
+    fn rebuild(base: &Path, tmp: &Path, index: &mut ObjectIndex) -> io::Result<RebuildReport> {
+        let t = Instant::now();
+        let mut report = RebuildReport::default();
+        for entry in fs::read_dir(tmp)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() && fs::remove_file(entry.path()).is_ok() {
+                report.tmp_removed += 1;
+            }
+        }
+        let mut found: Vec<(SystemTime, ObjectKey, u64)> = Vec::new();
+        for entry in fs::read_dir(base)? {
+            let entry = entry?;
+            if !entry.file_type()?.is_file() {
+                continue;
+            }
+            let name = entry.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(SUFFIX)) else {
+                continue;
+            };
+            let Ok(key) = stem.parse::<ObjectKey>() else {
+                report.foreign_files += 1;
+                continue;
+            };
+            let path = entry.path();
+            match Self::scan_header(&path, stem) {
+                Ok((len, mtime)) => found.push((mtime, key, len)),
+                Err(why) => {
+                    tracing::warn!(file = %path.display(), %why, "removing corrupt l2 object file");
+                    if fs::remove_file(&path).is_ok() {
+                        report.corrupt_removed += 1;
+                    }
+                }
+            }
+        }
+        found.sort_by_key(|(mtime, _, _)| *mtime);
+        for (_, key, len) in found {
+            report.objects += 1;
+            report.bytes += len;
+            index.insert(key, len);
+        }
+        // The capacity may have shrunk since the files were written.
+        if index.capacity() > 0 && index.used() > index.capacity() {
+            for (key, _) in index.keys_in_order() {
+                if index.used() <= index.capacity() {
+                    break;
+                }
+                index.remove(&key);
+                let _removed = fs::remove_file(base.join(format!("{key}{SUFFIX}")));
+                report.evicted += 1;
+            }
+        }
+        report.seconds = t.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Reads and checks a file's header and size; returns the payload length and mtime.
+    fn scan_header(path: &Path, stem: &str) -> Result<(u64, SystemTime), String> {
+        let mut f = File::open(path).map_err(|e| e.to_string())?;
+        let meta = f.metadata().map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; HEADER_FIXED + stem.len()];
+        f.read_exact(&mut buf)
+            .map_err(|_| "file is shorter than its header".to_owned())?;
+        let h = parse_header(&buf, stem)?;
+        let expected = h.payload_offset as u64 + h.payload_len;
+        if meta.len() != expected {
+            return Err(format!(
+                "file is {} bytes, header says {expected}",
+                meta.len()
+            ));
+        }
+        Ok((
+            h.payload_len,
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        ))
+    }
+
+    /// The start-up scan's report.
+    pub fn rebuild_report(&self) -> &RebuildReport {
+        &self.rebuild
+    }
+
+    /// The file that holds `key`.
+    pub fn object_path(&self, key: &ObjectKey) -> PathBuf {
+        self.base.join(format!("{key}{SUFFIX}"))
+    }
+
+    fn check_open(&self) -> Result<(), L2Error> {
+        if self.closed.load(Relaxed) {
+            Err(L2Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Removes victims' files (already un-indexed) and counts them.
+    async fn remove_files(&self, victims: Vec<(ObjectKey, u64)>, evicted: bool) {
+        if victims.is_empty() {
+            return;
+        }
+        if evicted {
+            self.stats
+                .evicted_objects
+                .fetch_add(victims.len() as u64, Relaxed);
+            self.stats
+                .evicted_bytes
+                .fetch_add(victims.iter().map(|(_, l)| l).sum(), Relaxed);
+        }
+        let paths: Vec<PathBuf> = victims.iter().map(|(k, _)| self.object_path(k)).collect();
+        let _permit = self.io.acquire().await;
+        let removed = tokio::task::spawn_blocking(move || {
+            for p in paths {
+                match fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("removing {}: {e}", p.display())),
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.health.record_error(e),
+            Err(e) => self.health.record_error(format!("remove task failed: {e}")),
+        }
+    }
+
+    /// Handles a file that failed verification: un-index, delete, count, log.
+    async fn quarantine(&self, key: &ObjectKey, why: &str) {
+        self.stats.corrupt_objects.fetch_add(1, Relaxed);
+        let path = self.object_path(key);
+        tracing::warn!(file = %path.display(), %why, "corrupt l2 object: treating as a miss and removing it");
+        self.health
+            .record_error(format!("corrupt object {}: {why}", path.display()));
+        let removed = self.index.lock().remove(key);
+        if let Some(len) = removed {
+            self.remove_files(vec![(key.clone(), len)], false).await;
+        }
+    }
+
+    fn store_error(&self, key: &ObjectKey, len: u64, e: &L2Error) {
+        if let L2Error::NoSpace(msg) = e {
+            self.last_failed_len.store(len, Relaxed);
+            self.health.mark_down(
+                self.kind(),
+                format!(
+                    "disk full or not writable at {}: {msg}",
+                    self.base.display()
+                ),
+            );
+        } else {
+            self.health.record_error(format!("store {key}: {e}"));
+        }
+    }
+
+    async fn store_batch(
+        &self,
+        keys: &[ObjectKey],
+        segment: &Arc<ShmSegment>,
+        src: &[Allocation],
+    ) -> KeyResults {
+        let n = keys.len();
+        if let Err(e) = self
+            .check_open()
+            .and_then(|()| check_batch(keys, segment, src))
+            .and_then(|()| self.health.gate())
+        {
+            return all_err(n, &e);
+        }
+        let mut out: Vec<Option<Result<(), L2Error>>> = (0..n).map(|_| None).collect();
+        let mut jobs: Vec<usize> = Vec::new();
+        let mut victims = Vec::new();
+        {
+            let mut ix = self.index.lock();
+            for (i, (k, a)) in keys.iter().zip(src).enumerate() {
+                if ix.contains(k) || keys[..i].contains(k) {
+                    self.stats.skipped_existing.fetch_add(1, Relaxed);
+                    out[i] = Some(Ok(()));
+                    continue;
+                }
+                match ix.reserve(a.len) {
+                    Ok(v) => {
+                        victims.extend(v);
+                        jobs.push(i);
+                    }
+                    Err(needed) => out[i] = Some(Err(L2Error::CapacityFull { needed })),
+                }
+            }
+        }
+        self.remove_files(victims, true).await;
+
+        // Phase 1: copy out of L1 and write + fsync temp files, `num_workers` at a time.
+        let mut set: JoinSet<(usize, Result<PathBuf, L2Error>)> = JoinSet::new();
+        for &i in &jobs {
+            let Ok(permit) = Arc::clone(&self.io).acquire_owned().await else {
+                out[i] = Some(Err(L2Error::Closed));
+                continue;
+            };
+            let seq = self.tmp_seq.fetch_add(1, Relaxed);
+            let key_text = keys[i].to_string();
+            let tmp = self
+                .tmp
+                .join(format!("{seq:016x}-{}.tmp", std::process::id()));
+            let seg = Arc::clone(segment);
+            let a = src[i];
+            let bufs = Arc::clone(&self.bufs);
+            set.spawn_blocking(move || {
+                let _permit = permit;
+                let r = usize_len(a.len).and_then(|len| {
+                    let mut payload = bufs.take_len(len);
+                    let r = usize_len(a.offset)
+                        .and_then(|off| {
+                            seg.copy_out(off, &mut payload)
+                                .map_err(|e| L2Error::Invalid(e.to_string()))
+                        })
+                        .and_then(|()| {
+                            write_tmp(&tmp, &key_text, &payload)
+                                .map_err(|e| classify(&e, "writing the temp file"))
+                        });
+                    bufs.give(payload);
+                    r
+                });
+                (i, r.map(|()| tmp))
+            });
+        }
+        let mut written: Vec<(usize, PathBuf)> = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok((i, Ok(tmp))) => written.push((i, tmp)),
+                Ok((i, Err(e))) => out[i] = Some(Err(e)),
+                Err(e) => tracing::error!(error = %e, "fs store task failed"),
+            }
+        }
+
+        // Phase 2: rename into place and fsync the directory once for the batch.
+        if !written.is_empty() {
+            let renames: Vec<(usize, PathBuf, PathBuf)> = written
+                .into_iter()
+                .map(|(i, tmp)| (i, tmp, self.object_path(&keys[i])))
+                .collect();
+            let base = self.base.clone();
+            let _permit = self.io.acquire().await;
+            let published = tokio::task::spawn_blocking(move || {
+                let mut results: Vec<(usize, PathBuf, Result<(), L2Error>)> = renames
+                    .into_iter()
+                    .map(|(i, tmp, dst)| {
+                        let r = fs::rename(&tmp, &dst).map_err(|e| {
+                            let _removed = fs::remove_file(&tmp);
+                            classify(&e, "renaming into place")
+                        });
+                        (i, dst, r)
+                    })
+                    .collect();
+                if let Err(e) = fsync_dir(&base) {
+                    let err = classify(&e, "fsyncing the directory");
+                    for (_, dst, r) in &mut results {
+                        if r.is_ok() {
+                            let _removed = fs::remove_file(&*dst);
+                            *r = Err(err.clone());
+                        }
+                    }
+                }
+                results
+            })
+            .await;
+            match published {
+                Ok(results) => {
+                    for (i, _, r) in results {
+                        out[i] = Some(r);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "fs publish task failed"),
+            }
+        }
+
+        // Phase 3: index what is durable, release the other reservations.
+        let mut more_victims = Vec::new();
+        let results: KeyResults = out
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(L2Error::Io("store task lost".to_owned()))))
+            .collect();
+        {
+            let mut ix = self.index.lock();
+            for &i in &jobs {
+                let key = results[i].is_ok().then(|| keys[i].clone());
+                ix.finish_reservation(src[i].len, key);
+            }
+            more_victims.extend(ix.watermark_victims());
+        }
+        for &i in &jobs {
+            if let Err(e) = &results[i] {
+                self.store_error(&keys[i], src[i].len, e);
+            }
+        }
+        self.remove_files(more_victims, true).await;
+        results
+    }
+
+    async fn load_batch(
+        &self,
+        keys: &[ObjectKey],
+        segment: &Arc<ShmSegment>,
+        dst: &[Allocation],
+    ) -> KeyResults {
+        let n = keys.len();
+        if let Err(e) = self
+            .check_open()
+            .and_then(|()| check_batch(keys, segment, dst))
+        {
+            return all_err(n, &e);
+        }
+        let mut out: Vec<Option<Result<(), L2Error>>> = (0..n).map(|_| None).collect();
+        let mut set: JoinSet<(usize, Result<(), L2Error>)> = JoinSet::new();
+        for (i, (k, a)) in keys.iter().zip(dst).enumerate() {
+            let indexed = self.index.lock().get(k);
+            let Some(len) = indexed else {
+                out[i] = Some(Err(L2Error::NotFound));
+                continue;
+            };
+            if len != a.len {
+                out[i] = Some(Err(L2Error::Invalid(format!(
+                    "stored object is {len} bytes, L1 range is {}",
+                    a.len
+                ))));
+                continue;
+            }
+            let Ok(permit) = Arc::clone(&self.io).acquire_owned().await else {
+                out[i] = Some(Err(L2Error::Closed));
+                continue;
+            };
+            let path = self.object_path(k);
+            let key_text = k.to_string();
+            let seg = Arc::clone(segment);
+            let a = *a;
+            let bufs = Arc::clone(&self.bufs);
+            set.spawn_blocking(move || {
+                let _permit = permit;
+                let mut buf = bufs.take();
+                let r = read_verified(&path, &key_text, a.len, &mut buf)
+                    .and_then(|off| copy_in(&seg, a.offset, buf.get(off..).unwrap_or_default()));
+                bufs.give(buf);
+                (i, r)
+            });
+        }
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok((i, r)) => out[i] = Some(r),
+                Err(e) => tracing::error!(error = %e, "fs load task failed"),
+            }
+        }
+        let results: KeyResults = out
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(L2Error::Io("load task lost".to_owned()))))
+            .collect();
+        for (k, r) in keys.iter().zip(&results) {
+            match r {
+                Err(L2Error::Corrupt(why)) => self.quarantine(k, why).await,
+                Err(L2Error::NotFound) => {
+                    if self.index.lock().remove(k).is_some() {
+                        self.stats.vanished_objects.fetch_add(1, Relaxed);
+                    }
+                }
+                Err(e) => self.health.record_error(format!("load {k}: {e}")),
+                Ok(()) => {}
+            }
+        }
+        results
+    }
+}
+
+impl Prober for FsBackend {
+    fn probe_name(&self) -> &str {
+        "fs"
+    }
+
+    fn probe_health(&self) -> &Health {
+        &self.health
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let size = self
+                .last_failed_len
+                .load(Relaxed)
+                .clamp(4096, PROBE_MAX_BYTES);
+            let path = self.tmp.join(format!("probe-{}.tmp", std::process::id()));
+            let base = self.base.clone();
+            let r = tokio::task::spawn_blocking(move || -> Result<(), String> {
+                if !base.is_dir() {
+                    return Err(format!("{} is not a directory", base.display()));
+                }
+                let payload = vec![0u8; usize::try_from(size).unwrap_or(4096)];
+                let r = write_tmp(&path, "probe", &payload)
+                    .map_err(|e| format!("disk still not writable ({size}-byte probe write): {e}"));
+                let _removed = fs::remove_file(&path);
+                r
+            })
+            .await;
+            r.map_err(|e| format!("probe task failed: {e}"))?
+        })
+    }
+}
+
+impl L2Backend for FsBackend {
+    fn type_name(&self) -> &'static str {
+        "FSL2Adapter"
+    }
+
+    fn kind(&self) -> &'static str {
+        "fs"
+    }
+
+    fn lookup_and_pin<'a>(
+        &'a self,
+        keys: &'a [ObjectKey],
+    ) -> BoxFuture<'a, Result<Vec<Option<u64>>, L2Error>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let t = Instant::now();
+            let out: Vec<Option<u64>> = {
+                let mut ix = self.index.lock();
+                keys.iter()
+                    .map(|k| {
+                        let len = ix.get(k)?;
+                        ix.pin(k);
+                        Some(len)
+                    })
+                    .collect()
+            };
+            let hits = out.iter().flatten().count() as u64;
+            self.stats
+                .lookup_misses
+                .fetch_add(keys.len() as u64 - hits, Relaxed);
+            self.stats.lookup.record(hits, 0, 0, t.elapsed());
+            Ok(out)
+        })
+    }
+
+    fn unpin<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let mut ix = self.index.lock();
+            for k in keys {
+                ix.unpin(k);
+            }
+        })
+    }
+
+    fn load<'a>(
+        &'a self,
+        keys: &'a [ObjectKey],
+        segment: &'a Arc<ShmSegment>,
+        dst: &'a [Allocation],
+    ) -> BoxFuture<'a, KeyResults> {
+        Box::pin(async move {
+            let t = Instant::now();
+            let r = self.load_batch(keys, segment, dst).await;
+            let (ok, bytes) = ok_bytes(&r, dst);
+            self.stats
+                .load
+                .record(ok, bytes, r.len() as u64 - ok, t.elapsed());
+            r
+        })
+    }
+
+    fn store<'a>(
+        &'a self,
+        keys: &'a [ObjectKey],
+        segment: &'a Arc<ShmSegment>,
+        src: &'a [Allocation],
+    ) -> BoxFuture<'a, KeyResults> {
+        Box::pin(async move {
+            let t = Instant::now();
+            let r = self.store_batch(keys, segment, src).await;
+            let (ok, bytes) = ok_bytes(&r, src);
+            self.stats
+                .store
+                .record(ok, bytes, r.len() as u64 - ok, t.elapsed());
+            r
+        })
+    }
+
+    fn delete<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, Result<u64, L2Error>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let t = Instant::now();
+            let removed: Vec<(ObjectKey, u64)> = {
+                let mut ix = self.index.lock();
+                keys.iter()
+                    .filter_map(|k| {
+                        if ix.is_pinned(k) {
+                            return None;
+                        }
+                        ix.remove(k).map(|len| (k.clone(), len))
+                    })
+                    .collect()
+            };
+            let n = removed.len() as u64;
+            self.remove_files(removed, false).await;
+            self.stats.delete.record(n, 0, 0, t.elapsed());
+            Ok(n)
+        })
+    }
+
+    fn usage(&self) -> Usage {
+        let ix = self.index.lock();
+        Usage {
+            used_bytes: ix.used(),
+            capacity_bytes: ix.capacity(),
+            object_count: ix.len(),
+            pinned_count: ix.pinned_count(),
+        }
+    }
+
+    fn health(&self) -> HealthSnapshot {
+        self.health.snapshot()
+    }
+
+    fn report_status(&self) -> StatusNode {
+        let u = self.usage();
+        let h = self.health.snapshot();
+        let probe_alive = self.probe.lock().as_ref().is_some_and(|p| p.is_alive());
+        let closed = self.closed.load(Relaxed);
+        let reason = format!(
+            "fs adapter at {} is unhealthy: {}",
+            self.base.display(),
+            h.reason.as_deref().unwrap_or("unknown")
+        );
+        StatusNode::healthy()
+            .require(h.connected, reason)
+            .require(closed || probe_alive, "health probe task is not running")
+            .field("type", self.type_name())
+            .field("stored_object_count", u.object_count)
+            .field("locked_key_count", u.pinned_count)
+            .field("current_size_bytes", u.used_bytes)
+            .field("max_capacity_bytes", u.capacity_bytes)
+            .field("connected", h.connected)
+            .field("last_error", h.last_error)
+            .field("last_error_age_seconds", h.last_error_age_seconds)
+            .field("base_path", &self.cfg.base_path)
+            .field("relative_tmp_dir", &self.cfg.relative_tmp_dir)
+            .field("num_workers", self.cfg.num_workers)
+            .field("use_odirect", false)
+            .field("eviction", self.cfg.eviction)
+            .field("probe_alive", probe_alive)
+            .field("rebuild", &self.rebuild)
+            .field("errors", self.health.counters_json())
+            .field("ops", self.stats.to_json())
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.closed.store(true, Relaxed);
+            let probe = self.probe.lock().clone();
+            if let Some(p) = probe {
+                p.stop().await;
+            }
+        })
+    }
+}
+
+/// Successful objects and their bytes.
+pub(crate) fn ok_bytes(results: &KeyResults, allocs: &[Allocation]) -> (u64, u64) {
+    results
+        .iter()
+        .zip(allocs)
+        .filter(|(r, _)| r.is_ok())
+        .fold((0, 0), |(n, b), (_, a)| (n + 1, b + a.len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_checks() {
+        let key = "m@0x01010000@0@00ff";
+        let payload = b"hello world";
+        let mut file = encode_header(key, payload);
+        file.extend_from_slice(payload);
+        let h = parse_header(&file, key).expect("valid");
+        assert_eq!(h.payload_len, payload.len() as u64);
+        assert_eq!(&file[h.payload_offset..], payload);
+        assert!(parse_header(&file, "other").is_err());
+        assert!(parse_header(&file[..20], key).is_err());
+        let mut bad = file.clone();
+        bad[0] ^= 1;
+        assert!(parse_header(&bad, key).is_err());
+        let mut v2 = file.clone();
+        v2[8] = 2;
+        assert!(
+            parse_header(&v2, key)
+                .expect_err("v2 rejected")
+                .contains("version")
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! Adapter health: connectivity, last error, the fail-fast gate and the self-healing probe loop.
+//!
+//! Each adapter owns one [`Health`]. When the adapter sees a backend-level failure (connection
+//! refused or dropped, device full) it calls [`Health::mark_down`] with the reason: from then on
+//! [`Health::gate`] makes calls that need the backend fail at once with `Unavailable` (counted in
+//! `fast_failures_total`), so a dead Redis costs nothing per request and causes no retry storm.
+//! A probe task ([`spawn_probe_loop`]) retries the backend with exponential backoff (100 ms
+//! doubling to 5 s) and calls [`Health::mark_up`] when it answers again; while healthy it can
+//! also send a heartbeat at a fixed interval so an idle adapter notices an outage.
+//!
+//! `up` is an atomic read on every call; the details sit behind a short mutex that is never held
+//! across an `.await`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+
+use crate::backend::BoxFuture;
+use crate::error::L2Error;
+
+/// First retry delay of the probe loop.
+pub const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest retry delay of the probe loop.
+pub const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Default)]
+struct Inner {
+    down_reason: Option<String>,
+    down_since: Option<Instant>,
+    last_error: Option<(String, Instant)>,
+}
+
+/// Health state of one adapter.
+#[derive(Debug)]
+pub struct Health {
+    up: AtomicBool,
+    inner: Mutex<Inner>,
+    wake: Notify,
+    /// Transitions from healthy to unhealthy.
+    pub down_transitions_total: AtomicU64,
+    /// Transitions back to healthy.
+    pub recoveries_total: AtomicU64,
+    /// Calls refused at once because the adapter was down.
+    pub fast_failures_total: AtomicU64,
+    /// Errors recorded (any kind).
+    pub errors_total: AtomicU64,
+    /// Probe attempts while down.
+    pub probes_total: AtomicU64,
+    /// Heartbeats sent while up.
+    pub heartbeats_total: AtomicU64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A point-in-time view of [`Health`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HealthSnapshot {
+    /// Whether the backend is reachable/usable.
+    pub connected: bool,
+    /// Why it is not (when `connected` is false).
+    pub reason: Option<String>,
+    /// Seconds since it went down.
+    pub down_for_seconds: Option<f64>,
+    /// The last error seen (even while healthy, e.g. one corrupt file).
+    pub last_error: Option<String>,
+    /// Seconds since the last error.
+    pub last_error_age_seconds: Option<f64>,
+}
+
+impl Health {
+    /// A healthy state.
+    pub fn new() -> Self {
+        Self {
+            up: AtomicBool::new(true),
+            inner: Mutex::new(Inner::default()),
+            wake: Notify::new(),
+            down_transitions_total: AtomicU64::new(0),
+            recoveries_total: AtomicU64::new(0),
+            fast_failures_total: AtomicU64::new(0),
+            errors_total: AtomicU64::new(0),
+            probes_total: AtomicU64::new(0),
+            heartbeats_total: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the backend is usable (one atomic load).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
+    /// `Ok` when up; otherwise counts a fast failure and returns `Unavailable` with the reason.
+    pub fn gate(&self) -> Result<(), L2Error> {
+        if self.is_up() {
+            return Ok(());
+        }
+        self.fast_failures_total.fetch_add(1, Relaxed);
+        let reason = self
+            .inner
+            .lock()
+            .down_reason
+            .clone()
+            .unwrap_or_else(|| "backend is down".to_owned());
+        Err(L2Error::Unavailable(reason))
+    }
+
+    /// Records an error without changing health.
+    pub fn record_error(&self, msg: impl Into<String>) {
+        self.errors_total.fetch_add(1, Relaxed);
+        self.inner.lock().last_error = Some((msg.into(), Instant::now()));
+    }
+
+    /// Marks the backend down for `reason` (also recorded as the last error) and wakes the probe
+    /// loop. Returns whether this call made the transition.
+    pub fn mark_down(&self, adapter: &str, reason: impl Into<String>) -> bool {
+        let reason = reason.into();
+        let now = Instant::now();
+        let was_up = {
+            let mut inner = self.inner.lock();
+            inner.last_error = Some((reason.clone(), now));
+            let was_up = self.up.swap(false, Relaxed);
+            if was_up || inner.down_reason.is_none() {
+                inner.down_since = Some(now);
+            }
+            inner.down_reason = Some(reason.clone());
+            was_up
+        };
+        self.errors_total.fetch_add(1, Relaxed);
+        if was_up {
+            self.down_transitions_total.fetch_add(1, Relaxed);
+            tracing::warn!(adapter, %reason, "l2 adapter unhealthy; failing its calls fast until it recovers");
+            self.wake.notify_one();
+        }
+        was_up
+    }
+
+    /// Marks the backend usable again. Returns whether this call made the transition.
+    pub fn mark_up(&self, adapter: &str) -> bool {
+        let (was_down, down_for) = {
+            let mut inner = self.inner.lock();
+            let was_down = !self.up.swap(true, Relaxed);
+            let since = inner.down_since.take();
+            inner.down_reason = None;
+            (was_down, since.map(|s| s.elapsed()))
+        };
+        if was_down {
+            self.recoveries_total.fetch_add(1, Relaxed);
+            tracing::info!(
+                adapter,
+                down_seconds = down_for.map(|d| d.as_secs_f64()),
+                "l2 adapter recovered"
+            );
+        }
+        was_down
+    }
+
+    /// A snapshot for status and tests.
+    pub fn snapshot(&self) -> HealthSnapshot {
+        let inner = self.inner.lock();
+        HealthSnapshot {
+            connected: self.is_up(),
+            reason: inner.down_reason.clone(),
+            down_for_seconds: inner.down_since.map(|s| s.elapsed().as_secs_f64()),
+            last_error: inner.last_error.as_ref().map(|(m, _)| m.clone()),
+            last_error_age_seconds: inner
+                .last_error
+                .as_ref()
+                .map(|(_, t)| t.elapsed().as_secs_f64()),
+        }
+    }
+
+    /// Counters as JSON for the status tree.
+    pub fn counters_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "errors_total": self.errors_total.load(Relaxed),
+            "fast_failures_total": self.fast_failures_total.load(Relaxed),
+            "down_transitions_total": self.down_transitions_total.load(Relaxed),
+            "recoveries_total": self.recoveries_total.load(Relaxed),
+            "probes_total": self.probes_total.load(Relaxed),
+            "heartbeats_total": self.heartbeats_total.load(Relaxed),
+        })
+    }
+}
+
+/// What the probe loop calls. Implemented by adapters.
+pub trait Prober: Send + Sync + 'static {
+    /// The adapter's name for logs.
+    fn probe_name(&self) -> &str;
+    /// The adapter's health.
+    fn probe_health(&self) -> &Health;
+    /// Tries the backend while it is down; `Ok` means it is usable again (the prober has
+    /// re-established whatever it needs, e.g. connections).
+    fn probe(&self) -> BoxFuture<'_, Result<(), String>>;
+    /// A cheap liveness check while up; `Err` marks the adapter down. `None` disables heartbeats.
+    fn heartbeat(&self) -> Option<BoxFuture<'_, Result<(), String>>> {
+        None
+    }
+}
+
+/// A running probe loop; dropping it does not stop the loop, [`ProbeLoop::stop`] does.
+#[derive(Debug)]
+pub struct ProbeLoop {
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    alive: Arc<AtomicBool>,
+}
+
+impl ProbeLoop {
+    /// Whether the loop task is running.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Relaxed)
+    }
+
+    /// Stops the loop and waits for it.
+    pub async fn stop(&self) {
+        let _sent = self.stop.send(true);
+        let task = self.task.lock().take();
+        if let Some(t) = task {
+            let _joined = t.await;
+        }
+    }
+}
+
+/// Spawns the probe loop of `prober` on `handle`. The loop holds a weak reference between
+/// rounds, so it ends by itself once the adapter is dropped. `heartbeat_interval`: how often to call
+/// [`Prober::heartbeat`] while healthy.
+pub fn spawn_probe_loop<P: Prober>(
+    handle: &tokio::runtime::Handle,
+    prober: Weak<P>,
+    heartbeat_interval: Duration,
+) -> ProbeLoop {
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let alive = Arc::new(AtomicBool::new(true));
+    let alive_task = Arc::clone(&alive);
+    let task = handle.spawn(async move {
+        struct Guard(Arc<AtomicBool>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                self.0.store(false, Relaxed);
+            }
+        }
+        let _guard = Guard(alive_task);
+        let mut backoff = PROBE_BACKOFF_MIN;
+        loop {
+            let Some(p) = prober.upgrade() else { return };
+            if p.probe_health().is_up() {
+                backoff = PROBE_BACKOFF_MIN;
+                // Wait for a heartbeat tick, a mark_down, or stop.
+                let woken = tokio::select! {
+                    _ = stop_rx.changed() => return,
+                    () = p.probe_health().wake.notified() => true,
+                    () = tokio::time::sleep(heartbeat_interval) => false,
+                };
+                if woken {
+                    continue;
+                }
+                if let Some(hb) = p.heartbeat() {
+                    p.probe_health().heartbeats_total.fetch_add(1, Relaxed);
+                    let result = tokio::select! {
+                        _ = stop_rx.changed() => return,
+                        r = hb => r,
+                    };
+                    if let Err(e) = result {
+                        p.probe_health().mark_down(p.probe_name(), e);
+                    }
+                }
+            } else {
+                drop(p);
+                tokio::select! {
+                    _ = stop_rx.changed() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                let Some(p) = prober.upgrade() else { return };
+                p.probe_health().probes_total.fetch_add(1, Relaxed);
+                let result = tokio::select! {
+                    _ = stop_rx.changed() => return,
+                    r = p.probe() => r,
+                };
+                match result {
+                    Ok(()) => {
+                        p.probe_health().mark_up(p.probe_name());
+                        backoff = PROBE_BACKOFF_MIN;
+                    }
+                    Err(e) => {
+                        tracing::debug!(adapter = p.probe_name(), error = %e, "l2 probe failed");
+                        p.probe_health().record_error(e);
+                        backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
+                    }
+                }
+            }
+        }
+    });
+    ProbeLoop {
+        stop: stop_tx,
+        task: Mutex::new(Some(task)),
+        alive,
+    }
+}

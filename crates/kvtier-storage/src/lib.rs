@@ -1,0 +1,48 @@
+//! kvtier storage: the L2 tier below the shared-memory L1.
+//!
+//! A KV cache outgrows one machine's DRAM; chunks spill to local disk and to a shared
+//! Redis/Valkey deployment (which is also how several kvtier nodes share one cache). This crate
+//! holds everything between L1 and those stores:
+//!
+//! - [`backend`]: the async, batch-first, dyn-safe [`L2Backend`](backend::L2Backend) trait. Data
+//!   moves directly between the L1 segment and the backend: loads copy into caller-reserved L1
+//!   ranges, stores copy out of read-locked ones.
+//! - Adapters, configured with LMCache's `--l2-adapter '<JSON>'` syntax ([`config`]):
+//!   [`mock`] (in memory, bandwidth-throttled), [`fs`] (crash-safe files with checksummed headers,
+//!   index rebuilt from disk at start) and [`resp`] (Redis/Valkey over RESP, pipelined, bounded
+//!   concurrency, values split into parts above a size limit).
+//! - [`store`]: the write-behind [`StoreController`](store::StoreController) (L1 → every adapter).
+//! - [`prefetch`]: the [`PrefetchController`](prefetch::PrefetchController) (L2 → temporary L1
+//!   objects on lookup, prefix-trimmed, lowest-index adapter wins).
+//! - [`tier`]: [`L2Tier`](tier::L2Tier), which owns the async runtime, the adapters and both
+//!   controllers, reports them into the status tree and shuts them down in order.
+//! - [`health`]: per-adapter health (connectivity, last error, fail-fast gate, self-healing
+//!   probe loop with backoff); [`metrics`]: per-adapter op counters and latency histograms;
+//!   [`index`]: the capacity/pin/eviction index the adapters share.
+//! - `testsuite` (feature `testsuite`): the conformance suite every backend passes, plus test
+//!   harnesses (a real `redis-server` launcher, shared-memory fixtures).
+//!
+//! Concurrency rules (all modules): no lock is held across an `.await`; disk I/O runs on the
+//! blocking pool behind a per-adapter semaphore; every queue is bounded or counted against an
+//! explicit limit with a drop-and-count full policy; every background task is observable in the
+//! status tree and stopped by [`L2Tier::shutdown`](tier::L2Tier::shutdown).
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod fs;
+pub mod health;
+pub mod index;
+pub mod metrics;
+pub mod mock;
+pub mod prefetch;
+pub mod resp;
+pub mod store;
+#[cfg(feature = "testsuite")]
+pub mod testsuite;
+pub mod tier;
+
+pub use backend::{L2Backend, Usage};
+pub use config::{AdapterConfig, EvictionSettings, parse_adapter_json};
+pub use error::L2Error;
+pub use tier::{L2Tier, L2TierConfig};

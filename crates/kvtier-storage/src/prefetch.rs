@@ -1,0 +1,783 @@
+//! The PrefetchController: L2 → L1 on lookup.
+//!
+//! The engine takes the L1 prefix of a lookup itself and submits the remaining suffix here
+//! ([`PrefetchController::submit`]); the client then polls (`query_prefetch_status`) or waits
+//! (`wait_prefetch_status`) and the engine collects the result exactly once
+//! ([`PrefetchController::try_take`]).
+//!
+//! One request, step by step (LMCache's state machine, with kvtier's fixes):
+//! 1. **Lookup phase**: `lookup_and_pin` on every adapter concurrently. An adapter that fails
+//!    (e.g. down) counts as holding nothing.
+//! 2. **Plan**: each key goes to the lowest-index adapter that has it; the plan is cut at the
+//!    first *group* (all kv ranks of one chunk) that some key of is missing everywhere, so only a
+//!    contiguous prefix of whole chunks is loaded.
+//! 3. **Phase-1 unpin**: keys pinned by an adapter but not planned on it are unpinned at once.
+//! 4. **Reserve L1**: `reserve_write(temporary = true)` for the planned keys as one batch. If L1
+//!    cannot fit the batch, the plan is halved (whole groups) and retried. A key that is already
+//!    in L1 (written meanwhile) is read-locked instead of loaded. The plan is cut again at the
+//!    first key that could get neither.
+//! 5. **Load phase**: each adapter loads its planned keys into their L1 reservations,
+//!    concurrently across adapters.
+//! 6. **Phase-2 unpin** of every planned key.
+//! 7. **Publish**: loaded keys become read-locked temporary L1 objects
+//!    (`finish_write_and_reserve_read`, `readers` locks each, so multi-reader MLA accounting
+//!    works for L2 hits too); failed reservations are aborted (never readable). The result is
+//!    the prefix of whole groups that succeeded; locks beyond it are released at once (a
+//!    temporary object is freed with its last lock).
+//!
+//! Scheduling: at most `max_in_flight` requests run at once; the rest wait in a FIFO. Queued and
+//! pending requests beyond `max_queued` are answered at once with an empty result and counted
+//! (`rejected_total`).
+//!
+//! Result ownership (no leaks): a finished result sits in the results map until it is taken
+//! (the engine then owns its leases), cancelled ([`PrefetchController::cancel`]: `end_session`,
+//! session expiry, a newer lookup in the same session), expired (`result_ttl`), or released at
+//! shutdown. A request cancelled while running releases its result the moment it completes.
+//!
+//! Lock order: results mutex → L1 (inside `L1Manager`) only for releases after the entry left
+//! the map; in practice releases happen after the mutex is dropped. The mutex is never held
+//! across an `.await`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use kvtier_core::key::ObjectKey;
+use kvtier_core::l1::{Allocation, L1Error, L1Manager, ReadLease, WriteTicket};
+use kvtier_core::shm::ShmSegment;
+use kvtier_core::status::StatusNode;
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::backend::L2Backend;
+
+/// PrefetchController settings.
+#[derive(Debug, Clone)]
+pub struct PrefetchConfig {
+    /// Requests running at once (`--l2-prefetch-max-in-flight`, default 8).
+    pub max_in_flight: usize,
+    /// Requests queued (submission + pending) before new ones are rejected.
+    pub max_queued: usize,
+    /// A finished result not taken within this long is released.
+    pub result_ttl: Duration,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 8,
+            max_queued: 4096,
+            result_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What to prefetch.
+#[derive(Debug, Clone)]
+pub struct PrefetchRequest {
+    /// Object keys, chunk-major (`group` consecutive keys per chunk).
+    pub keys: Vec<ObjectKey>,
+    /// Keys per chunk (world size for scheduler lookups, else 1).
+    pub group: usize,
+    /// Read locks to take on each loaded object (`num_kv_readers`).
+    pub readers: u32,
+}
+
+/// A finished prefetch: the loaded prefix, read-locked `readers` times per object.
+#[derive(Debug)]
+pub struct PrefetchResult {
+    /// Keys of the prefix (a whole number of groups).
+    pub keys: Vec<ObjectKey>,
+    /// One lease per key.
+    pub leases: Vec<ReadLease>,
+    /// Keys per chunk.
+    pub group: usize,
+    /// Locks per lease.
+    pub readers: u32,
+}
+
+impl PrefetchResult {
+    fn empty(req: &PrefetchRequest) -> Self {
+        Self {
+            keys: Vec::new(),
+            leases: Vec::new(),
+            group: req.group.max(1),
+            readers: req.readers,
+        }
+    }
+
+    /// Whole chunks in the prefix.
+    pub fn chunks(&self) -> u64 {
+        (self.keys.len() / self.group.max(1)) as u64
+    }
+}
+
+/// What [`PrefetchController::try_take`] found.
+#[derive(Debug)]
+pub enum Take {
+    /// Still running or queued.
+    Pending,
+    /// Done; the caller now owns the leases.
+    Ready(PrefetchResult),
+    /// No such request (already taken, cancelled, expired, or never submitted).
+    Unknown,
+}
+
+#[derive(Debug, Default)]
+struct Results {
+    live: HashSet<u64>,
+    cancelled: HashSet<u64>,
+    done: HashMap<u64, (PrefetchResult, Instant)>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    submitted: AtomicU64,
+    rejected: AtomicU64,
+    completed: AtomicU64,
+    cancelled: AtomicU64,
+    expired: AtomicU64,
+    keys_requested: AtomicU64,
+    keys_found: AtomicU64,
+    keys_loaded: AtomicU64,
+    keys_from_l1: AtomicU64,
+    keys_load_failed: AtomicU64,
+    bytes_loaded: AtomicU64,
+    chunks_hit: AtomicU64,
+    l1_oom_trims: AtomicU64,
+    lookup_errors: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    cfg: PrefetchConfig,
+    l1: Arc<L1Manager>,
+    segment: Arc<ShmSegment>,
+    adapters: Vec<Arc<dyn L2Backend>>,
+    tx: Mutex<Option<mpsc::UnboundedSender<(u64, PrefetchRequest)>>>,
+    results: Mutex<Results>,
+    done_cv: Condvar,
+    next_id: AtomicU64,
+    submission_queue: AtomicU64,
+    pending_queue: AtomicU64,
+    in_flight: AtomicU64,
+    lookup_phase: AtomicU64,
+    load_phase: AtomicU64,
+    completed_results: AtomicU64,
+    alive: AtomicBool,
+    stopping: AtomicBool,
+    c: Counters,
+}
+
+/// The prefetch controller. See the module docs.
+#[derive(Debug)]
+pub struct PrefetchController {
+    shared: Arc<Shared>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    fn up(g: &'a AtomicU64) -> Self {
+        g.fetch_add(1, Relaxed);
+        Self(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl PrefetchController {
+    /// Starts the dispatcher on `handle`.
+    pub fn spawn(
+        handle: &tokio::runtime::Handle,
+        cfg: PrefetchConfig,
+        l1: Arc<L1Manager>,
+        segment: Arc<ShmSegment>,
+        adapters: Vec<Arc<dyn L2Backend>>,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            cfg,
+            l1,
+            segment,
+            adapters,
+            tx: Mutex::new(Some(tx)),
+            results: Mutex::new(Results::default()),
+            done_cv: Condvar::new(),
+            next_id: AtomicU64::new(1),
+            submission_queue: AtomicU64::new(0),
+            pending_queue: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            lookup_phase: AtomicU64::new(0),
+            load_phase: AtomicU64::new(0),
+            completed_results: AtomicU64::new(0),
+            alive: AtomicBool::new(true),
+            stopping: AtomicBool::new(false),
+            c: Counters::default(),
+        });
+        let task = handle.spawn(dispatcher(Arc::clone(&shared), rx));
+        Self {
+            shared,
+            task: Mutex::new(Some(task)),
+        }
+    }
+
+    /// Submits a request; returns its id. Never blocks. A request that cannot be queued
+    /// completes at once with an empty result.
+    pub fn submit(&self, req: PrefetchRequest) -> u64 {
+        let s = &self.shared;
+        let id = s.next_id.fetch_add(1, Relaxed);
+        s.c.submitted.fetch_add(1, Relaxed);
+        s.c.keys_requested.fetch_add(req.keys.len() as u64, Relaxed);
+        s.results.lock().live.insert(id);
+        let queued = s.submission_queue.load(Relaxed) + s.pending_queue.load(Relaxed);
+        if queued >= s.cfg.max_queued as u64 {
+            s.c.rejected.fetch_add(1, Relaxed);
+            tracing::warn!(
+                queued,
+                "l2 prefetch queue full; answering the lookup from L1 only"
+            );
+            finish(s, id, PrefetchResult::empty(&req));
+            return id;
+        }
+        s.submission_queue.fetch_add(1, Relaxed);
+        let empty = PrefetchResult::empty(&req);
+        let sent = match &*s.tx.lock() {
+            Some(tx) => tx.send((id, req)).is_ok(),
+            None => false,
+        };
+        if !sent {
+            s.submission_queue.fetch_sub(1, Relaxed);
+            finish(s, id, empty);
+        }
+        id
+    }
+
+    /// Takes the result of `id` if it is done (exactly once).
+    pub fn try_take(&self, id: u64) -> Take {
+        let mut r = self.shared.results.lock();
+        if let Some((res, _)) = r.done.remove(&id) {
+            self.shared.completed_results.fetch_sub(1, Relaxed);
+            return Take::Ready(res);
+        }
+        if r.live.contains(&id) {
+            Take::Pending
+        } else {
+            Take::Unknown
+        }
+    }
+
+    /// Blocks the calling (non-async) thread until `id` is done or `timeout` passes. Returns
+    /// whether it is done (or unknown). Does not take the result.
+    pub fn wait(&self, id: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut r = self.shared.results.lock();
+        loop {
+            if r.done.contains_key(&id) || !r.live.contains(&id) {
+                return true;
+            }
+            if self.shared.done_cv.wait_until(&mut r, deadline).timed_out() {
+                return r.done.contains_key(&id) || !r.live.contains(&id);
+            }
+        }
+    }
+
+    /// Gives up on `id`: its result (now or when it completes) is released.
+    pub fn cancel(&self, id: u64) {
+        let s = &self.shared;
+        let taken = {
+            let mut r = s.results.lock();
+            match r.done.remove(&id) {
+                Some((res, _)) => Some(res),
+                None => {
+                    if r.live.contains(&id) {
+                        r.cancelled.insert(id);
+                    }
+                    None
+                }
+            }
+        };
+        if let Some(res) = taken {
+            s.completed_results.fetch_sub(1, Relaxed);
+            s.c.cancelled.fetch_add(1, Relaxed);
+            release(s, &res);
+        }
+    }
+
+    /// Requests submitted and not yet taken or cancelled.
+    pub fn active_jobs(&self) -> u64 {
+        let r = self.shared.results.lock();
+        (r.live.len() + r.done.len()) as u64
+    }
+
+    /// Stops the dispatcher: queued requests complete empty, running ones are awaited until
+    /// `deadline`, and every result nobody took is released.
+    pub async fn stop(&self, deadline: Duration) {
+        let s = &self.shared;
+        s.stopping.store(true, Relaxed);
+        s.tx.lock().take();
+        let task = self.task.lock().take();
+        if let Some(mut task) = task
+            && tokio::time::timeout(deadline, &mut task).await.is_err()
+        {
+            task.abort();
+            let _aborted = task.await;
+            tracing::warn!("l2 prefetch stop deadline passed; abandoning running requests");
+        }
+        let left: Vec<PrefetchResult> = {
+            let mut r = s.results.lock();
+            r.live.clear();
+            r.cancelled.clear();
+            r.done.drain().map(|(_, (res, _))| res).collect()
+        };
+        s.completed_results.store(0, Relaxed);
+        for res in &left {
+            release(s, res);
+        }
+        s.done_cv.notify_all();
+    }
+
+    /// LMCache's `prefetch_controller` node plus kvtier's counters.
+    pub fn report_status(&self) -> StatusNode {
+        let s = &self.shared;
+        let c = &s.c;
+        let alive = s.alive.load(Relaxed);
+        StatusNode::healthy()
+            .require(alive, "prefetch controller task is not running")
+            .field("thread_alive", alive)
+            .field("max_in_flight", s.cfg.max_in_flight)
+            .field("submission_queue_size", s.submission_queue.load(Relaxed))
+            .field("pending_queue_size", s.pending_queue.load(Relaxed))
+            .field("in_flight_request_count", s.in_flight.load(Relaxed))
+            .field("lookup_phase_count", s.lookup_phase.load(Relaxed))
+            .field("load_phase_count", s.load_phase.load(Relaxed))
+            .field("completed_results_count", s.completed_results.load(Relaxed))
+            .field("num_l2_adapters", s.adapters.len())
+            .field("max_queued", s.cfg.max_queued)
+            .field("submitted_total", c.submitted.load(Relaxed))
+            .field("rejected_total", c.rejected.load(Relaxed))
+            .field("completed_total", c.completed.load(Relaxed))
+            .field("cancelled_total", c.cancelled.load(Relaxed))
+            .field("expired_results_total", c.expired.load(Relaxed))
+            .field("keys_requested_total", c.keys_requested.load(Relaxed))
+            .field("keys_found_total", c.keys_found.load(Relaxed))
+            .field("keys_loaded_total", c.keys_loaded.load(Relaxed))
+            .field("keys_already_in_l1_total", c.keys_from_l1.load(Relaxed))
+            .field("keys_load_failed_total", c.keys_load_failed.load(Relaxed))
+            .field("bytes_loaded_total", c.bytes_loaded.load(Relaxed))
+            .field("chunks_hit_total", c.chunks_hit.load(Relaxed))
+            .field("l1_oom_trims_total", c.l1_oom_trims.load(Relaxed))
+            .field("lookup_errors_total", c.lookup_errors.load(Relaxed))
+    }
+}
+
+/// The status node when no adapter is configured.
+pub fn disabled_status(max_in_flight: usize) -> StatusNode {
+    StatusNode::healthy()
+        .field("thread_alive", false)
+        .field("max_in_flight", max_in_flight)
+        .field("submission_queue_size", 0)
+        .field("pending_queue_size", 0)
+        .field("in_flight_request_count", 0)
+        .field("lookup_phase_count", 0)
+        .field("load_phase_count", 0)
+        .field("completed_results_count", 0)
+        .field("num_l2_adapters", 0)
+}
+
+fn release(s: &Shared, res: &PrefetchResult) {
+    if !res.leases.is_empty() {
+        s.l1.finish_read(&res.leases, res.readers);
+    }
+}
+
+/// Records a finished request (or releases it if it was cancelled) and wakes waiters.
+fn finish(s: &Shared, id: u64, res: PrefetchResult) {
+    s.c.completed.fetch_add(1, Relaxed);
+    s.c.chunks_hit.fetch_add(res.chunks(), Relaxed);
+    let orphan = {
+        let mut r = s.results.lock();
+        let was_live = r.live.remove(&id);
+        if r.cancelled.remove(&id) || !was_live || s.stopping.load(Relaxed) {
+            Some(res)
+        } else {
+            r.done.insert(id, (res, Instant::now()));
+            s.completed_results.fetch_add(1, Relaxed);
+            None
+        }
+    };
+    if let Some(res) = orphan {
+        s.c.cancelled.fetch_add(1, Relaxed);
+        release(s, &res);
+    }
+    s.done_cv.notify_all();
+}
+
+fn expire_results(s: &Shared) {
+    let now = Instant::now();
+    let expired: Vec<PrefetchResult> = {
+        let mut r = s.results.lock();
+        let ids: Vec<u64> = r
+            .done
+            .iter()
+            .filter(|(_, (_, at))| now.saturating_duration_since(*at) > s.cfg.result_ttl)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.iter()
+            .filter_map(|id| r.done.remove(id).map(|(res, _)| res))
+            .collect()
+    };
+    if !expired.is_empty() {
+        s.completed_results.fetch_sub(expired.len() as u64, Relaxed);
+        s.c.expired.fetch_add(expired.len() as u64, Relaxed);
+        tracing::info!(
+            results = expired.len(),
+            "releasing l2 prefetch results nobody collected"
+        );
+        for res in &expired {
+            release(s, res);
+        }
+    }
+}
+
+async fn dispatcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, PrefetchRequest)>) {
+    struct Alive(Arc<Shared>);
+    impl Drop for Alive {
+        fn drop(&mut self) {
+            self.0.alive.store(false, Relaxed);
+        }
+    }
+    let _alive = Alive(Arc::clone(&shared));
+    let mut pending: VecDeque<(u64, PrefetchRequest)> = VecDeque::new();
+    let mut running: JoinSet<()> = JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+            msg = rx.recv(), if open => match msg {
+                Some(job) => {
+                    shared.submission_queue.fetch_sub(1, Relaxed);
+                    shared.pending_queue.fetch_add(1, Relaxed);
+                    pending.push_back(job);
+                }
+                None => open = false,
+            },
+            _ = tick.tick() => expire_results(&shared),
+        }
+        if !open {
+            // Stopping: queued requests complete empty; running ones are awaited.
+            for (id, req) in pending.drain(..) {
+                shared.pending_queue.fetch_sub(1, Relaxed);
+                finish(&shared, id, PrefetchResult::empty(&req));
+            }
+            while running.join_next().await.is_some() {}
+            return;
+        }
+        while running.len() < shared.cfg.max_in_flight.max(1) {
+            let Some((id, req)) = pending.pop_front() else {
+                break;
+            };
+            shared.pending_queue.fetch_sub(1, Relaxed);
+            let cancelled = shared.results.lock().cancelled.contains(&id);
+            if cancelled {
+                finish(&shared, id, PrefetchResult::empty(&req));
+                continue;
+            }
+            let s = Arc::clone(&shared);
+            running.spawn(async move {
+                let res = run_request(&s, id, &req).await;
+                finish(&s, id, res);
+            });
+        }
+    }
+}
+
+/// A slot in L1 for one planned key.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    /// A temporary staging reservation to load into.
+    Load(WriteTicket),
+    /// The key was already in L1; read-locked instead.
+    InL1(ReadLease),
+}
+
+async fn unpin_per_adapter(s: &Shared, per_adapter: Vec<Vec<ObjectKey>>) {
+    let calls = s
+        .adapters
+        .iter()
+        .zip(&per_adapter)
+        .filter(|(_, keys)| !keys.is_empty())
+        .map(|(a, keys)| a.unpin(keys));
+    join_all(calls).await;
+}
+
+fn whole_groups(n: usize, group: usize) -> usize {
+    n / group * group
+}
+
+async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> PrefetchResult {
+    let _in_flight = Gauge::up(&s.in_flight);
+    let group = req.group.max(1);
+    let keys = &req.keys;
+    let n = keys.len();
+    let readers = req.readers.max(1);
+
+    // 1. Lookup phase.
+    let lookups: Vec<Vec<Option<u64>>> = {
+        let _phase = Gauge::up(&s.lookup_phase);
+        let results = join_all(s.adapters.iter().map(|a| a.lookup_and_pin(keys))).await;
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(v) if v.len() == n => v,
+                Ok(_) | Err(_) => {
+                    s.c.lookup_errors.fetch_add(1, Relaxed);
+                    vec![None; n]
+                }
+            })
+            .collect()
+    };
+
+    // 2. Plan: lowest-index adapter per key, cut at the first group with a missing key.
+    let plan: Vec<Option<(usize, u64)>> = (0..n)
+        .map(|j| {
+            lookups
+                .iter()
+                .enumerate()
+                .find_map(|(i, l)| l.get(j).copied().flatten().map(|len| (i, len)))
+        })
+        .collect();
+    let mut prefix = plan.iter().take_while(|p| p.is_some()).count();
+    prefix = whole_groups(prefix, group);
+    s.c.keys_found.fetch_add(prefix as u64, Relaxed);
+
+    // 3. Phase-1 unpin: pinned but not planned on that adapter.
+    let planned_on = |j: usize, i: usize| j < prefix && plan[j].is_some_and(|(a, _)| a == i);
+    let unplanned: Vec<Vec<ObjectKey>> = lookups
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            l.iter()
+                .enumerate()
+                .filter(|(j, hit)| hit.is_some() && !planned_on(*j, i))
+                .map(|(j, _)| keys[j].clone())
+                .collect()
+        })
+        .collect();
+    unpin_per_adapter(s, unplanned).await;
+
+    let cancelled = s.results.lock().cancelled.contains(&id);
+    if prefix == 0 || cancelled || s.stopping.load(Relaxed) {
+        unpin_planned(s, keys, &plan, 0, prefix).await;
+        return PrefetchResult::empty(req);
+    }
+
+    // 4. Reserve L1 (halving on OOM), read-locking keys that are already there.
+    let lens: Vec<u64> = plan[..prefix]
+        .iter()
+        .map(|p| p.map_or(0, |(_, len)| len))
+        .collect();
+    let (mut slots, reserved) = reserve_prefix(s, &keys[..prefix], &lens, group, readers);
+    if reserved < prefix {
+        unpin_planned(s, keys, &plan, reserved, prefix).await;
+        prefix = reserved;
+    }
+    if prefix == 0 {
+        return PrefetchResult::empty(req);
+    }
+
+    // 5. Load phase, concurrently across adapters.
+    let mut ok = vec![false; prefix];
+    {
+        let _phase = Gauge::up(&s.load_phase);
+        let mut per_adapter: Vec<(Vec<usize>, Vec<ObjectKey>, Vec<Allocation>)> =
+            s.adapters.iter().map(|_| Default::default()).collect();
+        for (j, slot) in slots.iter().enumerate() {
+            match (slot, plan[j]) {
+                (Slot::Load(t), Some((i, _))) => {
+                    if let Some(entry) = per_adapter.get_mut(i) {
+                        entry.0.push(j);
+                        entry.1.push(keys[j].clone());
+                        entry.2.push(t.alloc);
+                    }
+                }
+                (Slot::InL1(_), _) => ok[j] = true,
+                (Slot::Load(_), None) => {}
+            }
+        }
+        let calls = s
+            .adapters
+            .iter()
+            .zip(&per_adapter)
+            .filter(|(_, (idx, _, _))| !idx.is_empty())
+            .map(
+                |(a, (idx, ks, allocs))| async move { (idx, a.load(ks, &s.segment, allocs).await) },
+            );
+        for (idx, results) in join_all(calls).await {
+            for (&j, r) in idx.iter().zip(results) {
+                if let Some(flag) = ok.get_mut(j) {
+                    *flag = r.is_ok();
+                }
+            }
+        }
+    }
+
+    // 6. Phase-2 unpin.
+    unpin_planned(s, keys, &plan, 0, prefix).await;
+
+    // 7. Publish loaded objects read-locked; abort failed reservations; keep the prefix.
+    let mut publish: Vec<(usize, WriteTicket)> = Vec::new();
+    let mut abort: Vec<WriteTicket> = Vec::new();
+    for (j, slot) in slots.iter().enumerate() {
+        if let Slot::Load(t) = slot {
+            if ok[j] {
+                publish.push((j, *t));
+            } else {
+                abort.push(*t);
+            }
+        }
+    }
+    if !abort.is_empty() {
+        s.c.keys_load_failed.fetch_add(abort.len() as u64, Relaxed);
+        s.l1.abort_write(&abort);
+    }
+    let tickets: Vec<WriteTicket> = publish.iter().map(|(_, t)| *t).collect();
+    let published = s.l1.finish_write_and_reserve_read(&tickets, readers);
+    let mut loaded_bytes = 0u64;
+    for ((j, t), r) in publish.iter().zip(published) {
+        match r {
+            Ok(lease) => {
+                slots[*j] = Slot::InL1(lease);
+                loaded_bytes += t.alloc.len;
+            }
+            Err(_) => ok[*j] = false,
+        }
+    }
+    s.c.keys_loaded.fetch_add(publish.len() as u64, Relaxed);
+    s.c.bytes_loaded.fetch_add(loaded_bytes, Relaxed);
+    let good = whole_groups(ok.iter().take_while(|&&b| b).count(), group);
+    let mut leases = Vec::with_capacity(good);
+    let mut beyond = Vec::new();
+    for (j, slot) in slots.into_iter().enumerate() {
+        if let Slot::InL1(l) = slot {
+            if j < good {
+                leases.push(l);
+            } else if ok[j] {
+                beyond.push(l);
+            }
+        }
+    }
+    if !beyond.is_empty() {
+        s.l1.finish_read(&beyond, readers);
+    }
+    PrefetchResult {
+        keys: keys[..good].to_vec(),
+        leases,
+        group,
+        readers,
+    }
+}
+
+async fn unpin_planned(
+    s: &Shared,
+    keys: &[ObjectKey],
+    plan: &[Option<(usize, u64)>],
+    from: usize,
+    to: usize,
+) {
+    let mut per_adapter: Vec<Vec<ObjectKey>> = s.adapters.iter().map(|_| Vec::new()).collect();
+    for (key, p) in keys.iter().zip(plan).take(to).skip(from) {
+        if let Some((i, _)) = p
+            && let Some(v) = per_adapter.get_mut(*i)
+        {
+            v.push(key.clone());
+        }
+    }
+    unpin_per_adapter(s, per_adapter).await;
+}
+
+/// Reserves L1 room for `keys` (temporary staging objects), halving the prefix (whole groups)
+/// while the batch does not fit. Keys already in L1 are read-locked instead. Returns one slot per
+/// key of the reserved prefix and its length.
+fn reserve_prefix(
+    s: &Shared,
+    keys: &[ObjectKey],
+    lens: &[u64],
+    group: usize,
+    readers: u32,
+) -> (Vec<Slot>, usize) {
+    let mut p = keys.len();
+    while p > 0 {
+        let items: Vec<(ObjectKey, u64)> = keys[..p]
+            .iter()
+            .cloned()
+            .zip(lens[..p].iter().copied())
+            .collect();
+        let results = s.l1.reserve_write(&items, true);
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(L1Error::OutOfMemory)))
+        {
+            let tickets: Vec<WriteTicket> = results.into_iter().filter_map(Result::ok).collect();
+            s.l1.abort_write(&tickets);
+            s.c.l1_oom_trims.fetch_add(1, Relaxed);
+            let groups = p / group;
+            p = whole_groups((groups / 2) * group, group);
+            continue;
+        }
+        // Keys that exist already: read-lock them instead of loading.
+        let existing: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_err())
+            .map(|(j, _)| j)
+            .collect();
+        let existing_keys: Vec<ObjectKey> = existing.iter().map(|&j| keys[j].clone()).collect();
+        let locked = if existing_keys.is_empty() {
+            Vec::new()
+        } else {
+            s.l1.reserve_read(&existing_keys, readers)
+        };
+        let mut slots: Vec<Option<Slot>> = results
+            .into_iter()
+            .map(|r| r.ok().map(Slot::Load))
+            .collect();
+        for (&j, r) in existing.iter().zip(locked) {
+            if let Ok(lease) = r {
+                s.c.keys_from_l1.fetch_add(1, Relaxed);
+                slots[j] = Some(Slot::InL1(lease));
+            }
+        }
+        let cut = whole_groups(slots.iter().take_while(|x| x.is_some()).count(), group);
+        let mut kept = Vec::with_capacity(cut);
+        let mut abort = Vec::new();
+        let mut unlock = Vec::new();
+        for (j, slot) in slots.into_iter().enumerate() {
+            match slot {
+                Some(x) if j < cut => kept.push(x),
+                Some(Slot::Load(t)) => abort.push(t),
+                Some(Slot::InL1(l)) => unlock.push(l),
+                None => {}
+            }
+        }
+        if !abort.is_empty() {
+            s.l1.abort_write(&abort);
+        }
+        if !unlock.is_empty() {
+            s.l1.finish_read(&unlock, readers);
+        }
+        return (kept, cut);
+    }
+    (Vec::new(), 0)
+}
