@@ -4,13 +4,17 @@
 //! - [`engine`]: LMCache 0.5.6 MP-server semantics (sessions, lookups, engine-driven transfers).
 //! - [`http`]: the admin API (status tree, health, Prometheus metrics, configuration, cache
 //!   clearing) with optional bearer-token access control.
+//! - [`dashboard`]: the web dashboard served by the admin API, and its time-series endpoint.
+//! - [`telemetry`]: the background sampler that keeps recent history of the counters.
 //! - [`stats`]: lock-free per-operation counters and latency histograms.
 //! - [`server`]: start-up and ordered shutdown of all of the above.
 
+pub mod dashboard;
 pub mod engine;
 pub mod http;
 pub mod server;
 pub mod stats;
+pub mod telemetry;
 pub mod transport;
 
 pub use server::{Server, ServerConfig, ServerError};

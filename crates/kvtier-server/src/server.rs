@@ -3,10 +3,11 @@
 //!
 //! Start order: shared-memory segment (+ background prefault thread) → L1 manager → eviction
 //! thread → L2 tier (adapters, store and prefetch controllers; only with `--l2-adapter`) → engine
-//! → housekeeping thread → ZeroMQ front end → HTTP API. Shutdown runs the reverse: stop RPC
-//! intake and drain in-flight requests (bounded) → stop HTTP → stop housekeeping → stop prefault
-//! → stop L2 (prefetch, then write-behind flush with a deadline, then close adapters) → release
-//! every client lock and pending transfer → stop eviction → unmap and unlink the segment.
+//! → housekeeping thread → telemetry sampler → ZeroMQ front end → HTTP API. Shutdown runs the
+//! reverse: stop RPC intake and drain in-flight requests (bounded) → stop HTTP → stop the
+//! telemetry sampler → stop housekeeping → stop prefault → stop L2 (prefetch, then write-behind
+//! flush with a deadline, then close adapters) → release every client lock and pending transfer →
+//! stop eviction → unmap and unlink the segment.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -27,6 +28,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::http::metrics::HttpStats;
 use crate::http::{HttpConfig, HttpServer};
 use crate::stats::{Outcome, RpcStats};
+use crate::telemetry::{Telemetry, TelemetryConfig};
 use crate::transport::{Handler, TransportConfig, ZmqFrontEnd};
 
 /// Everything `kvtier serve` can be told. `Debug` and `Serialize` (what `GET /config` shows)
@@ -87,6 +89,9 @@ pub struct ServerConfig {
     pub l2_prefetch_max_in_flight: usize,
     /// How long shutdown waits for the write-behind queue to drain.
     pub l2_flush_timeout: Duration,
+    /// Test-only: mounts `POST /api/debug/fault` on the HTTP API, which makes a component fail
+    /// as if it had crashed (see `dashboard`). Never enable it in production.
+    pub fault_injection: bool,
 }
 
 impl Default for ServerConfig {
@@ -115,6 +120,7 @@ impl Default for ServerConfig {
             l2_adapters: Vec::new(),
             l2_prefetch_max_in_flight: 8,
             l2_flush_timeout: Duration::from_secs(10),
+            fault_injection: false,
         }
     }
 }
@@ -200,6 +206,7 @@ pub struct Server {
     frontend: Arc<ZmqFrontEnd>,
     http: Option<HttpServer>,
     housekeeper: Mutex<Option<JoinHandle<()>>>,
+    telemetry: Arc<Telemetry>,
     prefaulter: Mutex<Option<JoinHandle<()>>>,
     prefault: Arc<PrefaultProgress>,
     stopper: Arc<Stopper>,
@@ -222,6 +229,7 @@ struct StatusParts {
     frontend: Arc<ZmqFrontEnd>,
     prefault: Arc<PrefaultProgress>,
     http: Arc<HttpStats>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl StatusSource {
@@ -270,6 +278,7 @@ impl StatusSource {
         if p.config.http.is_some() {
             root = root.child("http", p.http.report_status());
         }
+        root = root.child("telemetry", p.telemetry.report_status());
         root.field("uptime_seconds", p.started.elapsed().as_secs_f64())
             .field("version", env!("CARGO_PKG_VERSION"))
     }
@@ -302,6 +311,11 @@ impl StatusSource {
     /// Counters and liveness of the HTTP API.
     pub fn http_stats(&self) -> &Arc<HttpStats> {
         &self.inner.http
+    }
+
+    /// The telemetry ring (the dashboard's time series).
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.inner.telemetry
     }
 }
 
@@ -420,6 +434,17 @@ impl Server {
                     source: e,
                 })?
         };
+        let telemetry = Arc::new(
+            Telemetry::spawn(
+                Arc::clone(&engine),
+                Arc::clone(&rpc),
+                TelemetryConfig::default(),
+            )
+            .map_err(|e| ServerError::Spawn {
+                what: "kvtier-telemetry",
+                source: e,
+            })?,
+        );
         let host = if config.host == "localhost" {
             "127.0.0.1"
         } else {
@@ -447,6 +472,7 @@ impl Server {
                 frontend: Arc::clone(&frontend),
                 prefault: Arc::clone(&prefault),
                 http: Arc::new(HttpStats::default()),
+                telemetry: Arc::clone(&telemetry),
             }),
         };
         let http = match &config.http {
@@ -461,6 +487,7 @@ impl Server {
             frontend,
             http,
             housekeeper: Mutex::new(Some(housekeeper)),
+            telemetry,
             prefaulter: Mutex::new(prefaulter),
             prefault,
             stopper,
@@ -508,6 +535,11 @@ impl Server {
         &self.config
     }
 
+    /// The telemetry sampler and its ring.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
     /// Time since start.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
@@ -520,6 +552,7 @@ impl Server {
         if let Some(h) = &self.http {
             h.shutdown();
         }
+        self.telemetry.stop();
         *self.stopper.stop.lock() = true;
         self.stopper.cv.notify_all();
         if let Some(h) = self.housekeeper.lock().take() {

@@ -220,6 +220,41 @@ impl RpcStats {
     }
 }
 
+/// Raw bucket access, for statistics over an interval (the telemetry sampler subtracts two
+/// readings and takes the quantile of the difference).
+impl LatencyHistogram {
+    /// Number of buckets of every histogram (the length [`add_counts_to`](Self::add_counts_to)
+    /// expects).
+    pub const BUCKET_COUNT: usize = BUCKETS;
+
+    /// Adds each bucket's count to the matching element of `acc` (one pass of relaxed loads).
+    /// Extra elements of `acc` are left alone; missing ones are skipped.
+    pub fn add_counts_to(&self, acc: &mut [u64]) {
+        for (a, c) in acc.iter_mut().zip(self.buckets.iter()) {
+            *a += c.load(Relaxed);
+        }
+    }
+}
+
+/// The `q` quantile (0..=1) in seconds of bucket counts read with
+/// [`LatencyHistogram::add_counts_to`] (or differences of two such readings), as the upper bound
+/// of its bucket; `None` when the counts are all zero.
+pub fn quantile_of_counts(counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (b, &c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return Some(bucket_upper(b.min(BUCKETS - 1)) as f64 / 1e9);
+        }
+    }
+    Some(bucket_upper(BUCKETS - 1) as f64 / 1e9)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +311,29 @@ mod tests {
         assert_eq!(last, (f64::INFINITY, 1));
         assert_eq!(snap.buckets.iter().map(|b| b.1).sum::<u64>(), 5);
         assert!((snap.sum_seconds - 60.000_007_094).abs() < 1e-9);
+    }
+
+    #[test]
+    fn quantile_of_count_differences_sees_only_the_interval() {
+        let h = LatencyHistogram::default();
+        for _ in 0..1000 {
+            h.record(Duration::from_millis(10));
+        }
+        let mut before = vec![0u64; LatencyHistogram::BUCKET_COUNT];
+        h.add_counts_to(&mut before);
+        for _ in 0..100 {
+            h.record(Duration::from_micros(20));
+        }
+        let mut after = vec![0u64; LatencyHistogram::BUCKET_COUNT];
+        h.add_counts_to(&mut after);
+        let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let p99 = quantile_of_counts(&delta, 0.99).expect("non-empty interval");
+        assert!((20e-6..=25e-6).contains(&p99), "interval p99 {p99}");
+        // The cumulative p99 is still dominated by the earlier 10 ms observations.
+        assert!(h.quantile(0.99) >= 10e-3);
+        assert_eq!(
+            quantile_of_counts(&vec![0; LatencyHistogram::BUCKET_COUNT], 0.99),
+            None
+        );
     }
 }

@@ -137,6 +137,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_HTTP_INSECURE")]
     http_insecure: bool,
 
+    /// Test-only: mounts `POST /api/debug/fault` on the HTTP API, which makes a component fail
+    /// as if it had crashed (used by the dashboard's end-to-end test). Hidden from --help;
+    /// never enable it in production.
+    #[arg(long, hide = true)]
+    enable_fault_injection: bool,
+
     /// An L2 adapter as LMCache JSON, repeatable (index order = order given). Types: `mock`
     /// {max_size_gb, mock_bandwidth_gb}, `fs` {base_path, max_capacity_gb?, relative_tmp_dir?,
     /// num_workers?}, `resp` {host, port, username?, password?, max_capacity_gb?, num_workers?};
@@ -296,6 +302,7 @@ impl ServeArgs {
                 self.l2_flush_timeout_seconds,
                 true,
             )?,
+            fault_injection: self.enable_fault_injection,
         };
         Ok((cfg, self.log))
     }

@@ -187,6 +187,10 @@ pub struct EngineCounters {
     pub session_locks_released: AtomicU64,
     /// Pending stores/retrieves dropped by the sweep (client never committed).
     pub abandoned_transfers: AtomicU64,
+    /// Bytes of the chunks published by `commit_store`.
+    pub store_bytes_committed: AtomicU64,
+    /// Bytes of the chunks handed out by `prepare_retrieve`.
+    pub retrieve_bytes: AtomicU64,
 }
 
 /// The engine. Cheap to share (`Arc<Engine>`); every method takes `&self`.
@@ -613,6 +617,16 @@ impl Engine {
         self.counters
             .store_chunks_committed
             .fetch_add(ok as u64, Relaxed);
+        let ok_bytes: u64 = pending
+            .tickets
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(t, _)| t.alloc.len)
+            .sum();
+        self.counters
+            .store_bytes_committed
+            .fetch_add(ok_bytes, Relaxed);
         let published: Vec<ObjectKey> = pending
             .keys
             .into_iter()
@@ -794,6 +808,9 @@ impl Engine {
         self.counters
             .retrieve_chunks
             .fetch_add(slots.len() as u64, Relaxed);
+        self.counters
+            .retrieve_bytes
+            .fetch_add(leases.iter().map(|l| l.alloc.len).sum::<u64>(), Relaxed);
         let tk = Self::transfer_key(key, instance_id, worker);
         let old = self.pending_retrieves.lock().insert(
             tk,
@@ -984,7 +1001,9 @@ impl StatusReport for Engine {
                     "store_chunks_committed_total": c.store_chunks_committed.load(Relaxed),
                     "store_chunks_skipped_total": c.store_chunks_skipped.load(Relaxed),
                     "store_chunks_rejected_total": c.store_chunks_rejected.load(Relaxed),
+                    "store_bytes_committed_total": c.store_bytes_committed.load(Relaxed),
                     "retrieve_chunks_total": c.retrieve_chunks.load(Relaxed),
+                    "retrieve_bytes_total": c.retrieve_bytes.load(Relaxed),
                     "retrieve_refused_total": c.retrieve_refused.load(Relaxed),
                     "abandoned_total": c.abandoned_transfers.load(Relaxed),
                     "lookups_total": c.lookups.load(Relaxed),

@@ -2,7 +2,7 @@
 //!
 //! | method | path | answer |
 //! |---|---|---|
-//! | GET | `/` | `{"status":"ok","service":"kvtier","version":…}` |
+//! | GET | `/` | the web dashboard (see [`crate::dashboard`], which also serves `/api/timeseries`) |
 //! | GET | `/api/status`, `/status` | the whole status tree (JSON) |
 //! | GET | `/api/healthcheck`, `/healthcheck` | 200 `{"status":"healthy"}` only when the tree is healthy, else 503 with the unhealthy paths and reasons; never needs the token |
 //! | GET | `/metrics` | Prometheus / OpenMetrics text (see [`metrics`]) |
@@ -12,7 +12,9 @@
 //! | POST | `/cache/clear` | `{"tier":"l1"\|"all","force":false}` (body optional; LMCache 0.5.6 semantics) |
 //!
 //! Anything else answers a JSON 404 (or 405 for a known path with the wrong method). With a
-//! token configured every route but the health checks needs it (see [`auth`]).
+//! token configured every route but the health checks and the dashboard's static files (which
+//! hold no data; a browser cannot attach the token when it opens the page) needs it (see
+//! [`auth`]).
 //!
 //! Handlers are thin: the status tree is built from counters and snapshots (see
 //! `kvtier_core::status`), so polling it never takes a hot-path lock for longer than an O(1)
@@ -186,9 +188,9 @@ impl HttpServer {
     }
 }
 
-/// Every route, for bounded metric labels. Anything else is counted as `unmatched`.
-const ROUTES: [&str; 10] = [
-    "/",
+/// Every route, for bounded metric labels (with [`crate::dashboard::ROUTES`]). Anything else is
+/// counted as `unmatched`.
+const ROUTES: [&str; 9] = [
     "/api/status",
     "/status",
     "/api/healthcheck",
@@ -215,6 +217,7 @@ type Shared = State<Arc<AppState>>;
 
 fn router(source: StatusSource, token: Option<AuthToken>) -> Router {
     let stats = Arc::clone(source.http_stats());
+    let dashboard = crate::dashboard::routes(source.clone());
     let state = Arc::new(AppState {
         registry: metrics::registry(source.clone(), Arc::clone(&stats)),
         source,
@@ -222,7 +225,7 @@ fn router(source: StatusSource, token: Option<AuthToken>) -> Router {
         stats,
     });
     Router::new()
-        .route("/", get(root))
+        .merge(dashboard)
         .route("/api/status", get(status))
         .route("/status", get(status))
         .route("/api/healthcheck", get(healthcheck))
@@ -250,6 +253,7 @@ fn error(code: StatusCode, reason: impl Into<String>) -> Response {
 async fn guard(State(st): Shared, req: Request, next: Next) -> Response {
     let route = ROUTES
         .iter()
+        .chain(&crate::dashboard::ROUTES)
         .copied()
         .find(|r| *r == req.uri().path())
         .unwrap_or("unmatched");
@@ -257,6 +261,7 @@ async fn guard(State(st): Shared, req: Request, next: Next) -> Response {
         None => true,
         Some(token) => {
             OPEN_ROUTES.contains(&route)
+                || crate::dashboard::STATIC_ROUTES.contains(&route)
                 || token.authorizes(
                     req.headers()
                         .get(header::AUTHORIZATION)
@@ -280,13 +285,6 @@ async fn guard(State(st): Shared, req: Request, next: Next) -> Response {
     };
     st.stats.record(route, response.status().as_u16());
     response
-}
-
-async fn root() -> Response {
-    json_response(
-        StatusCode::OK,
-        &json!({"status": "ok", "service": "kvtier", "version": env!("CARGO_PKG_VERSION")}),
-    )
 }
 
 async fn status(State(s): Shared) -> Response {

@@ -51,6 +51,7 @@ pub fn config(l2_adapters: Vec<AdapterConfig>) -> ServerConfig {
         l2_adapters,
         l2_prefetch_max_in_flight: 8,
         l2_flush_timeout: Duration::from_secs(10),
+        ..ServerConfig::default()
     }
 }
 
