@@ -109,6 +109,7 @@ fn router(source: StatusSource) -> Router {
         .route("/config", get(config))
         .route("/api/clear-cache", post(clear_cache))
         .route("/cache/clear", post(cache_clear))
+        .route("/cache/checksums", post(cache_checksums))
         .with_state(Arc::new(source))
 }
 
@@ -191,4 +192,27 @@ async fn cache_clear(State(s): Shared, body: Option<Json<ClearBody>>) -> Respons
         "cleared": {"tier": body.tier, "removed": out.removed, "doomed": out.doomed, "kept": out.kept}
     }))
     .into_response()
+}
+
+/// `POST /cache/checksums` (LMCache 0.5.6): MD5 digests of a lmcache_driven instance's engine
+/// blocks. Hashing runs on the blocking pool, not on the runtime's workers.
+async fn cache_checksums(
+    State(s): Shared,
+    Json(body): Json<crate::engine::lmcache_driven::ChecksumRequest>,
+) -> Response {
+    let engine = Arc::clone(s.engine());
+    let result = tokio::task::spawn_blocking(move || engine.lmcache_driven_checksums(&body)).await;
+    match result {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => {
+            let code =
+                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            (code, Json(serde_json::json!({"detail": e.to_string()}))).into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({"detail": format!("checksum task failed: {e}")})),
+        )
+            .into_response(),
+    }
 }

@@ -20,6 +20,7 @@
 //! Lock order: `contexts` → `pending_*` → session mutex → L1 (inside `L1Manager`). No lock is
 //! held across I/O; L1 calls are O(keys in the request).
 
+pub mod lmcache_driven;
 pub mod session;
 
 use std::collections::HashMap;
@@ -37,7 +38,7 @@ use kvtier_proto::response::{
     RegisterEngineDrivenContextResponse, Slot, encode_bool, encode_int, encode_prepare_retrieve,
     encode_prepare_store, encode_str, encode_str_list, encode_uint,
 };
-use kvtier_proto::{IpcKey, Op, RegisterEngineDrivenContext, Request};
+use kvtier_proto::{IpcKey, RegisterEngineDrivenContext, Request};
 use parking_lot::{Mutex, RwLock};
 use session::{HeldLock, PrefetchState, SessionManager};
 
@@ -181,6 +182,7 @@ pub struct Engine {
     pending_stores: Mutex<HashMap<TransferKey, PendingStore>>,
     pending_retrieves: Mutex<HashMap<TransferKey, PendingRetrieve>>,
     counters: EngineCounters,
+    lmd: lmcache_driven::LmcacheDriven,
 }
 
 impl Engine {
@@ -203,6 +205,7 @@ impl Engine {
             pending_stores: Mutex::new(HashMap::new()),
             pending_retrieves: Mutex::new(HashMap::new()),
             counters: EngineCounters::default(),
+            lmd: lmcache_driven::LmcacheDriven::new(),
         }
     }
 
@@ -231,6 +234,11 @@ impl Engine {
         &self.counters
     }
 
+    /// The lmcache_driven registrations.
+    pub fn lmcache_driven(&self) -> &lmcache_driven::LmcacheDriven {
+        &self.lmd
+    }
+
     /// Chunk size in tokens.
     pub fn chunk_size(&self) -> usize {
         self.cfg.chunk_size
@@ -245,6 +253,9 @@ impl Engine {
             Request::Noop => Ok(Some(encode_str("OK"))),
             Request::GetExperimental => Ok(Some(encode_str_list(&[]))),
             Request::Ping { instance_id } => {
+                if let Some(iid) = instance_id {
+                    self.lmd.touch(iid, now, true);
+                }
                 if let Some(iid) = instance_id
                     && let Some(ctx) = self.contexts.write().get_mut(&iid)
                 {
@@ -301,17 +312,31 @@ impl Engine {
                     .fetch_add(records.len() as u64, Relaxed);
                 Ok(None)
             }
-            Request::RegisterKvCache(r) => {
-                tracing::warn!(
-                    instance_id = r.instance_id,
-                    "register_kv_cache (lmcache_driven transfer mode) is not supported yet; \
-                     use engine_driven (shared memory) transfer mode"
-                );
-                Err(EngineError::Unsupported(Op::RegisterKvCache.name()))
+            Request::RegisterKvCache(r) => Ok(self.lmd_register(r, now)),
+            Request::UnregisterKvCache { instance_id } => {
+                self.lmd_unregister(instance_id);
+                Ok(None)
             }
-            Request::UnregisterKvCache { .. } => Ok(None),
-            Request::Store { .. } => Err(EngineError::Unsupported(Op::Store.name())),
-            Request::Retrieve { .. } => Err(EngineError::Unsupported(Op::Retrieve.name())),
+            Request::Store {
+                key,
+                instance_id,
+                block_ids,
+                event_ipc_handle,
+            } => self.lmd_store(&key, instance_id, &block_ids, &event_ipc_handle, now),
+            Request::Retrieve {
+                key,
+                instance_id,
+                block_ids,
+                event_ipc_handle,
+                skip_first_n_tokens,
+            } => self.lmd_retrieve(
+                &key,
+                instance_id,
+                &block_ids,
+                &event_ipc_handle,
+                skip_first_n_tokens,
+                now,
+            ),
             Request::Unsupported { op, .. } => Err(EngineError::Unsupported(op.name())),
         }
     }
@@ -823,6 +848,7 @@ impl Engine {
                 self.counters.instances_reaped.fetch_add(1, Relaxed);
             }
         }
+        self.lmd_reap(now);
         let write_ttl = self.l1.config().write_ttl;
         let read_ttl = self.l1.config().read_ttl;
         let stale_stores: Vec<PendingStore> = {
@@ -863,6 +889,7 @@ impl Engine {
         for iid in iids {
             self.unregister_context(iid);
         }
+        self.lmd_release_all();
     }
 
     fn contexts_status(&self) -> (Vec<i64>, serde_json::Map<String, serde_json::Value>) {
@@ -920,6 +947,7 @@ impl StatusReport for Engine {
             .field("num_l2_adapters", 0)
             .field("l1_usage", [used, total]);
         let (ids, meta) = self.contexts_status();
+        let lmcache_driven = self.lmd_status(self.l1.clock().now());
         let c = &self.counters;
         StatusNode::healthy()
             .field("engine_type", "kvtier")
@@ -927,6 +955,7 @@ impl StatusReport for Engine {
             .field("hash_algorithm", self.hasher.hash_algorithm_name())
             .field("active_sessions", self.sessions.active_count())
             .child("storage_manager", storage)
+            .child("lmcache_driven", lmcache_driven)
             .field("shm_name", self.segment.name())
             .field(
                 "worker_liveness",
