@@ -1,22 +1,26 @@
 //! lmcache_driven gather/scatter throughput for an 8B-like KV cache (32 layers, 8 KV heads x 128,
 //! fp16, block size 16, chunk 256), against a plain memcpy of the same bytes in the same run.
 //!
-//! One iteration moves 4 chunks (4 x 32 MiB = 128 MiB): engine blocks (one POSIX shm segment per
-//! layer, random block ids) → chunk objects (gather, as `store` does) and back (scatter, as
-//! `retrieve` does), with all cores and with one thread. Baselines in the same run: `memcpy`
-//! copies 128 MiB between two process buffers (anonymous memory, possibly transparent huge
-//! pages); `memcpy_from_shm` copies 128 MiB from one shm mapping (4 KiB tmpfs pages, like the
-//! engine's segments) into a process buffer. Every buffer is touched before timing, so no page
-//! faults are measured. `hnd` is the same with the HND layout (`[2, NB, NH, BS, HS]`), which can only copy one
-//! 256-byte head vector at a time.
+//! One iteration moves 4 chunks (4 x 32 MiB = 128 MiB) between engine blocks (one POSIX shm
+//! segment per layer, distinct pseudo-random block ids) and chunk objects: `gather` is what
+//! `store` does, `scatter` what `retrieve` does; each with every core and with one thread, for
+//! the NHD layout (`[2, NB, BS, NH, HS]`: one 32 KiB copy per block) and the HND layout
+//! (`[2, NB, NH, BS, HS]`: one 256-byte copy per token and head). Baselines: `memcpy` of 128 MiB
+//! between two process buffers, and `memcpy_from_shm` from one shm mapping (4 KiB tmpfs pages,
+//! like the engine's segments) into a process buffer. Every buffer is page-aligned, like L1
+//! objects, and touched before timing.
 //!
-//! Run: `cargo bench -p kvtier-server --bench lmcache_driven_copy`
+//! The machine this runs on is usually shared, so instead of timing each variant for a while in
+//! turn (which lets load changes between variants skew their ratio), the variants are
+//! interleaved: each round times one iteration of every variant, and the report gives, per
+//! variant, the median GB/s over the rounds and the median of its per-round ratio to `memcpy`.
+//!
+//! Run: `cargo bench -p kvtier-server --bench lmcache_driven_copy [-- ROUNDS]` (default 40).
 
 use std::hint::black_box;
 use std::num::NonZeroUsize;
-use std::time::Duration;
+use std::time::Instant;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kvtier_proto::{CpuShmWrapper, DeviceIpcWrapper, TensorMetadata};
 use kvtier_server::engine::lmcache_driven::KvCacheMap;
 
@@ -56,7 +60,11 @@ fn engine(hnd: bool) -> Engine {
     let mut names = Vec::new();
     let mut wrappers = Vec::new();
     for l in 0..LAYERS {
-        let name = format!("kvtier_bench_lmd_{}_{}_{l}", std::process::id(), hnd as u8);
+        let name = format!(
+            "kvtier_bench_lmd_{}_{}_{l}",
+            std::process::id(),
+            u8::from(hnd)
+        );
         let data: Vec<u8> = (0..nbytes as usize)
             .map(|i| (i.wrapping_mul(31) ^ l) as u8)
             .collect();
@@ -87,7 +95,7 @@ fn engine(hnd: bool) -> Engine {
     Engine { names, kv }
 }
 
-/// A /dev/shm file of `len` bytes mapped shared (the baseline's source).
+/// A /dev/shm file of `len` bytes mapped shared (a baseline's source).
 struct ShmBuf {
     name: String,
     ptr: *const u8,
@@ -128,6 +136,43 @@ impl Drop for ShmBuf {
     }
 }
 
+/// A zeroed, page-aligned process buffer (L1 objects are page-aligned too; a buffer 16 bytes
+/// off a page boundary makes every gather copy pay 4 KiB-aliasing stalls).
+struct Aligned {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize, fill: u8) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("layout");
+        // SAFETY: `len > 0`.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw).expect("alloc");
+        let mut a = Self { ptr, len };
+        a.as_mut().fill(fill);
+        a
+    }
+
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `len` initialised bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `len` initialised bytes owned exclusively by `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
 /// Distinct pseudo-random block ids for `CHUNKS` chunks.
 fn block_ids() -> Vec<Vec<u64>> {
     let mut ids: Vec<u64> = (1..NB as u64).collect();
@@ -142,54 +187,123 @@ fn block_ids() -> Vec<Vec<u64>> {
     vec![ids]
 }
 
-fn copies(c: &mut Criterion) {
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+type Variant<'a> = (String, Box<dyn FnMut() + 'a>);
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(40);
     let all = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
     let one = NonZeroUsize::MIN;
     let ids = block_ids();
-    let mut g = c.benchmark_group("lmcache_driven_copy");
-    g.sample_size(20).measurement_time(Duration::from_secs(8));
-    for hnd in [false, true] {
-        let e = engine(hnd);
-        let bytes = CHUNKS * e.kv.object_len();
-        g.throughput(Throughput::Bytes(bytes as u64));
-        let mut obj = vec![1u8; bytes];
-        let tag = if hnd { "hnd" } else { "nhd" };
-        g.bench_function(format!("{tag}/gather_{all}_threads"), |b| {
-            b.iter(|| e.kv.gather(black_box(&ids), &mut obj, all).expect("gather"));
-        });
-        g.bench_function(format!("{tag}/scatter_{all}_threads"), |b| {
-            b.iter(|| {
-                e.kv.scatter(black_box(&ids), &obj, 0, all)
-                    .expect("scatter")
-            });
-        });
-        if !hnd {
-            g.bench_function(format!("{tag}/gather_1_thread"), |b| {
-                b.iter(|| e.kv.gather(black_box(&ids), &mut obj, one).expect("gather"));
-            });
-            g.bench_function(format!("{tag}/scatter_1_thread"), |b| {
-                b.iter(|| {
-                    e.kv.scatter(black_box(&ids), &obj, 0, one)
-                        .expect("scatter")
-                });
-            });
-            let src = vec![2u8; bytes];
-            let mut dst = vec![3u8; bytes];
-            g.bench_function("memcpy_1_thread", |b| {
-                b.iter(|| dst.copy_from_slice(black_box(&src)));
-            });
-            let shm = ShmBuf::new(bytes);
-            g.bench_function("memcpy_from_shm_1_thread", |b| {
-                // SAFETY: `shm` maps `bytes` readable bytes that nothing writes during the
-                // benchmark; `dst` is a distinct process buffer of the same length.
-                b.iter(|| unsafe {
-                    std::ptr::copy_nonoverlapping(shm.ptr, dst.as_mut_ptr(), bytes);
-                });
-            });
+    let mut nhd = engine(false);
+    let mut hnd = engine(true);
+    // Always split across threads when asked to (the server splits transfers >= 4 MiB).
+    nhd.kv.set_parallel_min_bytes(0);
+    hnd.kv.set_parallel_min_bytes(0);
+    let bytes = CHUNKS * nhd.kv.object_len();
+    assert_eq!(bytes, CHUNKS * hnd.kv.object_len());
+    let src = Aligned::new(bytes, 2);
+    let shm = ShmBuf::new(bytes);
+    let mut bufs: Vec<Aligned> = (0..7).map(|i| Aligned::new(bytes, i as u8)).collect();
+    let [b0, b1, b2, b3, b4, b5, b6] = &mut bufs[..] else {
+        unreachable!("seven buffers")
+    };
+    let (b0, b1, b3, b4, b6) = (
+        b0.as_mut(),
+        b1.as_mut(),
+        b3.as_mut(),
+        b4.as_mut(),
+        b6.as_mut(),
+    );
+    // Scatter sources hold real gathered chunks.
+    nhd.kv.gather(&ids, b2.as_mut(), all).expect("gather");
+    hnd.kv.gather(&ids, b5.as_mut(), all).expect("gather");
+    let (b2, b5) = (b2.as_ref(), b5.as_ref());
+    let (ids, nhd, hnd, src, shm) = (&ids, &nhd.kv, &hnd.kv, src.as_ref(), &shm);
+    let mut variants: Vec<Variant<'_>> = vec![
+        (
+            "memcpy (1 thread)".into(),
+            Box::new(|| b0.copy_from_slice(black_box(src))),
+        ),
+        (
+            "memcpy_from_shm (1 thread)".into(),
+            Box::new(|| {
+                // SAFETY: `shm` maps `bytes` readable bytes nothing writes; `b6` is a distinct
+                // buffer of the same length.
+                unsafe { std::ptr::copy_nonoverlapping(shm.ptr, b6.as_mut_ptr(), bytes) }
+            }),
+        ),
+        (
+            format!("nhd gather ({all} threads)"),
+            Box::new(|| nhd.gather(black_box(ids), b1, all).expect("gather")),
+        ),
+        (
+            "nhd gather (1 thread)".into(),
+            Box::new(|| nhd.gather(black_box(ids), b3, one).expect("gather")),
+        ),
+        (
+            format!("nhd scatter ({all} threads)"),
+            Box::new(|| nhd.scatter(black_box(ids), b2, 0, all).expect("scatter")),
+        ),
+        (
+            "nhd scatter (1 thread)".into(),
+            Box::new(|| nhd.scatter(black_box(ids), b2, 0, one).expect("scatter")),
+        ),
+        (
+            format!("hnd gather ({all} threads)"),
+            Box::new(|| hnd.gather(black_box(ids), b4, all).expect("gather")),
+        ),
+        (
+            format!("hnd scatter ({all} threads)"),
+            Box::new(|| hnd.scatter(black_box(ids), b5, 0, all).expect("scatter")),
+        ),
+    ];
+    for (_, f) in &mut variants {
+        f(); // warm up: touch every page
+    }
+    let n = variants.len();
+    let mut secs = vec![Vec::with_capacity(rounds); n];
+    for round in 0..rounds {
+        for k in 0..n {
+            let v = (k + round) % n; // rotate the order so no variant always follows another
+            let t = Instant::now();
+            (variants[v].1)();
+            secs[v].push(t.elapsed().as_secs_f64());
         }
     }
-    g.finish();
+    let base: Vec<f64> = secs[0].clone();
+    println!(
+        "lmcache_driven gather/scatter, 8B-like KV (32 layers, 8x128 heads, fp16, block 16), \
+         {CHUNKS} chunks = {} MiB per iteration, {rounds} interleaved rounds, {all} cores\n",
+        bytes >> 20
+    );
+    println!(
+        "{:<30} {:>12} {:>12} {:>12}",
+        "variant", "median GB/s", "best GB/s", "vs memcpy"
+    );
+    for (v, (name, _)) in variants.iter().enumerate() {
+        let mut gbps: Vec<f64> = secs[v].iter().map(|s| bytes as f64 / s / 1e9).collect();
+        let best = gbps.iter().copied().fold(0.0, f64::max);
+        let mut ratio: Vec<f64> = base.iter().zip(&secs[v]).map(|(b, s)| b / s).collect();
+        println!(
+            "{name:<30} {:>12.2} {best:>12.2} {:>11.2}x",
+            median(&mut gbps),
+            median(&mut ratio)
+        );
+    }
 }
-
-criterion_group!(benches, copies);
-criterion_main!(benches);
