@@ -8,7 +8,9 @@
 //! (`[2, NB, NH, BS, HS]`: one 256-byte copy per token and head). Baselines: `memcpy` of 128 MiB
 //! between two process buffers, and `memcpy_from_shm` from one shm mapping (4 KiB tmpfs pages,
 //! like the engine's segments) into a process buffer. Every buffer is page-aligned, like L1
-//! objects, and touched before timing.
+//! objects, and touched before timing, except in the first-touch variants, which gather (or
+//! memcpy) into a fresh shm mapping, as the first stores into a new L1 do: with the server's
+//! one-`madvise` populate first, or faulting page by page.
 //!
 //! The machine this runs on is usually shared, so instead of timing each variant for a while in
 //! turn (which lets load changes between variants skew their ratio), the variants are
@@ -19,10 +21,11 @@
 
 use std::hint::black_box;
 use std::num::NonZeroUsize;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvtier_proto::{CpuShmWrapper, DeviceIpcWrapper, TensorMetadata};
 use kvtier_server::engine::lmcache_driven::KvCacheMap;
+use kvtier_server::engine::lmcache_driven::mapping::populate_write;
 
 const LAYERS: usize = 32;
 const NB: usize = 128;
@@ -47,6 +50,10 @@ impl Drop for Engine {
 }
 
 fn engine(hnd: bool) -> Engine {
+    engine_named(hnd, "")
+}
+
+fn engine_named(hnd: bool, tag: &str) -> Engine {
     let shape: Vec<u64> = if hnd {
         vec![2, NB as u64, NH as u64, BS as u64, HS as u64]
     } else {
@@ -61,7 +68,7 @@ fn engine(hnd: bool) -> Engine {
     let mut wrappers = Vec::new();
     for l in 0..LAYERS {
         let name = format!(
-            "kvtier_bench_lmd_{}_{}_{l}",
+            "kvtier_bench_lmd_{}_{}{tag}_{l}",
             std::process::id(),
             u8::from(hnd)
         );
@@ -136,6 +143,59 @@ impl Drop for ShmBuf {
     }
 }
 
+/// A new /dev/shm file of `len` bytes mapped read-write and shared, never touched: what a store
+/// into fresh L1 memory writes to. `allocated` pre-allocates its pages (`--l1-prefault`).
+struct FreshShm {
+    path: String,
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl FreshShm {
+    fn new(len: usize, allocated: bool) -> Self {
+        let path = format!("/dev/shm/kvtier_bench_lmd_fresh_{}", std::process::id());
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("create");
+        file.set_len(len as u64).expect("set_len");
+        if allocated {
+            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len as u64)
+                .expect("fallocate");
+        }
+        // SAFETY: a fresh kernel-chosen mapping of a file of exactly `len` bytes.
+        let raw = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                &file,
+                0,
+            )
+        }
+        .expect("mmap");
+        let ptr = std::ptr::NonNull::new(raw.cast::<u8>()).expect("mmap");
+        Self { path, ptr, len }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: our private mapping of `len` bytes; no other reference to it exists.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for FreshShm {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `new`.
+        let _unmapped = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+        let _gone = std::fs::remove_file(&self.path);
+    }
+}
+
 /// A zeroed, page-aligned process buffer (L1 objects are page-aligned too; a buffer 16 bytes
 /// off a page boundary makes every gather copy pay 4 KiB-aliasing stalls).
 struct Aligned {
@@ -200,7 +260,14 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-type Variant<'a> = (String, Box<dyn FnMut() + 'a>);
+/// A named measurement: runs one iteration and returns the time its copy took.
+type Variant<'a> = (String, Box<dyn FnMut() -> Duration + 'a>);
+
+fn timed(mut f: impl FnMut()) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
 
 fn main() {
     let rounds: usize = std::env::args()
@@ -238,41 +305,72 @@ fn main() {
     let mut variants: Vec<Variant<'_>> = vec![
         (
             "memcpy (1 thread)".into(),
-            Box::new(|| b0.copy_from_slice(black_box(src))),
+            Box::new(|| timed(|| b0.copy_from_slice(black_box(src)))),
         ),
         (
             "memcpy_from_shm (1 thread)".into(),
             Box::new(|| {
                 // SAFETY: `shm` maps `bytes` readable bytes nothing writes; `b6` is a distinct
                 // buffer of the same length.
-                unsafe { std::ptr::copy_nonoverlapping(shm.ptr, b6.as_mut_ptr(), bytes) }
+                timed(|| unsafe { std::ptr::copy_nonoverlapping(shm.ptr, b6.as_mut_ptr(), bytes) })
             }),
         ),
         (
             format!("nhd gather ({all} threads)"),
-            Box::new(|| nhd.gather(black_box(ids), b1, all).expect("gather")),
+            Box::new(|| timed(|| nhd.gather(black_box(ids), b1, all).expect("gather"))),
         ),
         (
             "nhd gather (1 thread)".into(),
-            Box::new(|| nhd.gather(black_box(ids), b3, one).expect("gather")),
+            Box::new(|| timed(|| nhd.gather(black_box(ids), b3, one).expect("gather"))),
         ),
         (
             format!("nhd scatter ({all} threads)"),
-            Box::new(|| nhd.scatter(black_box(ids), b2, 0, all).expect("scatter")),
+            Box::new(|| timed(|| nhd.scatter(black_box(ids), b2, 0, all).expect("scatter"))),
         ),
         (
             "nhd scatter (1 thread)".into(),
-            Box::new(|| nhd.scatter(black_box(ids), b2, 0, one).expect("scatter")),
+            Box::new(|| timed(|| nhd.scatter(black_box(ids), b2, 0, one).expect("scatter"))),
         ),
         (
             format!("hnd gather ({all} threads)"),
-            Box::new(|| hnd.gather(black_box(ids), b4, all).expect("gather")),
+            Box::new(|| timed(|| hnd.gather(black_box(ids), b4, all).expect("gather"))),
         ),
         (
             format!("hnd scatter ({all} threads)"),
-            Box::new(|| hnd.scatter(black_box(ids), b5, 0, all).expect("scatter")),
+            Box::new(|| timed(|| hnd.scatter(black_box(ids), b5, 0, all).expect("scatter"))),
         ),
     ];
+    // First touch: gathers into fresh, never-touched shm pages, as the first stores into a new
+    // L1 do (sparse: pages allocated on first touch; allocated: `--l1-prefault`). The server
+    // populates fresh L1 pages with one madvise before copying; "faulting" copies straight in.
+    for allocated in [false, true] {
+        let tag = if allocated { "allocated" } else { "sparse" };
+        variants.push((
+            format!("nhd gather, fresh {tag} L1"),
+            Box::new(move || {
+                let mut dst = FreshShm::new(bytes, allocated);
+                timed(|| {
+                    // SAFETY: `dst` is a live mapping of `bytes` bytes.
+                    unsafe { populate_write(dst.ptr, bytes) };
+                    nhd.gather(ids, dst.as_mut(), all).expect("gather");
+                })
+            }),
+        ));
+        variants.push((
+            "  same, faulting".to_owned(),
+            Box::new(move || {
+                let mut dst = FreshShm::new(bytes, allocated);
+                timed(|| nhd.gather(ids, dst.as_mut(), all).expect("gather"))
+            }),
+        ));
+        variants.push((
+            format!("memcpy, fresh {tag} L1"),
+            Box::new(move || {
+                let mut dst = FreshShm::new(bytes, allocated);
+                timed(|| dst.as_mut().copy_from_slice(black_box(src)))
+            }),
+        ));
+    }
     for (_, f) in &mut variants {
         f(); // warm up: touch every page
     }
@@ -281,9 +379,7 @@ fn main() {
     for round in 0..rounds {
         for k in 0..n {
             let v = (k + round) % n; // rotate the order so no variant always follows another
-            let t = Instant::now();
-            (variants[v].1)();
-            secs[v].push(t.elapsed().as_secs_f64());
+            secs[v].push((variants[v].1)().as_secs_f64());
         }
     }
     let base: Vec<f64> = secs[0].clone();

@@ -696,7 +696,8 @@ pub(crate) struct KernelView<'a> {
 /// # Safety
 /// - Every segment pointer is the start of a live mapping that contains every layer's span.
 /// - Every `ChunkTarget::object` points to `geometry.object_len()` bytes that stay valid for the
-///   call and that nobody else writes (gather) or writes (scatter) during it.
+///   call; during it nobody else touches them (gather writes them) or writes them (scatter reads
+///   them).
 /// - `block_ids[g]` holds at least `(index + 1) * blocks_per_chunk` ids for every chunk index,
 ///   every id is `< num_blocks`, and for a scatter no id appears twice among the blocks written.
 pub(crate) unsafe fn run_transfer(

@@ -233,6 +233,32 @@ impl EngineSegment {
     }
 }
 
+/// Asks the kernel to fault in, for writing, the pages of `len` bytes at `ptr` (one
+/// `madvise(MADV_POPULATE_WRITE)`, Linux 5.14+), so that a following copy takes no page faults.
+/// Faulting pages in bulk in the kernel is several times cheaper than one fault per 4 KiB page
+/// during the copy, which matters most in virtual machines. Best effort: errors (older kernels)
+/// are ignored. Changes no data.
+///
+/// # Safety
+/// `ptr..ptr + len` lies within one live mapping (shared or private).
+pub unsafe fn populate_write(ptr: NonNull<u8>, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let page = rustix::param::page_size();
+    let addr = ptr.as_ptr() as usize;
+    let start = addr - addr % page;
+    // SAFETY: the page holding `ptr` belongs to the same mapping as `ptr` (mappings are whole
+    // pages), so `start..addr + len` is mapped; MADV_POPULATE_WRITE only faults pages in.
+    let _ignored = unsafe {
+        rustix::mm::madvise(
+            start as *mut std::ffi::c_void,
+            addr + len - start,
+            rustix::mm::Advice::LinuxPopulateWrite,
+        )
+    };
+}
+
 impl Drop for EngineSegment {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` are exactly our mapping, mapped once in `open` and unmapped only
