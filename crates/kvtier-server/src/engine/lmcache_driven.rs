@@ -38,12 +38,12 @@
 //!   mappings: LMCache#4980).
 //!
 //! Performance: a store first faults in, with one `madvise(MADV_POPULATE_WRITE)` per run of
-//! fresh 64 KiB granules, the L1 pages this process has never touched ([`L1Pages`]); the first
+//! fresh 64 KiB granules, the L1 pages this process has never touched (`L1Pages`); the first
 //! pass over a new L1 is otherwise bound by one page fault per 4 KiB.
 //!
 //! Concurrency: the instance table is a leaf `RwLock` held only to clone an `Arc` out or to
 //! insert/remove one (segments are unmapped after the lock is released). Copies run with no
-//! lock held, on up to `available_parallelism` scoped threads ([`layout::run_transfer`]); the L1
+//! lock held, on up to `available_parallelism` scoped threads (`layout::run_transfer`); the L1
 //! write ticket (store) or read locks (retrieve) keep the objects' memory stable meanwhile.
 //! Lock order as in the engine: session mutex → L1.
 
