@@ -443,24 +443,32 @@ def make_kv(layout: str, rng: np.random.Generator, dtype: str = "float16", leadi
     shape, hint = LAYOUTS[layout]
     np_dtype = np.float16 if dtype == "float16" else np.uint16  # bfloat16: same bytes, uint16 view
     item = 2
-    arrays, segments, wrappers = [], [], []
-    for _ in range(LAYERS):
-        if layout == "strided":
-            pad_hs, off = HS + 8, 24  # padded head vectors, view starts 24 elements in
-            full = (2, NB, BS, NH, pad_hs)
-            seg = Segment((int(np.prod(full)) + off) * item)
-            flat = np.frombuffer(seg.mm, dtype=np_dtype)
-            a = flat[off:].reshape(full)[..., :HS]
-        else:
-            seg = Segment(int(np.prod(shape)) * item)
-            a = np.frombuffer(seg.mm, dtype=np_dtype).reshape(shape)
-        a[...] = rng.integers(0, 1 << 16, a.shape, dtype=np.uint16).view(np_dtype)
-        offset = (a.__array_interface__["data"][0] - np.frombuffer(seg.mm, dtype=np.uint8).__array_interface__["data"][0]) // item
-        stride = [s // item for s in a.strides]
-        name = ("/" if leading_slash else "") + seg.name
-        wrappers.append(cpu_shm_ext(name, seg.nbytes, dtype, a.shape, stride, offset))
-        arrays.append(a)
-        segments.append(seg)
+    arrays: list[np.ndarray] = []
+    segments: list[Segment] = []
+    wrappers: list[msgspec.msgpack.Ext] = []
+    try:
+        for _ in range(LAYERS):
+            if layout == "strided":
+                pad_hs, off = HS + 8, 24  # padded head vectors, view starts 24 elements in
+                full = (2, NB, BS, NH, pad_hs)
+                seg = Segment((int(np.prod(full)) + off) * item)
+                segments.append(seg)
+                a = np.frombuffer(seg.mm, dtype=np_dtype)[off:].reshape(full)[..., :HS]
+            else:
+                seg = Segment(int(np.prod(shape)) * item)
+                segments.append(seg)
+                a = np.frombuffer(seg.mm, dtype=np_dtype).reshape(shape)
+            a[...] = rng.integers(0, 1 << 16, a.shape, dtype=np.uint16).view(np_dtype)
+            base = np.frombuffer(seg.mm, dtype=np.uint8).__array_interface__["data"][0]
+            offset = (a.__array_interface__["data"][0] - base) // item
+            stride = [s // item for s in a.strides]
+            name = ("/" if leading_slash else "") + seg.name
+            wrappers.append(cpu_shm_ext(name, seg.nbytes, dtype, a.shape, stride, offset))
+            arrays.append(a)
+    except BaseException:
+        for seg in segments:
+            seg.unlink()
+        raise
     hints = {"kv_layout": hint} if hint else {}
     return EngineKV(layout, dtype, arrays, segments, wrappers, hints)
 
@@ -510,14 +518,16 @@ def engine(lmd_server: Server, cli: Client, request: pytest.FixtureRequest, rng:
     layout = request.param
     kv = make_kv(layout, rng)
     a, b = new_iid(), new_iid()
-    register_lmd(cli, kv, a)
-    register_ed(cli, kv, b)
-    ctx = lmd_server.lmd()["contexts"][str(a)]
-    assert ctx["state"] == "registered", ctx
-    yield kv, a, b
-    assert cli.call("unregister_kv_cache", a) is None
-    assert cli.call("unregister_kv_cache_engine_driven_context", b) is None
-    kv.close()
+    try:
+        register_lmd(cli, kv, a)
+        register_ed(cli, kv, b)
+        ctx = lmd_server.lmd()["contexts"][str(a)]
+        assert ctx["state"] == "registered", ctx
+        yield kv, a, b
+        assert cli.call("unregister_kv_cache", a) is None
+        assert cli.call("unregister_kv_cache_engine_driven_context", b) is None
+    finally:
+        kv.close()
 
 
 # --------------------------------------------------------------------------------------------
