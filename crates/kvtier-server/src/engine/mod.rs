@@ -25,6 +25,7 @@
 //! L1 hits.
 
 pub mod l2;
+pub mod lmcache_driven;
 pub mod session;
 
 use std::collections::HashMap;
@@ -42,7 +43,7 @@ use kvtier_proto::response::{
     RegisterEngineDrivenContextResponse, Slot, encode_bool, encode_prepare_retrieve,
     encode_prepare_store, encode_str, encode_str_list, encode_uint,
 };
-use kvtier_proto::{IpcKey, Op, RegisterEngineDrivenContext, Request};
+use kvtier_proto::{IpcKey, RegisterEngineDrivenContext, Request};
 use kvtier_storage::L2Tier;
 use parking_lot::{Mutex, RwLock};
 use session::{HeldLock, PrefetchState, SessionManager};
@@ -208,6 +209,7 @@ pub struct Engine {
     counters: EngineCounters,
     l2: Option<L2Tier>,
     l2_counters: l2::L2Counters,
+    lmd: lmcache_driven::LmcacheDriven,
 }
 
 impl Engine {
@@ -232,6 +234,7 @@ impl Engine {
             counters: EngineCounters::default(),
             l2: None,
             l2_counters: l2::L2Counters::default(),
+            lmd: lmcache_driven::LmcacheDriven::new(),
         }
     }
 
@@ -273,6 +276,11 @@ impl Engine {
         (stores, retrieves)
     }
 
+    /// The lmcache_driven registrations.
+    pub fn lmcache_driven(&self) -> &lmcache_driven::LmcacheDriven {
+        &self.lmd
+    }
+
     /// Chunk size in tokens.
     pub fn chunk_size(&self) -> usize {
         self.cfg.chunk_size
@@ -287,6 +295,9 @@ impl Engine {
             Request::Noop => Ok(Some(encode_str("OK"))),
             Request::GetExperimental => Ok(Some(encode_str_list(&[]))),
             Request::Ping { instance_id } => {
+                if let Some(iid) = instance_id {
+                    self.lmd.touch(iid, now, true);
+                }
                 if let Some(iid) = instance_id
                     && let Some(ctx) = self.contexts.write().get_mut(&iid)
                 {
@@ -344,17 +355,31 @@ impl Engine {
                     .fetch_add(records.len() as u64, Relaxed);
                 Ok(None)
             }
-            Request::RegisterKvCache(r) => {
-                tracing::warn!(
-                    instance_id = r.instance_id,
-                    "register_kv_cache (lmcache_driven transfer mode) is not supported yet; \
-                     use engine_driven (shared memory) transfer mode"
-                );
-                Err(EngineError::Unsupported(Op::RegisterKvCache.name()))
+            Request::RegisterKvCache(r) => Ok(self.lmd_register(r, now)),
+            Request::UnregisterKvCache { instance_id } => {
+                self.lmd_unregister(instance_id);
+                Ok(None)
             }
-            Request::UnregisterKvCache { .. } => Ok(None),
-            Request::Store { .. } => Err(EngineError::Unsupported(Op::Store.name())),
-            Request::Retrieve { .. } => Err(EngineError::Unsupported(Op::Retrieve.name())),
+            Request::Store {
+                key,
+                instance_id,
+                block_ids,
+                event_ipc_handle,
+            } => self.lmd_store(&key, instance_id, &block_ids, &event_ipc_handle, now),
+            Request::Retrieve {
+                key,
+                instance_id,
+                block_ids,
+                event_ipc_handle,
+                skip_first_n_tokens,
+            } => self.lmd_retrieve(
+                &key,
+                instance_id,
+                &block_ids,
+                &event_ipc_handle,
+                skip_first_n_tokens,
+                now,
+            ),
             Request::Unsupported { op, .. } => Err(EngineError::Unsupported(op.name())),
         }
     }
@@ -874,6 +899,7 @@ impl Engine {
                 self.counters.instances_reaped.fetch_add(1, Relaxed);
             }
         }
+        self.lmd_reap(now);
         let write_ttl = self.l1.config().write_ttl;
         let read_ttl = self.l1.config().read_ttl;
         let stale_stores: Vec<PendingStore> = {
@@ -913,6 +939,7 @@ impl Engine {
         for iid in iids {
             self.unregister_context(iid);
         }
+        self.lmd_release_all();
     }
 
     fn contexts_status(&self) -> (Vec<i64>, serde_json::Map<String, serde_json::Value>) {
@@ -960,6 +987,7 @@ impl StatusReport for Engine {
             .field("l1_usage", [used, total])
             .field("l2", self.l2_counters_json());
         let (ids, meta) = self.contexts_status();
+        let lmcache_driven = self.lmd_status(self.l1.clock().now());
         let c = &self.counters;
         StatusNode::healthy()
             .field("engine_type", "kvtier")
@@ -968,6 +996,7 @@ impl StatusReport for Engine {
             .field("active_sessions", self.sessions.active_count())
             .child("storage_manager", storage)
             .field("active_prefetch_jobs", active_prefetch_jobs)
+            .child("lmcache_driven", lmcache_driven)
             .field("shm_name", self.segment.name())
             .field(
                 "worker_liveness",

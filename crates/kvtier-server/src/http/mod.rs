@@ -190,7 +190,7 @@ impl HttpServer {
 
 /// Every route, for bounded metric labels (with [`crate::dashboard::ROUTES`]). Anything else is
 /// counted as `unmatched`.
-const ROUTES: [&str; 9] = [
+const ROUTES: [&str; 10] = [
     "/api/status",
     "/status",
     "/api/healthcheck",
@@ -200,6 +200,7 @@ const ROUTES: [&str; 9] = [
     "/metrics",
     "/api/clear-cache",
     "/cache/clear",
+    "/cache/checksums",
 ];
 
 /// Routes that never need the token (orchestrator probes).
@@ -235,6 +236,7 @@ fn router(source: StatusSource, token: Option<AuthToken>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/clear-cache", post(clear_cache))
         .route("/cache/clear", post(cache_clear))
+        .route("/cache/checksums", post(cache_checksums))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(Arc::clone(&state), guard))
@@ -433,4 +435,26 @@ async fn method_not_allowed(req: Request<Body>) -> Response {
             req.uri().path()
         ),
     )
+}
+
+/// `POST /cache/checksums` (LMCache 0.5.6): MD5 digests of a lmcache_driven instance's engine
+/// blocks, as `lmcache bench server` uses to verify retrieves. Hashing runs on the blocking pool.
+async fn cache_checksums(
+    State(s): Shared,
+    axum::Json(body): axum::Json<crate::engine::lmcache_driven::ChecksumRequest>,
+) -> Response {
+    let engine = Arc::clone(s.source.engine());
+    let result = tokio::task::spawn_blocking(move || engine.lmcache_driven_checksums(&body)).await;
+    match result {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(e)) => {
+            let code =
+                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            json_response(code, &json!({"detail": e.to_string()}))
+        }
+        Err(e) => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"detail": format!("checksum task failed: {e}")}),
+        ),
+    }
 }
