@@ -520,13 +520,22 @@ impl Client {
         self.wait(p)
     }
 
-    /// `end_session(request_id)`.
+    /// Sends `end_session(request_id)`.
+    ///
+    /// # Errors
+    /// [`ClientError::Zmq`].
+    pub fn submit_end_session(&mut self, request_id: &str) -> Result<Pending<()>, ClientError> {
+        let r = codec::encode_str(request_id);
+        self.submit(Op::EndSession, &[&r], decode::unit)
+    }
+
+    /// `end_session(request_id)`: the request is over; its session (hash cache and any lookup
+    /// locks left) is released.
     ///
     /// # Errors
     /// See [`Client::wait`].
     pub fn end_session(&mut self, request_id: &str) -> Result<(), ClientError> {
-        let r = codec::encode_str(request_id);
-        let p = self.submit(Op::EndSession, &[&r], decode::unit)?;
+        let p = self.submit_end_session(request_id)?;
         self.wait(p)
     }
 

@@ -1,5 +1,6 @@
 //! `kvtier`: command-line entry point. Wiring only; the server lives in `kvtier-server`.
 
+mod bench;
 mod serve;
 
 use std::process::ExitCode;
@@ -19,12 +20,17 @@ enum Command {
     /// Run the cache server (ZeroMQ RPC compatible with LMCache 0.5.6 clients, plus an HTTP
     /// admin API).
     Serve(Box<serve::ServeArgs>),
+    /// Measure a running server (kvtier or `lmcache server`) through the engine-driven
+    /// shared-memory path: noop round trips, lookup latency, store and retrieve throughput
+    /// against memcpy, many clients, status latency, server memory and start-up time.
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
+        Command::Bench(args) => bench::run(*args),
     };
     match result {
         Ok(code) => code,
