@@ -79,6 +79,7 @@ class Bench:
         self.dest.fill(0xA5)
         self.metrics = {}
         self.errors = []
+        self.polls = 0
 
     def call(self, fut):
         return fut.result(timeout=self.timeout)
@@ -155,6 +156,13 @@ class Bench:
         self.metrics["noop_rtt_p50_us"] = quantile_us(lat, 0.5)
         self.metrics["noop_rtt_p99_us"] = quantile_us(lat, 0.99)
         self.metrics["noop_seq_ops_per_s"] = n / wall
+        lat = []
+        for _ in range(min(n, 1000)):
+            t = time.perf_counter()
+            ok = self.call(self.client.ping(self.iid))
+            lat.append(time.perf_counter() - t)
+            assert ok is True, ok
+        self.metrics["ping_rtt_p50_us"] = quantile_us(lat, 0.5)
         depth = self.args.pipeline_depth
         t0 = time.perf_counter()
         window = []
@@ -216,6 +224,7 @@ class Bench:
             a = time.perf_counter()
             self.call(self.client.lookup(key_all, 1))
             while True:
+                self.polls += 1
                 hit = self.call(self.client.query_prefetch_status(key_all.request_id))
                 if hit is not None:
                     break
@@ -279,6 +288,7 @@ class Bench:
             self.call(self.client.clear(True))
         self.metrics["lookup_p50_us"] = quantile_us(lookups, 0.5)
         self.metrics["lookup_p99_us"] = quantile_us(lookups, 0.99)
+        self.metrics["lookup_polls_mean"] = self.polls / max(1, len(lookups))
         try:
             self.call(self.client.unregister_kv_cache_engine_driven_context(self.iid))
         except Exception:  # best effort, the server reaps instances anyway

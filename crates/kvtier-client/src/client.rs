@@ -463,11 +463,26 @@ impl Client {
     /// See [`Client::wait`]; [`ClientError::Timeout`] also if the job runs longer than the
     /// client timeout.
     pub fn lookup_and_wait(&mut self, key: &CacheKey, tp_size: i64) -> Result<u64, ClientError> {
+        self.lookup_and_poll(key, tp_size).map(|(hit, _)| hit)
+    }
+
+    /// [`Client::lookup_and_wait`], also returning how many `query_prefetch_status` calls it
+    /// took (1 when the result was ready at the first query).
+    ///
+    /// # Errors
+    /// As [`Client::lookup_and_wait`].
+    pub fn lookup_and_poll(
+        &mut self,
+        key: &CacheKey,
+        tp_size: i64,
+    ) -> Result<(u64, u32), ClientError> {
         let started = Instant::now();
         self.lookup(key, tp_size)?;
+        let mut polls = 0u32;
         loop {
+            polls = polls.saturating_add(1);
             if let Some(hit) = self.query_prefetch_status(&key.request_id)? {
-                return Ok(hit);
+                return Ok((hit, polls));
             }
             if started.elapsed() > self.timeout {
                 return Err(ClientError::Timeout {

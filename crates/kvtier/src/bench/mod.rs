@@ -264,6 +264,8 @@ pub struct Shared {
     results: Mutex<Vec<(usize, PhaseOut)>>,
     done: Vec<AtomicUsize>,
     progress: ProgressBar,
+    /// The pool mapping all clients share (opened by the first to register).
+    pool: Mutex<Option<Arc<kvtier_client::ShmPool>>>,
 }
 
 impl Shared {
@@ -355,9 +357,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     });
     let pass_bytes = (args.clients * args.requests * args.chunks_per_request * chunk_bytes) as u64;
 
-    // The yardstick: one thread copying one client's pass, chunk by chunk, into warm memory.
+    // The yardsticks: one thread copying one client's pass, chunk by chunk, into warm memory;
+    // and a bare ZeroMQ DEALER→ROUTER echo over loopback TCP (the floor under any noop).
     let memcpy = worker::measure_memcpy(&cfg);
     metrics.set("memcpy_gbps", memcpy);
+    match probe::zmq_echo_rtt(args.noops.min(2000)) {
+        Ok((p50, p99)) => {
+            metrics.set("zmq_echo_rtt_p50_us", p50);
+            metrics.set("zmq_echo_rtt_p99_us", p99);
+        }
+        Err(e) => eprintln!("kvtier bench: warning: the zeromq echo yardstick failed: {e:#}"),
+    }
 
     let status = args.http_url.is_some();
     let phase_list = phases(status);
@@ -379,6 +389,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         results: Mutex::new(Vec::new()),
         done: phase_list.iter().map(|_| AtomicUsize::new(0)).collect(),
         progress: progress.clone(),
+        pool: Mutex::new(None),
     });
 
     let mut handles = Vec::new();

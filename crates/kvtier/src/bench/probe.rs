@@ -207,3 +207,53 @@ impl HttpTarget {
         Ok(elapsed)
     }
 }
+
+/// Round trips of a bare ZeroMQ DEALER to a ROUTER that echoes inline on its own thread, over
+/// loopback TCP, with request-sized frames: p50 and p99 in microseconds. This is the floor
+/// under any server's `noop` on this machine.
+pub fn zmq_echo_rtt(n: usize) -> anyhow::Result<(f64, f64)> {
+    let ctx = zmq::Context::new();
+    let router = ctx.socket(zmq::ROUTER)?;
+    router.set_linger(0)?;
+    router.bind("tcp://127.0.0.1:*")?;
+    let endpoint = router
+        .get_last_endpoint()?
+        .map_err(|_| anyhow::anyhow!("endpoint is not UTF-8"))?;
+    let echo = std::thread::Builder::new()
+        .name("bench-zmq-echo".into())
+        .spawn(move || -> anyhow::Result<()> {
+            router.set_rcvtimeo(10_000)?;
+            loop {
+                let frames = router.recv_multipart(0)?;
+                if frames.len() == 2 {
+                    return Ok(()); // [identity, stop]
+                }
+                router.send_multipart(frames, 0)?;
+            }
+        })?;
+    let dealer = ctx.socket(zmq::DEALER)?;
+    dealer.set_linger(0)?;
+    dealer.set_rcvtimeo(10_000)?;
+    dealer.connect(&endpoint)?;
+    let mut samples = Vec::with_capacity(n);
+    // A few unrecorded round trips establish the connection.
+    for i in 0..n + 20 {
+        let uid = [0xcdu8, (i >> 8) as u8, i as u8];
+        let t = Instant::now();
+        dealer.send_multipart([&uid[..], &[24u8][..]], 0)?;
+        let reply = dealer.recv_multipart(0)?;
+        let d = t.elapsed();
+        if reply.first().map(Vec::as_slice) != Some(&uid[..]) {
+            bail!("echo returned another message");
+        }
+        if i >= 20 {
+            samples.push(d);
+        }
+    }
+    dealer.send(&b"stop"[..], 0)?;
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+    let p50 = super::report::quantile_us(&mut samples, 0.5).unwrap_or(0.0);
+    let p99 = super::report::quantile_us(&mut samples, 0.99).unwrap_or(0.0);
+    Ok((p50, p99))
+}

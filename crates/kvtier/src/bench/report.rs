@@ -17,6 +17,8 @@ pub struct PhaseOut {
     pub end: Instant,
     pub bytes: u64,
     pub ops: u64,
+    /// `query_prefetch_status` calls made by lookups.
+    pub polls: u64,
     pub samples: BTreeMap<&'static str, Vec<Duration>>,
 }
 
@@ -28,6 +30,7 @@ impl PhaseOut {
             end: now,
             bytes: 0,
             ops: 0,
+            polls: 0,
             samples: BTreeMap::new(),
         }
     }
@@ -63,7 +66,7 @@ impl Metrics {
 }
 
 /// Quantile `q` (nearest rank) of `samples`, in microseconds.
-fn quantile_us(samples: &mut [Duration], q: f64) -> Option<f64> {
+pub fn quantile_us(samples: &mut [Duration], q: f64) -> Option<f64> {
     if samples.is_empty() {
         return None;
     }
@@ -78,6 +81,7 @@ struct Merged {
     wall: f64,
     bytes: u64,
     ops: u64,
+    polls: u64,
     samples: BTreeMap<&'static str, Vec<Duration>>,
 }
 
@@ -88,6 +92,7 @@ fn merge<'a>(outs: impl Iterator<Item = &'a PhaseOut>) -> Option<Merged> {
         wall: 0.0,
         bytes: 0,
         ops: 0,
+        polls: 0,
         samples: BTreeMap::new(),
     };
     for o in outs {
@@ -95,6 +100,7 @@ fn merge<'a>(outs: impl Iterator<Item = &'a PhaseOut>) -> Option<Merged> {
         end = Some(end.map_or(o.end, |e| e.max(o.end)));
         m.bytes += o.bytes;
         m.ops += o.ops;
+        m.polls += o.polls;
         for (k, v) in &o.samples {
             m.samples.entry(k).or_default().extend_from_slice(v);
         }
@@ -129,6 +135,7 @@ fn put(m: &mut Metrics, name: String, v: Option<f64>) {
 /// Turns the per-client phase results into figures.
 pub fn aggregate(m: &mut Metrics, phases: &[Phase], results: &[(usize, PhaseOut)], memcpy: f64) {
     let mut lookups: Vec<Duration> = Vec::new();
+    let (mut polls, mut lookup_ops) = (0u64, 0u64);
     for (i, phase) in phases.iter().enumerate() {
         let Some(mut g) = merge(results.iter().filter(|(p, _)| *p == i).map(|(_, o)| o)) else {
             continue;
@@ -140,6 +147,7 @@ pub fn aggregate(m: &mut Metrics, phases: &[Phase], results: &[(usize, PhaseOut)
                 put(m, "noop_rtt_p50_us".into(), g.p("noop", 0.5));
                 put(m, "noop_rtt_p99_us".into(), g.p("noop", 0.99));
                 put(m, "noop_seq_ops_per_s".into(), rate(g.ops));
+                put(m, "ping_rtt_p50_us".into(), g.p("ping", 0.5));
             }
             Phase::NoopPipelined => put(m, "noop_pipelined_ops_per_s".into(), rate(g.ops)),
             Phase::Store(pass) => store_figures(m, pass, &mut g, memcpy),
@@ -169,13 +177,22 @@ pub fn aggregate(m: &mut Metrics, phases: &[Phase], results: &[(usize, PhaseOut)
                 if let Some(s) = g.samples.get("lookup") {
                     lookups.extend_from_slice(s);
                 }
+                polls += g.polls;
+                lookup_ops += g.ops;
             }
-            Phase::Fill => put(m, "fill_objects_per_s".into(), rate(g.ops)),
+            Phase::Fill => put(
+                m,
+                "fill_objects_per_s".into(),
+                rate(g.ops).filter(|_| g.ops > 0),
+            ),
             Phase::Verify(_) | Phase::Clear | Phase::StatusIdle => {}
         }
     }
     put(m, "lookup_p50_us".into(), quantile_us(&mut lookups, 0.5));
     put(m, "lookup_p99_us".into(), quantile_us(&mut lookups, 0.99));
+    if lookup_ops > 0 {
+        m.set("lookup_polls_mean", polls as f64 / lookup_ops as f64);
+    }
 }
 
 fn store_figures(m: &mut Metrics, pass: Pass, g: &mut Merged, memcpy: f64) {
@@ -260,12 +277,15 @@ pub fn json(h: &Header, m: &Metrics, errors: &[String]) -> String {
 const ROWS: &[(&str, &str, &str, usize)] = &[
     ("startup_ms", "start to first answer", "ms", 1),
     ("memcpy_gbps", "memcpy, 1 thread", "GB/s", 2),
+    ("zmq_echo_rtt_p50_us", "bare ZeroMQ echo RTT p50", "µs", 1),
     ("noop_rtt_p50_us", "noop RTT p50", "µs", 1),
     ("noop_rtt_p99_us", "noop RTT p99", "µs", 1),
     ("noop_seq_ops_per_s", "noop sequential", "ops/s", 0),
+    ("ping_rtt_p50_us", "ping RTT p50 (worker pool)", "µs", 1),
     ("noop_pipelined_ops_per_s", "noop pipelined", "ops/s", 0),
     ("lookup_p50_us", "lookup→result p50", "µs", 1),
     ("lookup_p99_us", "lookup→result p99", "µs", 1),
+    ("lookup_polls_mean", "  status queries per lookup", "", 2),
     ("store_cold_gbps", "store, cold pages", "GB/s", 2),
     ("store_cold_frac_memcpy", "  ÷ memcpy", "", 2),
     ("store_warm_gbps", "store, warm pages", "GB/s", 2),
