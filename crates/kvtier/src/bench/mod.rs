@@ -3,7 +3,10 @@
 //!
 //! One run, in order (every phase starts on a barrier, so N client threads run each phase
 //! together and the aggregate rate is total work over the phase's wall time):
-//! 1. single-thread memcpy of the same bytes as one client's store pass (the yardstick);
+//! 1. yardsticks: single-thread memcpy of the same bytes as one client's store pass; the same
+//!    copy into a scratch `/dev/shm` file whose pages do not exist yet, through a fresh mapping
+//!    of pages that exist, and through a mapping already faulted in (what a store costs at
+//!    best in each state of the pool's pages); a bare ZeroMQ echo round trip;
 //! 2. `noop` round trips, sequential (p50/p99) and pipelined (`--pipeline-depth` in flight);
 //! 3. two passes of store → retrieve → verify → `clear(force)`: the first on cold pool pages,
 //!    the second on the pages the first one used (the server reuses them after the clear),
@@ -361,6 +364,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     // and a bare ZeroMQ DEALER→ROUTER echo over loopback TCP (the floor under any noop).
     let memcpy = worker::measure_memcpy(&cfg);
     metrics.set("memcpy_gbps", memcpy);
+    match worker::measure_page_faults(&cfg) {
+        Ok([first_touch, remapped, warm]) => {
+            metrics.set("shm_first_touch_gbps", first_touch);
+            metrics.set("shm_remapped_gbps", remapped);
+            metrics.set("shm_warm_gbps", warm);
+        }
+        Err(e) => eprintln!("kvtier bench: warning: the page-fault yardstick failed: {e:#}"),
+    }
     match probe::zmq_echo_rtt(args.noops.min(2000)) {
         Ok((p50, p99)) => {
             metrics.set("zmq_echo_rtt_p50_us", p50);

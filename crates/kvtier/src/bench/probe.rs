@@ -209,11 +209,12 @@ impl HttpTarget {
 }
 
 /// Round trips of a bare ZeroMQ DEALER to a ROUTER that echoes inline on its own thread, over
-/// loopback TCP, with request-sized frames: p50 and p99 in microseconds. This is the floor
-/// under any server's `noop` on this machine.
+/// loopback TCP, with noop-sized frames: p50 and p99 in microseconds. Each side has its own
+/// context (so its own I/O thread), as two processes would. This is the floor under any
+/// ZeroMQ server's `noop` on this machine.
 pub fn zmq_echo_rtt(n: usize) -> anyhow::Result<(f64, f64)> {
-    let ctx = zmq::Context::new();
-    let router = ctx.socket(zmq::ROUTER)?;
+    let server_ctx = zmq::Context::new();
+    let router = server_ctx.socket(zmq::ROUTER)?;
     router.set_linger(0)?;
     router.bind("tcp://127.0.0.1:*")?;
     let endpoint = router
@@ -231,7 +232,8 @@ pub fn zmq_echo_rtt(n: usize) -> anyhow::Result<(f64, f64)> {
                 router.send_multipart(frames, 0)?;
             }
         })?;
-    let dealer = ctx.socket(zmq::DEALER)?;
+    let client_ctx = zmq::Context::new();
+    let dealer = client_ctx.socket(zmq::DEALER)?;
     dealer.set_linger(0)?;
     dealer.set_rcvtimeo(10_000)?;
     dealer.connect(&endpoint)?;

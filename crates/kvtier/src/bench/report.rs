@@ -277,6 +277,9 @@ pub fn json(h: &Header, m: &Metrics, errors: &[String]) -> String {
 const ROWS: &[(&str, &str, &str, usize)] = &[
     ("startup_ms", "start to first answer", "ms", 1),
     ("memcpy_gbps", "memcpy, 1 thread", "GB/s", 2),
+    ("shm_first_touch_gbps", "copy to new shm pages", "GB/s", 2),
+    ("shm_remapped_gbps", "copy via fresh mapping", "GB/s", 2),
+    ("shm_warm_gbps", "copy via faulted mapping", "GB/s", 2),
     ("zmq_echo_rtt_p50_us", "bare ZeroMQ echo RTT p50", "µs", 1),
     ("noop_rtt_p50_us", "noop RTT p50", "µs", 1),
     ("noop_rtt_p99_us", "noop RTT p99", "µs", 1),

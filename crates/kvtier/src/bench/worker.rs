@@ -82,6 +82,51 @@ pub fn measure_memcpy(cfg: &RunConfig) -> f64 {
     rates.get(1).copied().unwrap_or(0.0)
 }
 
+/// Page-fault yardsticks, GB/s, copying up to 256 MiB of one client's chunks into a scratch
+/// file in `/dev/shm` (removed afterwards): into pages that do not exist yet (tmpfs allocation
+/// and page-table faults), through a fresh mapping of the now allocated pages (page-table
+/// faults only), and again through that mapping (no faults: memcpy into shared memory).
+pub fn measure_page_faults(cfg: &RunConfig) -> anyhow::Result<[f64; 3]> {
+    use std::sync::atomic::AtomicU32;
+    static N: AtomicU32 = AtomicU32::new(0);
+    let sources = make_sources(cfg, usize::MAX >> 2);
+    let chunks = ((256usize << 20) / cfg.chunk_bytes).clamp(1, cfg.requests * cfg.chunks);
+    let bytes = (chunks * cfg.chunk_bytes) as u64;
+    let name = format!(
+        "kvtier_bench_faults_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let path = std::path::Path::new("/dev/shm").join(&name);
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _removed = std::fs::remove_file(&self.0);
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let _remove = Remove(path);
+    file.set_len(bytes)?;
+    let fill = |pool: &ShmPool| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        for n in 0..chunks {
+            let src = &sources[source_index(cfg, n / cfg.chunks, n % cfg.chunks)];
+            pool.copy_in((n * cfg.chunk_bytes) as u64, src)?;
+        }
+        Ok(bytes as f64 / t.elapsed().as_secs_f64() / 1e9)
+    };
+    let first_touch = fill(&ShmPool::open(&name, bytes)?)?;
+    let fresh = ShmPool::open(&name, bytes)?;
+    let remapped = fill(&fresh)?;
+    let warm = fill(&fresh)?;
+    Ok([first_touch, remapped, warm])
+}
+
 /// The thread body: set up, then run every phase between barriers. A failure stops this
 /// client's work but never its barrier waits, so the others cannot deadlock.
 pub fn thread_main(idx: usize, cfg: &RunConfig, shared: &Shared, phases: &[Phase]) {
