@@ -557,3 +557,43 @@ fn phase_units(phase: Phase, cfg: &RunConfig, clients: usize) -> u64 {
     };
     n as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_match_the_reference_chunk_sizes() {
+        let small = parse_shape("small").expect("small");
+        assert_eq!(small.chunk_bytes(256), 3 << 20);
+        let big = parse_shape("8b").expect("8b");
+        assert_eq!(big.chunk_bytes(256), 32 << 20);
+        let custom = parse_shape("2:64:bfloat16").expect("custom");
+        assert_eq!(custom.chunk_bytes(256), 2 * 2 * 256 * 64 * 2);
+        assert_eq!(fill_shape().chunk_bytes(256), 4096);
+        for bad in [
+            "",
+            "7b",
+            "1:2",
+            "0:4:float16",
+            "1:4:complex64",
+            "a:4:float16",
+        ] {
+            assert!(parse_shape(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn every_pass_is_stored_retrieved_verified_and_cleared() {
+        let list = phases(true);
+        for pass in 0..2 {
+            let store = list.iter().position(|p| *p == Phase::Store(pass));
+            let retrieve = list.iter().position(|p| *p == Phase::Retrieve(pass));
+            let verify = list.iter().position(|p| *p == Phase::Verify(pass));
+            assert!(store < retrieve && retrieve < verify, "{list:?}");
+            assert_eq!(list.get(verify.expect("verify") + 1), Some(&Phase::Clear));
+        }
+        assert_eq!(list.last(), Some(&Phase::Clear));
+        assert!(!phases(false).contains(&Phase::Fill));
+    }
+}
