@@ -1,5 +1,6 @@
 //! `kvtier`: command-line entry point. Wiring only; the server lives in `kvtier-server`.
 
+mod bench;
 mod serve;
 mod status;
 
@@ -24,6 +25,11 @@ enum Command {
     /// --url http://HOST:8080/status). Exit code 0 healthy, 2 unhealthy, 1 unreachable, refused
     /// (401) or a bad answer.
     Status(status::StatusArgs),
+
+    /// Measure a running server (kvtier or `lmcache server`) through the engine-driven
+    /// shared-memory path: noop round trips, lookup latency, store and retrieve throughput
+    /// against memcpy, many clients, status latency, server memory and start-up time.
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
         Command::Status(args) => return status::run(args),
+        Command::Bench(args) => bench::run(*args),
     };
     match result {
         Ok(code) => code,
