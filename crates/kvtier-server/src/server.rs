@@ -19,7 +19,7 @@ use kvtier_core::l1::controller::EvictionController;
 use kvtier_core::l1::{EvictionConfig, L1Config, L1Manager};
 use kvtier_core::shm::{ShmOptions, ShmSegment};
 use kvtier_core::status::{StatusNode, StatusReport};
-use kvtier_proto::{Op, decode_request};
+use kvtier_proto::{Op, Scheduling, decode_request};
 use kvtier_storage::{AdapterConfig, L2Tier, L2TierConfig};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
@@ -164,7 +164,32 @@ pub struct Service {
     rpc: Arc<RpcStats>,
 }
 
+/// Largest payload (all frames) of an op that may run inline on the poll thread: a 64 KiB key
+/// carries about 16k tokens, which hash in well under 100 µs.
+const INLINE_PAYLOAD_LIMIT: usize = 64 << 10;
+
 impl Handler for Service {
+    /// Besides the SYNC ops, the bookkeeping ops whose work is bounded by their (small) payload
+    /// and never waits: lookups (hash + L1 prefix lock, or an L2 submission), result queries,
+    /// lock releases, pings. `wait_prefetch_status` (it blocks), `clear` (walks L1) and transfers
+    /// (they copy) always go to the pools.
+    fn run_inline(&self, op: Op, payloads: &[Vec<u8>]) -> bool {
+        match op.scheduling() {
+            Scheduling::Sync => true,
+            _ => {
+                matches!(
+                    op,
+                    Op::Lookup
+                        | Op::QueryPrefetchStatus
+                        | Op::EndSession
+                        | Op::FreeLookupLocks
+                        | Op::Ping
+                        | Op::ReportBlockAllocation
+                ) && payloads.iter().map(Vec::len).sum::<usize>() <= INLINE_PAYLOAD_LIMIT
+            }
+        }
+    }
+
     fn handle(&self, op: Op, payloads: &[&[u8]]) -> Option<Vec<u8>> {
         let t = Instant::now();
         let (reply, outcome) = match decode_request(op, payloads) {
