@@ -412,21 +412,40 @@ impl TokenHasher {
 
 /// Incremental per-request chunk hashes (LMCache's `Session` hash cache).
 ///
-/// Holds the full-chunk token prefix hashed so far and its hashes. Each
-/// [`hashes`](Self::hashes) call compares the new tokens with the cached prefix (a memcmp
-/// per chunk), keeps the matching chunks, and hashes only chunks it has not seen, so a
-/// request that grows by `k` chunks costs `k` blake3 calls.
+/// Holds, for the full-chunk token prefix hashed so far, each chunk's hash and a 128-bit
+/// fingerprint of its tokens (two independently seeded `foldhash` values). Each
+/// [`hashes`](Self::hashes) call fingerprints the new tokens chunk by chunk (many times faster
+/// than blake3), keeps the chunks whose fingerprint matches, and hashes only chunks it has not
+/// seen, so a request that grows by `k` chunks costs `k` blake3 calls.
 ///
-/// Invariants: `tokens.len() == hashes.len() * chunk_size`, and `hashes` equals
-/// `TokenHasher::hash_chunks(&tokens)` for the chunk size it was built with. If a call
-/// uses a hasher with a different chunk size, the cache is cleared first.
+/// Memory: 48 bytes per cached chunk (32-byte hash + 16-byte fingerprint) instead of the
+/// chunk's tokens (1 KiB for 256 tokens), which matters because a session lives until
+/// `end_session` or its TTL.
+///
+/// Invariants: `fingerprints.len() == hashes.len()`, and `hashes` equals
+/// `TokenHasher::hash_chunks` of the tokens the fingerprints were taken from, for the chunk
+/// size the cache was built with. If a call uses a hasher with a different chunk size, the
+/// cache is cleared first. A fingerprint collision (probability about 2^-128 per chunk for
+/// tokens a client did not craft against this process's random seeds) would reuse a stale
+/// hash; a client that crafts one gains nothing it could not get by sending those tokens.
 #[derive(Debug, Clone, Default)]
 pub struct ChunkHashCache {
     chunk_size: usize,
-    tokens: Vec<u32>,
+    fingerprints: Vec<u128>,
     hashes: Vec<ChunkHash>,
     scratch: Vec<u8>,
     hashed_chunks_total: u64,
+    seeds: FingerprintSeeds,
+}
+
+#[derive(Debug, Clone, Default)]
+struct FingerprintSeeds(foldhash::fast::RandomState, foldhash::fast::RandomState);
+
+impl FingerprintSeeds {
+    fn fingerprint(&self, chunk: &[u32]) -> u128 {
+        use std::hash::BuildHasher;
+        (u128::from(self.0.hash_one(chunk)) << 64) | u128::from(self.1.hash_one(chunk))
+    }
 }
 
 impl ChunkHashCache {
@@ -474,14 +493,15 @@ impl ChunkHashCache {
         // Keep the longest cached chunk prefix that matches (only the chunks we need are
         // compared; cached chunks past `needed` are checked again by a later call).
         let comparable = self.hashes.len().min(needed);
-        let keep = self.tokens[..comparable * cs]
-            .chunks_exact(cs)
+        let seeds = &self.seeds;
+        let keep = self.fingerprints[..comparable]
+            .iter()
             .zip(tokens.chunks_exact(cs))
-            .position(|(cached, new)| cached != new)
+            .position(|(&cached, new)| cached != seeds.fingerprint(new))
             .unwrap_or(comparable);
         if keep < comparable {
             self.hashes.truncate(keep);
-            self.tokens.truncate(keep * cs);
+            self.fingerprints.truncate(keep);
         }
 
         let have = self.hashes.len();
@@ -490,7 +510,9 @@ impl ChunkHashCache {
             let new_tokens = &tokens[have * cs..needed * cs];
             let hashed =
                 hasher.extend_chain(prefix, new_tokens, &mut self.hashes, &mut self.scratch);
-            self.tokens.extend_from_slice(new_tokens);
+            let seeds = &self.seeds;
+            self.fingerprints
+                .extend(new_tokens.chunks_exact(cs).map(|c| seeds.fingerprint(c)));
             self.hashed_chunks_total += hashed as u64;
         }
         Ok(&self.hashes[start / cs..needed])
@@ -506,9 +528,9 @@ impl ChunkHashCache {
         self.hashed_chunks_total
     }
 
-    /// Drops every cached token and hash (the invocation counter is kept).
+    /// Drops every cached fingerprint and hash (the invocation counter is kept).
     pub fn clear(&mut self) {
-        self.tokens.clear();
+        self.fingerprints.clear();
         self.hashes.clear();
     }
 }
@@ -787,6 +809,7 @@ mod tests {
         ) {
             let h = hasher(cs);
             let mut cache = ChunkHashCache::new();
+            let mut shadow: Vec<u32> = Vec::new();
             let mut tokens = base;
             for (len, a, b, edit) in calls {
                 // Each call sees a prefix-or-extension of the evolving token list,
@@ -802,15 +825,20 @@ mod tests {
                                 (a % (n_chunks + 1)).max(b % (n_chunks + 1)));
                 // Chunks the cache can reuse: its leading chunks that still match (a chunk
                 // size change clears it), capped at what this call needs.
-                let reusable = if cache.chunk_size == cs {
-                    cache.tokens.chunks_exact(cs)
-                        .zip(tokens.chunks_exact(cs))
-                        .take_while(|(old, new)| old == new)
-                        .count()
-                        .min(hi)
-                } else {
-                    0
-                };
+                // `shadow` mirrors the tokens the cache has fingerprinted.
+                let reusable = shadow
+                    .chunks_exact(cs)
+                    .zip(tokens.chunks_exact(cs))
+                    .take_while(|(old, new)| old == new)
+                    .count()
+                    .min(hi);
+                if reusable < (shadow.len() / cs).min(hi) {
+                    shadow.truncate(reusable * cs);
+                }
+                if shadow.len() / cs < hi {
+                    let have = shadow.len();
+                    shadow.extend_from_slice(&tokens[have..hi * cs]);
+                }
                 let before = cache.hashed_chunks_total();
                 let got = cache.hashes(&h, &tokens, lo * cs, hi * cs).expect("aligned").to_vec();
                 let expected = h.hash_chunks(&tokens);
