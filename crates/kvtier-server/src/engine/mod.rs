@@ -157,6 +157,21 @@ struct PendingRetrieve {
     created: Instant,
 }
 
+/// Removes and returns the pending transfers that match `pred`. Holds the map's lock for one
+/// pass over the pending transfers (a handful per engine), never for the L1 release that follows.
+fn drain_matching<V>(
+    map: &Mutex<HashMap<TransferKey, V>>,
+    mut pred: impl FnMut(&TransferKey, &V) -> bool,
+) -> Vec<V> {
+    let mut map = map.lock();
+    let keys: Vec<TransferKey> = map
+        .iter()
+        .filter(|(k, v)| pred(k, v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    keys.iter().filter_map(|k| map.remove(k)).collect()
+}
+
 /// Engine-level counters (the RPC layer counts requests; these count what they did).
 #[derive(Debug, Default)]
 pub struct EngineCounters {
@@ -455,27 +470,12 @@ impl Engine {
     /// was registered.
     pub fn unregister_context(&self, instance_id: i64) -> bool {
         let known = self.contexts.write().remove(&instance_id).is_some();
-        let stores: Vec<PendingStore> = {
-            let mut p = self.pending_stores.lock();
-            let keys: Vec<_> = p
-                .keys()
-                .filter(|k| k.instance_id == instance_id)
-                .cloned()
-                .collect();
-            keys.iter().filter_map(|k| p.remove(k)).collect()
-        };
+        let stores = drain_matching(&self.pending_stores, |k, _| k.instance_id == instance_id);
         for s in stores {
             self.l1.abort_write(&s.tickets);
         }
-        let retrieves: Vec<PendingRetrieve> = {
-            let mut p = self.pending_retrieves.lock();
-            let keys: Vec<_> = p
-                .keys()
-                .filter(|k| k.instance_id == instance_id)
-                .cloned()
-                .collect();
-            keys.iter().filter_map(|k| p.remove(k)).collect()
-        };
+        let retrieves =
+            drain_matching(&self.pending_retrieves, |k, _| k.instance_id == instance_id);
         for r in retrieves {
             self.l1.finish_read(&r.leases, 1);
         }
@@ -902,24 +902,12 @@ impl Engine {
         self.lmd_reap(now);
         let write_ttl = self.l1.config().write_ttl;
         let read_ttl = self.l1.config().read_ttl;
-        let stale_stores: Vec<PendingStore> = {
-            let mut p = self.pending_stores.lock();
-            let keys: Vec<_> = p
-                .iter()
-                .filter(|(_, s)| now.saturating_duration_since(s.created) > write_ttl)
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.iter().filter_map(|k| p.remove(k)).collect()
-        };
-        let stale_retrieves: Vec<PendingRetrieve> = {
-            let mut p = self.pending_retrieves.lock();
-            let keys: Vec<_> = p
-                .iter()
-                .filter(|(_, r)| now.saturating_duration_since(r.created) > read_ttl)
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.iter().filter_map(|k| p.remove(k)).collect()
-        };
+        let stale_stores = drain_matching(&self.pending_stores, |_, s| {
+            now.saturating_duration_since(s.created) > write_ttl
+        });
+        let stale_retrieves = drain_matching(&self.pending_retrieves, |_, r| {
+            now.saturating_duration_since(r.created) > read_ttl
+        });
         let n = (stale_stores.len() + stale_retrieves.len()) as u64;
         for s in stale_stores {
             self.l1.abort_write(&s.tickets);
