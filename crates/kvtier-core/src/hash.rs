@@ -468,7 +468,7 @@ impl ChunkHashCache {
         end: usize,
     ) -> Result<&[ChunkHash], HashError> {
         let cs = hasher.chunk_size();
-        if start % cs != 0 || end % cs != 0 {
+        if !start.is_multiple_of(cs) || !end.is_multiple_of(cs) {
             return Err(HashError::Unaligned {
                 start,
                 end,
@@ -814,10 +814,10 @@ mod tests {
             for (len, a, b, edit) in calls {
                 // Each call sees a prefix-or-extension of the evolving token list,
                 // sometimes with one token changed (a divergence).
-                if let Some((pos, value)) = edit {
-                    if let Some(t) = tokens.get_mut(pos) {
-                        *t = value;
-                    }
+                if let Some((pos, value)) = edit
+                    && let Some(t) = tokens.get_mut(pos)
+                {
+                    *t = value;
                 }
                 tokens.resize(len, 1);
                 let n_chunks = tokens.len() / cs;

@@ -227,7 +227,7 @@ fn mixed_size_churn_keeps_allocating() {
         store(&l1, n, len).unwrap_or_else(|e| panic!("store {n} of {len} bytes failed: {e}"));
         stored_bytes += len.div_ceil(PAGE) * PAGE;
         // Keep a few objects read-locked at any time, scattered through the pool.
-        if rng % 7 == 0
+        if rng.is_multiple_of(7)
             && let Ok(l) = l1.reserve_read(&[key(n)], 1).remove(0)
         {
             held.push(l);
@@ -283,7 +283,7 @@ fn eight_thread_stress_leaves_no_leaks() {
                                 .into_iter()
                                 .filter_map(Result::ok)
                                 .collect();
-                            if (rng >> 20) % 8 == 0 {
+                            if (rng >> 20).is_multiple_of(8) {
                                 l1.abort_write(&tickets);
                             } else {
                                 l1.finish_write(&tickets);
@@ -310,7 +310,7 @@ fn eight_thread_stress_leaves_no_leaks() {
                         }
                         _ => match (rng >> 24) % 50 {
                             0 => {
-                                l1.clear(rng % 2 == 0);
+                                l1.clear(rng.is_multiple_of(2));
                             }
                             1..=10 => {
                                 l1.maintenance_round();

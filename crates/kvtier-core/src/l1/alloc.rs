@@ -122,7 +122,7 @@ impl RangeAllocator {
         let Some(size) = self.reserved_size(size) else {
             return;
         };
-        debug_assert!(offset % self.align == 0 && offset + size <= self.capacity);
+        debug_assert!(offset.is_multiple_of(self.align) && offset + size <= self.capacity);
         self.free_bytes += size;
         let mut start = offset;
         let mut len = size;

@@ -445,7 +445,7 @@ impl KvCacheMap {
 
     fn chunks_in(&self, len: usize) -> Result<usize, BlockError> {
         let object_len = self.object_len();
-        if object_len == 0 || len % object_len != 0 {
+        if object_len == 0 || !len.is_multiple_of(object_len) {
             return Err(BlockError::BufferLen { len, object_len });
         }
         Ok(len / object_len)

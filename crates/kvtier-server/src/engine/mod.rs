@@ -502,7 +502,7 @@ impl Engine {
         now: Instant,
     ) -> Result<Vec<ObjectKey>, EngineError> {
         let cs = self.cfg.chunk_size as u64;
-        if key.start % cs != 0 || key.end % cs != 0 {
+        if !key.start.is_multiple_of(cs) || !key.end.is_multiple_of(cs) {
             return Err(malformed(format!(
                 "range [{}, {}) is not aligned to the chunk size {cs}",
                 key.start, key.end

@@ -458,7 +458,7 @@ pub fn geometry(
         itemsize,
         chunk_size,
     };
-    if chunk_size == 0 || chunk_size % g.block_size != 0 {
+    if chunk_size == 0 || !chunk_size.is_multiple_of(g.block_size) {
         return Err(LayoutError::ChunkSize {
             chunk_size,
             block_size: g.block_size,
