@@ -718,31 +718,15 @@ impl L2Backend for FsBackend {
         Box::pin(async move {
             self.check_open()?;
             let t = Instant::now();
-            let out: Vec<Option<u64>> = {
-                let mut ix = self.index.lock();
-                keys.iter()
-                    .map(|k| {
-                        let len = ix.get(k)?;
-                        ix.pin(k);
-                        Some(len)
-                    })
-                    .collect()
-            };
-            let hits = out.iter().flatten().count() as u64;
-            self.stats
-                .lookup_misses
-                .fetch_add(keys.len() as u64 - hits, Relaxed);
-            self.stats.lookup.record(hits, 0, 0, t.elapsed());
+            let out = self.index.lock().get_and_pin(keys);
+            self.stats.record_lookup(keys.len(), &out, t.elapsed());
             Ok(out)
         })
     }
 
     fn unpin<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let mut ix = self.index.lock();
-            for k in keys {
-                ix.unpin(k);
-            }
+            self.index.lock().unpin_all(keys);
         })
     }
 

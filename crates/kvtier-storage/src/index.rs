@@ -125,6 +125,24 @@ impl ObjectIndex {
         *self.pins.entry(key.clone()).or_insert(0) += 1;
     }
 
+    /// For each key: its length if indexed, pinning it (LMCache's lookup-and-lock).
+    pub fn get_and_pin(&mut self, keys: &[ObjectKey]) -> Vec<Option<u64>> {
+        keys.iter()
+            .map(|k| {
+                let len = self.get(k)?;
+                self.pin(k);
+                Some(len)
+            })
+            .collect()
+    }
+
+    /// Removes one pin from each key; unknown keys are ignored.
+    pub fn unpin_all(&mut self, keys: &[ObjectKey]) {
+        for k in keys {
+            self.unpin(k);
+        }
+    }
+
     /// Removes one pin from `key`; unknown keys are ignored.
     pub fn unpin(&mut self, key: &ObjectKey) {
         if let Some(n) = self.pins.get_mut(key) {

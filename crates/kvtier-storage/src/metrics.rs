@@ -135,6 +135,16 @@ pub struct AdapterStats {
 }
 
 impl AdapterStats {
+    /// Accounts for one `lookup_and_pin` of `requested` keys whose per-key result is `found`.
+    pub fn record_lookup(&self, requested: usize, found: &[Option<u64>], elapsed: Duration) {
+        let hits = found.iter().flatten().count() as u64;
+        self.lookup_misses
+            .fetch_add(requested as u64 - hits, Relaxed);
+        self.lookup.record(hits, 0, 0, elapsed);
+    }
+}
+
+impl AdapterStats {
     /// JSON for the status tree.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({

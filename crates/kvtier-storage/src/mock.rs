@@ -103,31 +103,15 @@ impl L2Backend for MockBackend {
         Box::pin(async move {
             self.check_open()?;
             let t = Instant::now();
-            let out: Vec<Option<u64>> = {
-                let mut st = self.state.lock();
-                keys.iter()
-                    .map(|k| {
-                        let len = st.index.get(k)?;
-                        st.index.pin(k);
-                        Some(len)
-                    })
-                    .collect()
-            };
-            let hits = out.iter().flatten().count() as u64;
-            self.stats
-                .lookup_misses
-                .fetch_add(keys.len() as u64 - hits, Relaxed);
-            self.stats.lookup.record(hits, 0, 0, t.elapsed());
+            let out = self.state.lock().index.get_and_pin(keys);
+            self.stats.record_lookup(keys.len(), &out, t.elapsed());
             Ok(out)
         })
     }
 
     fn unpin<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let mut st = self.state.lock();
-            for k in keys {
-                st.index.unpin(k);
-            }
+            self.state.lock().index.unpin_all(keys);
         })
     }
 

@@ -489,21 +489,14 @@ impl L2Backend for RespBackend {
                     })
                     .collect()
             };
-            let hits = out.iter().flatten().count() as u64;
-            self.stats
-                .lookup_misses
-                .fetch_add(keys.len() as u64 - hits, Relaxed);
-            self.stats.lookup.record(hits, 0, 0, t.elapsed());
+            self.stats.record_lookup(keys.len(), &out, t.elapsed());
             Ok(out)
         })
     }
 
     fn unpin<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let mut ix = self.index.lock();
-            for k in keys {
-                ix.unpin(k);
-            }
+            self.index.lock().unpin_all(keys);
         })
     }
 
