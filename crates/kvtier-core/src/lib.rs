@@ -5,10 +5,12 @@
 //! - [`key`]: [`key::ObjectKey`], kv_rank packing and the per-rank fan-out.
 //! - [`shm`]: the named POSIX shared-memory segment that backs L1 and that engines map.
 //! - [`l1`]: the L1 manager (object state machine, allocator, TTL locks) and eviction policies.
+//! - [`metrics`]: the observability catalog (counters, gauges, the latency histogram).
 //! - [`status`]: the composable status tree every component reports into.
 
 pub mod hash;
 pub mod key;
 pub mod l1;
+pub mod metrics;
 pub mod shm;
 pub mod status;
