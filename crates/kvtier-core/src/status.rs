@@ -71,6 +71,13 @@ impl StatusNode {
         self
     }
 
+    /// Adds several fields (e.g. a metric set's `status_fields`), in order.
+    pub fn fields(mut self, fields: serde_json::Map<String, Value>) -> Self {
+        self.fields
+            .extend(fields.into_iter().map(|(k, v)| (k, Field::Value(v))));
+        self
+    }
+
     /// Nests a child node; the parent becomes unhealthy if the child is.
     pub fn child(mut self, key: impl Into<String>, child: StatusNode) -> Self {
         let key = key.into();

@@ -44,7 +44,7 @@ fn staging_objects_are_invisible_and_expired_writes_never_become_readable() {
     // The writer comes back too late: its object was discarded, not published.
     assert_eq!(l1.finish_write(&[t])[0], Err(L1Error::KeyNotExist));
     assert_eq!(l1.reserve_read(&[key(1)], 1)[0], Err(L1Error::KeyNotExist));
-    assert_eq!(l1.counters().expired_write_locks_total.load(Relaxed), 1);
+    assert_eq!(l1.counters().expired_write_locks_total.get(), 1);
     assert_eq!(l1.usage().0, 0);
     l1.check_invariants().expect("invariants");
 }
@@ -56,10 +56,10 @@ fn background_sweep_discards_abandoned_staging_objects() {
         .reserve_write(&[(key(1), PAGE)], false)
         .remove(0)
         .expect("reserved");
-    assert_eq!(l1.counters().staging_objects.load(Relaxed), 1);
+    assert_eq!(l1.counters().staging_objects.get(), 1);
     clock.advance(Duration::from_secs(600));
     assert_eq!(l1.expire_locks(), 1);
-    assert_eq!(l1.counters().staging_objects.load(Relaxed), 0);
+    assert_eq!(l1.counters().staging_objects.get(), 0);
     assert_eq!(l1.usage().0, 0);
     // The key is writable again.
     assert!(l1.reserve_write(&[(key(1), PAGE)], false)[0].is_ok());
@@ -123,7 +123,7 @@ fn full_pool_evicts_synchronously_instead_of_rejecting_stores() {
         vec![true, true],
         "locked objects survive"
     );
-    assert!(l1.counters().sync_evictions_total.load(Relaxed) > 0);
+    assert!(l1.counters().sync_evictions_total.get() > 0);
     l1.finish_read(&leases, 1);
     l1.check_invariants().expect("invariants");
 }
@@ -144,7 +144,7 @@ fn batch_reservations_are_all_or_nothing() {
         vec![Err(L1Error::OutOfMemory), Err(L1Error::OutOfMemory)]
     );
     assert_eq!(l1.usage().0, 3 * PAGE);
-    assert_eq!(l1.counters().oom_keys_total.load(Relaxed), 2);
+    assert_eq!(l1.counters().oom_keys_total.get(), 2);
     l1.finish_read(&leases, 1);
     l1.check_invariants().expect("invariants");
 }
@@ -239,7 +239,7 @@ fn mixed_size_churn_keeps_allocating() {
     }
     // Bounded fragmentation: the bytes evicted to make room stay close to the bytes stored
     // (a perfect packer evicts exactly what it stores once the pool is full).
-    let evicted = l1.counters().evicted_bytes_total.load(Relaxed);
+    let evicted = l1.counters().evicted_bytes_total.get();
     let stored = stored_bytes;
     let (free, largest, fragments) = l1.fragmentation();
     eprintln!(
@@ -350,6 +350,6 @@ fn eight_thread_stress_leaves_no_leaks() {
     l1.clear(true);
     l1.check_invariants().expect("invariants hold after clear");
     assert_eq!(l1.usage().0, 0, "no leaked bytes");
-    assert_eq!(l1.counters().objects.load(Relaxed), 0);
-    assert_eq!(l1.counters().read_locked_objects.load(Relaxed), 0);
+    assert_eq!(l1.counters().objects.get(), 0);
+    assert_eq!(l1.counters().read_locked_objects.get(), 0);
 }

@@ -11,6 +11,7 @@
 //! - [`request`]: typed payload decoding ([`decode_request`] → [`Request`]).
 //! - [`response`]: response encoders and each op's defined failure reply.
 //! - [`frame`]: multipart framing and stream control frames.
+//! - [`dtype`]: the torch dtype table ([`dtype_itemsize`]).
 //! - [`error`]: the error type, [`ProtoError`].
 //!
 //! Crate-wide invariants: no input bytes can make any function panic, overflow or allocate more
@@ -18,6 +19,7 @@
 //! naming the field path. The reference server sends no error replies, so what the server does
 //! on error (log, then send [`Op::failure_reply`] or nothing) is decided outside this crate.
 
+pub mod dtype;
 pub mod error;
 pub mod frame;
 pub mod op;
@@ -25,12 +27,14 @@ pub mod reader;
 pub mod request;
 pub mod response;
 
+pub use dtype::dtype_itemsize;
 pub use error::ProtoError;
 pub use frame::{RequestFrames, StreamControl, decode_uid};
 pub use op::{Op, Scheduling, decode_op};
 pub use reader::{Path, Reader};
 pub use request::{
     BlockAllocationRecord, CpuShmWrapper, DeviceIpcWrapper, EngineGroupInfo, IpcKey,
-    RegisterEngineDrivenContext, RegisterKvCache, Request, TensorMetadata, decode_request,
+    RegisterEngineDrivenContext, RegisterKvCache, Request, STUB_IPC_HANDLE, TensorMetadata,
+    decode_request,
 };
-pub use response::{RegisterEngineDrivenContextResponse, Slot};
+pub use response::{RegisterEngineDrivenContextResponse, Response, Slot};

@@ -315,6 +315,31 @@ pub enum Request {
     },
 }
 
+/// The event handle a CPU client sends with `store`/`retrieve` when it has none of its own, and
+/// expects back.
+pub const STUB_IPC_HANDLE: &[u8] = b"stub_ipc_handle";
+
+impl Request {
+    /// For `store`/`retrieve`: the event handle the reply must echo, success or failure (the
+    /// client's own, or [`STUB_IPC_HANDLE`] when it sent an empty one). `None` for other ops.
+    #[must_use]
+    pub fn reply_event_handle(&self) -> Option<&[u8]> {
+        match self {
+            Self::Store {
+                event_ipc_handle, ..
+            }
+            | Self::Retrieve {
+                event_ipc_handle, ..
+            } => Some(if event_ipc_handle.is_empty() {
+                STUB_IPC_HANDLE
+            } else {
+                event_ipc_handle
+            }),
+            _ => None,
+        }
+    }
+}
+
 impl Request {
     /// The operation this request belongs to.
     #[must_use]

@@ -288,6 +288,67 @@ pub fn encode_cb_protocol_handshake(version: i64, ok: bool) -> Vec<u8> {
     w.finish()
 }
 
+/// A handler's typed result, the counterpart of [`Request`](crate::Request): the engine
+/// returns one, the service encodes it at the edge with [`Response::encode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// `None`: a bare reply without a response frame.
+    Nothing,
+    /// `bool`.
+    Bool(bool),
+    /// `int` (non-negative).
+    Uint(u64),
+    /// `int | None` of the prefetch-status queries: `None` (bare reply) while still running.
+    PrefixHits(Option<u64>),
+    /// `str`.
+    Str(&'static str),
+    /// `list[str]`.
+    StrList(Vec<String>),
+    /// `register_kv_cache_engine_driven_context`'s `{shm_name, pool_size}`.
+    EngineDrivenContext(RegisterEngineDrivenContextResponse),
+    /// `prepare_store`'s slots for the chunks to write and their indices in the range.
+    PrepareStore {
+        /// One slot per chunk to write.
+        slots: Vec<Slot>,
+        /// Index in the request's range of each slot's chunk.
+        chunk_indices: Vec<u64>,
+    },
+    /// `prepare_retrieve`'s slots (success).
+    PrepareRetrieve(Vec<Slot>),
+    /// `store` / `retrieve`'s `(event handle, ok)`.
+    Transfer {
+        /// The event handle, echoed.
+        handle: Vec<u8>,
+        /// Whether the transfer happened.
+        ok: bool,
+    },
+}
+
+impl Response {
+    /// The reply payload: `None` for a bare reply.
+    #[must_use]
+    pub fn encode(&self) -> Option<Vec<u8>> {
+        Some(match self {
+            Self::Nothing | Self::PrefixHits(None) => return None,
+            Self::Bool(b) => encode_bool(*b),
+            Self::Uint(n) => encode_uint(*n),
+            Self::PrefixHits(Some(n)) => encode_int(i64::try_from(*n).unwrap_or(i64::MAX)),
+            Self::Str(s) => encode_str(s),
+            Self::StrList(items) => {
+                let refs: Vec<&str> = items.iter().map(String::as_str).collect();
+                encode_str_list(&refs)
+            }
+            Self::EngineDrivenContext(r) => r.encode(),
+            Self::PrepareStore {
+                slots,
+                chunk_indices,
+            } => encode_prepare_store(slots, chunk_indices),
+            Self::PrepareRetrieve(slots) => encode_prepare_retrieve(true, slots),
+            Self::Transfer { handle, ok } => encode_transfer_result(handle, *ok),
+        })
+    }
+}
+
 impl Op {
     /// The reply to send when this op's handler fails, or `None` for a bare `[uid, op]` reply.
     /// See the table in the [module docs](crate::response).

@@ -287,7 +287,7 @@ fn main() {
     fill(&l1, plan.objects);
     println!(
         "filled L1 with {} objects in {:.2} s",
-        l1.counters().objects.load(Ordering::Relaxed),
+        l1.counters().objects.get(),
         t.elapsed().as_secs_f64()
     );
 
@@ -389,7 +389,7 @@ fn main() {
         );
     }
     assert_eq!(
-        l1.counters().objects.load(Ordering::Relaxed),
+        l1.counters().objects.get(),
         u64::from(plan.objects),
         "the population stayed at the target"
     );

@@ -151,14 +151,8 @@ async fn fault(
     body: Option<axum::Json<FaultBody>>,
 ) -> Response {
     let component = body.map_or_else(default_component, |axum::Json(b)| b.component);
-    match component.as_str() {
-        "l1_eviction_controller" => {
-            tracing::warn!(%component, "fault injected on request (test-only route)");
-            source.engine().evictor().inject_crash();
-            axum::Json(json!({"status": "ok", "injected": component})).into_response()
-        }
-        other => bad_request(format!(
-            "unknown component {other:?} (supported: \"l1_eviction_controller\")"
-        )),
+    match source.engine().inject_fault(&component) {
+        Ok(()) => axum::Json(json!({"status": "ok", "injected": component})).into_response(),
+        Err(e) => bad_request(e.to_string()),
     }
 }

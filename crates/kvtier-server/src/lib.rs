@@ -6,6 +6,7 @@
 //!   clearing) with optional bearer-token access control.
 //! - [`dashboard`]: the web dashboard served by the admin API, and its time-series endpoint.
 //! - [`telemetry`]: the background sampler that keeps recent history of the counters.
+//! - [`service`]: the wire edge: decode, call the engine, encode, classify the outcome.
 //! - [`stats`]: lock-free per-operation counters and latency histograms.
 //! - [`server`]: start-up and ordered shutdown of all of the above.
 
@@ -13,6 +14,7 @@ pub mod dashboard;
 pub mod engine;
 pub mod http;
 pub mod server;
+pub mod service;
 pub mod stats;
 pub mod telemetry;
 pub mod transport;

@@ -19,7 +19,6 @@ use kvtier_core::l1::controller::EvictionController;
 use kvtier_core::l1::{EvictionConfig, L1Config, L1Manager};
 use kvtier_core::shm::{ShmOptions, ShmSegment};
 use kvtier_core::status::{StatusNode, StatusReport};
-use kvtier_proto::{Op, Scheduling, decode_request};
 use kvtier_storage::{AdapterConfig, L2Tier, L2TierConfig};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
@@ -27,9 +26,10 @@ use serde::Serialize;
 use crate::engine::{Engine, EngineConfig};
 use crate::http::metrics::HttpStats;
 use crate::http::{HttpConfig, HttpServer};
-use crate::stats::{Outcome, RpcStats};
+use crate::service::Service;
+use crate::stats::RpcStats;
 use crate::telemetry::{Telemetry, TelemetryConfig};
-use crate::transport::{Handler, TransportConfig, ZmqFrontEnd};
+use crate::transport::{TransportConfig, ZmqFrontEnd};
 
 /// Everything `kvtier serve` can be told. `Debug` and `Serialize` (what `GET /config` shows)
 /// never reveal the HTTP auth token; durations serialise as `<name>_seconds` floats.
@@ -155,64 +155,6 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
-}
-
-/// The request handler behind the front end: decode, run, account, and always reply.
-#[derive(Debug)]
-pub struct Service {
-    engine: Arc<Engine>,
-    rpc: Arc<RpcStats>,
-}
-
-/// Largest payload (all frames) of an op that may run inline on the poll thread: a 64 KiB key
-/// carries about 16k tokens, which hash in well under 100 µs.
-const INLINE_PAYLOAD_LIMIT: usize = 64 << 10;
-
-impl Handler for Service {
-    /// Besides the SYNC ops, the bookkeeping ops whose work is bounded by their (small) payload
-    /// and never waits: lookups (hash + L1 prefix lock, or an L2 submission), result queries,
-    /// lock releases, pings. `wait_prefetch_status` (it blocks), `clear` (walks L1) and transfers
-    /// (they copy) always go to the pools.
-    fn run_inline(&self, op: Op, payloads: &[Vec<u8>]) -> bool {
-        match op.scheduling() {
-            Scheduling::Sync => true,
-            _ => {
-                matches!(
-                    op,
-                    Op::Lookup
-                        | Op::QueryPrefetchStatus
-                        | Op::EndSession
-                        | Op::FreeLookupLocks
-                        | Op::Ping
-                        | Op::ReportBlockAllocation
-                ) && payloads.iter().map(Vec::len).sum::<usize>() <= INLINE_PAYLOAD_LIMIT
-            }
-        }
-    }
-
-    fn handle(&self, op: Op, payloads: &[&[u8]]) -> Option<Vec<u8>> {
-        let t = Instant::now();
-        let (reply, outcome) = match decode_request(op, payloads) {
-            Err(e) => {
-                tracing::warn!(%op, error = %e, "malformed request; answering with the failure value");
-                (op.failure_reply(), Outcome::Malformed)
-            }
-            Ok(req) => match self.engine.handle(req) {
-                Ok(r) => (r, Outcome::Ok),
-                Err(e) => {
-                    let outcome = e.outcome();
-                    if outcome == Outcome::Failed {
-                        tracing::debug!(%op, error = %e, "request failed");
-                    } else {
-                        tracing::warn!(%op, error = %e, "request refused");
-                    }
-                    (op.failure_reply(), outcome)
-                }
-            },
-        };
-        self.rpc.record(op, outcome, t.elapsed());
-        reply
-    }
 }
 
 #[derive(Debug, Default)]
@@ -482,10 +424,7 @@ impl Server {
                 queue_capacity: 4096,
                 drain_timeout: config.drain_timeout,
             },
-            Arc::new(Service {
-                engine: Arc::clone(&engine),
-                rpc: Arc::clone(&rpc),
-            }),
+            Arc::new(Service::new(Arc::clone(&engine), Arc::clone(&rpc))),
         )?);
         let source = StatusSource {
             inner: Arc::new(StatusParts {

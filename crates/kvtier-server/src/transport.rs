@@ -85,25 +85,26 @@ pub enum TransportError {
     },
 }
 
-/// Lock-free front-end counters.
-#[derive(Debug, Default)]
-pub struct TransportStats {
-    /// Messages received.
-    pub received: AtomicU64,
-    /// Replies sent.
-    pub replied: AtomicU64,
-    /// Messages with fewer than three frames (no reply possible).
-    pub too_few_frames: AtomicU64,
-    /// Messages whose op frame is not a known operation (answered with a bare reply).
-    pub unknown_op: AtomicU64,
-    /// Stream control frames received (no stream operation is implemented).
-    pub control_frames: AtomicU64,
-    /// Requests answered with a failure value because a pool queue was full.
-    pub rejected_busy: AtomicU64,
-    /// Replies that could not be sent (peer gone or not reading).
-    pub send_failures: AtomicU64,
-    /// Requests dispatched to a pool and not yet answered.
-    pub in_flight: AtomicU64,
+kvtier_core::metric_set! {
+    /// Front-end counters (status `transport`, Prometheus `kvtier_transport_*`).
+    pub struct TransportStats {
+        /// ZeroMQ messages received.
+        received: Counter as "received_total" => "kvtier_transport_received_messages",
+        /// Replies sent.
+        replied: Counter as "replied_total" => "kvtier_transport_replied_messages",
+        /// Messages dropped for having too few frames to address a reply.
+        too_few_frames: Counter as "too_few_frames_total" => "kvtier_transport_too_few_frames",
+        /// Requests naming an operation outside the table (answered with a bare reply).
+        unknown_op: Counter as "unknown_op_total" => "kvtier_transport_unknown_ops",
+        /// Stream control frames (ack/cancel) received.
+        control_frames: Counter as "control_frames_total" => "kvtier_transport_control_frames",
+        /// Requests answered with a failure at once because a worker queue was full.
+        rejected_busy: Counter as "rejected_busy_total" => "kvtier_transport_rejected_busy",
+        /// Replies that could not be sent (peer gone or not reading).
+        send_failures: Counter as "send_failures_total" => "kvtier_transport_send_failures",
+        /// Requests received and not yet answered.
+        in_flight: Gauge as "in_flight" => "kvtier_transport_in_flight_requests",
+    }
 }
 
 struct Job {
@@ -341,18 +342,18 @@ impl PollLoop {
             if drain_deadline.is_none() && self.stop.load(Relaxed) {
                 let deadline = Instant::now() + self.drain_timeout;
                 tracing::info!(
-                    in_flight = self.stats.in_flight.load(Relaxed),
+                    in_flight = self.stats.in_flight.get(),
                     "front end draining"
                 );
                 drain_deadline = Some(deadline);
             }
             if let Some(deadline) = drain_deadline {
-                if self.stats.in_flight.load(Relaxed) == 0 {
+                if self.stats.in_flight.get() == 0 {
                     break;
                 }
                 if Instant::now() >= deadline {
                     tracing::warn!(
-                        in_flight = self.stats.in_flight.load(Relaxed),
+                        in_flight = self.stats.in_flight.get(),
                         "drain timeout; dropping unanswered requests"
                     );
                     break;
@@ -368,7 +369,7 @@ impl PollLoop {
 
     fn flush_replies(&mut self) {
         while let Ok(out) = self.reply_rx.try_recv() {
-            self.stats.in_flight.fetch_sub(1, Relaxed);
+            self.stats.in_flight.sub(1);
             self.send(out.identity, out.uid, out.op_frame, out.body);
         }
     }
@@ -384,10 +385,10 @@ impl PollLoop {
         };
         match result {
             Ok(()) => {
-                self.stats.replied.fetch_add(1, Relaxed);
+                self.stats.replied.inc();
             }
             Err(e) => {
-                self.stats.send_failures.fetch_add(1, Relaxed);
+                self.stats.send_failures.inc();
                 tracing::debug!(error = %e, "reply not delivered (client gone or not reading)");
             }
         }
@@ -404,7 +405,7 @@ impl PollLoop {
                     return;
                 }
             };
-            self.stats.received.fetch_add(1, Relaxed);
+            self.stats.received.inc();
             self.dispatch(frames);
             self.flush_replies();
         }
@@ -412,7 +413,7 @@ impl PollLoop {
 
     fn dispatch(&mut self, frames: Vec<Vec<u8>>) {
         if frames.len() < 3 {
-            self.stats.too_few_frames.fetch_add(1, Relaxed);
+            self.stats.too_few_frames.inc();
             tracing::warn!(
                 frames = frames.len(),
                 "message too short to answer; dropped"
@@ -426,13 +427,13 @@ impl PollLoop {
         let payloads: Vec<Vec<u8>> = it.collect();
         if op_frame.is_empty() {
             // Stream control ([uid, "", ack|cancel]); kvtier implements no stream operation.
-            self.stats.control_frames.fetch_add(1, Relaxed);
+            self.stats.control_frames.inc();
             return;
         }
         let op = match decode_op(&op_frame) {
             Ok(op) => op,
             Err(e) => {
-                self.stats.unknown_op.fetch_add(1, Relaxed);
+                self.stats.unknown_op.inc();
                 tracing::warn!(error = %e, "unknown operation; answering with an empty reply");
                 self.send(identity, uid, op_frame, None);
                 return;
@@ -464,12 +465,12 @@ impl PollLoop {
             op,
             payloads,
         };
-        self.stats.in_flight.fetch_add(1, Relaxed);
+        self.stats.in_flight.inc();
         match target.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
-                self.stats.in_flight.fetch_sub(1, Relaxed);
-                self.stats.rejected_busy.fetch_add(1, Relaxed);
+                self.stats.in_flight.sub(1);
+                self.stats.rejected_busy.inc();
                 tracing::warn!(op = %job.op, "worker queue full; answering with the failure value");
                 self.send(job.identity, job.uid, job.op_frame, job.op.failure_reply());
             }
@@ -487,13 +488,6 @@ impl StatusReport for ZmqFrontEnd {
             .field("thread_alive", self.alive.load(Relaxed))
             .field("workers_per_pool", self.config.workers.max(1))
             .field("queue_capacity", self.config.queue_capacity)
-            .field("in_flight", s.in_flight.load(Relaxed))
-            .field("received_total", s.received.load(Relaxed))
-            .field("replied_total", s.replied.load(Relaxed))
-            .field("too_few_frames_total", s.too_few_frames.load(Relaxed))
-            .field("unknown_op_total", s.unknown_op.load(Relaxed))
-            .field("control_frames_total", s.control_frames.load(Relaxed))
-            .field("rejected_busy_total", s.rejected_busy.load(Relaxed))
-            .field("send_failures_total", s.send_failures.load(Relaxed))
+            .fields(kvtier_core::metrics::status_fields(s))
     }
 }

@@ -109,7 +109,7 @@ fn lookup(e: &Engine, request_id: &str, chunks: u64) -> Vec<u8> {
 }
 
 fn read_locked(e: &Engine) -> u64 {
-    e.l1().counters().read_locked_objects.load(Relaxed)
+    e.l1().counters().read_locked_objects.get()
 }
 
 #[test]
@@ -149,10 +149,10 @@ fn silent_instances_are_reaped_with_their_pending_transfers() {
             instance_id: 7,
         })
         .expect("prepared");
-    assert_eq!(f.engine.l1().counters().staging_objects.load(Relaxed), 2);
+    assert_eq!(f.engine.l1().counters().staging_objects.get(), 2);
     f.clock.advance(Duration::from_secs(121));
     f.engine.housekeeping();
-    assert_eq!(f.engine.l1().counters().staging_objects.load(Relaxed), 0);
+    assert_eq!(f.engine.l1().counters().staging_objects.get(), 0);
     assert_eq!(
         f.engine.l1().usage().0,
         0,
@@ -166,7 +166,7 @@ fn silent_instances_are_reaped_with_their_pending_transfers() {
         matches!(after, Err(EngineError::Failed(_))),
         "instance is gone: {after:?}"
     );
-    assert_eq!(f.engine.counters().instances_reaped.load(Relaxed), 1);
+    assert_eq!(f.engine.counters().instances_reaped.get(), 1);
 }
 
 #[test]
@@ -175,10 +175,10 @@ fn instances_that_never_ping_get_the_registration_grace() {
     register(&f.engine, 9);
     f.clock.advance(Duration::from_secs(3599));
     f.engine.housekeeping();
-    assert_eq!(f.engine.counters().instances_reaped.load(Relaxed), 0);
+    assert_eq!(f.engine.counters().instances_reaped.get(), 0);
     f.clock.advance(Duration::from_secs(2));
     f.engine.housekeeping();
-    assert_eq!(f.engine.counters().instances_reaped.load(Relaxed), 1);
+    assert_eq!(f.engine.counters().instances_reaped.get(), 1);
 }
 
 #[test]

@@ -58,7 +58,7 @@ impl Fixture {
     }
 
     fn read_locked(&self) -> u64 {
-        self.l1.counters().read_locked_objects.load(Relaxed)
+        self.l1.counters().read_locked_objects.get()
     }
 
     fn check(&self) {
@@ -388,11 +388,11 @@ fn prefetch_loads_the_prefix_from_the_lowest_index_adapter() {
     );
     // The loaded objects are temporary and read-locked; k5 (beyond the gap) was never loaded.
     assert_eq!(p.fx.read_locked(), 4);
-    assert_eq!(p.fx.l1.counters().temporary_objects.load(Relaxed), 4);
+    assert_eq!(p.fx.l1.counters().temporary_objects.get(), 4);
     assert!(!p.fx.l1.contains(&k[5..6])[0]);
     p.fx.l1.finish_read(&r.leases, 1);
     assert_eq!(
-        p.fx.l1.counters().objects.load(Relaxed),
+        p.fx.l1.counters().objects.get(),
         0,
         "temporary objects go away with their last reader"
     );
@@ -495,12 +495,12 @@ fn prefetch_stops_at_a_corrupt_object() {
     // k2 was loaded but lies beyond the gap: released, so only k0 stays locked.
     assert_eq!(p.fx.read_locked(), 1);
     assert_eq!(
-        p.fx.l1.counters().staging_objects.load(Relaxed),
+        p.fx.l1.counters().staging_objects.get(),
         0,
         "the failed reservation was aborted"
     );
     p.fx.l1.finish_read(&r.leases, 1);
-    assert_eq!(p.fx.l1.counters().objects.load(Relaxed), 0);
+    assert_eq!(p.fx.l1.counters().objects.get(), 0);
     assert_eq!(p.pins(), 0);
     p.stop();
     p.fx.rt.block_on(fsb.close());
@@ -574,7 +574,7 @@ fn cancelled_and_uncollected_results_release_their_locks() {
     );
     assert!(matches!(p.pc.try_take(id), Take::Unknown));
     assert_eq!(p.fx.read_locked(), 0);
-    assert_eq!(p.fx.l1.counters().objects.load(Relaxed), 0);
+    assert_eq!(p.fx.l1.counters().objects.get(), 0);
     // Done but never collected: released at shutdown.
     let id = p.pc.submit(PrefetchRequest {
         keys: k.clone(),
@@ -586,6 +586,6 @@ fn cancelled_and_uncollected_results_release_their_locks() {
     assert_eq!(p.pc.active_jobs(), 1);
     p.stop();
     assert_eq!(p.fx.read_locked(), 0);
-    assert_eq!(p.fx.l1.counters().objects.load(Relaxed), 0);
+    assert_eq!(p.fx.l1.counters().objects.get(), 0);
     assert_eq!(p.pins(), 0);
 }

@@ -229,50 +229,44 @@ pub struct ClearOutcome {
     pub kept: u64,
 }
 
-/// Lock-free counters behind the status tree and metrics. Gauges are kept exact inside the L1
-/// critical sections; `*_total` fields only grow.
-#[derive(Debug, Default)]
-pub struct L1Counters {
-    /// Objects holding memory (ready, staging and doomed).
-    pub objects: AtomicU64,
-    /// Objects in the staging (write-locked) state.
-    pub staging_objects: AtomicU64,
-    /// Bytes reserved by staging objects.
-    pub staging_bytes: AtomicU64,
-    /// Objects with at least one read lock.
-    pub read_locked_objects: AtomicU64,
-    /// Temporary objects.
-    pub temporary_objects: AtomicU64,
-    /// Objects removed from the index by a forced clear but still locked.
-    pub doomed_objects: AtomicU64,
-    /// Bytes reserved (aligned sizes) by all objects.
-    pub used_bytes: AtomicU64,
-    /// Objects published by `finish_write*`.
-    pub writes_committed_total: AtomicU64,
-    /// Staging objects discarded by `abort_write`.
-    pub writes_aborted_total: AtomicU64,
-    /// Keys refused because the pool had no room even after eviction.
-    pub oom_keys_total: AtomicU64,
-    /// Objects evicted (background and synchronous).
-    pub evicted_objects_total: AtomicU64,
-    /// Bytes evicted.
-    pub evicted_bytes_total: AtomicU64,
-    /// Allocation failures that triggered a synchronous eviction.
-    pub sync_evictions_total: AtomicU64,
-    /// Staging objects discarded because their write lock expired.
-    pub expired_write_locks_total: AtomicU64,
-    /// Objects whose read locks expired.
-    pub expired_read_locks_total: AtomicU64,
-    /// Read locks granted (counting each of `count`).
-    pub read_locks_total: AtomicU64,
-}
-
-fn inc(c: &AtomicU64, by: u64) {
-    c.fetch_add(by, Relaxed);
-}
-
-fn dec(c: &AtomicU64, by: u64) {
-    c.fetch_sub(by, Relaxed);
+crate::metric_set! {
+    /// Lock-free counters behind the status tree (LMCache's `l1_manager` field names) and
+    /// `/metrics` (`kvtier_l1_*`). Gauges are kept exact inside the L1 critical sections;
+    /// counters only grow.
+    pub struct L1Counters {
+        /// Objects in L1 (every phase).
+        objects: Gauge as "total_object_count" => "kvtier_l1_objects",
+        /// L1 objects reserved for a store and not yet committed (write-locked).
+        staging_objects: Gauge as "write_locked_count" => "kvtier_l1_staging_objects",
+        /// L1 bytes reserved for stores not yet committed.
+        staging_bytes: Gauge[Bytes] as "staging_bytes" => "kvtier_l1_staging",
+        /// L1 objects holding at least one read lock.
+        read_locked_objects: Gauge as "read_locked_count" => "kvtier_l1_read_locked_objects",
+        /// Temporary L1 objects (freed on their last read unlock).
+        temporary_objects: Gauge as "temporary_count" => "kvtier_l1_temporary_objects",
+        /// Deleted L1 objects waiting for their readers to finish.
+        doomed_objects: Gauge as "doomed_object_count" => "kvtier_l1_doomed_objects",
+        /// L1 bytes allocated to objects (staging included, aligned sizes).
+        used_bytes: Gauge[Bytes] as "memory_used_bytes" => "kvtier_l1_used",
+        /// L1 writes published.
+        writes_committed_total: Counter => "kvtier_l1_writes_committed",
+        /// L1 writes aborted before being published.
+        writes_aborted_total: Counter => "kvtier_l1_writes_aborted",
+        /// Keys whose store was rejected because L1 had no room even after eviction.
+        oom_keys_total: Counter as "out_of_memory_key_count_total" => "kvtier_l1_oom_keys",
+        /// Objects evicted from L1 (background and synchronous).
+        evicted_objects_total: Counter as "evicted_object_count_total" => "kvtier_l1_evicted_objects",
+        /// Bytes evicted from L1.
+        evicted_bytes_total: Counter[Bytes] => "kvtier_l1_evicted",
+        /// Synchronous evictions run by an allocation that did not fit.
+        sync_evictions_total: Counter as "sync_eviction_count_total" => "kvtier_l1_sync_evictions",
+        /// Store reservations discarded because their write TTL lapsed.
+        expired_write_locks_total: Counter as "expired_write_lock_count_total" => "kvtier_l1_expired_write_locks",
+        /// Read locks released because their TTL lapsed.
+        expired_read_locks_total: Counter as "expired_read_lock_count_total" => "kvtier_l1_expired_read_locks",
+        /// L1 read locks granted (counting each of a multi-reader lock).
+        read_locks_total: Counter => "kvtier_l1_read_locks",
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,7 +365,7 @@ impl L1Manager {
 
     /// `(used_bytes, total_bytes)` without taking the lock.
     pub fn usage(&self) -> (u64, u64) {
-        (self.counters.used_bytes.load(Relaxed), self.capacity)
+        (self.counters.used_bytes.get(), self.capacity)
     }
 
     /// Reserves staging objects for `items` (`(key, length in bytes)`).
@@ -427,7 +421,7 @@ impl L1Manager {
             return out;
         }
         let Some(offsets) = self.alloc_batch_evicting(&mut inner, &sizes) else {
-            inc(&self.counters.oom_keys_total, new_idx.len() as u64);
+            self.counters.oom_keys_total.add(new_idx.len() as u64);
             return out;
         };
         let deadline = now + self.config.write_ttl;
@@ -448,12 +442,12 @@ impl L1Manager {
             };
             let (id, generation) = inner.insert(entry);
             inner.expiry.insert((deadline, id, generation));
-            inc(&self.counters.objects, 1);
-            inc(&self.counters.staging_objects, 1);
-            inc(&self.counters.staging_bytes, reserved);
-            inc(&self.counters.used_bytes, reserved);
+            self.counters.objects.add(1);
+            self.counters.staging_objects.add(1);
+            self.counters.staging_bytes.add(reserved);
+            self.counters.used_bytes.add(reserved);
             if temporary {
-                inc(&self.counters.temporary_objects, 1);
+                self.counters.temporary_objects.add(1);
             }
             out[i] = Ok(WriteTicket {
                 id,
@@ -503,7 +497,7 @@ impl L1Manager {
                     return Err(L1Error::KeyInWrongState);
                 }
                 self.remove_entry(&mut inner, id);
-                inc(&self.counters.writes_aborted_total, 1);
+                self.counters.writes_aborted_total.add(1);
                 Ok(())
             })
             .collect()
@@ -758,21 +752,21 @@ impl L1Manager {
         }
         let c = &self.counters;
         let pairs = [
-            ("objects", c.objects.load(Relaxed), objects),
-            ("staging_objects", c.staging_objects.load(Relaxed), staging),
+            ("objects", c.objects.get(), objects),
+            ("staging_objects", c.staging_objects.get(), staging),
             (
                 "staging_bytes",
-                c.staging_bytes.load(Relaxed),
+                c.staging_bytes.get(),
                 staging_bytes,
             ),
             (
                 "read_locked_objects",
-                c.read_locked_objects.load(Relaxed),
+                c.read_locked_objects.get(),
                 readers,
             ),
-            ("temporary_objects", c.temporary_objects.load(Relaxed), temp),
-            ("doomed_objects", c.doomed_objects.load(Relaxed), doomed),
-            ("used_bytes", c.used_bytes.load(Relaxed), used),
+            ("temporary_objects", c.temporary_objects.get(), temp),
+            ("doomed_objects", c.doomed_objects.get(), doomed),
+            ("used_bytes", c.used_bytes.get(), used),
         ];
         for (name, counter, recount) in pairs {
             if counter != recount {
@@ -853,9 +847,9 @@ impl L1Manager {
             e.phase = Phase::Ready;
             e.deadline = None;
         }
-        dec(&self.counters.staging_objects, 1);
-        dec(&self.counters.staging_bytes, reserved);
-        inc(&self.counters.writes_committed_total, 1);
+        self.counters.staging_objects.sub(1);
+        self.counters.staging_bytes.sub(reserved);
+        self.counters.writes_committed_total.add(1);
         inner.policy.on_ready(id);
         Ok(id)
     }
@@ -878,9 +872,9 @@ impl L1Manager {
         }
         inner.expiry.insert((deadline, id, generation));
         if was_unlocked {
-            inc(&self.counters.read_locked_objects, 1);
+            self.counters.read_locked_objects.add(1);
         }
-        inc(&self.counters.read_locks_total, u64::from(count));
+        self.counters.read_locks_total.add(u64::from(count));
         inner.policy.on_access(id);
         ReadLease {
             id,
@@ -907,7 +901,7 @@ impl L1Manager {
             if let Some(d) = deadline {
                 inner.expiry.remove(&(d, id, generation));
             }
-            dec(&self.counters.read_locked_objects, 1);
+            self.counters.read_locked_objects.sub(1);
             if free_now {
                 self.remove_entry(inner, id);
                 return;
@@ -929,15 +923,15 @@ impl L1Manager {
         if let Some(d) = deadline {
             inner.expiry.remove(&(d, id, generation));
         }
-        dec(&self.counters.read_locked_objects, 1);
-        inc(&self.counters.expired_read_locks_total, 1);
+        self.counters.read_locked_objects.sub(1);
+        self.counters.expired_read_locks_total.add(1);
         if free_now {
             self.remove_entry(inner, id);
         }
     }
 
     fn discard_expired_staging(&self, inner: &mut Inner, id: EntryId) {
-        inc(&self.counters.expired_write_locks_total, 1);
+        self.counters.expired_write_locks_total.add(1);
         self.remove_entry(inner, id);
     }
 
@@ -951,7 +945,7 @@ impl L1Manager {
         };
         inner.index.remove(&key);
         inner.policy.on_remove(id);
-        inc(&self.counters.doomed_objects, 1);
+        self.counters.doomed_objects.add(1);
     }
 
     /// Removes an entry whatever its state and returns its memory.
@@ -965,23 +959,23 @@ impl L1Manager {
             inner.expiry.remove(&(d, id, generation));
         }
         if e.doomed {
-            dec(&self.counters.doomed_objects, 1);
+            self.counters.doomed_objects.sub(1);
         } else {
             inner.index.remove(&e.key);
         }
         inner.policy.on_remove(id);
         inner.alloc.free(e.alloc.offset, e.alloc.len);
-        dec(&self.counters.objects, 1);
-        dec(&self.counters.used_bytes, e.reserved);
+        self.counters.objects.sub(1);
+        self.counters.used_bytes.sub(e.reserved);
         if e.phase == Phase::Staging {
-            dec(&self.counters.staging_objects, 1);
-            dec(&self.counters.staging_bytes, e.reserved);
+            self.counters.staging_objects.sub(1);
+            self.counters.staging_bytes.sub(e.reserved);
         }
         if e.readers > 0 {
-            dec(&self.counters.read_locked_objects, 1);
+            self.counters.read_locked_objects.sub(1);
         }
         if e.temporary {
-            dec(&self.counters.temporary_objects, 1);
+            self.counters.temporary_objects.sub(1);
         }
     }
 
@@ -1013,8 +1007,8 @@ impl L1Manager {
                 self.remove_entry(inner, id);
             }
         }
-        inc(&self.counters.evicted_objects_total, out.objects);
-        inc(&self.counters.evicted_bytes_total, out.bytes);
+        self.counters.evicted_objects_total.add(out.objects);
+        self.counters.evicted_bytes_total.add(out.bytes);
         out
     }
 
@@ -1023,7 +1017,7 @@ impl L1Manager {
         if let Some(offsets) = inner.alloc.alloc_batch(sizes) {
             return Some(offsets);
         }
-        inc(&self.counters.sync_evictions_total, 1);
+        self.counters.sync_evictions_total.add(1);
         let need: u64 = sizes
             .iter()
             .filter_map(|&s| inner.alloc.reserved_size(s))
@@ -1098,14 +1092,8 @@ impl StatusReport for L1Manager {
             used as f64 / total as f64
         };
         StatusNode::healthy()
-            .field("total_object_count", c.objects.load(Relaxed))
-            .field("write_locked_count", c.staging_objects.load(Relaxed))
-            .field("read_locked_count", c.read_locked_objects.load(Relaxed))
-            .field("temporary_count", c.temporary_objects.load(Relaxed))
-            .field("staging_object_count", c.staging_objects.load(Relaxed))
-            .field("staging_bytes", c.staging_bytes.load(Relaxed))
-            .field("doomed_object_count", c.doomed_objects.load(Relaxed))
-            .field("memory_used_bytes", used)
+            .fields(crate::metrics::status_fields(c))
+            .field("staging_object_count", c.staging_objects.get())
             .field("memory_total_bytes", total)
             .field("memory_configured_bytes", self.config.capacity_bytes)
             .field(
@@ -1116,26 +1104,5 @@ impl StatusReport for L1Manager {
             .field("write_ttl_seconds", self.config.write_ttl.as_secs())
             .field("read_ttl_seconds", self.config.read_ttl.as_secs())
             .field("align_bytes", self.config.align_bytes)
-            .field(
-                "evicted_object_count_total",
-                c.evicted_objects_total.load(Relaxed),
-            )
-            .field("evicted_bytes_total", c.evicted_bytes_total.load(Relaxed))
-            .field(
-                "sync_eviction_count_total",
-                c.sync_evictions_total.load(Relaxed),
-            )
-            .field(
-                "out_of_memory_key_count_total",
-                c.oom_keys_total.load(Relaxed),
-            )
-            .field(
-                "expired_write_lock_count_total",
-                c.expired_write_locks_total.load(Relaxed),
-            )
-            .field(
-                "expired_read_lock_count_total",
-                c.expired_read_locks_total.load(Relaxed),
-            )
     }
 }

@@ -207,7 +207,8 @@ pub fn value_of(set: &dyn MetricSet, status_key: &str) -> Option<f64> {
 }
 
 /// Declares a struct of [`Counter`]s and [`Gauge`]s with its catalog entries, and implements
-/// [`MetricSet`] for it.
+/// [`MetricSet`] for it. Each entry is `field: Counter|Gauge[Unit] as "status_key" =>
+/// "prometheus_name"`; the unit and the status key (default: the field name) are optional.
 ///
 /// ```
 /// kvtier_core::metric_set! {
@@ -231,7 +232,7 @@ macro_rules! metric_set {
         $vis:vis struct $name:ident {
             $(
                 $(#[doc = $doc:literal])*
-                $field:ident : $kind:ident $([$unit:ident])? => $prom:literal
+                $field:ident : $kind:ident $([$unit:ident])? $(as $skey:literal)? => $prom:literal
             ),* $(,)?
         }
     ) => {
@@ -250,7 +251,7 @@ macro_rules! metric_set {
                 $(
                     $crate::metrics::MetricDesc {
                         name: $prom,
-                        status_key: stringify!($field),
+                        status_key: $crate::metric_set!(@skey $field $($skey)?),
                         help: concat!($($doc, " "),*),
                         unit: $crate::metric_set!(@unit $($unit)?),
                         kind: $crate::metric_set!(@kind $kind),
@@ -274,6 +275,8 @@ macro_rules! metric_set {
             }
         }
     };
+    (@skey $field:ident) => { stringify!($field) };
+    (@skey $field:ident $skey:literal) => { $skey };
     (@unit) => { $crate::metrics::MetricUnit::None };
     (@unit $unit:ident) => { $crate::metrics::MetricUnit::$unit };
     (@kind Counter) => { $crate::metrics::MetricKind::Counter };

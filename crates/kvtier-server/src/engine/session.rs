@@ -1,24 +1,44 @@
-//! Per-request sessions: the incremental hash cache and the lookup locks a request holds.
+//! Per-request sessions: the incremental hash cache, the lookup locks a request holds, and the
+//! state of its last lookup.
 //!
-//! A session is keyed by the client's `request_id`. Lookups record every read lock they take
-//! (one [`HeldLock`] per object, with the number of reader locks still unclaimed), retrieves
-//! move one lock per object out of the session while the engine copies, and `end_session`,
-//! `free_lookup_locks` or the TTL reaper release what is left. Nothing is anonymous: every lock
-//! the engine takes on behalf of a request is owned by exactly one session or one pending
-//! retrieve, which is how kvtier avoids LMCache's lock leaks.
+//! A session is keyed by the client's `request_id`. This module owns *every* step of lock
+//! bookkeeping, so the leak-free rule is kept in one place:
+//! - [`Sessions::record`] records the read leases a lookup (or an L2 prefetch) took, one
+//!   [`HeldLock`] per object with the reader locks still unclaimed;
+//! - [`Sessions::take`] moves one lock per occurrence of each key out of the session, all or
+//!   nothing, for a retrieve (both transfer paths call it; a repeated key needs one lock per
+//!   occurrence);
+//! - [`Sessions::release_keys`] (`free_lookup_locks`), [`Sessions::end`], the TTL sweep
+//!   ([`Sessions::expire`]) and [`Sessions::end_all`] (shutdown) release what is left.
 //!
-//! Lock order: the session map lock is never held while a session's own mutex is taken for
-//! long (we clone the `Arc` out first); a session mutex may be held while calling into L1.
+//! Every lock the engine takes on behalf of a request is owned by exactly one session record
+//! or one pending retrieve; locks replaced or released here go back to L1 in this module only.
+//!
+//! Expiry: sessions are swept by deadline, not by scanning: the table keeps a min-heap of
+//! `(deadline, serial)` entries written at creation; a sweep pops the due ones (at most
+//! [`EXPIRY_BATCH`] per call), re-queues those used since, and removes the rest. Touching a
+//! session on the request path updates only its own `last_used`.
+//!
+//! Lock order: table mutex → session mutex (only `try_lock` while the table is held) → L1. The
+//! session mutex may be held while calling into L1 or the L2 prefetch results; L1 releases of
+//! replaced locks happen after the session mutex is dropped.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use kvtier_core::hash::ChunkHashCache;
-use kvtier_core::key::ObjectKey;
-use kvtier_core::l1::ReadLease;
+use kvtier_core::hash::{ChunkHashCache, TokenHasher};
+use kvtier_core::key::{ObjectKey, object_keys};
+use kvtier_core::l1::{L1Manager, ReadLease};
+use kvtier_core::metrics::{MetricDesc, MetricSet, MetricVisitor};
+use kvtier_proto::IpcKey;
 use parking_lot::Mutex;
+
+use super::EngineError;
+
+/// Most expired sessions one [`Sessions::expire`] call removes (bounds the table lock hold).
+pub const EXPIRY_BATCH: usize = 1024;
 
 /// Read locks held on one object on behalf of a session.
 #[derive(Debug, Clone, Copy)]
@@ -41,7 +61,7 @@ pub enum PrefetchState {
     Pending {
         /// PrefetchController request id.
         job: u64,
-        /// Chunks found in L1 (already locked and recorded in `locks`).
+        /// Chunks found in L1 (already locked and recorded).
         l1_chunks: u64,
     },
     /// The lookup finished with this many prefix chunks; consumed by the next query.
@@ -58,63 +78,145 @@ impl PrefetchState {
     }
 }
 
-/// One request's state.
+/// Why [`Sessions::take`] refused (nothing was taken).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TakeError {
+    /// A chunk has no lock left in the session.
+    #[error("chunk {0} is not locked by the request's lookup")]
+    NotLocked(usize),
+    /// A chunk is cached with another object size than the caller expects.
+    #[error("chunk {chunk}: cached object is {cached} bytes but the engine expects {expected}")]
+    WrongSize {
+        /// Chunk index in the range.
+        chunk: usize,
+        /// Cached object size.
+        cached: u64,
+        /// Expected object size.
+        expected: u64,
+    },
+}
+
+/// One request's state. Fields are private: every change goes through [`Sessions`].
 #[derive(Debug)]
 pub struct Session {
-    /// Incremental chunk hashes of the request's tokens.
-    pub hashes: ChunkHashCache,
-    /// Lookup locks held, by object.
-    pub locks: HashMap<ObjectKey, HeldLock>,
-    /// The lookup result, consumed exactly once.
-    pub prefetch: PrefetchState,
+    hashes: ChunkHashCache,
+    locks: HashMap<ObjectKey, HeldLock>,
+    prefetch: PrefetchState,
     last_used: Instant,
+    serial: u64,
 }
 
 impl Session {
-    fn new(now: Instant) -> Self {
-        Self {
-            hashes: ChunkHashCache::new(),
-            locks: HashMap::new(),
-            prefetch: PrefetchState::Idle,
-            last_used: now,
+    /// Records `leases` (one per key, `readers` locks each); returns the locks they replace (a
+    /// previous lease on the same key that expired or whose object was replaced).
+    fn record(
+        &mut self,
+        keys: impl IntoIterator<Item = ObjectKey>,
+        leases: impl IntoIterator<Item = ReadLease>,
+        readers: u32,
+    ) -> Vec<HeldLock> {
+        let mut stale = Vec::new();
+        for (k, lease) in keys.into_iter().zip(leases) {
+            let fresh = HeldLock {
+                lease,
+                remaining: readers,
+            };
+            match self.locks.get_mut(&k) {
+                Some(held) if held.lease == lease => held.remaining += readers,
+                Some(held) => stale.push(std::mem::replace(held, fresh)),
+                None => {
+                    self.locks.insert(k, fresh);
+                }
+            }
         }
+        stale
     }
 
-    /// Marks the session as used now (refreshes its TTL).
-    pub fn touch(&mut self, now: Instant) {
-        self.last_used = now;
-    }
-
-    /// Takes every held lock out of the session.
-    pub fn drain_locks(&mut self) -> Vec<HeldLock> {
-        self.locks.drain().map(|(_, l)| l).collect()
+    /// Takes one lock per occurrence of each key, all or nothing.
+    fn take(&mut self, keys: &[ObjectKey], object_len: u64) -> Result<Vec<ReadLease>, TakeError> {
+        // Locks needed per distinct key (a key repeated in the range needs one per occurrence).
+        let mut need: HashMap<&ObjectKey, (u32, usize)> = HashMap::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            need.entry(k).or_insert((0, i)).0 += 1;
+        }
+        for (i, k) in keys.iter().enumerate() {
+            let (n, first) = need.get(k).copied().unwrap_or((1, i));
+            if first != i {
+                continue;
+            }
+            match self.locks.get(k) {
+                Some(h) if h.remaining >= n && h.lease.alloc.len == object_len => {}
+                Some(h) if h.remaining > 0 && h.lease.alloc.len != object_len => {
+                    return Err(TakeError::WrongSize {
+                        chunk: i,
+                        cached: h.lease.alloc.len,
+                        expected: object_len,
+                    });
+                }
+                _ => return Err(TakeError::NotLocked(i)),
+            }
+        }
+        let mut leases = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(h) = self.locks.get_mut(k) {
+                h.remaining -= 1;
+                leases.push(h.lease);
+                if h.remaining == 0 {
+                    self.locks.remove(k);
+                }
+            }
+        }
+        Ok(leases)
     }
 }
 
-/// The session table.
+/// A session shared between the table and the requests using it.
+pub type SessionRef = Arc<Mutex<Session>>;
+
+kvtier_core::metric_set! {
+    /// Session counters (status `sessions`, Prometheus `kvtier_sessions_*`).
+    pub struct SessionMetrics {
+        /// Live sessions.
+        active: Gauge => "kvtier_sessions_active",
+        /// Sessions created.
+        created_total: Counter => "kvtier_sessions_created",
+        /// Sessions ended by end_session.
+        ended_total: Counter => "kvtier_sessions_ended",
+        /// Sessions removed by the idle TTL.
+        expired_total: Counter => "kvtier_sessions_expired",
+        /// Lookup lock records released by end_session, expiry or free_lookup_locks.
+        locks_released_total: Counter => "kvtier_sessions_locks_released",
+    }
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    map: HashMap<String, SessionRef>,
+    /// `(deadline, serial, request id)`: at least one entry per live session.
+    expiry: BinaryHeap<Reverse<(Instant, u64, String)>>,
+    next_serial: u64,
+}
+
+/// The session table and the one place that moves lookup locks.
 #[derive(Debug)]
-pub struct SessionManager {
-    map: Mutex<HashMap<String, Arc<Mutex<Session>>>>,
+pub struct Sessions {
+    table: Mutex<Table>,
     ttl: Duration,
-    /// Sessions created so far.
-    pub created_total: AtomicU64,
-    /// Sessions removed by the TTL reaper.
-    pub expired_total: AtomicU64,
-    /// Sessions ended by `end_session`.
-    pub ended_total: AtomicU64,
-    active: AtomicU64,
+    hasher: TokenHasher,
+    l1: Arc<L1Manager>,
+    metrics: SessionMetrics,
 }
 
-impl SessionManager {
-    /// Creates an empty table whose sessions expire after `ttl` without use.
-    pub fn new(ttl: Duration) -> Self {
+impl Sessions {
+    /// An empty table whose sessions expire after `ttl` without use, hashing with `hasher` and
+    /// releasing locks to `l1`.
+    pub fn new(ttl: Duration, hasher: TokenHasher, l1: Arc<L1Manager>) -> Self {
         Self {
-            map: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
             ttl,
-            created_total: AtomicU64::new(0),
-            expired_total: AtomicU64::new(0),
-            ended_total: AtomicU64::new(0),
-            active: AtomicU64::new(0),
+            hasher,
+            l1,
+            metrics: SessionMetrics::default(),
         }
     }
 
@@ -123,66 +225,366 @@ impl SessionManager {
         self.ttl
     }
 
+    /// The token hasher.
+    pub fn hasher(&self) -> &TokenHasher {
+        &self.hasher
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &SessionMetrics {
+        &self.metrics
+    }
+
     /// Number of live sessions (lock-free).
     pub fn active_count(&self) -> u64 {
-        self.active.load(Relaxed)
+        self.metrics.active.get()
     }
 
     /// The session of `request_id`, created if missing.
-    pub fn get_or_create(&self, request_id: &str, now: Instant) -> Arc<Mutex<Session>> {
-        let mut map = self.map.lock();
-        if let Some(s) = map.get(request_id) {
+    pub fn get_or_create(&self, request_id: &str, now: Instant) -> SessionRef {
+        let mut t = self.table.lock();
+        if let Some(s) = t.map.get(request_id) {
             return Arc::clone(s);
         }
-        let s = Arc::new(Mutex::new(Session::new(now)));
-        map.insert(request_id.to_owned(), Arc::clone(&s));
-        self.created_total.fetch_add(1, Relaxed);
-        self.active.fetch_add(1, Relaxed);
+        let serial = t.next_serial;
+        t.next_serial += 1;
+        let s = Arc::new(Mutex::new(Session {
+            hashes: ChunkHashCache::new(),
+            locks: HashMap::new(),
+            prefetch: PrefetchState::Idle,
+            last_used: now,
+            serial,
+        }));
+        t.map.insert(request_id.to_owned(), Arc::clone(&s));
+        t.expiry
+            .push(Reverse((now + self.ttl, serial, request_id.to_owned())));
+        drop(t);
+        self.metrics.created_total.inc();
+        self.metrics.active.add(1);
         s
     }
 
     /// The session of `request_id`, if it exists.
-    pub fn get(&self, request_id: &str) -> Option<Arc<Mutex<Session>>> {
-        self.map.lock().get(request_id).cloned()
+    pub fn get(&self, request_id: &str) -> Option<SessionRef> {
+        self.table.lock().map.get(request_id).cloned()
     }
 
-    /// Removes and returns the session (for `end_session`).
-    pub fn remove(&self, request_id: &str) -> Option<Arc<Mutex<Session>>> {
-        let s = self.map.lock().remove(request_id);
-        if s.is_some() {
-            self.active.fetch_sub(1, Relaxed);
-            self.ended_total.fetch_add(1, Relaxed);
+    /// Hashes `[start, end)` of `key` through `session`'s cache (refreshing its TTL) and
+    /// expands the chunks to object keys for `worker` (or every rank, chunk-major).
+    ///
+    /// # Errors
+    /// [`EngineError::Malformed`] for an unaligned or out-of-range span, a bad model name,
+    /// salt or world size.
+    pub fn keys(
+        &self,
+        session: &SessionRef,
+        key: &IpcKey,
+        worker: Option<u32>,
+        now: Instant,
+    ) -> Result<Vec<ObjectKey>, EngineError> {
+        let malformed = |e: &dyn std::fmt::Display| EngineError::Malformed(e.to_string());
+        let start = usize::try_from(key.start).map_err(|e| malformed(&e))?;
+        let end = usize::try_from(key.end).map_err(|e| malformed(&e))?;
+        let hashes = {
+            let mut s = session.lock();
+            s.last_used = s.last_used.max(now);
+            s.hashes
+                .hashes(&self.hasher, &key.token_ids, start, end)
+                .map_err(|e| malformed(&e))?
+                .to_vec()
+        };
+        let model: Arc<str> = Arc::from(key.model_name.as_str());
+        let salt: Arc<str> = Arc::from(key.cache_salt.as_str());
+        object_keys(&hashes, &model, key.world_size, worker, 0, &salt).map_err(|e| malformed(&e))
+    }
+
+    /// Records `leases` (one per key, `readers` locks each) as lookup locks of `session`,
+    /// releasing any lock they replace.
+    pub fn record(
+        &self,
+        session: &SessionRef,
+        keys: impl IntoIterator<Item = ObjectKey>,
+        leases: impl IntoIterator<Item = ReadLease>,
+        readers: u32,
+    ) {
+        let stale = session.lock().record(keys, leases, readers);
+        self.release_to_l1(&stale);
+    }
+
+    /// Moves one lock per occurrence of each of `keys` out of `session` (all or nothing;
+    /// objects must be `object_len` bytes). Both retrieve paths (`prepare_retrieve` and the
+    /// lmcache_driven `retrieve`) take their locks here. The caller owns the leases and must
+    /// release them with `L1Manager::finish_read(.., 1)`.
+    ///
+    /// # Errors
+    /// [`TakeError`] when a chunk has no lock left or another size; nothing is taken then.
+    pub fn take(
+        &self,
+        session: &SessionRef,
+        keys: &[ObjectKey],
+        object_len: u64,
+    ) -> Result<Vec<ReadLease>, TakeError> {
+        session.lock().take(keys, object_len)
+    }
+
+    /// Releases the session's locks on `keys` (`free_lookup_locks`).
+    pub fn release_keys(&self, session: &SessionRef, keys: &[ObjectKey]) {
+        let held: Vec<HeldLock> = {
+            let mut s = session.lock();
+            keys.iter().filter_map(|k| s.locks.remove(k)).collect()
+        };
+        self.release(&held);
+    }
+
+    /// Replaces the session's lookup state, returning the previous one (whose pending L2 job
+    /// the caller cancels).
+    pub fn replace_prefetch(&self, session: &SessionRef, next: PrefetchState) -> PrefetchState {
+        std::mem::replace(&mut session.lock().prefetch, next)
+    }
+
+    /// The session's lookup state (a copy).
+    pub fn prefetch(&self, session: &SessionRef) -> PrefetchState {
+        session.lock().prefetch
+    }
+
+    /// Runs `f` on the session's lookup state under the session mutex. `f` returns the next
+    /// state, optionally leases to record (`keys`, `leases`, `readers`; e.g. an L2 prefetch
+    /// result), and a value passed back to the caller.
+    pub fn update_prefetch<R>(
+        &self,
+        session: &SessionRef,
+        f: impl FnOnce(PrefetchState) -> (PrefetchState, Option<LoadedLocks>, R),
+    ) -> R {
+        let (stale, r) = {
+            let mut s = session.lock();
+            let (next, loaded, r) = f(s.prefetch);
+            s.prefetch = next;
+            let stale = match loaded {
+                Some(l) => s.record(l.keys, l.leases, l.readers),
+                None => Vec::new(),
+            };
+            (stale, r)
+        };
+        self.release_to_l1(&stale);
+        r
+    }
+
+    /// Ends the session of `request_id`: releases every lock it holds and returns its lookup
+    /// state (the caller cancels a pending L2 job). `None` if there was no such session.
+    pub fn end(&self, request_id: &str) -> Option<PrefetchState> {
+        let s = self.table.lock().map.remove(request_id)?;
+        self.metrics.active.sub(1);
+        self.metrics.ended_total.inc();
+        Some(self.retire(&s).1)
+    }
+
+    /// Removes up to [`EXPIRY_BATCH`] sessions idle for longer than the TTL, releasing their
+    /// locks; returns `(request id, locks released, lookup state)` of each. A session in use
+    /// right now (its mutex held) is looked at again a second later.
+    pub fn expire(&self, now: Instant) -> Vec<(String, usize, PrefetchState)> {
+        let mut removed = Vec::new();
+        {
+            let mut t = self.table.lock();
+            while removed.len() < EXPIRY_BATCH {
+                let due = matches!(t.expiry.peek(), Some(Reverse((d, _, _))) if *d <= now);
+                if !due {
+                    break;
+                }
+                let Some(Reverse((_, serial, id))) = t.expiry.pop() else {
+                    break;
+                };
+                let Some(s) = t.map.get(&id).cloned() else {
+                    continue;
+                };
+                let requeue = match s.try_lock() {
+                    Some(g) if g.serial != serial => continue,
+                    Some(g) if now.saturating_duration_since(g.last_used) > self.ttl => None,
+                    Some(g) => Some(g.last_used + self.ttl),
+                    None => Some(now + Duration::from_secs(1)),
+                };
+                match requeue {
+                    Some(deadline) => t.expiry.push(Reverse((deadline.max(now), serial, id))),
+                    None => {
+                        t.map.remove(&id);
+                        removed.push((id, s));
+                    }
+                }
+            }
         }
-        s
-    }
-
-    /// Removes and returns every session idle for longer than the TTL. `O(sessions)`; run by the
-    /// reaper thread, never on the request path. A session whose mutex is held right now is in
-    /// use, so it is skipped.
-    pub fn take_expired(&self, now: Instant) -> Vec<(String, Arc<Mutex<Session>>)> {
-        let mut map = self.map.lock();
-        let expired: Vec<String> = map
-            .iter()
-            .filter(|(_, s)| {
-                s.try_lock()
-                    .is_some_and(|s| now.saturating_duration_since(s.last_used) > self.ttl)
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        let out: Vec<_> = expired
+        self.metrics.active.sub(removed.len() as u64);
+        self.metrics.expired_total.add(removed.len() as u64);
+        removed
             .into_iter()
-            .filter_map(|k| map.remove(&k).map(|s| (k, s)))
-            .collect();
-        self.active.fetch_sub(out.len() as u64, Relaxed);
-        self.expired_total.fetch_add(out.len() as u64, Relaxed);
-        out
+            .map(|(id, s)| {
+                let (locks, prefetch) = self.retire(&s);
+                (id, locks, prefetch)
+            })
+            .collect()
     }
 
-    /// Removes every session (shutdown / clear). Returns them for lock release.
-    pub fn take_all(&self) -> Vec<Arc<Mutex<Session>>> {
-        let mut map = self.map.lock();
-        let out: Vec<_> = map.drain().map(|(_, s)| s).collect();
-        self.active.fetch_sub(out.len() as u64, Relaxed);
-        out
+    /// Removes every session (shutdown), releasing their locks; returns their lookup states.
+    pub fn end_all(&self) -> Vec<PrefetchState> {
+        let all: Vec<SessionRef> = {
+            let mut t = self.table.lock();
+            t.expiry.clear();
+            t.map.drain().map(|(_, s)| s).collect()
+        };
+        self.metrics.active.sub(all.len() as u64);
+        all.iter().map(|s| self.retire(s).1).collect()
+    }
+
+    /// Releases everything a removed session owns; returns `(lock records, lookup state)`.
+    fn retire(&self, session: &SessionRef) -> (usize, PrefetchState) {
+        let (held, prefetch) = {
+            let mut s = session.lock();
+            let held: Vec<HeldLock> = s.locks.drain().map(|(_, l)| l).collect();
+            (held, std::mem::take(&mut s.prefetch))
+        };
+        self.release(&held);
+        (held.len(), prefetch)
+    }
+
+    /// Releases lock records taken out of a session and counts them.
+    fn release(&self, held: &[HeldLock]) {
+        self.release_to_l1(held);
+        self.metrics.locks_released_total.add(held.len() as u64);
+    }
+
+    /// Gives the remaining locks of `held` back to L1, one L1 call per distinct count.
+    fn release_to_l1(&self, held: &[HeldLock]) {
+        let mut by_count: HashMap<u32, Vec<ReadLease>> = HashMap::new();
+        for h in held.iter().filter(|h| h.remaining > 0) {
+            by_count.entry(h.remaining).or_default().push(h.lease);
+        }
+        for (count, leases) in by_count {
+            self.l1.finish_read(&leases, count);
+        }
+    }
+}
+
+/// Leases loaded for a session outside its lookup (an L2 prefetch result), to record.
+#[derive(Debug)]
+pub struct LoadedLocks {
+    /// One key per lease.
+    pub keys: Vec<ObjectKey>,
+    /// The leases.
+    pub leases: Vec<ReadLease>,
+    /// Reader locks per lease.
+    pub readers: u32,
+}
+
+impl MetricSet for Sessions {
+    fn descriptors(&self) -> &'static [MetricDesc] {
+        SessionMetrics::DESCRIPTORS
+    }
+
+    fn visit(&self, v: &mut dyn MetricVisitor) {
+        self.metrics.visit(v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvtier_core::hash::HashAlgorithm;
+    use kvtier_core::l1::{EvictionConfig, L1Config};
+
+    fn fixture() -> (Arc<L1Manager>, Sessions) {
+        let l1 = Arc::new(L1Manager::new(L1Config {
+            capacity_bytes: 1 << 20,
+            align_bytes: 4096,
+            write_ttl: Duration::from_secs(60),
+            read_ttl: Duration::from_secs(60),
+            eviction: EvictionConfig::default(),
+        }));
+        let hasher = TokenHasher::new(4, HashAlgorithm::default()).expect("hasher");
+        let s = Sessions::new(Duration::from_secs(10), hasher, Arc::clone(&l1));
+        (l1, s)
+    }
+
+    fn key(i: u8) -> ObjectKey {
+        let hashes = vec![kvtier_core::hash::ChunkHash::from([i; 32])];
+        let m: Arc<str> = Arc::from("m");
+        let salt: Arc<str> = Arc::from("");
+        object_keys(&hashes, &m, 1, Some(0), 0, &salt)
+            .expect("key")
+            .remove(0)
+    }
+
+    fn stored(l1: &L1Manager, k: &ObjectKey) -> ReadLease {
+        let t = l1.reserve_write(&[(k.clone(), 4096)], false).remove(0).expect("reserve");
+        l1.finish_write(&[t]).remove(0).expect("publish");
+        l1.reserve_read_prefix(std::slice::from_ref(k), 2, 1).remove(0)
+    }
+
+    #[test]
+    fn a_repeated_key_needs_one_lock_per_occurrence_and_takes_all_or_nothing() {
+        let (l1, s) = fixture();
+        let now = l1.clock().now();
+        let (a, b) = (key(1), key(2));
+        let sess = s.get_or_create("r", now);
+        let (la, lb) = (stored(&l1, &a), stored(&l1, &b));
+        s.record(&sess, [a.clone(), b.clone()], [la, lb], 2);
+        // `a` twice and `b` once: 2 locks on `a` are available.
+        let got = s.take(&sess, &[a.clone(), b.clone(), a.clone()], 4096).expect("take");
+        assert_eq!(got.len(), 3);
+        l1.finish_read(&got, 1);
+        // Now `a` has 0 left and `b` 1: asking `b` twice takes nothing.
+        assert_eq!(
+            s.take(&sess, &[b.clone(), b.clone()], 4096),
+            Err(TakeError::NotLocked(0))
+        );
+        assert_eq!(s.take(&sess, &[b.clone()], 4096).map(|l| l.len()), Ok(1));
+        l1.finish_read(&[lb], 1);
+        assert_eq!(l1.counters().read_locked_objects.get(), 0);
+        l1.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn wrong_size_is_refused_without_taking() {
+        let (l1, s) = fixture();
+        let now = l1.clock().now();
+        let a = key(3);
+        let sess = s.get_or_create("r", now);
+        s.record(&sess, [a.clone()], [stored(&l1, &a)], 1);
+        assert!(matches!(
+            s.take(&sess, &[a.clone()], 8192),
+            Err(TakeError::WrongSize { chunk: 0, .. })
+        ));
+        assert_eq!(s.end("r"), Some(PrefetchState::Idle));
+        assert_eq!(s.metrics().locks_released_total.get(), 1);
+        l1.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn expiry_is_by_deadline_and_spares_sessions_in_use() {
+        let (l1, s) = fixture();
+        let t0 = l1.clock().now();
+        s.get_or_create("old", t0);
+        let used = s.get_or_create("used", t0);
+        assert!(s.expire(t0 + Duration::from_secs(5)).is_empty());
+        used.lock().last_used = t0 + Duration::from_secs(8);
+        let gone = s.expire(t0 + Duration::from_secs(11));
+        assert_eq!(gone.iter().map(|g| g.0.as_str()).collect::<Vec<_>>(), ["old"]);
+        assert_eq!(s.active_count(), 1);
+        // Held right now: looked at again later, not removed.
+        let guard = used.lock();
+        assert!(s.expire(t0 + Duration::from_secs(30)).is_empty());
+        drop(guard);
+        let gone = s.expire(t0 + Duration::from_secs(32));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(s.active_count(), 0);
+        assert_eq!(s.metrics().expired_total.get(), 2);
+    }
+
+    #[test]
+    fn a_recreated_session_is_not_expired_by_its_predecessors_entry() {
+        let (l1, s) = fixture();
+        let t0 = l1.clock().now();
+        s.get_or_create("r", t0);
+        s.end("r");
+        s.get_or_create("r", t0 + Duration::from_secs(9));
+        assert!(s.expire(t0 + Duration::from_secs(11)).is_empty());
+        assert_eq!(s.expire(t0 + Duration::from_secs(20)).len(), 1);
     }
 }

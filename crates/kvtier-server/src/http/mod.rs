@@ -43,6 +43,7 @@ use tokio::sync::oneshot;
 pub use auth::{AuthToken, HttpConfigError, is_loopback_host};
 use metrics::HttpStats;
 
+use crate::engine::lmcache_driven::checksums::{ChecksumError, ChecksumRequest};
 use crate::server::StatusSource;
 
 /// HTTP settings.
@@ -363,8 +364,8 @@ fn default_tier() -> String {
 
 /// Runs an L1 clear on the blocking pool (it is O(objects) under the L1 lock).
 async fn run_clear(s: &AppState, force: bool) -> Result<kvtier_core::l1::ClearOutcome, Response> {
-    let l1 = Arc::clone(s.source.engine().l1());
-    tokio::task::spawn_blocking(move || l1.clear(force))
+    let engine = Arc::clone(s.source.engine());
+    tokio::task::spawn_blocking(move || engine.clear(force))
         .await
         .map_err(|e| {
             error(
@@ -437,21 +438,26 @@ async fn method_not_allowed(req: Request<Body>) -> Response {
     )
 }
 
+/// The HTTP status LMCache uses for each checksum error.
+fn checksum_status(e: &ChecksumError) -> StatusCode {
+    match e {
+        ChecksumError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        ChecksumError::NotRegistered(_) => StatusCode::NOT_FOUND,
+        ChecksumError::Refused(..) => StatusCode::NOT_IMPLEMENTED,
+    }
+}
+
 /// `POST /cache/checksums` (LMCache 0.5.6): MD5 digests of a lmcache_driven instance's engine
 /// blocks, as `lmcache bench server` uses to verify retrieves. Hashing runs on the blocking pool.
 async fn cache_checksums(
     State(s): Shared,
-    axum::Json(body): axum::Json<crate::engine::lmcache_driven::ChecksumRequest>,
+    axum::Json(body): axum::Json<ChecksumRequest>,
 ) -> Response {
     let engine = Arc::clone(s.source.engine());
     let result = tokio::task::spawn_blocking(move || engine.lmcache_driven_checksums(&body)).await;
     match result {
         Ok(Ok(v)) => axum::Json(v).into_response(),
-        Ok(Err(e)) => {
-            let code =
-                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            json_response(code, &json!({"detail": e.to_string()}))
-        }
+        Ok(Err(e)) => json_response(checksum_status(&e), &json!({"detail": e.to_string()})),
         Err(e) => json_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             &json!({"detail": format!("checksum task failed: {e}")}),

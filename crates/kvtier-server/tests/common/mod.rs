@@ -411,5 +411,5 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 /// The L1 object count.
 pub fn l1_objects(server: &Server) -> u64 {
-    server.engine().l1().counters().objects.load(Relaxed)
+    server.engine().l1().counters().objects.get()
 }

@@ -140,16 +140,6 @@ pub struct Shape {
     pub label: String,
 }
 
-fn itemsize(dtype: &str) -> Option<u64> {
-    Some(match dtype {
-        "float16" | "bfloat16" | "int16" | "uint16" => 2,
-        "float32" | "int32" | "uint32" => 4,
-        "float64" | "int64" | "uint64" => 8,
-        "int8" | "uint8" | "float8_e4m3fn" | "float8_e5m2" => 1,
-        _ => return None,
-    })
-}
-
 fn parse_shape(s: &str) -> Result<Shape, String> {
     let (layers, hidden, dtype) = match s {
         "small" => (24, 128, "float16"),
@@ -171,7 +161,9 @@ fn parse_shape(s: &str) -> Result<Shape, String> {
             (l, h, *d)
         }
     };
-    let size = itemsize(dtype).ok_or_else(|| format!("unknown dtype {dtype:?}"))?;
+    let size = kvtier_proto::dtype_itemsize(dtype)
+        .map(|n| n as u64)
+        .ok_or_else(|| format!("unknown dtype {dtype:?}"))?;
     Ok(Shape {
         layers,
         hidden,

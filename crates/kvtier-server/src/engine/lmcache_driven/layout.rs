@@ -257,18 +257,7 @@ impl KvLayoutHint {
     }
 }
 
-/// Element size of a torch dtype name (`"float16"`, `"torch.bfloat16"`, ...).
-pub fn dtype_itemsize(dtype: &str) -> Option<usize> {
-    let d = dtype.strip_prefix("torch.").unwrap_or(dtype);
-    Some(match d {
-        "float16" | "half" | "bfloat16" | "int16" | "uint16" | "short" => 2,
-        "float32" | "float" | "int32" | "uint32" | "int" => 4,
-        "float64" | "double" | "int64" | "uint64" | "long" => 8,
-        "int8" | "uint8" | "bool" | "float8_e4m3fn" | "float8_e5m2" | "float8_e4m3fnuz"
-        | "float8_e5m2fnuz" => 1,
-        _ => return None,
-    })
-}
+pub use kvtier_proto::dtype_itemsize;
 
 /// The geometry shared by every registered layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -349,6 +338,18 @@ pub enum RunKind {
     Head,
     /// One copy per element.
     Element,
+}
+
+impl RunKind {
+    /// Lower-case name for the status tree.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Block => "block",
+            Self::Token => "token",
+            Self::Head => "head",
+            Self::Element => "element",
+        }
+    }
 }
 
 /// One layer's tensor, resolved to byte strides.

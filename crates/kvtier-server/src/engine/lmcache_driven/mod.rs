@@ -1,0 +1,598 @@
+//! The lmcache_driven transfer path: engines register their paged KV cache, then `store` and
+//! `retrieve` name engine blocks and the server copies between those blocks and L1.
+//!
+//! This is vLLM's default with LMCache 0.5.6 (`LMCacheMPConnector`). kvtier serves the CPU form
+//! of it: each layer's KV tensor arrives as a `cpu_shm` descriptor (msgpack ext type 1: a POSIX
+//! shared-memory name, its size, and the tensor's dtype/shape/stride/storage offset), which the
+//! server maps read-write (see [`mapping`]). Descriptors of other kinds (`cuda`, `cuda_raw`,
+//! `cuda_vmm`, `musa`, `npu`, ...) are refused: the refusal is logged and shown in the status
+//! tree under `lmcache_driven.contexts.<instance id>`, and store/retrieve for that instance
+//! answer `(b"", false)`; nothing else is affected. `register_kv_cache` always replies `None`.
+//!
+//! Semantics (matching LMCache 0.5.6 except where noted):
+//! - **Block ids.** `block_ids[g]` lists, for KV group `g` (the order of the registration's
+//!   `engine_group_infos`, or one group of all layers when that list is empty), the engine
+//!   blocks of the tokens `[key.start, key.end)` in order: chunk `i` of the range uses
+//!   `block_ids[g][i*bpc .. (i+1)*bpc]` with `bpc = chunk_size / block_size`. Ids past what the
+//!   range needs are ignored; too few ids, an id `>= num_blocks` or a group count that differs
+//!   from the registration fail the whole call before anything is reserved or copied.
+//! - **store** copies every full chunk of `[start, end)` into one L1 object per chunk in the
+//!   engine-driven object layout ([`layout`]), so either path can read what the other wrote.
+//!   Chunks already cached (or being written) are skipped; chunks whose block ids are all the
+//!   null block 0 are not stored (LMCache's `--null-block-id 0`). The reply `(handle, true)` is
+//!   sent only after the objects are published in L1 and visible to lookups (LMCache replies
+//!   before its asynchronous `finish_write`, so an immediate lookup can miss). Unlike LMCache,
+//!   a store that could not place every chunk for lack of memory replies `false`.
+//! - **retrieve** needs the chunks to be locked by the session's lookup: it takes one lock per
+//!   object from the session's records (the `prepare_retrieve` rule), copies, then releases
+//!   them. A chunk that is missing, not locked, or of another size fails the call with
+//!   `(handle, false)` and consumes nothing. `skip_first_n_tokens` counts from `key.start`:
+//!   chunks wholly inside it are not copied, and in the chunk it ends in only the tokens from
+//!   it on are written. (LMCache rounds the skip down to a block boundary; kvtier writes no
+//!   token before the skip.) The blocks written must be distinct within a group.
+//! - The event handle is echoed (`b"stub_ipc_handle"` when the client sent none), on failure
+//!   too: on CPU the copy is finished when the reply is sent. A failed store or retrieve is an
+//!   [`EngineError::Failed`](super::EngineError::Failed), so the RPC statistics count it as a
+//!   failure.
+//! - A second `register_kv_cache` for the same instance replaces the first (LMCache keeps the
+//!   first); `unregister_kv_cache`, the worker reaper and shutdown drop the registration, and
+//!   its segments are unmapped as soon as no transfer uses them (LMCache keeps dead engines'
+//!   mappings: LMCache#4980).
+//!
+//! Performance: a store first faults in, with one `madvise(MADV_POPULATE_WRITE)` per run of
+//! fresh 64 KiB granules, the L1 pages this process has never touched
+//! (`ShmSegment::populate_once`); the first pass over a new L1 is otherwise bound by one page
+//! fault per 4 KiB.
+//!
+//! Files: [`kv_cache`] (validation, groups, block checks, gather/scatter entry points),
+//! [`layout`] (vLLM layouts and the copy kernels), [`mapping`] (engine segments),
+//! [`checksums`] (`POST /cache/checksums`); this file holds the registrations' lifecycle, the
+//! store/retrieve operations and the status.
+//!
+//! Concurrency: registrations live in the engine's worker registry (`super::instances`), a
+//! leaf `RwLock` held only to clone an `Arc` out or to insert/remove one (segments are unmapped
+//! after the lock is released). Copies run with no
+//! lock held, on up to `available_parallelism` scoped threads (`layout::run_transfer`); the L1
+//! write ticket (store) or read locks (retrieve) keep the objects' memory stable meanwhile.
+//! Lock order as in the engine: session mutex → L1.
+
+pub mod checksums;
+pub mod kv_cache;
+pub mod layout;
+pub mod mapping;
+
+use std::collections::BTreeSet;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvtier_core::key::ObjectKey;
+use kvtier_core::l1::L1Error;
+use kvtier_core::metrics::status_fields;
+use kvtier_core::status::StatusNode;
+use kvtier_proto::{IpcKey, RegisterKvCache};
+use serde::Serialize;
+
+use self::checksums::{ChecksumError, ChecksumRequest};
+pub use self::kv_cache::{BlockError, KvCacheMap, NULL_BLOCK_ID, RegisterError};
+use self::layout::{ChunkTarget, Direction, SendPtr};
+use super::instances::WorkerSnapshot;
+use super::{EngineError, Shared, malformed};
+
+kvtier_core::metric_set! {
+    /// Counters of the lmcache_driven path (status `lmcache_driven.counters`, Prometheus
+    /// `kvtier_lmcache_driven_*`).
+    pub struct LmcacheDrivenCounters {
+        /// Registrations accepted.
+        registered_total: Counter => "kvtier_lmcache_driven_registered",
+        /// Registrations refused.
+        refused_total: Counter => "kvtier_lmcache_driven_refused",
+        /// Registrations removed by unregister_kv_cache.
+        unregistered_total: Counter => "kvtier_lmcache_driven_unregistered",
+        /// Registrations removed by the worker reaper.
+        reaped_total: Counter => "kvtier_lmcache_driven_reaped",
+        /// Store/retrieve calls for an unknown or refused instance.
+        unregistered_transfers_total: Counter => "kvtier_lmcache_driven_unregistered_transfers",
+        /// store calls.
+        stores_total: Counter => "kvtier_lmcache_driven_stores",
+        /// store calls that failed (replied false).
+        stores_failed_total: Counter => "kvtier_lmcache_driven_stores_failed",
+        /// Chunks copied into L1 and published.
+        store_chunks_stored_total: Counter => "kvtier_lmcache_driven_store_chunks_stored",
+        /// Chunks skipped because they were cached or being written.
+        store_chunks_skipped_total: Counter => "kvtier_lmcache_driven_store_chunks_skipped",
+        /// Chunks not stored because all their block ids are the null block.
+        store_chunks_null_total: Counter => "kvtier_lmcache_driven_store_chunks_null",
+        /// Chunks not stored for lack of L1 memory.
+        store_chunks_rejected_total: Counter => "kvtier_lmcache_driven_store_chunks_rejected",
+        /// retrieve calls.
+        retrieves_total: Counter => "kvtier_lmcache_driven_retrieves",
+        /// retrieve calls that failed (replied false).
+        retrieves_failed_total: Counter => "kvtier_lmcache_driven_retrieves_failed",
+        /// Chunks copied into engine blocks.
+        retrieve_chunks_total: Counter => "kvtier_lmcache_driven_retrieve_chunks",
+        /// Chunks not copied because skip_first_n_tokens covered them.
+        retrieve_chunks_skipped_total: Counter => "kvtier_lmcache_driven_retrieve_chunks_skipped",
+        /// Bytes copied engine to L1.
+        bytes_gathered_total: Counter[Bytes] => "kvtier_lmcache_driven_bytes_gathered",
+        /// Bytes copied L1 to engine.
+        bytes_scattered_total: Counter[Bytes] => "kvtier_lmcache_driven_bytes_scattered",
+    }
+}
+
+/// One lmcache_driven registration (or the reason it was refused).
+#[derive(Debug)]
+pub struct LmcacheInstance {
+    model_name: String,
+    world_size: u32,
+    engine_type: String,
+    kv: Result<Arc<KvCacheMap>, String>,
+}
+
+/// The lmcache_driven path: copy threads and counters. Registrations live in the engine's
+/// worker registry.
+#[derive(Debug)]
+pub struct LmcacheDriven {
+    threads: NonZeroUsize,
+    counters: LmcacheDrivenCounters,
+}
+
+impl Default for LmcacheDriven {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn usize_of(v: u64) -> Option<usize> {
+    usize::try_from(v).ok()
+}
+
+impl LmcacheDriven {
+    /// Copies use up to `available_parallelism` threads.
+    pub fn new() -> Self {
+        Self {
+            threads: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+            counters: LmcacheDrivenCounters::default(),
+        }
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &LmcacheDrivenCounters {
+        &self.counters
+    }
+
+    /// The registered KV cache of `iid` (refreshing the worker's liveness), or why there is
+    /// none.
+    fn instance(&self, cx: &Shared, iid: i64, now: Instant) -> Result<Arc<KvCacheMap>, EngineError> {
+        let refused = |why: String| {
+            self.counters.unregistered_transfers_total.inc();
+            EngineError::Failed(why)
+        };
+        let Some(inst) = cx.instances.lmcache_driven(iid, now) else {
+            return Err(refused(format!(
+                "lmcache_driven instance {iid} is not registered"
+            )));
+        };
+        match &inst.kv {
+            Ok(kv) => Ok(Arc::clone(kv)),
+            Err(reason) => Err(refused(format!(
+                "lmcache_driven instance {iid} was refused at registration: {reason}"
+            ))),
+        }
+    }
+
+    /// `register_kv_cache`: maps the engine's KV cache or records why it cannot.
+    pub(super) fn register(&self, cx: &Shared, r: RegisterKvCache, now: Instant) {
+        let forbidden = mapping::segment_id(cx.segment.name());
+        let kv = KvCacheMap::map(
+            &r.kv_cache,
+            &r.layout_hints,
+            &r.engine_group_infos,
+            cx.chunk_size,
+            forbidden,
+        );
+        let kv = match kv {
+            Ok(kv) => {
+                let g = kv.geometry();
+                tracing::info!(
+                    instance_id = r.instance_id,
+                    model = %r.model_name,
+                    world_size = r.world_size,
+                    layers = g.num_layers,
+                    kv_format = g.kv_format.lmcache_name(),
+                    blocks = g.num_blocks,
+                    block_size = g.block_size,
+                    heads = g.num_heads,
+                    head_size = g.head_size,
+                    dtype = %g.dtype,
+                    object_bytes = g.object_len(),
+                    mapped_bytes = kv.mapped_bytes(),
+                    "lmcache_driven KV cache registered"
+                );
+                self.counters.registered_total.inc();
+                Ok(Arc::new(kv))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    instance_id = r.instance_id,
+                    model = %r.model_name,
+                    reason = %e,
+                    "lmcache_driven KV cache registration refused; stores and retrieves for \
+                     this instance will fail"
+                );
+                self.counters.refused_total.inc();
+                Err(e.to_string())
+            }
+        };
+        let inst = LmcacheInstance {
+            model_name: r.model_name,
+            world_size: r.world_size,
+            engine_type: r.engine_type,
+            kv,
+        };
+        let old = cx
+            .instances
+            .register_lmcache_driven(r.instance_id, inst, now);
+        if old.is_some() {
+            tracing::info!(
+                instance_id = r.instance_id,
+                "lmcache_driven instance re-registered; the previous registration is dropped"
+            );
+        }
+        // `old` (and its mappings, once no transfer uses them) is dropped here, unlocked.
+        drop(old);
+    }
+
+    /// `unregister_kv_cache`: drops the registration. Returns whether there was one.
+    pub(super) fn unregister(&self, cx: &Shared, iid: i64) -> bool {
+        let old = cx.instances.unregister_lmcache_driven(iid);
+        let known = old.is_some();
+        if known {
+            self.counters.unregistered_total.inc();
+            tracing::info!(instance_id = iid, "lmcache_driven KV cache unregistered");
+        } else {
+            tracing::warn!(
+                instance_id = iid,
+                "unregister_kv_cache for an unknown instance"
+            );
+        }
+        drop(old);
+        known
+    }
+
+    /// A registration removed by the worker reaper (`reaped`) or at shutdown; its mappings go
+    /// once no transfer uses them.
+    pub(super) fn released(&self, inst: Arc<LmcacheInstance>, reaped: bool) {
+        if reaped {
+            self.counters.reaped_total.inc();
+            tracing::warn!(
+                model = %inst.model_name,
+                "lmcache_driven instance silent too long; unmapping its KV cache"
+            );
+        }
+        drop(inst);
+    }
+
+    /// `store`: gathers the full chunks of `[start, end)` from the engine blocks into L1.
+    ///
+    /// # Errors
+    /// [`EngineError::Failed`] (counted in `stores_failed_total`) when anything was not
+    /// stored; [`EngineError::Malformed`] for a bad key.
+    pub(super) fn store(
+        &self,
+        cx: &Shared,
+        key: &IpcKey,
+        instance_id: i64,
+        block_ids: &[Vec<u64>],
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let c = &self.counters;
+        c.stores_total.inc();
+        let result = self.store_inner(cx, key, instance_id, block_ids, now);
+        if let Err(e) = &result {
+            c.stores_failed_total.inc();
+            tracing::warn!(instance_id, request_id = %key.request_id, reason = %e, "lmcache_driven store failed");
+        }
+        result
+    }
+
+    fn store_inner(
+        &self,
+        cx: &Shared,
+        key: &IpcKey,
+        instance_id: i64,
+        block_ids: &[Vec<u64>],
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let c = &self.counters;
+        let fail = |why: String| EngineError::Failed(why);
+        let kv = self.instance(cx, instance_id, now)?;
+        let worker = key
+            .worker_id
+            .ok_or_else(|| malformed("store needs worker_id"))?;
+        let session = cx.sessions.get_or_create(&key.request_id, now);
+        let keys = cx.sessions.keys(&session, key, Some(worker), now)?;
+        kv.check_blocks(block_ids, keys.len(), None)
+            .map_err(|e| fail(e.to_string()))?;
+        let object_len = kv.object_len();
+        let mut items: Vec<(ObjectKey, u64)> = Vec::with_capacity(keys.len());
+        let mut chunk_of: Vec<usize> = Vec::with_capacity(keys.len());
+        for (i, k) in keys.into_iter().enumerate() {
+            if kv.chunk_is_null(block_ids, i) {
+                c.store_chunks_null_total.inc();
+            } else {
+                items.push((k, object_len as u64));
+                chunk_of.push(i);
+            }
+        }
+        let mut tickets = Vec::with_capacity(items.len());
+        let mut ticket_keys: Vec<ObjectKey> = Vec::with_capacity(items.len());
+        let mut targets = Vec::with_capacity(items.len());
+        let (mut skipped, mut rejected) = (0u64, 0u64);
+        let mut bad_offset = None;
+        let reserved = cx.l1.reserve_write(&items, false);
+        for ((r, &index), (k, _)) in reserved.into_iter().zip(&chunk_of).zip(&items) {
+            match r {
+                Ok(t) => {
+                    match usize_of(t.alloc.offset).map(|o| cx.segment.ptr_at(o, object_len)) {
+                        Some(Ok(p)) => targets.push(ChunkTarget {
+                            index,
+                            object: SendPtr(p),
+                            skip_tokens: 0,
+                        }),
+                        _ => bad_offset = Some(t.alloc.offset),
+                    }
+                    ticket_keys.push(k.clone());
+                    tickets.push(t);
+                }
+                Err(L1Error::OutOfMemory) => rejected += 1,
+                Err(_) => skipped += 1,
+            }
+        }
+        c.store_chunks_skipped_total.add(skipped);
+        if let Some(offset) = bad_offset {
+            cx.l1.abort_write(&tickets);
+            return Err(fail(format!(
+                "L1 object at offset {offset} lies outside the segment"
+            )));
+        }
+        for t in &tickets {
+            if let Some(off) = usize_of(t.alloc.offset) {
+                cx.segment.populate_once(off, object_len);
+            }
+        }
+        // SAFETY: the block ids were checked for `chunk_of`'s chunks; each target is a staging
+        // object of `object_len` bytes reserved by this call (its write ticket gives us sole
+        // write access until `finish_write`), inside the L1 segment, which outlives the call.
+        unsafe { kv.transfer_raw(block_ids, &targets, Direction::Gather, self.threads) };
+        let results = cx.l1.finish_write(&tickets);
+        let published: Vec<ObjectKey> = ticket_keys
+            .into_iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(k, _)| k)
+            .collect();
+        let stored = published.len();
+        c.store_chunks_stored_total.add(stored as u64);
+        c.bytes_gathered_total
+            .add((targets.len() * object_len) as u64);
+        cx.counters.store_chunks_committed_total.add(stored as u64);
+        cx.counters
+            .store_bytes_committed_total
+            .add((stored * object_len) as u64);
+        // Published objects are written behind to L2 exactly like engine-driven commits.
+        cx.l2.stored(published);
+        if rejected > 0 {
+            c.store_chunks_rejected_total.add(rejected);
+            cx.evictor.wake();
+            return Err(fail(format!(
+                "{rejected} chunk(s) not stored: L1 has no room even after evicting every \
+                 unlocked object"
+            )));
+        }
+        if stored != results.len() {
+            return Err(fail(format!(
+                "{} of {} chunk(s) were discarded (write TTL or forced clear) before publishing",
+                results.len() - stored,
+                results.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `retrieve`: scatters chunks locked by the session's lookup into the engine blocks.
+    ///
+    /// # Errors
+    /// [`EngineError::Failed`] (counted in `retrieves_failed_total`) when nothing was copied;
+    /// [`EngineError::Malformed`] for a bad key.
+    pub(super) fn retrieve(
+        &self,
+        cx: &Shared,
+        key: &IpcKey,
+        instance_id: i64,
+        block_ids: &[Vec<u64>],
+        skip_first_n_tokens: u64,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        self.counters.retrieves_total.inc();
+        let result = self.retrieve_inner(cx, key, instance_id, block_ids, skip_first_n_tokens, now);
+        if let Err(e) = &result {
+            self.counters.retrieves_failed_total.inc();
+            tracing::warn!(instance_id, request_id = %key.request_id, reason = %e, "lmcache_driven retrieve failed");
+        }
+        result
+    }
+
+    fn retrieve_inner(
+        &self,
+        cx: &Shared,
+        key: &IpcKey,
+        instance_id: i64,
+        block_ids: &[Vec<u64>],
+        skip_first_n_tokens: u64,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let fail = |why: String| EngineError::Failed(why);
+        let kv = self.instance(cx, instance_id, now)?;
+        let worker = key
+            .worker_id
+            .ok_or_else(|| malformed("retrieve needs worker_id"))?;
+        let cs = cx.chunk_size as u64;
+        if key.end / cs <= key.start / cs {
+            return Ok(()); // no full chunk in the range: nothing to copy
+        }
+        let Some(session) = cx.sessions.get(&key.request_id) else {
+            return Err(fail(format!(
+                "no lookup session for request {}",
+                key.request_id
+            )));
+        };
+        let keys = cx.sessions.keys(&session, key, Some(worker), now)?;
+        let skip = usize::try_from(skip_first_n_tokens).unwrap_or(usize::MAX);
+        kv.check_blocks(block_ids, keys.len(), Some(skip))
+            .map_err(|e| fail(e.to_string()))?;
+        let object_len = kv.object_len();
+        let leases = cx
+            .sessions
+            .take(&session, &keys, object_len as u64)
+            .map_err(|e| fail(e.to_string()))?;
+        let cs = cx.chunk_size;
+        let mut targets = Vec::with_capacity(leases.len());
+        let mut bad_offset = None;
+        for (index, lease) in leases.iter().enumerate() {
+            if skip >= (index + 1) * cs {
+                continue;
+            }
+            match usize_of(lease.alloc.offset).map(|o| cx.segment.ptr_at(o, object_len)) {
+                Some(Ok(p)) => targets.push(ChunkTarget {
+                    index,
+                    object: SendPtr(p),
+                    skip_tokens: skip.saturating_sub(index * cs),
+                }),
+                _ => bad_offset = Some(lease.alloc.offset),
+            }
+        }
+        if let Some(offset) = bad_offset {
+            cx.l1.finish_read(&leases, 1);
+            return Err(fail(format!(
+                "L1 object at offset {offset} lies outside the segment"
+            )));
+        }
+        // SAFETY: the block ids were checked with this skip (distinct written blocks); each
+        // target is a published object read-locked by this call (so not freed or rewritten
+        // until `finish_read`), inside the L1 segment, which outlives the call.
+        unsafe { kv.transfer_raw(block_ids, &targets, Direction::Scatter, self.threads) };
+        cx.l1.finish_read(&leases, 1);
+        let c = &self.counters;
+        let copied = targets.len();
+        c.retrieve_chunks_total.add(copied as u64);
+        c.retrieve_chunks_skipped_total
+            .add((leases.len() - copied) as u64);
+        c.bytes_scattered_total.add((copied * object_len) as u64);
+        cx.counters.retrieve_chunks_total.add(copied as u64);
+        cx.counters
+            .retrieve_bytes_total
+            .add((copied * object_len) as u64);
+        Ok(())
+    }
+
+    /// `POST /cache/checksums` for a registered instance.
+    pub(super) fn checksums(
+        &self,
+        cx: &Shared,
+        req: &ChecksumRequest,
+    ) -> Result<serde_json::Value, ChecksumError> {
+        let inst = cx
+            .instances
+            .peek_lmcache_driven(req.instance_id)
+            .ok_or(ChecksumError::NotRegistered(req.instance_id))?;
+        let kv = match &inst.kv {
+            Ok(kv) => Arc::clone(kv),
+            Err(reason) => return Err(ChecksumError::Refused(req.instance_id, reason.clone())),
+        };
+        drop(inst);
+        checksums::checksums(&kv, req)
+    }
+
+    /// The `lmcache_driven` status child: every registration (or refusal) and the counters.
+    pub(super) fn status(&self, workers: &[WorkerSnapshot]) -> StatusNode {
+        let mut contexts = serde_json::Map::new();
+        let (mut registered, mut refused) = (0u64, 0u64);
+        for w in workers {
+            let Some(inst) = &w.lmcache_driven else {
+                continue;
+            };
+            let state = match &inst.kv {
+                Ok(kv) => {
+                    registered += 1;
+                    let runs: BTreeSet<&'static str> =
+                        kv.layers().iter().map(|l| l.run.name()).collect();
+                    ContextState::Registered {
+                        geometry: kv.geometry().clone(),
+                        object_bytes: kv.object_len(),
+                        object_shape: kv.geometry().object_shape(),
+                        num_groups: kv.num_groups(),
+                        segments: kv.segment_names().count(),
+                        mapped_bytes: kv.mapped_bytes(),
+                        copy_granularity: runs.into_iter().collect(),
+                    }
+                }
+                Err(reason) => {
+                    refused += 1;
+                    ContextState::Refused {
+                        reason: reason.clone(),
+                    }
+                }
+            };
+            let status = ContextStatus {
+                state,
+                model_name: inst.model_name.clone(),
+                world_size: inst.world_size,
+                engine_type: inst.engine_type.clone(),
+                registered_seconds_ago: w.liveness.registered_seconds_ago,
+                idle_seconds: w.liveness.idle_seconds,
+                pinged: w.liveness.pinged,
+            };
+            contexts.insert(
+                w.instance_id.to_string(),
+                serde_json::to_value(status).unwrap_or_default(),
+            );
+        }
+        StatusNode::healthy()
+            .field("contexts", contexts)
+            .field("registered_instances", registered)
+            .field("refused_instances", refused)
+            .field("copy_threads", self.threads.get())
+            .field("counters", status_fields(&self.counters))
+    }
+}
+
+/// One registration in the status tree.
+#[derive(Debug, Serialize)]
+struct ContextStatus {
+    #[serde(flatten)]
+    state: ContextState,
+    model_name: String,
+    world_size: u32,
+    engine_type: String,
+    registered_seconds_ago: f64,
+    idle_seconds: f64,
+    pinged: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum ContextState {
+    Registered {
+        geometry: layout::KvGeometry,
+        object_bytes: usize,
+        object_shape: Vec<u64>,
+        num_groups: usize,
+        segments: usize,
+        mapped_bytes: usize,
+        copy_granularity: Vec<&'static str>,
+    },
+    Refused {
+        reason: String,
+    },
+}

@@ -1,0 +1,135 @@
+//! Lookups and their results: `lookup`, `query_prefetch_status`, `wait_prefetch_status`,
+//! `free_lookup_locks`, `end_session`.
+//!
+//! `lookup(key with worker_id None)` hashes the range through the request's session, read-locks
+//! in L1 the longest prefix of *whole chunks* present for every rank (`num_kv_readers` locks per
+//! object), records the leases in the session, and, when L2 is configured and the prefix ended
+//! early, submits the rest to the L2 prefetcher. The prefix length is the session's lookup
+//! result, which the next `query_prefetch_status`/`wait_prefetch_status` consumes exactly once
+//! (nil while L2 is still loading; 0 for an unknown request). An L2 result's leases are recorded
+//! in the session exactly like L1 hits, so retrieves, `free_lookup_locks`, `end_session` and
+//! expiry treat them alike.
+//!
+//! Every function here is bounded by the request's size (no wait except `wait`, which holds no
+//! lock while it waits), so the service may run them inline on the poll thread.
+
+use std::time::Instant;
+
+use kvtier_proto::IpcKey;
+use kvtier_storage::prefetch::Take;
+
+use super::session::{LoadedLocks, PrefetchState};
+use super::{EngineError, Shared, malformed};
+
+/// `lookup`: locks the L1 prefix, records it, and starts the L2 prefetch of the rest. On error
+/// the session's result becomes a definite 0 (the client polls for it).
+pub(super) fn lookup(cx: &Shared, key: &IpcKey, now: Instant) -> Result<(), EngineError> {
+    cx.counters.lookups_total.inc();
+    let session = cx.sessions.get_or_create(&key.request_id, now);
+    let (next, result) = match lock_prefix(cx, key, &session, now) {
+        Ok(next) => (next, Ok(())),
+        Err(e) => (PrefetchState::Done(0), Err(e)),
+    };
+    let previous = cx.sessions.replace_prefetch(&session, next);
+    cx.l2.discard(previous);
+    result
+}
+
+fn lock_prefix(
+    cx: &Shared,
+    key: &IpcKey,
+    session: &super::session::SessionRef,
+    now: Instant,
+) -> Result<PrefetchState, EngineError> {
+    if key.num_kv_readers == 0 {
+        return Err(malformed(
+            "lookup with num_kv_readers = 0 (clients older than LMCache 0.5 are not supported)",
+        ));
+    }
+    let keys = cx.sessions.keys(session, key, key.worker_id, now)?;
+    let group = if key.worker_id.is_some() {
+        1
+    } else {
+        (key.world_size as usize).max(1)
+    };
+    cx.counters
+        .lookup_chunks_requested_total
+        .add((keys.len() / group) as u64);
+    let leases = cx
+        .l1
+        .reserve_read_prefix(&keys, key.num_kv_readers, group);
+    let locked = leases.len();
+    let hits = (locked / group) as u64;
+    cx.counters.lookup_chunks_hit_total.add(hits);
+    cx.sessions
+        .record(session, keys.iter().cloned(), leases, key.num_kv_readers);
+    Ok(cx
+        .l2
+        .prefetch_suffix(&keys, locked, group, key.num_kv_readers, hits))
+}
+
+/// `query_prefetch_status`: the lookup's prefix chunk count, consumed once; `None` (nil)
+/// while L2 is still loading; 0 for an unknown request.
+pub(super) fn query(cx: &Shared, request_id: &str) -> Option<u64> {
+    let unknown = || {
+        cx.counters.unknown_prefetch_queries_total.inc();
+        Some(0)
+    };
+    let Some(session) = cx.sessions.get(request_id) else {
+        return unknown();
+    };
+    cx.sessions.update_prefetch(&session, |state| match state {
+        PrefetchState::Done(n) => (PrefetchState::Idle, None, Some(n)),
+        PrefetchState::Pending { job, l1_chunks } => match cx.l2.try_take(job) {
+            Take::Pending => (state, None, None),
+            Take::Ready(res) => {
+                let l2_chunks = res.chunks();
+                cx.counters.lookup_chunks_hit_total.add(l2_chunks);
+                let loaded = LoadedLocks {
+                    keys: res.keys,
+                    leases: res.leases,
+                    readers: res.readers,
+                };
+                (PrefetchState::Idle, Some(loaded), Some(l1_chunks + l2_chunks))
+            }
+            Take::Unknown => (PrefetchState::Idle, None, Some(l1_chunks)),
+        },
+        PrefetchState::Idle => (PrefetchState::Idle, None, unknown()),
+    })
+}
+
+/// `wait_prefetch_status`: like [`query`], but first waits up to `timeout` seconds for a
+/// pending L2 job; nil if it is still running then.
+pub(super) fn wait(cx: &Shared, request_id: &str, timeout: f64) -> Option<u64> {
+    let job = cx
+        .sessions
+        .get(request_id)
+        .and_then(|s| cx.sessions.prefetch(&s).pending_job());
+    if let Some(job) = job
+        && !cx.l2.wait(job, timeout)
+    {
+        return None;
+    }
+    query(cx, request_id)
+}
+
+/// `free_lookup_locks`: releases the session's locks on the range.
+pub(super) fn free_lookup_locks(
+    cx: &Shared,
+    key: &IpcKey,
+    now: Instant,
+) -> Result<(), EngineError> {
+    let Some(session) = cx.sessions.get(&key.request_id) else {
+        return Ok(());
+    };
+    let keys = cx.sessions.keys(&session, key, key.worker_id, now)?;
+    cx.sessions.release_keys(&session, &keys);
+    Ok(())
+}
+
+/// `end_session`: releases every lock the session holds and cancels its L2 prefetch.
+pub(super) fn end_session(cx: &Shared, request_id: &str) {
+    if let Some(prefetch) = cx.sessions.end(request_id) {
+        cx.l2.discard(prefetch);
+    }
+}

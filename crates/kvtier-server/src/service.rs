@@ -1,0 +1,104 @@
+//! The wire edge of the RPC path: decode → [`Engine::handle`] → encode, plus the failure
+//! reply and the outcome classification of every request.
+//!
+//! The engine returns typed [`Response`]s and [`EngineError`]s and knows no msgpack; this
+//! module turns them into reply payloads. On any error the reply is the op's defined failure
+//! value ([`Op::failure_reply`]), except `store`/`retrieve`, whose failure reply always echoes
+//! the client's event handle (`(handle, false)`). Every request is counted once in
+//! [`RpcStats`] under its real outcome: a transfer that did not happen is `failed`, never `ok`.
+//!
+//! Which ops may run inline on the poll thread is decided here too ([`Service::run_inline`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvtier_proto::{Op, Response, Scheduling, decode_request};
+
+use crate::engine::{Engine, EngineError};
+use crate::stats::{Outcome, RpcStats};
+use crate::transport::Handler;
+
+/// Largest payload (all frames) of an op that may run inline on the poll thread: a 64 KiB key
+/// carries about 16k tokens, which hash in well under 100 µs.
+pub const INLINE_PAYLOAD_LIMIT: usize = 64 << 10;
+
+/// The statistics bucket of an engine error.
+pub fn outcome_of(e: &EngineError) -> Outcome {
+    match e {
+        EngineError::Malformed(_) => Outcome::Malformed,
+        EngineError::Unsupported(_) => Outcome::Unsupported,
+        EngineError::Failed(_) => Outcome::Failed,
+    }
+}
+
+/// The request handler behind the front end: decode, run, account, and always reply.
+#[derive(Debug)]
+pub struct Service {
+    engine: Arc<Engine>,
+    rpc: Arc<RpcStats>,
+}
+
+impl Service {
+    /// A service over `engine`, counting into `rpc`.
+    pub fn new(engine: Arc<Engine>, rpc: Arc<RpcStats>) -> Self {
+        Self { engine, rpc }
+    }
+
+    /// Handles one request: `(reply payload, outcome)`.
+    pub fn call(&self, op: Op, payloads: &[&[u8]]) -> (Option<Vec<u8>>, Outcome) {
+        let req = match decode_request(op, payloads) {
+            Ok(req) => req,
+            Err(e) => {
+                tracing::warn!(%op, error = %e, "malformed request; answering with the failure value");
+                return (op.failure_reply(), Outcome::Malformed);
+            }
+        };
+        let echo = req.reply_event_handle().map(<[u8]>::to_vec);
+        match self.engine.handle(req) {
+            Ok(r) => (r.encode(), Outcome::Ok),
+            Err(e) => {
+                let outcome = outcome_of(&e);
+                if outcome == Outcome::Failed {
+                    tracing::debug!(%op, error = %e, "request failed");
+                } else {
+                    tracing::warn!(%op, error = %e, "request refused");
+                }
+                let reply = match echo {
+                    Some(handle) => Response::Transfer { handle, ok: false }.encode(),
+                    None => op.failure_reply(),
+                };
+                (reply, outcome)
+            }
+        }
+    }
+}
+
+impl Handler for Service {
+    /// Besides the SYNC ops, the bookkeeping ops whose work is bounded by their (small) payload
+    /// and never waits: lookups (hash + L1 prefix lock, or an L2 submission), result queries,
+    /// lock releases, pings. `wait_prefetch_status` (it blocks), `clear` (walks L1) and transfers
+    /// (they copy) always go to the pools.
+    fn run_inline(&self, op: Op, payloads: &[Vec<u8>]) -> bool {
+        match op.scheduling() {
+            Scheduling::Sync => true,
+            _ => {
+                matches!(
+                    op,
+                    Op::Lookup
+                        | Op::QueryPrefetchStatus
+                        | Op::EndSession
+                        | Op::FreeLookupLocks
+                        | Op::Ping
+                        | Op::ReportBlockAllocation
+                ) && payloads.iter().map(Vec::len).sum::<usize>() <= INLINE_PAYLOAD_LIMIT
+            }
+        }
+    }
+
+    fn handle(&self, op: Op, payloads: &[&[u8]]) -> Option<Vec<u8>> {
+        let t = Instant::now();
+        let (reply, outcome) = self.call(op, payloads);
+        self.rpc.record(op, outcome, t.elapsed());
+        reply
+    }
+}
