@@ -266,13 +266,17 @@ macro_rules! metric_set {
                 Self::DESCRIPTORS
             }
 
-            #[allow(unused_assignments, unused_mut, unused_variables)]
             fn visit(&self, v: &mut dyn $crate::metrics::MetricVisitor) {
-                let mut i = 0usize;
+                // Descriptors are in field order; walking them with an iterator needs no index
+                // (and no lint allowance).
+                let descs = &mut Self::DESCRIPTORS.iter();
                 $(
-                    $crate::metric_set!(@visit v, &Self::DESCRIPTORS[i], self.$field, $kind);
-                    i += 1;
+                    if let Some(d) = descs.next() {
+                        $crate::metric_set!(@visit v, d, self.$field, $kind);
+                    }
                 )*
+                // Uses both bindings when the set has no fields.
+                let _ = (v, descs);
             }
         }
     };
