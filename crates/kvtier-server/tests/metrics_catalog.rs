@@ -176,6 +176,7 @@ fn status_counters_and_dashboard_queries_are_all_exported() {
     let toks = tokens(3, 4);
     let stored = store(&mut c, &server, 1, MODEL, &toks, 3, "store-1");
     assert_eq!(stored, vec![0, 1, 2, 3]);
+    assert_eq!(l1_objects(&server), 4);
     let l2 = server.engine().l2().expect("l2 configured");
     assert!(
         l2.wait_store_idle(Duration::from_secs(20)),
@@ -185,6 +186,10 @@ fn status_counters_and_dashboard_queries_are_all_exported() {
     let got = retrieve(&mut c, &server, 1, MODEL, &toks, 4, "read-1");
     assert_eq!(got.len(), 4);
     c.call_json("end_session", &[json!("read-1")]);
+    // At least one telemetry sample, so its counters are not all zero.
+    wait_until("a telemetry sample", Duration::from_secs(10), || {
+        server.telemetry().since(None).latest_seq > 0
+    });
 
     let (code, status) = http_get(addr, "/api/status");
     assert_eq!(code, 200);
