@@ -41,6 +41,31 @@
 //! A one-shot task ([`PeriodicBuilder::spawn_once`]) runs once, at once, and gets a
 //! [`StopToken`] to poll between steps (`while !stop.is_stopped() { … }`); `stop` then ends it
 //! early. Example: prefaulting a segment range by range.
+//!
+//! Shapes of the server's threads on this runner (sketches; `engine`, `segment` and `STEP`
+//! are the caller's):
+//!
+//! ```text
+//! // housekeeping: engine.housekeeping() every second, unhealthy if it dies
+//! let hk = PeriodicThread::builder("kvtier-housekeep")
+//!     .interval(Duration::from_secs(1))
+//!     .description("housekeeping thread")
+//!     .spawn(move || { engine.housekeeping(); Ok(()) })?;
+//!
+//! // prefault: one pass over the segment that ends early on shutdown (hk/pf.stop())
+//! let pf = PeriodicThread::builder("kvtier-l1-prefault").spawn_once(move |stop| {
+//!     let mut off = 0;
+//!     while off < segment.len() && !stop.is_stopped() {
+//!         let len = STEP.min(segment.len() - off);
+//!         segment.prefault_range(off, len).map_err(|e| e.to_string())?;
+//!         off += len;
+//!     }
+//!     Ok(())
+//! })?;
+//! ```
+//!
+//! `status_node()` then gives each its `thread_alive`/`rounds_total`/`last_error` fields;
+//! a finished prefault is healthy, a failed one keeps its error in `last_error`.
 
 use std::any::Any;
 use std::fmt;

@@ -104,3 +104,46 @@ impl StatusReport for EvictionController {
             .field("triggered_round_count_total", self.triggered_rounds())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::l1::L1Config;
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn status_keeps_its_fields_and_a_crash_is_unhealthy_but_a_stop_is_not() {
+        let l1 = Arc::new(L1Manager::new(L1Config::with_capacity(1 << 20)));
+        let ec =
+            EvictionController::spawn(Arc::clone(&l1), Duration::from_secs(3600)).expect("spawn");
+        ec.wake();
+        wait_until("a woken round", || ec.rounds() == 1);
+        let v = ec.report_status().to_value();
+        assert_eq!(v["is_healthy"], true);
+        assert_eq!(v["thread_alive"], true);
+        assert_eq!(v["thread_name"], "kvtier-l1-evict");
+        assert_eq!(v["round_count_total"], 1);
+        assert_eq!(v["rounds_total"], 1);
+        assert_eq!(v["triggered_round_count_total"], 0);
+        assert_eq!(v["interval_seconds"], 3600.0);
+        ec.stop();
+        assert_eq!(ec.report_status().to_value()["is_healthy"], true);
+
+        let ec = EvictionController::spawn(l1, Duration::from_secs(3600)).expect("spawn");
+        ec.inject_crash();
+        wait_until("the thread to die", || !ec.is_alive());
+        let v = ec.report_status().to_value();
+        assert_eq!(v["unhealthy_reason"], "eviction thread is not running");
+        assert_eq!(v["last_error"], "injected fault");
+    }
+}
