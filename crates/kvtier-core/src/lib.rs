@@ -6,11 +6,14 @@
 //! - [`shm`]: the named POSIX shared-memory segment that backs L1 and that engines map.
 //! - [`l1`]: the L1 manager (object state machine, allocator, TTL locks) and eviction policies.
 //! - [`metrics`]: the observability catalog (counters, gauges, the latency histogram).
+//! - [`periodic`]: the one runner for background threads (periodic rounds or a one-shot task,
+//!   prompt stop, panic capture, liveness in the status tree).
 //! - [`status`]: the composable status tree every component reports into.
 
 pub mod hash;
 pub mod key;
 pub mod l1;
 pub mod metrics;
+pub mod periodic;
 pub mod shm;
 pub mod status;

@@ -18,18 +18,19 @@
 //!   server restarts, telling the reader to start over.
 //! - Lock order: the ring mutex is a leaf, held only to push one sample or to copy samples out
 //!   (O(capacity), on the HTTP runtime, never on a request path thread).
-//! - The thread is started by `Server::start`, reports its liveness in the status tree
-//!   (`telemetry.thread_alive`; the node is unhealthy when it is not running), and is stopped and
-//!   joined by `Server::shutdown` (also on drop).
+//! - The thread is a [`PeriodicThread`] (fixed-rate cadence, missed ticks skipped after a stall)
+//!   started by `Server::start`. It reports its liveness in the status tree
+//!   (`telemetry.thread_alive`; the node is unhealthy when the thread died rather than being
+//!   stopped) and is stopped and joined by `Server::shutdown` (also on drop).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use kvtier_core::periodic::{MIN_INTERVAL, PeriodicThread};
 use kvtier_core::status::{StatusNode, StatusReport};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::engine::Engine;
@@ -246,15 +247,12 @@ impl Ring {
     }
 }
 
+/// The sampler's state shared with its thread.
 #[derive(Debug)]
 struct Shared {
     cfg: TelemetryConfig,
     epoch: u64,
     ring: Mutex<Ring>,
-    stop: Mutex<bool>,
-    cv: Condvar,
-    alive: AtomicBool,
-    samples_total: AtomicU64,
 }
 
 /// Handle to the sampler thread and its ring. Stopping is explicit ([`stop`](Self::stop)) and
@@ -262,15 +260,7 @@ struct Shared {
 #[derive(Debug)]
 pub struct Telemetry {
     shared: Arc<Shared>,
-    handle: Mutex<Option<JoinHandle<()>>>,
-}
-
-struct AliveGuard(Arc<Shared>);
-
-impl Drop for AliveGuard {
-    fn drop(&mut self) {
-        self.0.alive.store(false, Relaxed);
-    }
+    thread: PeriodicThread,
 }
 
 impl Telemetry {
@@ -282,7 +272,7 @@ impl Telemetry {
         cfg: TelemetryConfig,
     ) -> std::io::Result<Self> {
         let cfg = TelemetryConfig {
-            interval: cfg.interval.max(Duration::from_millis(1)),
+            interval: cfg.interval.max(MIN_INTERVAL),
             capacity: cfg.capacity.max(1),
         };
         let shared = Arc::new(Shared {
@@ -293,26 +283,23 @@ impl Telemetry {
                 capacity: cfg.capacity,
                 latest_seq: 0,
             }),
-            stop: Mutex::new(false),
-            cv: Condvar::new(),
-            alive: AtomicBool::new(true),
-            samples_total: AtomicU64::new(0),
         });
         let t_shared = Arc::clone(&shared);
-        let spawned = std::thread::Builder::new()
-            .name("kvtier-telemetry".into())
-            .spawn(move || run(&engine, &rpc, t_shared));
-        let handle = match spawned {
-            Ok(h) => h,
-            Err(e) => {
-                shared.alive.store(false, Relaxed);
-                return Err(e);
-            }
-        };
-        Ok(Self {
-            shared,
-            handle: Mutex::new(Some(handle)),
-        })
+        // The first reading is the baseline of the first sample, one interval later.
+        let mut prev = Reading::take(&engine, &rpc);
+        let mut seq = 0u64;
+        let thread = PeriodicThread::builder("kvtier-telemetry")
+            .interval(cfg.interval)
+            .description("telemetry sampler thread")
+            .spawn(move || {
+                let cur = Reading::take(&engine, &rpc);
+                seq += 1;
+                let sample = cur.sample_since(&prev, seq);
+                t_shared.ring.lock().push(sample);
+                prev = cur;
+                Ok(())
+            })?;
+        Ok(Self { shared, thread })
     }
 
     /// Samples newer than `since` (all of them for `None`), oldest first.
@@ -339,79 +326,35 @@ impl Telemetry {
 
     /// Whether the sampler thread is running.
     pub fn is_alive(&self) -> bool {
-        self.shared.alive.load(Relaxed)
+        self.thread.is_alive()
+    }
+
+    /// The runner (round timing, last error, labelled thread metrics).
+    pub fn thread(&self) -> &PeriodicThread {
+        &self.thread
     }
 
     /// Stops and joins the thread. Idempotent.
     pub fn stop(&self) {
-        *self.shared.stop.lock() = true;
-        self.shared.cv.notify_all();
-        if let Some(h) = self.handle.lock().take() {
-            // A panic inside the thread has already been reported through `alive`.
-            let _joined = h.join();
-        }
-    }
-}
-
-impl Drop for Telemetry {
-    fn drop(&mut self) {
-        self.stop();
+        self.thread.stop();
     }
 }
 
 impl StatusReport for Telemetry {
     fn report_status(&self) -> StatusNode {
-        let alive = self.is_alive();
         let s = &self.shared;
         let (kept, latest) = {
             let ring = s.ring.lock();
             (ring.samples.len(), ring.latest_seq)
         };
-        StatusNode::healthy()
-            .require(alive, "telemetry sampler thread is not running")
-            .field("thread_alive", alive)
+        // Every sample gets the next sequence number, so the newest one counts them all.
+        self.thread
+            .status_node()
             .field("interval_seconds", s.cfg.interval.as_secs_f64())
             .field("capacity", s.cfg.capacity)
             .field("samples_kept", kept)
             .field("latest_seq", latest)
-            .field("samples_total", s.samples_total.load(Relaxed))
-    }
-}
-
-fn run(engine: &Engine, rpc: &RpcStats, shared: Arc<Shared>) {
-    let _guard = AliveGuard(Arc::clone(&shared));
-    let interval = shared.cfg.interval;
-    let mut prev = Reading::take(engine, rpc);
-    let mut next_at = prev.at + interval;
-    let mut seq = 0u64;
-    loop {
-        {
-            let mut stop = shared.stop.lock();
-            // Wait until the next tick (spurious wake-ups and early notifications loop).
-            while !*stop {
-                let now = Instant::now();
-                if now >= next_at {
-                    break;
-                }
-                shared.cv.wait_for(&mut stop, next_at - now);
-            }
-            if *stop {
-                return;
-            }
-        }
-        let cur = Reading::take(engine, rpc);
-        seq += 1;
-        let sample = cur.sample_since(&prev, seq);
-        shared.ring.lock().push(sample);
-        shared.samples_total.fetch_add(1, Relaxed);
-        prev = cur;
-        // Fixed cadence; after a stall (suspended process) skip the missed ticks rather than
-        // sampling in a burst.
-        next_at += interval;
-        let now = Instant::now();
-        if next_at <= now {
-            next_at = now + interval;
-        }
+            .field("samples_total", latest)
     }
 }
 

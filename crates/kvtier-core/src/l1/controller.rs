@@ -1,152 +1,149 @@
-//! The background L1 maintenance thread (`kvtier-l1-evict`).
+//! The background L1 maintenance thread (`kvtier-l1-evict`), run by
+//! [`PeriodicThread`](crate::periodic::PeriodicThread).
 //!
 //! Every `interval` (and whenever [`EvictionController::wake`] is called) it applies lapsed TTLs
 //! and, when usage is at or above the trigger watermark, evicts `eviction_ratio` of the used
 //! bytes. Stores do not depend on it: allocation failures evict synchronously in the manager.
-//! Its liveness is reported in the status tree; a dead thread makes the node unhealthy.
+//! Its liveness is reported in the status tree: a thread that died (a panicking round, an
+//! injected fault) makes the node unhealthy with the reason `eviction thread is not running`;
+//! one stopped by [`EvictionController::stop`] does not.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
-
 use super::manager::L1Manager;
+use crate::periodic::PeriodicThread;
 use crate::status::{StatusNode, StatusReport};
-
-#[derive(Debug, Default)]
-struct Shared {
-    stop: Mutex<bool>,
-    cv: Condvar,
-    woken: AtomicBool,
-    alive: AtomicBool,
-    crash: AtomicBool,
-    rounds: AtomicU64,
-    triggered: AtomicU64,
-}
 
 /// Handle to the maintenance thread. Stopping is explicit ([`stop`](Self::stop)) and also
 /// happens on drop.
 #[derive(Debug)]
 pub struct EvictionController {
     l1: Arc<L1Manager>,
-    shared: Arc<Shared>,
+    triggered: Arc<AtomicU64>,
     interval: Duration,
-    handle: Mutex<Option<JoinHandle<()>>>,
-}
-
-struct AliveGuard(Arc<Shared>);
-
-impl Drop for AliveGuard {
-    fn drop(&mut self) {
-        self.0.alive.store(false, Relaxed);
-    }
+    thread: PeriodicThread,
 }
 
 impl EvictionController {
     /// Starts the thread.
     pub fn spawn(l1: Arc<L1Manager>, interval: Duration) -> std::io::Result<Self> {
-        let shared = Arc::new(Shared::default());
-        shared.alive.store(true, Relaxed);
-        let (t_l1, t_shared) = (Arc::clone(&l1), Arc::clone(&shared));
-        let handle = std::thread::Builder::new()
-            .name("kvtier-l1-evict".into())
-            .spawn(move || run(&t_l1, t_shared, interval))?;
+        let triggered = Arc::new(AtomicU64::new(0));
+        let (t_l1, t_triggered) = (Arc::clone(&l1), Arc::clone(&triggered));
+        let thread = PeriodicThread::builder("kvtier-l1-evict")
+            .interval(interval)
+            .description("eviction thread")
+            .spawn(move || {
+                let out = t_l1.maintenance_round();
+                if out.objects > 0 {
+                    t_triggered.fetch_add(1, Relaxed);
+                    tracing::debug!(
+                        objects = out.objects,
+                        bytes = out.bytes,
+                        "l1 eviction round"
+                    );
+                }
+                Ok(())
+            })?;
         Ok(Self {
             l1,
-            shared,
+            triggered,
             interval,
-            handle: Mutex::new(Some(handle)),
+            thread,
         })
     }
 
     /// Asks for a round now (e.g. after an allocation failure).
     pub fn wake(&self) {
-        self.shared.woken.store(true, Relaxed);
-        self.shared.cv.notify_one();
+        self.thread.wake();
     }
 
     /// Whether the thread is running.
     pub fn is_alive(&self) -> bool {
-        self.shared.alive.load(Relaxed)
+        self.thread.is_alive()
     }
 
     /// Rounds run so far.
     pub fn rounds(&self) -> u64 {
-        self.shared.rounds.load(Relaxed)
+        self.thread.rounds()
     }
 
     /// Rounds that evicted something.
     pub fn triggered_rounds(&self) -> u64 {
-        self.shared.triggered.load(Relaxed)
+        self.triggered.load(Relaxed)
+    }
+
+    /// The runner (round timing, last error, labelled thread metrics).
+    pub fn thread(&self) -> &PeriodicThread {
+        &self.thread
     }
 
     /// Fault injection for tests of health reporting: makes the thread exit as if it had died.
     #[doc(hidden)]
     pub fn inject_crash(&self) {
-        self.shared.crash.store(true, Relaxed);
-        self.wake();
+        self.thread.inject_crash();
     }
 
     /// Stops and joins the thread. Idempotent.
     pub fn stop(&self) {
-        *self.shared.stop.lock() = true;
-        self.shared.cv.notify_all();
-        if let Some(h) = self.handle.lock().take() {
-            // A panic inside the thread has already been reported through `alive`.
-            let _joined = h.join();
-        }
-    }
-}
-
-impl Drop for EvictionController {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn run(l1: &L1Manager, shared: Arc<Shared>, interval: Duration) {
-    let _guard = AliveGuard(Arc::clone(&shared));
-    loop {
-        {
-            let mut stop = shared.stop.lock();
-            if !*stop && !shared.woken.swap(false, Relaxed) {
-                shared.cv.wait_for(&mut stop, interval);
-            }
-            if *stop {
-                return;
-            }
-        }
-        if shared.crash.load(Relaxed) {
-            tracing::error!("l1 eviction thread stopping on injected fault");
-            return;
-        }
-        let out = l1.maintenance_round();
-        shared.rounds.fetch_add(1, Relaxed);
-        if out.objects > 0 {
-            shared.triggered.fetch_add(1, Relaxed);
-            tracing::debug!(
-                objects = out.objects,
-                bytes = out.bytes,
-                "l1 eviction round"
-            );
-        }
+        self.thread.stop();
     }
 }
 
 impl StatusReport for EvictionController {
     fn report_status(&self) -> StatusNode {
         let cfg = self.l1.config().eviction;
-        let alive = self.is_alive();
-        StatusNode::healthy()
-            .require(alive, "eviction thread is not running")
-            .field("thread_alive", alive)
+        self.thread
+            .status_node()
             .field("eviction_policy", cfg.policy.name())
             .field("trigger_watermark", cfg.trigger_watermark)
             .field("eviction_ratio", cfg.eviction_ratio)
             .field("interval_seconds", self.interval.as_secs_f64())
             .field("round_count_total", self.rounds())
             .field("triggered_round_count_total", self.triggered_rounds())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::l1::L1Config;
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn status_keeps_its_fields_and_a_crash_is_unhealthy_but_a_stop_is_not() {
+        let l1 = Arc::new(L1Manager::new(L1Config::with_capacity(1 << 20)));
+        let ec =
+            EvictionController::spawn(Arc::clone(&l1), Duration::from_secs(3600)).expect("spawn");
+        ec.wake();
+        wait_until("a woken round", || ec.rounds() == 1);
+        let v = ec.report_status().to_value();
+        assert_eq!(v["is_healthy"], true);
+        assert_eq!(v["thread_alive"], true);
+        assert_eq!(v["thread_name"], "kvtier-l1-evict");
+        assert_eq!(v["round_count_total"], 1);
+        assert_eq!(v["rounds_total"], 1);
+        assert_eq!(v["triggered_round_count_total"], 0);
+        assert_eq!(v["interval_seconds"], 3600.0);
+        ec.stop();
+        assert_eq!(ec.report_status().to_value()["is_healthy"], true);
+
+        let ec = EvictionController::spawn(l1, Duration::from_secs(3600)).expect("spawn");
+        ec.inject_crash();
+        wait_until("the thread to die", || !ec.is_alive());
+        let v = ec.report_status().to_value();
+        assert_eq!(v["unhealthy_reason"], "eviction thread is not running");
+        assert_eq!(v["last_error"], "injected fault");
     }
 }
