@@ -433,7 +433,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
         let c = l1.counters();
         prop_assert_eq!(
-            c.objects.load(std::sync::atomic::Ordering::Relaxed),
+            c.objects.get(),
             m.objs.len() as u64
         );
     }

@@ -8,14 +8,20 @@
 //! - [`telemetry`]: the background sampler that keeps recent history of the counters.
 //! - [`service`]: the wire edge: decode, call the engine, encode, classify the outcome.
 //! - [`stats`]: lock-free per-operation counters and latency histograms.
-//! - [`server`]: start-up and ordered shutdown of all of the above.
+//! - [`config`]: the server's settings and their defaults.
+//! - [`status`]: the root of the status tree and the list of metric sets.
+//! - [`prefault`]: the background prefault of the L1 segment.
+//! - [`server`]: start-up and ordered shutdown of all of the above (wiring only).
 
+pub mod config;
 pub mod dashboard;
 pub mod engine;
 pub mod http;
+pub mod prefault;
 pub mod server;
 pub mod service;
 pub mod stats;
+pub mod status;
 pub mod telemetry;
 pub mod transport;
 

@@ -84,3 +84,45 @@ impl RpcStats {
     }
 }
 
+
+static RPC_METRICS: [kvtier_core::metrics::MetricDesc; 2] = [
+    kvtier_core::metrics::MetricDesc {
+        name: "kvtier_rpc_requests",
+        status_key: "count",
+        help: "RPC requests answered, by operation and result (ok, malformed, unsupported, failed).",
+        unit: kvtier_core::metrics::MetricUnit::None,
+        kind: kvtier_core::metrics::MetricKind::Counter,
+    },
+    kvtier_core::metrics::MetricDesc {
+        name: "kvtier_rpc_request_duration",
+        status_key: "latency_seconds",
+        help: "RPC handler latency (decode + handle + encode, excluding queueing), by operation.",
+        unit: kvtier_core::metrics::MetricUnit::Seconds,
+        kind: kvtier_core::metrics::MetricKind::Histogram,
+    },
+];
+
+/// Every op that has been requested at least once, with labels `op` and `result`.
+impl kvtier_core::metrics::MetricSet for RpcStats {
+    fn descriptors(&self) -> &'static [kvtier_core::metrics::MetricDesc] {
+        &RPC_METRICS
+    }
+
+    fn visit(&self, v: &mut dyn kvtier_core::metrics::MetricVisitor) {
+        let [requests, duration] = &RPC_METRICS;
+        let seen: Vec<_> = self.iter().filter(|(_, s)| s.latency.count() > 0).collect();
+        for (op, s) in &seen {
+            for (result, n) in [
+                ("ok", &s.ok),
+                ("malformed", &s.malformed),
+                ("unsupported", &s.unsupported),
+                ("failed", &s.failed),
+            ] {
+                v.counter(requests, &[("op", op.name()), ("result", result)], n.load(Relaxed));
+            }
+        }
+        for (op, s) in &seen {
+            v.histogram(duration, &[("op", op.name())], &s.latency.exposition());
+        }
+    }
+}

@@ -26,7 +26,7 @@
 use std::hash::{BuildHasher, Hasher};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -465,7 +465,7 @@ impl PollLoop {
             op,
             payloads,
         };
-        self.stats.in_flight.inc();
+        self.stats.in_flight.add(1);
         match target.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
@@ -488,6 +488,6 @@ impl StatusReport for ZmqFrontEnd {
             .field("thread_alive", self.alive.load(Relaxed))
             .field("workers_per_pool", self.config.workers.max(1))
             .field("queue_capacity", self.config.queue_capacity)
-            .fields(kvtier_core::metrics::status_fields(s))
+            .fields(kvtier_core::metrics::status_fields(s.as_ref()))
     }
 }

@@ -10,7 +10,7 @@ use kvtier_core::hash::{HashAlgorithm, TokenHasher};
 use kvtier_core::l1::controller::EvictionController;
 use kvtier_core::l1::{Clock, L1Config, L1Manager};
 use kvtier_core::shm::{ShmOptions, ShmSegment};
-use kvtier_proto::{IpcKey, RegisterEngineDrivenContext, Request};
+use kvtier_proto::{IpcKey, RegisterEngineDrivenContext, Request, Response};
 use kvtier_server::engine::{Engine, EngineConfig, EngineError};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -105,6 +105,7 @@ fn lookup(e: &Engine, request_id: &str, chunks: u64) -> Vec<u8> {
         request_id: request_id.into(),
     })
     .expect("query")
+    .encode()
     .expect("an int reply")
 }
 
@@ -166,7 +167,7 @@ fn silent_instances_are_reaped_with_their_pending_transfers() {
         matches!(after, Err(EngineError::Failed(_))),
         "instance is gone: {after:?}"
     );
-    assert_eq!(f.engine.counters().instances_reaped.get(), 1);
+    assert_eq!(f.engine.counters().reaped_instances_total.get(), 1);
 }
 
 #[test]
@@ -175,10 +176,10 @@ fn instances_that_never_ping_get_the_registration_grace() {
     register(&f.engine, 9);
     f.clock.advance(Duration::from_secs(3599));
     f.engine.housekeeping();
-    assert_eq!(f.engine.counters().instances_reaped.get(), 0);
+    assert_eq!(f.engine.counters().reaped_instances_total.get(), 0);
     f.clock.advance(Duration::from_secs(2));
     f.engine.housekeeping();
-    assert_eq!(f.engine.counters().instances_reaped.get(), 1);
+    assert_eq!(f.engine.counters().reaped_instances_total.get(), 1);
 }
 
 #[test]
@@ -198,7 +199,10 @@ fn retrieve_consumes_exactly_the_session_locks_and_end_session_releases_the_rest
             instance_id: 1,
         })
         .expect("prepared");
-    assert!(reply.is_some());
+    assert!(
+        matches!(&reply, Response::PrepareRetrieve(slots) if slots.len() == 2),
+        "{reply:?}"
+    );
     // A second reader of the same chunks finds no lock left to take (num_kv_readers = 1).
     let again = f.engine.handle(Request::PrepareRetrieve {
         key: k.clone(),
@@ -228,7 +232,7 @@ fn retrieve_consumes_exactly_the_session_locks_and_end_session_releases_the_rest
             request_id: "r".into(),
         })
         .expect("query");
-    assert_eq!(q, Some(vec![0]));
+    assert_eq!(q, Response::PrefixHits(Some(0)));
     f.engine.l1().check_invariants().expect("invariants");
 }
 
@@ -255,4 +259,52 @@ fn abandoned_retrieves_and_stores_are_swept_after_their_ttl() {
     f.engine.housekeeping();
     assert_eq!(read_locked(&f.engine), 0);
     f.engine.l1().check_invariants().expect("invariants");
+}
+
+/// The wire edge: a lmcache_driven `store` that cannot happen (no such instance) is answered
+/// `(handle, false)` with the client's own event handle, and counted as `failed`, never `ok`.
+#[test]
+fn a_failed_lmcache_driven_transfer_is_counted_as_failed_and_echoes_its_handle() {
+    use kvtier_proto::Op;
+    use kvtier_server::service::Service;
+    use kvtier_server::stats::{Outcome, RpcStats};
+    use kvtier_server::transport::Handler;
+
+    let f = fixture();
+    let engine = Arc::new(f.engine);
+    let rpc = Arc::new(RpcStats::default());
+    let svc = Service::new(Arc::clone(&engine), Arc::clone(&rpc));
+    let key = kvtier_client::codec::CacheKey::new("m", 1, (0..256).collect(), 0, 256, "r")
+        .with_worker(Some(0))
+        .encode();
+    let mut iid = Vec::new();
+    rmp::encode::write_sint(&mut iid, 42).expect("encode");
+    let mut blocks = Vec::new();
+    rmp::encode::write_array_len(&mut blocks, 1).expect("encode");
+    rmp::encode::write_array_len(&mut blocks, 1).expect("encode");
+    rmp::encode::write_uint(&mut blocks, 1).expect("encode");
+    let mut handle = Vec::new();
+    rmp::encode::write_bin(&mut handle, b"evt-7").expect("encode");
+    let frames: [&[u8]; 4] = [&key, &iid, &blocks, &handle];
+    for op in [Op::Store, Op::Retrieve] {
+        let mut frames = frames.to_vec();
+        let mut skip = Vec::new();
+        if op == Op::Retrieve {
+            rmp::encode::write_uint(&mut skip, 0).expect("encode");
+            frames.push(&skip);
+        }
+        let (reply, outcome) = svc.call(op, &frames);
+        assert_eq!(outcome, Outcome::Failed, "{op}");
+        let expected = Response::Transfer {
+            handle: b"evt-7".to_vec(),
+            ok: false,
+        }
+        .encode();
+        assert_eq!(reply, expected, "{op} echoes the handle");
+        assert_eq!(svc.handle(op, &frames), expected);
+        let s = rpc.get(op).expect("op stats");
+        assert_eq!((s.ok.load(Relaxed), s.failed.load(Relaxed)), (0, 1), "{op}");
+    }
+    assert_eq!(engine.lmcache_driven().counters().stores_failed_total.get(), 2);
+    assert_eq!(engine.lmcache_driven().counters().retrieves_failed_total.get(), 2);
 }

@@ -129,8 +129,8 @@ fn unknown_ops_get_a_bare_reply_and_short_messages_are_dropped() {
     send_raw(&c, vec![mp_int(7)]);
     send(&c, 8, Op::Noop, &[]);
     assert_eq!(recv(&c), vec![mp_int(8), mp_int(24), mp_str("OK")]);
-    assert_eq!(fe.stats().too_few_frames.load(Relaxed), 1);
-    assert_eq!(fe.stats().unknown_op.load(Relaxed), 2);
+    assert_eq!(fe.stats().too_few_frames.get(), 1);
+    assert_eq!(fe.stats().unknown_op.get(), 2);
     assert_eq!(h.handled.load(Relaxed), 1);
     fe.shutdown();
 }
@@ -188,7 +188,7 @@ fn full_queue_is_answered_with_the_failure_value() {
         vec![mp_int(2), mp_int(22), vec![0xc2]],
         "ping's failure value is false"
     );
-    assert_eq!(fe.stats().rejected_busy.load(Relaxed), 1);
+    assert_eq!(fe.stats().rejected_busy.get(), 1);
     h.open_gate();
     let mut uids: Vec<Vec<u8>> = (0..2).map(|_| recv(&c).remove(0)).collect();
     uids.sort();
@@ -204,7 +204,7 @@ fn shutdown_drains_in_flight_requests() {
     let c = dealer(&ctx, fe.endpoint());
     send(&c, 1, Op::QueryPrefetchStatus, &[mp_str("r")]);
     // Let the request reach its worker, then stop while it is still running.
-    while fe.stats().in_flight.load(Relaxed) == 0 {
+    while fe.stats().in_flight.get() == 0 {
         std::thread::sleep(Duration::from_millis(5));
     }
     let stopper = {
@@ -217,5 +217,5 @@ fn shutdown_drains_in_flight_requests() {
         "in-flight reply delivered"
     );
     stopper.join().expect("shutdown thread");
-    assert_eq!(fe.stats().in_flight.load(Relaxed), 0);
+    assert_eq!(fe.stats().in_flight.get(), 0);
 }

@@ -1,7 +1,6 @@
 //! StoreController and PrefetchController over a real L1 manager and shared-memory segment.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use kvtier_core::key::ObjectKey;

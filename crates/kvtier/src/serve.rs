@@ -303,6 +303,7 @@ impl ServeArgs {
                 true,
             )?,
             fault_injection: self.enable_fault_injection,
+            ..ServerConfig::default()
         };
         Ok((cfg, self.log))
     }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use super::manager::L1Manager;
+use crate::metrics::{MetricDesc, MetricKind, MetricSet, MetricUnit, MetricVisitor};
 use crate::periodic::PeriodicThread;
 use crate::status::{StatusNode, StatusReport};
 
@@ -88,6 +89,44 @@ impl EvictionController {
     /// Stops and joins the thread. Idempotent.
     pub fn stop(&self) {
         self.thread.stop();
+    }
+}
+
+/// The controller's own metrics (its thread's generic ones are in [`PeriodicThread`]'s set).
+static EVICTION_METRICS: [MetricDesc; 3] = [
+    MetricDesc {
+        name: "kvtier_l1_eviction_rounds",
+        status_key: "round_count_total",
+        help: "Background eviction rounds run.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Counter,
+    },
+    MetricDesc {
+        name: "kvtier_l1_eviction_triggered_rounds",
+        status_key: "triggered_round_count_total",
+        help: "Background eviction rounds that evicted something.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Counter,
+    },
+    MetricDesc {
+        name: "kvtier_l1_eviction_thread_up",
+        status_key: "thread_alive",
+        help: "1 while the background eviction thread runs.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Gauge,
+    },
+];
+
+impl MetricSet for EvictionController {
+    fn descriptors(&self) -> &'static [MetricDesc] {
+        &EVICTION_METRICS
+    }
+
+    fn visit(&self, v: &mut dyn MetricVisitor) {
+        let [rounds, triggered, up] = &EVICTION_METRICS;
+        v.counter(rounds, &[], self.rounds());
+        v.counter(triggered, &[], self.triggered_rounds());
+        v.gauge(up, &[], f64::from(u8::from(self.is_alive())));
     }
 }
 

@@ -43,7 +43,7 @@ struct WorkerLivenessStatus {
 }
 
 /// Gauges computed at read time (not atomics of a set).
-static ENGINE_GAUGES: [MetricDesc; 3] = [
+static ENGINE_GAUGES: [MetricDesc; 4] = [
     MetricDesc {
         name: "kvtier_engine_pending_stores",
         status_key: "pending_stores",
@@ -56,6 +56,13 @@ static ENGINE_GAUGES: [MetricDesc; 3] = [
         status_key: "pending_retrieves",
         help: "Engine-driven retrieves prepared and not yet committed.",
         unit: MetricUnit::None,
+        kind: MetricKind::Gauge,
+    },
+    MetricDesc {
+        name: "kvtier_l1_capacity",
+        status_key: "memory_total_bytes",
+        help: "Usable L1 pool size.",
+        unit: MetricUnit::Bytes,
         kind: MetricKind::Gauge,
     },
     MetricDesc {
@@ -90,9 +97,10 @@ impl MetricSet for Engine {
             set.visit(v);
         }
         let (stores, retrieves) = self.engine_driven().pending_counts();
-        let [pending_stores, pending_retrieves, registered] = &ENGINE_GAUGES;
+        let [pending_stores, pending_retrieves, capacity, registered] = &ENGINE_GAUGES;
         v.gauge(pending_stores, &[], stores as f64);
         v.gauge(pending_retrieves, &[], retrieves as f64);
+        v.gauge(capacity, &[], self.shared().l1.capacity_bytes() as f64);
         v.gauge(registered, &[], self.shared().instances.len() as f64);
     }
 }

@@ -1,12 +1,14 @@
 //! `GET /metrics`: Prometheus (OpenMetrics text) exposition through `prometheus-client`.
 //!
-//! Every family is produced by one [`prometheus_client::collector::Collector`] that reads the
-//! server's existing lock-free counters at scrape time. Nothing is recorded twice: the request
-//! path keeps doing only its relaxed atomic increments (`RpcStats`, `L1Counters`,
-//! `EngineCounters`, `TransportStats`), and a scrape turns them into families. In particular the
-//! per-op latency histograms are the existing [`LatencyHistogram`](crate::stats::LatencyHistogram)s
-//! read into exact power-of-two buckets: `prometheus_client`'s own `Histogram` takes a mutex on
-//! every `observe`, which would put a lock shared by all workers on the request path.
+//! Every family comes from the observability catalog ([`kvtier_core::metrics`]): each
+//! component declares its metrics once and implements `MetricSet`; one
+//! [`prometheus_client::collector::Collector`] visits every set at scrape time
+//! ([`StatusSource::metric_sets`]) and encodes one family per declaration, so `/metrics` cannot
+//! fall behind the status tree. Nothing is recorded twice: the request path keeps doing only
+//! its relaxed atomic increments. Latency histograms are the workspace's one
+//! `LatencyHistogram`, read into exact power-of-two buckets (`prometheus_client`'s own
+//! `Histogram` takes a mutex on every `observe`, which would put a lock shared by all workers
+//! on the request path).
 //!
 //! Naming: `kvtier_<subsystem>_<name>_<unit>[_total]`; the unit suffix and `_total` are added by
 //! the encoder from the declared unit and type. Labels are bounded: `op` takes values from the
@@ -15,27 +17,29 @@
 //! and `code` is an HTTP status code. Every family carries HELP and TYPE (and UNIT when it has
 //! one).
 //!
-//! Cost of a scrape: O(operations × buckets + admin routes), two brief O(1) engine lock
-//! acquisitions (pending-transfer counts, context count) and one status-tree build for
-//! `kvtier_status_healthy`; never a walk over cached objects.
+//! Cost of a scrape: O(metrics + operations × buckets + admin routes), a few brief O(1) engine
+//! lock acquisitions and one status-tree build for `kvtier_status_healthy`; never a walk over
+//! cached objects.
 
 use std::collections::BTreeMap;
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
+use kvtier_core::metrics::{
+    HistogramSnapshot, Labels, MetricDesc, MetricKind, MetricSet, MetricUnit, MetricVisitor,
+};
 use kvtier_core::status::{StatusNode, StatusReport};
 
 use parking_lot::Mutex;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::server::StatusSource;
-use crate::stats::Outcome;
 
 /// The content type of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -88,9 +92,9 @@ impl HttpStats {
 }
 
 /// Builds the registry served at `/metrics`.
-pub fn registry(source: StatusSource, http: Arc<HttpStats>) -> Registry {
+pub fn registry(source: StatusSource) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(KvtierCollector { source, http }));
+    registry.register_collector(Box::new(KvtierCollector { source }));
     registry
 }
 
@@ -101,448 +105,198 @@ pub fn render(registry: &Registry) -> Result<String, fmt::Error> {
     Ok(out)
 }
 
+static HTTP_METRICS: [MetricDesc; 2] = [
+    MetricDesc {
+        name: "kvtier_http_requests",
+        status_key: "requests_total",
+        help: "Admin API requests answered, by route and status code.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Counter,
+    },
+    MetricDesc {
+        name: "kvtier_http_auth_failures",
+        status_key: "auth_failures_total",
+        help: "Admin API requests refused for a missing or wrong bearer token.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Counter,
+    },
+];
+
+impl MetricSet for HttpStats {
+    fn descriptors(&self) -> &'static [MetricDesc] {
+        &HTTP_METRICS
+    }
+
+    fn visit(&self, v: &mut dyn MetricVisitor) {
+        let [requests, auth] = &HTTP_METRICS;
+        for ((route, status), n) in self.requests() {
+            let code = status.to_string();
+            v.counter(requests, &[("route", route), ("code", &code)], n);
+        }
+        v.counter(auth, &[], self.auth_failures.load(Relaxed));
+    }
+}
+
+/// Process-level metrics: health, uptime, build.
+static PROCESS_METRICS: [MetricDesc; 3] = [
+    MetricDesc {
+        name: "kvtier_status_healthy",
+        status_key: "is_healthy",
+        help: "1 when the whole status tree is healthy (see /api/healthcheck for the reasons).",
+        unit: MetricUnit::None,
+        kind: MetricKind::Gauge,
+    },
+    MetricDesc {
+        name: "kvtier_process_uptime",
+        status_key: "uptime_seconds",
+        help: "Time since the server started.",
+        unit: MetricUnit::Seconds,
+        kind: MetricKind::Gauge,
+    },
+    MetricDesc {
+        name: "kvtier_build_info",
+        status_key: "version",
+        help: "Build information; the value is always 1.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Gauge,
+    },
+];
+
+/// The process-level metric set.
+#[derive(Debug)]
+pub struct ProcessMetrics<'a>(pub &'a StatusSource);
+
+impl MetricSet for ProcessMetrics<'_> {
+    fn descriptors(&self) -> &'static [MetricDesc] {
+        &PROCESS_METRICS
+    }
+
+    fn visit(&self, v: &mut dyn MetricVisitor) {
+        let [healthy, uptime, build] = &PROCESS_METRICS;
+        v.gauge(healthy, &[], f64::from(u8::from(self.0.status().is_healthy())));
+        v.gauge(uptime, &[], self.0.uptime().as_secs_f64());
+        v.gauge(build, &[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+    }
+}
+
 #[derive(Debug)]
 struct KvtierCollector {
     source: StatusSource,
-    http: Arc<HttpStats>,
 }
 
 type NoExemplar<'a> = Option<&'a Exemplar<NoLabelSet, u64>>;
 
-fn counter(
-    enc: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    value: u64,
-) -> fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, unit, MetricType::Counter)?;
-    let none: NoExemplar<'_> = None;
-    m.encode_counter(&value, none)
+#[derive(Debug)]
+enum Value {
+    Counter(u64),
+    Gauge(f64),
+    Histogram(HistogramSnapshot),
 }
 
-fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
-    enc: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    value: V,
-) -> fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
-    m.encode_gauge(&value)
+/// Collects the samples of every visited set, grouped into families by descriptor name in
+/// first-seen order.
+#[derive(Debug, Default)]
+struct Families {
+    order: Vec<&'static MetricDesc>,
+    samples: BTreeMap<&'static str, Vec<(Vec<(String, String)>, Value)>>,
 }
 
-fn labelled_counter(m: &mut MetricEncoder<'_>, labels: &[(&str, &str)], value: u64) -> fmt::Result {
-    let mut f = m.encode_family(&labels)?;
-    let none: NoExemplar<'_> = None;
-    f.encode_counter(&value, none)
-}
+impl Families {
+    fn push(&mut self, desc: &'static MetricDesc, labels: Labels<'_>, value: Value) {
+        let entry = self.samples.entry(desc.name).or_default();
+        if entry.is_empty() {
+            self.order.push(desc);
+        }
+        let labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        entry.push((labels, value));
+    }
 
-const RESULTS: [(Outcome, &str); 4] = [
-    (Outcome::Ok, "ok"),
-    (Outcome::Malformed, "malformed"),
-    (Outcome::Unsupported, "unsupported"),
-    (Outcome::Failed, "failed"),
-];
-
-impl KvtierCollector {
-    fn rpc(&self, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
-        let rpc = self.source.rpc();
-        let seen: Vec<_> = rpc.iter().filter(|(_, s)| s.latency.count() > 0).collect();
-        {
-            let mut m = enc.encode_descriptor(
-                "kvtier_rpc_requests",
-                "RPC requests answered, by operation and result (ok, malformed, unsupported, failed).",
-                None,
-                MetricType::Counter,
-            )?;
-            for (op, s) in &seen {
-                for (outcome, result) in RESULTS {
-                    let v = match outcome {
-                        Outcome::Ok => s.ok.load(Relaxed),
-                        Outcome::Malformed => s.malformed.load(Relaxed),
-                        Outcome::Unsupported => s.unsupported.load(Relaxed),
-                        Outcome::Failed => s.failed.load(Relaxed),
-                    };
-                    labelled_counter(&mut m, &[("op", op.name()), ("result", result)], v)?;
+    fn encode(&self, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        for desc in &self.order {
+            let Some(samples) = self.samples.get(desc.name) else {
+                continue;
+            };
+            let (unit, kind) = (unit_of(desc.unit), type_of(desc.kind));
+            let help = desc.help_text();
+            let mut m = enc.encode_descriptor(desc.name, &help, unit.as_ref(), kind)?;
+            for (labels, value) in samples {
+                let none: NoExemplar<'_> = None;
+                if labels.is_empty() {
+                    match value {
+                        Value::Counter(n) => m.encode_counter(n, none)?,
+                        Value::Gauge(x) => match whole(*x) {
+                            Some(n) => m.encode_gauge(&n)?,
+                            None => m.encode_gauge(x)?,
+                        },
+                        Value::Histogram(h) => {
+                            m.encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &h.buckets, None)?;
+                        }
+                    }
+                } else {
+                    let mut f = m.encode_family(labels)?;
+                    match value {
+                        Value::Counter(n) => f.encode_counter(n, none)?,
+                        Value::Gauge(x) => match whole(*x) {
+                            Some(n) => f.encode_gauge(&n)?,
+                            None => f.encode_gauge(x)?,
+                        },
+                        Value::Histogram(h) => {
+                            f.encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &h.buckets, None)?;
+                        }
+                    }
                 }
             }
         }
-        let mut m = enc.encode_descriptor(
-            "kvtier_rpc_request_duration",
-            "RPC handler latency (decode + handle + encode, excluding queueing), by operation.",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?;
-        for (op, s) in &seen {
-            let snap = s.latency.exposition();
-            let labels = [("op", op.name())];
-            let mut f = m.encode_family(&labels)?;
-            f.encode_histogram::<NoLabelSet>(snap.sum_seconds, snap.count, &snap.buckets, None)?;
-        }
         Ok(())
     }
+}
 
-    fn l1(&self, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
-        let engine = self.source.engine();
-        let l1 = engine.l1();
-        let c = l1.counters();
-        let (used, total) = l1.usage();
-        let b = Some(&Unit::Bytes);
-        gauge(
-            enc,
-            "kvtier_l1_used",
-            "L1 bytes allocated to objects (staging included).",
-            b,
-            used,
-        )?;
-        gauge(enc, "kvtier_l1_capacity", "Usable L1 pool size.", b, total)?;
-        let objects: [(&str, &str, &AtomicU64); 5] = [
-            (
-                "kvtier_l1_objects",
-                "Objects in L1 (every phase).",
-                &c.objects,
-            ),
-            (
-                "kvtier_l1_read_locked_objects",
-                "L1 objects holding at least one read lock.",
-                &c.read_locked_objects,
-            ),
-            (
-                "kvtier_l1_staging_objects",
-                "L1 objects reserved for a store and not yet committed (write-locked).",
-                &c.staging_objects,
-            ),
-            (
-                "kvtier_l1_temporary_objects",
-                "Temporary L1 objects (freed on their last read unlock).",
-                &c.temporary_objects,
-            ),
-            (
-                "kvtier_l1_doomed_objects",
-                "Deleted L1 objects waiting for their readers to finish.",
-                &c.doomed_objects,
-            ),
-        ];
-        for (name, help, v) in objects {
-            gauge(enc, name, help, None, v.load(Relaxed))?;
-        }
-        gauge(
-            enc,
-            "kvtier_l1_staging",
-            "L1 bytes reserved for stores not yet committed.",
-            b,
-            c.staging_bytes.load(Relaxed),
-        )?;
-        let totals: [(&str, &str, Option<&Unit>, &AtomicU64); 9] = [
-            (
-                "kvtier_l1_evicted_objects",
-                "Objects evicted from L1.",
-                None,
-                &c.evicted_objects_total,
-            ),
-            (
-                "kvtier_l1_evicted",
-                "Bytes evicted from L1.",
-                b,
-                &c.evicted_bytes_total,
-            ),
-            (
-                "kvtier_l1_sync_evictions",
-                "Synchronous evictions run by an allocation that did not fit.",
-                None,
-                &c.sync_evictions_total,
-            ),
-            (
-                "kvtier_l1_oom_keys",
-                "Keys whose store was rejected because L1 had no room even after eviction.",
-                None,
-                &c.oom_keys_total,
-            ),
-            (
-                "kvtier_l1_writes_committed",
-                "L1 writes published.",
-                None,
-                &c.writes_committed_total,
-            ),
-            (
-                "kvtier_l1_writes_aborted",
-                "L1 writes aborted before being published.",
-                None,
-                &c.writes_aborted_total,
-            ),
-            (
-                "kvtier_l1_read_locks",
-                "L1 read locks granted.",
-                None,
-                &c.read_locks_total,
-            ),
-            (
-                "kvtier_l1_expired_write_locks",
-                "Store reservations discarded because their write TTL lapsed.",
-                None,
-                &c.expired_write_locks_total,
-            ),
-            (
-                "kvtier_l1_expired_read_locks",
-                "Read locks released because their TTL lapsed.",
-                None,
-                &c.expired_read_locks_total,
-            ),
-        ];
-        for (name, help, unit, v) in totals {
-            counter(enc, name, help, unit, v.load(Relaxed))?;
-        }
-        let evictor = engine.evictor();
-        counter(
-            enc,
-            "kvtier_l1_eviction_rounds",
-            "Background eviction rounds run.",
-            None,
-            evictor.rounds(),
-        )?;
-        counter(
-            enc,
-            "kvtier_l1_eviction_triggered_rounds",
-            "Background eviction rounds that evicted something.",
-            None,
-            evictor.triggered_rounds(),
-        )?;
-        gauge(
-            enc,
-            "kvtier_l1_eviction_thread_up",
-            "1 while the background eviction thread runs.",
-            None,
-            u64::from(evictor.is_alive()),
-        )
+impl MetricVisitor for Families {
+    fn counter(&mut self, desc: &'static MetricDesc, labels: Labels<'_>, value: u64) {
+        self.push(desc, labels, Value::Counter(value));
     }
 
-    fn engine(&self, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
-        let engine = self.source.engine();
-        let c = engine.counters();
-        let totals: [(&str, &str, &AtomicU64); 13] = [
-            (
-                "kvtier_store_chunks_reserved",
-                "Chunks reserved by prepare_store.",
-                &c.store_chunks_reserved,
-            ),
-            (
-                "kvtier_store_chunks_skipped",
-                "Chunks prepare_store skipped (already cached or being written).",
-                &c.store_chunks_skipped,
-            ),
-            (
-                "kvtier_store_chunks_rejected",
-                "Chunks prepare_store rejected for lack of L1 memory.",
-                &c.store_chunks_rejected,
-            ),
-            (
-                "kvtier_store_chunks_committed",
-                "Chunks published by commit_store.",
-                &c.store_chunks_committed,
-            ),
-            ("kvtier_lookup_requests", "Lookups served.", &c.lookups),
-            (
-                "kvtier_lookup_chunks_requested",
-                "Chunks asked for by lookups.",
-                &c.lookup_chunks_requested,
-            ),
-            (
-                "kvtier_lookup_chunks_hit",
-                "Prefix chunks found by lookups.",
-                &c.lookup_chunks_hit,
-            ),
-            (
-                "kvtier_retrieve_chunks",
-                "Chunks handed out by prepare_retrieve.",
-                &c.retrieve_chunks,
-            ),
-            (
-                "kvtier_retrieve_refused",
-                "prepare_retrieve refusals (chunks not locked by the session's lookup).",
-                &c.retrieve_refused,
-            ),
-            (
-                "kvtier_engine_abandoned_transfers",
-                "Prepared stores/retrieves dropped because the client never committed them.",
-                &c.abandoned_transfers,
-            ),
-            (
-                "kvtier_engine_unknown_prefetch_queries",
-                "Prefetch status queries for an unknown request id.",
-                &c.unknown_prefetch_queries,
-            ),
-            (
-                "kvtier_engine_instances_reaped",
-                "Engine instances unregistered after going silent.",
-                &c.instances_reaped,
-            ),
-            (
-                "kvtier_sessions_locks_released",
-                "Read locks released by session end, TTL or free_lookup_locks.",
-                &c.session_locks_released,
-            ),
-        ];
-        for (name, help, v) in totals {
-            counter(enc, name, help, None, v.load(Relaxed))?;
-        }
-        let (stores, retrieves) = engine.pending_transfer_counts();
-        gauge(
-            enc,
-            "kvtier_engine_pending_stores",
-            "Prepared stores awaiting commit_store.",
-            None,
-            stores,
-        )?;
-        gauge(
-            enc,
-            "kvtier_engine_pending_retrieves",
-            "Prepared retrieves awaiting commit_retrieve.",
-            None,
-            retrieves,
-        )?;
-        gauge(
-            enc,
-            "kvtier_engine_registered_instances",
-            "Registered engine instances (contexts).",
-            None,
-            engine.registered_instance_count(),
-        )?;
-        let s = engine.sessions();
-        gauge(
-            enc,
-            "kvtier_sessions_active",
-            "Open request sessions.",
-            None,
-            s.active_count(),
-        )?;
-        let sessions: [(&str, &str, &AtomicU64); 3] = [
-            (
-                "kvtier_sessions_created",
-                "Request sessions created.",
-                &s.created_total,
-            ),
-            (
-                "kvtier_sessions_ended",
-                "Request sessions ended by the client.",
-                &s.ended_total,
-            ),
-            (
-                "kvtier_sessions_expired",
-                "Request sessions expired by TTL.",
-                &s.expired_total,
-            ),
-        ];
-        for (name, help, v) in sessions {
-            counter(enc, name, help, None, v.load(Relaxed))?;
-        }
-        Ok(())
+    fn gauge(&mut self, desc: &'static MetricDesc, labels: Labels<'_>, value: f64) {
+        self.push(desc, labels, Value::Gauge(value));
     }
 
-    fn transport(&self, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
-        let t = self.source.frontend().stats();
-        let totals: [(&str, &str, &AtomicU64); 7] = [
-            (
-                "kvtier_transport_received_messages",
-                "ZeroMQ messages received.",
-                &t.received,
-            ),
-            (
-                "kvtier_transport_replied_messages",
-                "Replies sent.",
-                &t.replied,
-            ),
-            (
-                "kvtier_transport_too_few_frames",
-                "Messages dropped for having too few frames to address a reply.",
-                &t.too_few_frames,
-            ),
-            (
-                "kvtier_transport_unknown_ops",
-                "Requests naming an operation outside the table.",
-                &t.unknown_op,
-            ),
-            (
-                "kvtier_transport_control_frames",
-                "Stream control frames (ack/cancel) received.",
-                &t.control_frames,
-            ),
-            (
-                "kvtier_transport_rejected_busy",
-                "Requests answered with a failure at once because a worker queue was full.",
-                &t.rejected_busy,
-            ),
-            (
-                "kvtier_transport_send_failures",
-                "Replies that could not be sent.",
-                &t.send_failures,
-            ),
-        ];
-        for (name, help, v) in totals {
-            counter(enc, name, help, None, v.load(Relaxed))?;
-        }
-        gauge(
-            enc,
-            "kvtier_transport_in_flight_requests",
-            "Requests received and not yet answered.",
-            None,
-            t.in_flight.load(Relaxed),
-        )
+    fn histogram(&mut self, desc: &'static MetricDesc, labels: Labels<'_>, value: &HistogramSnapshot) {
+        self.push(desc, labels, Value::Histogram(value.clone()));
     }
+}
 
-    fn http_and_process(&self, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
-        {
-            let mut m = enc.encode_descriptor(
-                "kvtier_http_requests",
-                "Admin API requests answered, by route and status code.",
-                None,
-                MetricType::Counter,
-            )?;
-            let mut code = String::with_capacity(3);
-            for ((route, status), v) in self.http.requests() {
-                code.clear();
-                write!(code, "{status}")?;
-                labelled_counter(&mut m, &[("route", route), ("code", code.as_str())], v)?;
-            }
-        }
-        counter(
-            enc,
-            "kvtier_http_auth_failures",
-            "Admin API requests refused for a missing or wrong bearer token.",
-            None,
-            self.http.auth_failures.load(Relaxed),
-        )?;
-        gauge(
-            enc,
-            "kvtier_status_healthy",
-            "1 when the whole status tree is healthy (see /api/healthcheck for the reasons).",
-            None,
-            u64::from(self.source.status().is_healthy()),
-        )?;
-        gauge(
-            enc,
-            "kvtier_process_uptime",
-            "Time since the server started.",
-            Some(&Unit::Seconds),
-            self.source.uptime().as_secs_f64(),
-        )?;
-        let mut m = enc.encode_descriptor(
-            "kvtier_build_info",
-            "Build information; the value is always 1.",
-            None,
-            MetricType::Gauge,
-        )?;
-        let mut f = m.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?;
-        f.encode_gauge(&1u64)
+/// A gauge that holds a whole number is written as an integer (`1`, not `1.0`).
+fn whole(x: f64) -> Option<u64> {
+    (x.fract() == 0.0 && (0.0..9_007_199_254_740_992.0).contains(&x)).then_some(x as u64)
+}
+
+fn unit_of(u: MetricUnit) -> Option<Unit> {
+    match u {
+        MetricUnit::None => None,
+        MetricUnit::Bytes => Some(Unit::Bytes),
+        MetricUnit::Seconds => Some(Unit::Seconds),
+    }
+}
+
+fn type_of(k: MetricKind) -> MetricType {
+    match k {
+        MetricKind::Counter => MetricType::Counter,
+        MetricKind::Gauge => MetricType::Gauge,
+        MetricKind::Histogram => MetricType::Histogram,
     }
 }
 
 impl Collector for KvtierCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
-        self.rpc(&mut enc)?;
-        self.l1(&mut enc)?;
-        self.engine(&mut enc)?;
-        self.transport(&mut enc)?;
-        self.http_and_process(&mut enc)
+        let mut families = Families::default();
+        let process = ProcessMetrics(&self.source);
+        for set in self.source.metric_sets() {
+            set.visit(&mut families);
+        }
+        process.visit(&mut families);
+        families.encode(&mut enc)
     }
 }

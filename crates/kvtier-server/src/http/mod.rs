@@ -221,7 +221,7 @@ fn router(source: StatusSource, token: Option<AuthToken>) -> Router {
     let stats = Arc::clone(source.http_stats());
     let dashboard = crate::dashboard::routes(source.clone());
     let state = Arc::new(AppState {
-        registry: metrics::registry(source.clone(), Arc::clone(&stats)),
+        registry: metrics::registry(source.clone()),
         source,
         token,
         stats,

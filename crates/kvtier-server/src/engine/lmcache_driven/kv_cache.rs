@@ -19,7 +19,7 @@ use std::ptr::NonNull;
 use kvtier_proto::{DeviceIpcWrapper, EngineGroupInfo};
 
 use super::layout::{
-    ChunkTarget, Direction, KernelView, KvGeometry, KvLayoutHint, LayerLayout, LayoutError, SendPtr,
+    self, ChunkTarget, Direction, KernelView, KvGeometry, KvLayoutHint, LayerLayout, LayoutError, SendPtr,
 };
 use super::mapping::{EngineSegment, FileId, MapError};
 
@@ -107,7 +107,7 @@ pub struct KvCacheMap {
     pub(super) geometry: KvGeometry,
     pub(super) layers: Vec<LayerLayout>,
     segments: Vec<EngineSegment>,
-    segment_ptrs: Vec<SendPtr>,
+    pub(super) segment_ptrs: Vec<SendPtr>,
     layer_group: Vec<usize>,
     num_groups: usize,
     parallel_min_bytes: usize,

@@ -1,0 +1,146 @@
+//! The root of the status tree and the list of every metric set, assembled from the running
+//! components ([`StatusSource`]). Building either reads atomics and takes brief O(1) locks; it
+//! never takes the L1 lock or walks cached objects.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use kvtier_core::metrics::MetricSet;
+use kvtier_core::periodic::PeriodicThread;
+use kvtier_core::status::{StatusNode, StatusReport};
+
+use crate::config::ServerConfig;
+use crate::engine::Engine;
+use crate::http::metrics::HttpStats;
+use crate::prefault::Prefault;
+use crate::stats::RpcStats;
+use crate::telemetry::Telemetry;
+use crate::transport::ZmqFrontEnd;
+
+/// Shared view for the HTTP API: builds the status tree on demand.
+#[derive(Debug, Clone)]
+pub struct StatusSource {
+    pub(crate) inner: Arc<StatusParts>,
+}
+
+/// What [`StatusSource`] reads.
+#[derive(Debug)]
+pub(crate) struct StatusParts {
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) rpc: Arc<RpcStats>,
+    pub(crate) started: Instant,
+    pub(crate) housekeeper: Arc<PeriodicThread>,
+    pub(crate) config: ServerConfig,
+    pub(crate) frontend: Arc<ZmqFrontEnd>,
+    pub(crate) prefault: Arc<Prefault>,
+    pub(crate) http: Arc<HttpStats>,
+    pub(crate) telemetry: Arc<Telemetry>,
+}
+
+impl StatusSource {
+    /// The whole status tree.
+    pub fn status(&self) -> StatusNode {
+        let p = &self.inner;
+        let mut rpc = StatusNode::healthy();
+        let mut unsupported = serde_json::Map::new();
+        for (op, s) in p.rpc.iter() {
+            let count = s.latency.count();
+            if count == 0 {
+                continue;
+            }
+            let un = s.unsupported.load(Relaxed);
+            if un > 0 {
+                unsupported.insert(op.name().to_owned(), un.into());
+            }
+            rpc = rpc.field(
+                op.name(),
+                serde_json::json!({
+                    "count": count,
+                    "ok": s.ok.load(Relaxed),
+                    "malformed": s.malformed.load(Relaxed),
+                    "unsupported": un,
+                    "failed": s.failed.load(Relaxed),
+                    "latency_p50_seconds": s.latency.quantile(0.5),
+                    "latency_p99_seconds": s.latency.quantile(0.99),
+                }),
+            );
+        }
+        let mut root = p
+            .engine
+            .report_status()
+            .child(
+                "housekeeping",
+                p.housekeeper.status_node().field(
+                    "interval_seconds",
+                    p.housekeeper.interval().map_or(0.0, |d| d.as_secs_f64()),
+                ),
+            )
+            .child("rpc", rpc)
+            .field("unsupported_op_counts", unsupported);
+        root = root.child("transport", p.frontend.report_status());
+        root = root.child("l1_prefault", p.prefault.report_status());
+        if p.config.http.is_some() {
+            root = root.child("http", p.http.report_status());
+        }
+        root = root.child("telemetry", p.telemetry.report_status());
+        root.field("uptime_seconds", p.started.elapsed().as_secs_f64())
+            .field("version", env!("CARGO_PKG_VERSION"))
+    }
+
+    /// Every metric set of the server, for `/metrics` (the catalog test checks this list
+    /// against the status tree).
+    pub fn metric_sets(&self) -> Vec<&dyn MetricSet> {
+        let p = &self.inner;
+        let engine = &p.engine;
+        let mut sets: Vec<&dyn MetricSet> = vec![
+            p.rpc.as_ref(),
+            engine.l1().counters(),
+            engine.evictor(),
+            engine.evictor().thread(),
+            engine.as_ref(),
+        ];
+        sets.push(p.frontend.stats());
+        sets.push(p.housekeeper.as_ref());
+        sets.push(p.telemetry.thread());
+        sets.push(p.prefault.thread());
+        sets.push(p.http.as_ref());
+        sets
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.config
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.inner.engine
+    }
+
+    /// Per-op statistics.
+    pub fn rpc(&self) -> &Arc<RpcStats> {
+        &self.inner.rpc
+    }
+
+    /// The ZeroMQ front end (transport counters).
+    pub fn frontend(&self) -> &Arc<ZmqFrontEnd> {
+        &self.inner.frontend
+    }
+
+    /// Time since the server started.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Counters and liveness of the HTTP API.
+    pub fn http_stats(&self) -> &Arc<HttpStats> {
+        &self.inner.http
+    }
+
+    /// The telemetry ring (the dashboard's time series).
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.inner.telemetry
+    }
+}
+
