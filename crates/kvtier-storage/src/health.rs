@@ -11,16 +11,18 @@
 //! `up` is an atomic read on every call; the details sit behind a short mutex that is never held
 //! across an `.await`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use kvtier_core::metrics::status_fields;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
 use crate::backend::BoxFuture;
 use crate::error::L2Error;
+use crate::metrics::HealthCounters;
 
 /// First retry delay of the probe loop.
 pub const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -40,18 +42,8 @@ pub struct Health {
     up: AtomicBool,
     inner: Mutex<Inner>,
     wake: Notify,
-    /// Transitions from healthy to unhealthy.
-    pub down_transitions_total: AtomicU64,
-    /// Transitions back to healthy.
-    pub recoveries_total: AtomicU64,
-    /// Calls refused at once because the adapter was down.
-    pub fast_failures_total: AtomicU64,
-    /// Errors recorded (any kind).
-    pub errors_total: AtomicU64,
-    /// Probe attempts while down.
-    pub probes_total: AtomicU64,
-    /// Heartbeats sent while up.
-    pub heartbeats_total: AtomicU64,
+    /// Errors, fast failures, transitions, probes and heartbeats (catalog entries).
+    pub counters: HealthCounters,
 }
 
 impl Default for Health {
@@ -82,12 +74,7 @@ impl Health {
             up: AtomicBool::new(true),
             inner: Mutex::new(Inner::default()),
             wake: Notify::new(),
-            down_transitions_total: AtomicU64::new(0),
-            recoveries_total: AtomicU64::new(0),
-            fast_failures_total: AtomicU64::new(0),
-            errors_total: AtomicU64::new(0),
-            probes_total: AtomicU64::new(0),
-            heartbeats_total: AtomicU64::new(0),
+            counters: HealthCounters::default(),
         }
     }
 
@@ -101,7 +88,7 @@ impl Health {
         if self.is_up() {
             return Ok(());
         }
-        self.fast_failures_total.fetch_add(1, Relaxed);
+        self.counters.fast_failures_total.inc();
         let reason = self
             .inner
             .lock()
@@ -113,7 +100,7 @@ impl Health {
 
     /// Records an error without changing health.
     pub fn record_error(&self, msg: impl Into<String>) {
-        self.errors_total.fetch_add(1, Relaxed);
+        self.counters.errors_total.inc();
         self.inner.lock().last_error = Some((msg.into(), Instant::now()));
     }
 
@@ -132,9 +119,9 @@ impl Health {
             inner.down_reason = Some(reason.clone());
             was_up
         };
-        self.errors_total.fetch_add(1, Relaxed);
+        self.counters.errors_total.inc();
         if was_up {
-            self.down_transitions_total.fetch_add(1, Relaxed);
+            self.counters.down_transitions_total.inc();
             tracing::warn!(adapter, %reason, "l2 adapter unhealthy; failing its calls fast until it recovers");
             self.wake.notify_one();
         }
@@ -151,7 +138,7 @@ impl Health {
             (was_down, since.map(|s| s.elapsed()))
         };
         if was_down {
-            self.recoveries_total.fetch_add(1, Relaxed);
+            self.counters.recoveries_total.inc();
             tracing::info!(
                 adapter,
                 down_seconds = down_for.map(|d| d.as_secs_f64()),
@@ -178,14 +165,7 @@ impl Health {
 
     /// Counters as JSON for the status tree.
     pub fn counters_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "errors_total": self.errors_total.load(Relaxed),
-            "fast_failures_total": self.fast_failures_total.load(Relaxed),
-            "down_transitions_total": self.down_transitions_total.load(Relaxed),
-            "recoveries_total": self.recoveries_total.load(Relaxed),
-            "probes_total": self.probes_total.load(Relaxed),
-            "heartbeats_total": self.heartbeats_total.load(Relaxed),
-        })
+        status_fields(&self.counters).into()
     }
 }
 
@@ -262,7 +242,7 @@ pub fn spawn_probe_loop<P: Prober>(
                     continue;
                 }
                 if let Some(hb) = p.heartbeat() {
-                    p.probe_health().heartbeats_total.fetch_add(1, Relaxed);
+                    p.probe_health().counters.heartbeats_total.inc();
                     let result = tokio::select! {
                         _ = stop_rx.changed() => return,
                         r = hb => r,
@@ -278,7 +258,7 @@ pub fn spawn_probe_loop<P: Prober>(
                     () = tokio::time::sleep(backoff) => {}
                 }
                 let Some(p) = prober.upgrade() else { return };
-                p.probe_health().probes_total.fetch_add(1, Relaxed);
+                p.probe_health().counters.probes_total.inc();
                 let result = tokio::select! {
                     _ = stop_rx.changed() => return,
                     r = p.probe() => r,

@@ -33,6 +33,7 @@ pub mod error;
 pub mod fs;
 pub mod health;
 pub mod index;
+pub mod instrumented;
 pub mod metrics;
 pub mod mock;
 pub mod prefetch;

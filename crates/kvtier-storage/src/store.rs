@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use kvtier_core::key::ObjectKey;
 use kvtier_core::l1::{Allocation, L1Manager};
+use kvtier_core::metrics::{MetricSet, MetricVisitor, status_fields};
 use kvtier_core::shm::ShmSegment;
 use kvtier_core::status::StatusNode;
 use parking_lot::Mutex;
@@ -41,6 +42,7 @@ use tokio::task::JoinSet;
 
 use crate::backend::L2Backend;
 use crate::error::L2Error;
+use crate::metrics::{StoreAdapterCounters, StoreCounters, with_fields};
 
 /// StoreController settings.
 #[derive(Debug, Clone)]
@@ -65,10 +67,7 @@ impl Default for StoreConfig {
 
 #[derive(Debug, Default)]
 struct AdapterCounters {
-    stored: AtomicU64,
-    failed: AtomicU64,
-    fast_failed: AtomicU64,
-    lease_expired: AtomicU64,
+    c: StoreAdapterCounters,
     last_warn_ms: AtomicU64,
 }
 
@@ -80,14 +79,8 @@ struct Shared {
     adapters: Vec<Arc<dyn L2Backend>>,
     tx: Mutex<Option<mpsc::UnboundedSender<Vec<ObjectKey>>>>,
     in_flight_keys: Mutex<HashMap<ObjectKey, usize>>,
-    pending_keys: AtomicU64,
-    in_flight_tasks: AtomicU64,
     alive: AtomicBool,
-    submitted: AtomicU64,
-    dropped: AtomicU64,
-    coalesced: AtomicU64,
-    skipped_gone: AtomicU64,
-    abandoned: AtomicU64,
+    c: StoreCounters,
     last_drop_warn_ms: AtomicU64,
     per_adapter: Vec<AdapterCounters>,
     epoch: Instant,
@@ -118,7 +111,7 @@ struct TaskGuard(Arc<Shared>);
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        self.0.in_flight_tasks.fetch_sub(1, Relaxed);
+        self.0.c.in_flight_task_count.sub(1);
     }
 }
 
@@ -143,14 +136,8 @@ impl StoreController {
             adapters,
             tx: Mutex::new(Some(tx)),
             in_flight_keys: Mutex::new(HashMap::new()),
-            pending_keys: AtomicU64::new(0),
-            in_flight_tasks: AtomicU64::new(0),
             alive: AtomicBool::new(true),
-            submitted: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            coalesced: AtomicU64::new(0),
-            skipped_gone: AtomicU64::new(0),
-            abandoned: AtomicU64::new(0),
+            c: StoreCounters::default(),
             last_drop_warn_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         });
@@ -169,10 +156,11 @@ impl StoreController {
         }
         let s = &self.shared;
         let n = keys.len() as u64;
-        s.submitted.fetch_add(n, Relaxed);
-        let queued = s.pending_keys.fetch_add(n, Relaxed);
-        if queued + n > s.cfg.queue_max_keys {
-            s.pending_keys.fetch_sub(n, Relaxed);
+        s.c.submitted_keys_total.add(n);
+        // Add first, then check: concurrent submits never over-admit.
+        s.c.pending_keys_count.add(n);
+        if s.c.pending_keys_count.get() > s.cfg.queue_max_keys {
+            s.c.pending_keys_count.sub(n);
             self.drop_batch(n, "queue full");
             return false;
         }
@@ -181,7 +169,7 @@ impl StoreController {
             None => false,
         };
         if !sent {
-            s.pending_keys.fetch_sub(n, Relaxed);
+            s.c.pending_keys_count.sub(n);
             self.drop_batch(n, "controller stopped");
         }
         sent
@@ -189,7 +177,8 @@ impl StoreController {
 
     fn drop_batch(&self, n: u64, why: &str) {
         let s = &self.shared;
-        let total = s.dropped.fetch_add(n, Relaxed) + n;
+        s.c.dropped_keys_total.add(n);
+        let total = s.c.dropped_keys_total.get();
         if s.warn_due(&s.last_drop_warn_ms) {
             tracing::warn!(
                 keys = n,
@@ -202,12 +191,12 @@ impl StoreController {
 
     /// Keys queued and not yet dispatched.
     pub fn pending_keys(&self) -> u64 {
-        self.shared.pending_keys.load(Relaxed)
+        self.shared.c.pending_keys_count.get()
     }
 
     /// Adapter store calls running.
     pub fn in_flight_tasks(&self) -> u64 {
-        self.shared.in_flight_tasks.load(Relaxed)
+        self.shared.c.in_flight_task_count.get()
     }
 
     /// Whether nothing is queued or running.
@@ -217,7 +206,7 @@ impl StoreController {
 
     /// Keys dropped by the full-queue policy.
     pub fn dropped_keys(&self) -> u64 {
-        self.shared.dropped.load(Relaxed)
+        self.shared.c.dropped_keys_total.get()
     }
 
     /// Keys stored by adapter `i`.
@@ -225,7 +214,7 @@ impl StoreController {
         self.shared
             .per_adapter
             .get(i)
-            .map_or(0, |c| c.stored.load(Relaxed))
+            .map_or(0, |c| c.c.stored_keys_total.get())
     }
 
     /// Keys whose store to adapter `i` failed.
@@ -233,7 +222,7 @@ impl StoreController {
         self.shared
             .per_adapter
             .get(i)
-            .map_or(0, |c| c.failed.load(Relaxed))
+            .map_or(0, |c| c.c.failed_keys_total.get())
     }
 
     /// Stops intake, dispatches what is queued and waits for in-flight stores until `deadline`
@@ -246,12 +235,22 @@ impl StoreController {
             let left = self.pending_keys() + self.in_flight_tasks();
             task.abort();
             let _aborted = task.await;
-            self.shared.abandoned.fetch_add(left, Relaxed);
+            self.shared.c.abandoned_at_shutdown_total.add(left);
             tracing::warn!(
                 pending_keys = self.pending_keys(),
                 in_flight_tasks = self.in_flight_tasks(),
                 "l2 write-behind flush deadline passed; abandoning what is left"
             );
+        }
+    }
+
+    /// Visits the controller's counters (unlabelled) and its per-adapter counters, each with
+    /// `adapter` = `labels[i]`.
+    pub fn visit_metrics(&self, labels: &[String], v: &mut dyn MetricVisitor) {
+        let s = &self.shared;
+        s.c.visit(v);
+        for (c, name) in s.per_adapter.iter().zip(labels) {
+            c.c.visit(&mut crate::metrics::Labelled::new(v, &[("adapter", name)]));
         }
     }
 
@@ -265,30 +264,20 @@ impl StoreController {
             .zip(&s.per_adapter)
             .enumerate()
             .map(|(i, (a, c))| {
-                serde_json::json!({
-                    "index": i,
-                    "type": a.kind(),
-                    "stored_keys_total": c.stored.load(Relaxed),
-                    "failed_keys_total": c.failed.load(Relaxed),
-                    "fast_failed_keys_total": c.fast_failed.load(Relaxed),
-                    "lease_expired_keys_total": c.lease_expired.load(Relaxed),
-                })
+                let mut m = serde_json::Map::new();
+                m.insert("index".into(), i.into());
+                m.insert("type".into(), a.kind().into());
+                m.extend(status_fields(&c.c));
+                serde_json::Value::Object(m)
             })
             .collect();
-        StatusNode::healthy()
+        let node = StatusNode::healthy()
             .require(alive, "store controller task is not running")
             .field("thread_alive", alive)
-            .field("pending_keys_count", self.pending_keys())
-            .field("in_flight_task_count", self.in_flight_tasks())
             .field("num_l2_adapters", s.adapters.len())
             .field("queue_max_keys", s.cfg.queue_max_keys)
-            .field("max_in_flight_tasks", s.cfg.max_in_flight_tasks)
-            .field("submitted_keys_total", s.submitted.load(Relaxed))
-            .field("dropped_keys_total", s.dropped.load(Relaxed))
-            .field("coalesced_keys_total", s.coalesced.load(Relaxed))
-            .field("skipped_gone_keys_total", s.skipped_gone.load(Relaxed))
-            .field("abandoned_at_shutdown_total", s.abandoned.load(Relaxed))
-            .field("adapters", per_adapter)
+            .field("max_in_flight_tasks", s.cfg.max_in_flight_tasks);
+        with_fields(node, &s.c).field("adapters", per_adapter)
     }
 }
 
@@ -326,7 +315,7 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Vec<ObjectKey>
                 for batch in keys.chunks(shared.cfg.max_batch_keys.max(1)) {
                     dispatch(&shared, batch, &mut tasks).await;
                 }
-                shared.pending_keys.fetch_sub(n, Relaxed);
+                shared.c.pending_keys_count.sub(n);
             }
         }
     }
@@ -351,8 +340,9 @@ async fn dispatch(shared: &Arc<Shared>, keys: &[ObjectKey], tasks: &mut JoinSet<
             .collect()
     };
     shared
-        .coalesced
-        .fetch_add((keys.len() - fresh.len()) as u64, Relaxed);
+        .c
+        .coalesced_keys_total
+        .add((keys.len() - fresh.len()) as u64);
     if fresh.is_empty() {
         return;
     }
@@ -371,7 +361,7 @@ async fn dispatch(shared: &Arc<Shared>, keys: &[ObjectKey], tasks: &mut JoinSet<
         }
     }
     if !gone.is_empty() {
-        shared.skipped_gone.fetch_add(gone.len() as u64, Relaxed);
+        shared.c.skipped_gone_keys_total.add(gone.len() as u64);
         let mut in_flight = shared.in_flight_keys.lock();
         for k in &gone {
             in_flight.remove(k);
@@ -388,7 +378,7 @@ async fn dispatch(shared: &Arc<Shared>, keys: &[ObjectKey], tasks: &mut JoinSet<
                 break;
             }
         }
-        shared.in_flight_tasks.fetch_add(1, Relaxed);
+        shared.c.in_flight_task_count.add(1);
         let guard = TaskGuard(Arc::clone(shared));
         let shared = Arc::clone(shared);
         let keys = Arc::clone(&ok_keys);
@@ -431,9 +421,9 @@ async fn store_to_adapter(
             }
         }
     }
-    counters.stored.fetch_add(stored, Relaxed);
-    counters.failed.fetch_add(failed, Relaxed);
-    counters.fast_failed.fetch_add(fast, Relaxed);
+    counters.c.stored_keys_total.add(stored);
+    counters.c.failed_keys_total.add(failed);
+    counters.c.fast_failed_keys_total.add(fast);
     if let Some(e) = first_err
         && shared.warn_due(&counters.last_warn_ms)
     {
@@ -441,13 +431,13 @@ async fn store_to_adapter(
             adapter = idx,
             kind = adapter.kind(),
             failed,
-            failed_total = counters.failed.load(Relaxed),
+            failed_total = counters.c.failed_keys_total.get(),
             error = %e,
             "l2 write-behind store failed (not retried; the objects stay in L1)"
         );
     }
     if !torn.is_empty() {
-        counters.lease_expired.fetch_add(torn.len() as u64, Relaxed);
+        counters.c.lease_expired_keys_total.add(torn.len() as u64);
         tracing::warn!(
             adapter = idx,
             keys = torn.len(),
