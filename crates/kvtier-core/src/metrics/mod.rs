@@ -203,7 +203,9 @@ pub fn status_fields(set: &dyn MetricSet) -> serde_json::Map<String, serde_json:
 
 /// Reads one unlabelled value of a set by status key (tests, telemetry); `None` if absent.
 pub fn value_of(set: &dyn MetricSet, status_key: &str) -> Option<f64> {
-    status_fields(set).get(status_key).and_then(serde_json::Value::as_f64)
+    status_fields(set)
+        .get(status_key)
+        .and_then(serde_json::Value::as_f64)
 }
 
 /// Declares a struct of [`Counter`]s and [`Gauge`]s with its catalog entries, and implements
