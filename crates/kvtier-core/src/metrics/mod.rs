@@ -266,12 +266,14 @@ macro_rules! metric_set {
                 Self::DESCRIPTORS
             }
 
-            #[allow(unused_assignments, unused_mut, unused_variables)]
             fn visit(&self, v: &mut dyn $crate::metrics::MetricVisitor) {
-                let mut i = 0usize;
+                // One descriptor per field, in declaration order.
+                let mut descs = Self::DESCRIPTORS.iter();
+                let _used = (&mut descs, &v);
                 $(
-                    $crate::metric_set!(@visit v, &Self::DESCRIPTORS[i], self.$field, $kind);
-                    i += 1;
+                    if let Some(d) = descs.next() {
+                        $crate::metric_set!(@visit v, d, self.$field, $kind);
+                    }
                 )*
             }
         }
