@@ -8,21 +8,25 @@
 //! doubling to 5 s) and calls [`Health::mark_up`] when it answers again; while healthy it can
 //! also send a heartbeat at a fixed interval so an idle adapter notices an outage.
 //!
+//! The probe loop is a [`BackgroundTask`]: its status (`probe_alive`, `probe_rounds`,
+//! `probe_last_error` in the adapter's node) is reported like every other background loop.
+//!
 //! `up` is an atomic read on every call; the details sit behind a short mutex that is never held
 //! across an `.await`.
 
+use std::sync::Weak;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use kvtier_core::metrics::status_fields;
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use crate::backend::BoxFuture;
 use crate::error::L2Error;
 use crate::metrics::HealthCounters;
+use crate::task::{BackgroundTask, TaskCtx};
 
 /// First retry delay of the probe loop.
 pub const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -184,27 +188,27 @@ pub trait Prober: Send + Sync + 'static {
     }
 }
 
-/// A running probe loop; dropping it does not stop the loop, [`ProbeLoop::stop`] does.
+/// A running probe loop (a [`BackgroundTask`] named `l2-health-probe`); dropping it does not
+/// stop the loop, [`ProbeLoop::stop`] does (or dropping the adapter: the loop holds it weakly).
 #[derive(Debug)]
 pub struct ProbeLoop {
-    stop: watch::Sender<bool>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    alive: Arc<AtomicBool>,
+    task: BackgroundTask,
 }
 
 impl ProbeLoop {
     /// Whether the loop task is running.
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Relaxed)
+        self.task.is_alive()
+    }
+
+    /// The underlying task (rounds: probes and heartbeats; last error: the last failed probe).
+    pub fn task(&self) -> &BackgroundTask {
+        &self.task
     }
 
     /// Stops the loop and waits for it.
     pub async fn stop(&self) {
-        let _sent = self.stop.send(true);
-        let task = self.task.lock().take();
-        if let Some(t) = task {
-            let _joined = t.await;
-        }
+        self.task.stop().await;
     }
 }
 
@@ -216,70 +220,64 @@ pub fn spawn_probe_loop<P: Prober>(
     prober: Weak<P>,
     heartbeat_interval: Duration,
 ) -> ProbeLoop {
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let alive = Arc::new(AtomicBool::new(true));
-    let alive_task = Arc::clone(&alive);
-    let task = handle.spawn(async move {
-        struct Guard(Arc<AtomicBool>);
-        impl Drop for Guard {
-            fn drop(&mut self) {
-                self.0.store(false, Relaxed);
-            }
-        }
-        let _guard = Guard(alive_task);
-        let mut backoff = PROBE_BACKOFF_MIN;
-        loop {
-            let Some(p) = prober.upgrade() else { return };
-            if p.probe_health().is_up() {
-                backoff = PROBE_BACKOFF_MIN;
-                // Wait for a heartbeat tick, a mark_down, or stop.
-                let woken = tokio::select! {
-                    _ = stop_rx.changed() => return,
-                    () = p.probe_health().wake.notified() => true,
-                    () = tokio::time::sleep(heartbeat_interval) => false,
-                };
-                if woken {
-                    continue;
-                }
-                if let Some(hb) = p.heartbeat() {
-                    p.probe_health().counters.heartbeats_total.inc();
-                    let result = tokio::select! {
-                        _ = stop_rx.changed() => return,
-                        r = hb => r,
-                    };
-                    if let Err(e) = result {
-                        p.probe_health().mark_down(p.probe_name(), e);
-                    }
-                }
-            } else {
-                drop(p);
-                tokio::select! {
-                    _ = stop_rx.changed() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                let Some(p) = prober.upgrade() else { return };
-                p.probe_health().counters.probes_total.inc();
-                let result = tokio::select! {
-                    _ = stop_rx.changed() => return,
-                    r = p.probe() => r,
-                };
-                match result {
-                    Ok(()) => {
-                        p.probe_health().mark_up(p.probe_name());
-                        backoff = PROBE_BACKOFF_MIN;
-                    }
-                    Err(e) => {
-                        tracing::debug!(adapter = p.probe_name(), error = %e, "l2 probe failed");
-                        p.probe_health().record_error(e);
-                        backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
-                    }
-                }
-            }
-        }
+    let task = BackgroundTask::spawn(handle, "l2-health-probe", move |ctx| {
+        probe_loop(prober, heartbeat_interval, ctx)
     });
-    ProbeLoop {
-        stop: stop_tx,
-        task: Mutex::new(Some(task)),
-        alive,
+    ProbeLoop { task }
+}
+
+async fn probe_loop<P: Prober>(prober: Weak<P>, heartbeat_interval: Duration, mut ctx: TaskCtx) {
+    let mut backoff = PROBE_BACKOFF_MIN;
+    loop {
+        let Some(p) = prober.upgrade() else { return };
+        if p.probe_health().is_up() {
+            backoff = PROBE_BACKOFF_MIN;
+            // Wait for a heartbeat tick, a mark_down, or stop.
+            let woken = tokio::select! {
+                () = ctx.stopped() => return,
+                () = p.probe_health().wake.notified() => true,
+                () = tokio::time::sleep(heartbeat_interval) => false,
+            };
+            if woken {
+                continue;
+            }
+            if let Some(hb) = p.heartbeat() {
+                ctx.round();
+                p.probe_health().counters.heartbeats_total.inc();
+                let result = tokio::select! {
+                    () = ctx.stopped() => return,
+                    r = hb => r,
+                };
+                if let Err(e) = result {
+                    ctx.error(e.clone());
+                    p.probe_health().mark_down(p.probe_name(), e);
+                }
+            }
+        } else {
+            drop(p);
+            tokio::select! {
+                () = ctx.stopped() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            let Some(p) = prober.upgrade() else { return };
+            ctx.round();
+            p.probe_health().counters.probes_total.inc();
+            let result = tokio::select! {
+                () = ctx.stopped() => return,
+                r = p.probe() => r,
+            };
+            match result {
+                Ok(()) => {
+                    p.probe_health().mark_up(p.probe_name());
+                    backoff = PROBE_BACKOFF_MIN;
+                }
+                Err(e) => {
+                    tracing::debug!(adapter = p.probe_name(), error = %e, "l2 probe failed");
+                    ctx.error(e.clone());
+                    p.probe_health().record_error(e);
+                    backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
+                }
+            }
+        }
     }
 }

@@ -267,7 +267,9 @@ impl<B: L2Backend> L2Backend for Instrumented<B> {
                     self.closed.load(Relaxed) || alive,
                     "health probe task is not running",
                 )
-                .field("probe_alive", alive);
+                .field("probe_alive", alive)
+                .field("probe_rounds", p.task().rounds())
+                .field("probe_last_error", p.task().last_error());
         }
         let errors = match self.inner.health_state() {
             Some(h) => h.counters_json(),

@@ -55,6 +55,7 @@ use tokio::task::JoinSet;
 
 use crate::backend::L2Backend;
 use crate::metrics::{PrefetchCounters, with_fields};
+use crate::task::{BackgroundTask, TaskCtx};
 
 /// PrefetchController settings.
 #[derive(Debug, Clone)]
@@ -141,11 +142,10 @@ struct Shared {
     l1: Arc<L1Manager>,
     segment: Arc<ShmSegment>,
     adapters: Vec<Arc<dyn L2Backend>>,
-    tx: Mutex<Option<mpsc::UnboundedSender<(u64, PrefetchRequest)>>>,
+    tx: Mutex<Option<mpsc::Sender<(u64, PrefetchRequest)>>>,
     results: Mutex<Results>,
     done_cv: Condvar,
     next_id: AtomicU64,
-    alive: AtomicBool,
     stopping: AtomicBool,
     c: PrefetchCounters,
 }
@@ -154,7 +154,8 @@ struct Shared {
 #[derive(Debug)]
 pub struct PrefetchController {
     shared: Arc<Shared>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: BackgroundTask,
+    expiry: BackgroundTask,
 }
 
 /// Holds a gauge up by one while alive.
@@ -182,7 +183,7 @@ impl PrefetchController {
         segment: Arc<ShmSegment>,
         adapters: Vec<Arc<dyn L2Backend>>,
     ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(cfg.max_queued.max(1));
         let shared = Arc::new(Shared {
             cfg,
             l1,
@@ -192,14 +193,29 @@ impl PrefetchController {
             results: Mutex::new(Results::default()),
             done_cv: Condvar::new(),
             next_id: AtomicU64::new(1),
-            alive: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
             c: PrefetchCounters::default(),
         });
-        let task = handle.spawn(dispatcher(Arc::clone(&shared), rx));
+        let s = Arc::clone(&shared);
+        let task = BackgroundTask::spawn(handle, "l2-prefetch-dispatcher", move |ctx| {
+            dispatcher(s, rx, ctx)
+        });
+        let weak = Arc::downgrade(&shared);
+        let expiry = BackgroundTask::spawn_periodic(
+            handle,
+            "l2-prefetch-expiry",
+            Duration::from_secs(1),
+            move || {
+                if let Some(s) = weak.upgrade() {
+                    expire_results(&s);
+                }
+                async { Ok(()) }
+            },
+        );
         Self {
             shared,
-            task: Mutex::new(Some(task)),
+            task,
+            expiry,
         }
     }
 
@@ -224,11 +240,17 @@ impl PrefetchController {
         s.c.submission_queue_size.add(1);
         let empty = PrefetchResult::empty(&req);
         let sent = match &*s.tx.lock() {
-            Some(tx) => tx.send((id, req)).is_ok(),
-            None => false,
+            Some(tx) => tx.try_send((id, req)).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => true,
+                mpsc::error::TrySendError::Closed(_) => false,
+            }),
+            None => Err(false),
         };
-        if !sent {
+        if let Err(full) = sent {
             s.c.submission_queue_size.sub(1);
+            if full {
+                s.c.rejected_total.inc();
+            }
             finish(s, id, empty);
         }
         id
@@ -297,12 +319,9 @@ impl PrefetchController {
         let s = &self.shared;
         s.stopping.store(true, Relaxed);
         s.tx.lock().take();
-        let task = self.task.lock().take();
-        if let Some(mut task) = task
-            && tokio::time::timeout(deadline, &mut task).await.is_err()
-        {
-            task.abort();
-            let _aborted = task.await;
+        self.expiry.stop().await;
+        if !self.task.join_within(deadline).await {
+            self.task.abort().await;
             tracing::warn!("l2 prefetch stop deadline passed; abandoning running requests");
         }
         let left: Vec<PrefetchResult> = {
@@ -321,13 +340,15 @@ impl PrefetchController {
     /// LMCache's `prefetch_controller` node plus kvtier's counters.
     pub fn report_status(&self) -> StatusNode {
         let s = &self.shared;
-        let alive = s.alive.load(Relaxed);
+        let alive = self.task.is_alive();
         let node = StatusNode::healthy()
             .require(alive, "prefetch controller task is not running")
             .field("thread_alive", alive)
             .field("max_in_flight", s.cfg.max_in_flight)
             .field("num_l2_adapters", s.adapters.len())
             .field("max_queued", s.cfg.max_queued);
+        let node = self.task.report(node, "");
+        let node = self.expiry.report(node, "expiry_");
         with_fields(node, &s.c)
     }
 
@@ -406,18 +427,13 @@ fn expire_results(s: &Shared) {
     }
 }
 
-async fn dispatcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, PrefetchRequest)>) {
-    struct Alive(Arc<Shared>);
-    impl Drop for Alive {
-        fn drop(&mut self) {
-            self.0.alive.store(false, Relaxed);
-        }
-    }
-    let _alive = Alive(Arc::clone(&shared));
+async fn dispatcher(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<(u64, PrefetchRequest)>,
+    ctx: TaskCtx,
+) {
     let mut pending: VecDeque<(u64, PrefetchRequest)> = VecDeque::new();
     let mut running: JoinSet<()> = JoinSet::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut open = true;
     loop {
         tokio::select! {
@@ -425,13 +441,13 @@ async fn dispatcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, P
             Some(_) = running.join_next(), if !running.is_empty() => {}
             msg = rx.recv(), if open => match msg {
                 Some(job) => {
+                    ctx.round();
                     shared.c.submission_queue_size.sub(1);
                     shared.c.pending_queue_size.add(1);
                     pending.push_back(job);
                 }
                 None => open = false,
             },
-            _ = tick.tick() => expire_results(&shared),
         }
         if !open {
             // Stopping: queued requests complete empty; running ones are awaited.

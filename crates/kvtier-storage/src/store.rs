@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use kvtier_core::key::ObjectKey;
@@ -43,6 +43,11 @@ use tokio::task::JoinSet;
 use crate::backend::L2Backend;
 use crate::error::L2Error;
 use crate::metrics::{StoreAdapterCounters, StoreCounters, with_fields};
+use crate::task::{BackgroundTask, TaskCtx};
+
+/// Most batches the submission channel holds (each holds at least one key; policy 2 bounds the
+/// keys).
+const MAX_QUEUED_BATCHES: usize = 1 << 16;
 
 /// StoreController settings.
 #[derive(Debug, Clone)]
@@ -77,9 +82,8 @@ struct Shared {
     l1: Arc<L1Manager>,
     segment: Arc<ShmSegment>,
     adapters: Vec<Arc<dyn L2Backend>>,
-    tx: Mutex<Option<mpsc::UnboundedSender<Vec<ObjectKey>>>>,
+    tx: Mutex<Option<mpsc::Sender<Vec<ObjectKey>>>>,
     in_flight_keys: Mutex<HashMap<ObjectKey, usize>>,
-    alive: AtomicBool,
     c: StoreCounters,
     last_drop_warn_ms: AtomicU64,
     per_adapter: Vec<AdapterCounters>,
@@ -104,7 +108,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct StoreController {
     shared: Arc<Shared>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: BackgroundTask,
 }
 
 struct TaskGuard(Arc<Shared>);
@@ -124,7 +128,11 @@ impl StoreController {
         segment: Arc<ShmSegment>,
         adapters: Vec<Arc<dyn L2Backend>>,
     ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        // Batches in the channel never exceed the keys in it, which policy 2 bounds.
+        let capacity = usize::try_from(cfg.queue_max_keys)
+            .unwrap_or(usize::MAX)
+            .clamp(1, MAX_QUEUED_BATCHES);
+        let (tx, rx) = mpsc::channel(capacity);
         let shared = Arc::new(Shared {
             per_adapter: adapters
                 .iter()
@@ -136,16 +144,15 @@ impl StoreController {
             adapters,
             tx: Mutex::new(Some(tx)),
             in_flight_keys: Mutex::new(HashMap::new()),
-            alive: AtomicBool::new(true),
             c: StoreCounters::default(),
             last_drop_warn_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         });
-        let task = handle.spawn(run(Arc::clone(&shared), rx));
-        Self {
-            shared,
-            task: Mutex::new(Some(task)),
-        }
+        let run_shared = Arc::clone(&shared);
+        let task = BackgroundTask::spawn(handle, "l2-store-controller", move |ctx| {
+            run(run_shared, rx, ctx)
+        });
+        Self { shared, task }
     }
 
     /// Queues newly published L1 objects for every adapter. Never blocks; returns false when
@@ -165,14 +172,18 @@ impl StoreController {
             return false;
         }
         let sent = match &*s.tx.lock() {
-            Some(tx) => tx.send(keys).is_ok(),
-            None => false,
+            Some(tx) => tx.try_send(keys).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => "queue full",
+                mpsc::error::TrySendError::Closed(_) => "controller stopped",
+            }),
+            None => Err("controller stopped"),
         };
-        if !sent {
+        if let Err(why) = sent {
             s.c.pending_keys_count.sub(n);
-            self.drop_batch(n, "controller stopped");
+            self.drop_batch(n, why);
+            return false;
         }
-        sent
+        true
     }
 
     fn drop_batch(&self, n: u64, why: &str) {
@@ -229,12 +240,9 @@ impl StoreController {
     /// has passed; then abandons the rest (counted).
     pub async fn stop(&self, deadline: Duration) {
         self.shared.tx.lock().take();
-        let task = self.task.lock().take();
-        let Some(mut task) = task else { return };
-        if tokio::time::timeout(deadline, &mut task).await.is_err() {
+        if !self.task.join_within(deadline).await {
             let left = self.pending_keys() + self.in_flight_tasks();
-            task.abort();
-            let _aborted = task.await;
+            self.task.abort().await;
             self.shared.c.abandoned_at_shutdown_total.add(left);
             tracing::warn!(
                 pending_keys = self.pending_keys(),
@@ -257,7 +265,7 @@ impl StoreController {
     /// LMCache's `store_controller` node plus kvtier's counters.
     pub fn report_status(&self) -> StatusNode {
         let s = &self.shared;
-        let alive = s.alive.load(Relaxed);
+        let alive = self.task.is_alive();
         let per_adapter: Vec<serde_json::Value> = s
             .adapters
             .iter()
@@ -277,6 +285,7 @@ impl StoreController {
             .field("num_l2_adapters", s.adapters.len())
             .field("queue_max_keys", s.cfg.queue_max_keys)
             .field("max_in_flight_tasks", s.cfg.max_in_flight_tasks);
+        let node = self.task.report(node, "");
         with_fields(node, &s.c).field("adapters", per_adapter)
     }
 }
@@ -290,14 +299,7 @@ pub fn disabled_status() -> StatusNode {
         .field("num_l2_adapters", 0)
 }
 
-async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Vec<ObjectKey>>) {
-    struct Alive(Arc<Shared>);
-    impl Drop for Alive {
-        fn drop(&mut self) {
-            self.0.alive.store(false, Relaxed);
-        }
-    }
-    let _alive = Alive(Arc::clone(&shared));
+async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Vec<ObjectKey>>, ctx: TaskCtx) {
     let mut tasks: JoinSet<()> = JoinSet::new();
     loop {
         tokio::select! {
@@ -311,6 +313,7 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Vec<ObjectKey>
                         Err(_) => break,
                     }
                 }
+                ctx.round();
                 let n = keys.len() as u64;
                 for batch in keys.chunks(shared.cfg.max_batch_keys.max(1)) {
                     dispatch(&shared, batch, &mut tasks).await;
