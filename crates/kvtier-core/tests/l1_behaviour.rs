@@ -352,3 +352,39 @@ fn eight_thread_stress_leaves_no_leaks() {
     assert_eq!(l1.counters().objects.get(), 0);
     assert_eq!(l1.counters().read_locked_objects.get(), 0);
 }
+
+#[test]
+fn large_batch_with_a_repeated_key_refuses_only_the_repeat() {
+    let (l1, _clock) = manager(4096);
+    let mut items: Vec<_> = (0..2000u32).map(|n| (key(n), PAGE)).collect();
+    items[1500] = (key(3), PAGE);
+    let out = l1.reserve_write(&items, false);
+    assert_eq!(out.len(), 2000);
+    for (i, r) in out.iter().enumerate() {
+        if i == 1500 {
+            assert_eq!(*r, Err(L1Error::KeyNotWritable), "the repeat of key 3");
+        } else {
+            assert!(r.is_ok(), "item {i}: {r:?}");
+        }
+    }
+    assert_eq!(l1.counters().staging_objects.get(), 1999);
+    // Small batches take the linear path and agree.
+    let small = l1.reserve_write(&[(key(9000), PAGE), (key(9000), PAGE)], false);
+    assert!(small[0].is_ok());
+    assert_eq!(small[1], Err(L1Error::KeyNotWritable));
+    l1.check_invariants().expect("invariants");
+}
+
+#[test]
+fn mass_expiry_is_applied_across_several_lock_batches() {
+    let (l1, clock) = manager(8192);
+    let n = kvtier_core::l1::manager::EXPIRE_BATCH * 2 + 7;
+    let items: Vec<_> = (0..n as u32).map(|i| (key(i), PAGE)).collect();
+    assert!(l1.reserve_write(&items, false).iter().all(Result::is_ok));
+    clock.advance(Duration::from_secs(601));
+    assert_eq!(l1.expire_locks(), n as u64);
+    assert_eq!(l1.counters().staging_objects.get(), 0);
+    assert_eq!(l1.usage().0, 0);
+    assert_eq!(l1.expire_locks(), 0);
+    l1.check_invariants().expect("invariants");
+}

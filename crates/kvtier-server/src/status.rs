@@ -100,6 +100,9 @@ impl StatusSource {
             engine.evictor().thread(),
             engine.as_ref(),
         ];
+        if let Some(l2) = engine.l2() {
+            sets.push(l2);
+        }
         sets.push(p.frontend.stats());
         sets.push(p.housekeeper.as_ref());
         sets.push(p.telemetry.thread());

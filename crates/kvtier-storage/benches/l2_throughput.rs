@@ -201,7 +201,7 @@ fn main() {
                     .redis_port
                     .or(server.as_ref().map(RedisServer::port))
                     .expect("port");
-                let b: Arc<RespBackend> = rt
+                let b: Arc<kvtier_storage::instrumented::Instrumented<RespBackend>> = rt
                     .block_on(RespBackend::open(
                         RespConfig::new("127.0.0.1", port),
                         rt.handle(),

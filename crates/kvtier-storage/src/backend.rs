@@ -20,6 +20,10 @@
 //!    down, calls that need it return `Unavailable` at once (counted); a background probe
 //!    brings it back.
 //!
+//! Intake checks (closed, batch pairing), accounting and the `errors`/`ops` status fields are
+//! not the adapters' business: [`Instrumented`](crate::instrumented::Instrumented) adds them
+//! around any adapter, and the adapters' constructors return it.
+//!
 //! The trait is dyn-safe: async methods return boxed futures ([`BoxFuture`]), and the tier
 //! holds adapters as `Arc<dyn L2Backend>`.
 
@@ -30,12 +34,14 @@ use std::sync::Arc;
 
 use kvtier_core::key::ObjectKey;
 use kvtier_core::l1::Allocation;
+use kvtier_core::metrics::{MetricSet, MetricVisitor};
 use kvtier_core::shm::ShmSegment;
 use kvtier_core::status::StatusNode;
 use serde::Serialize;
 
 use crate::error::L2Error;
-use crate::health::HealthSnapshot;
+use crate::health::{Health, HealthSnapshot};
+use crate::metrics::{AdapterEvents, UsageGauges};
 
 /// A boxed, sendable future (what the dyn-safe async methods return).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -97,16 +103,71 @@ pub trait L2Backend: Send + Sync + fmt::Debug + 'static {
     /// Space accounting (lock-free or O(1)).
     fn usage(&self) -> Usage;
 
-    /// Connectivity and the last error.
-    fn health(&self) -> HealthSnapshot;
+    /// Connectivity and the last error (from [`health_state`](Self::health_state); an adapter
+    /// without one is always connected).
+    fn health(&self) -> HealthSnapshot {
+        match self.health_state() {
+            Some(h) => h.snapshot(),
+            None => Health::new().snapshot(),
+        }
+    }
 
     /// The adapter's status node: LMCache's fields (`type`, `stored_object_count`,
     /// `locked_key_count`, `current_size_bytes`, `max_capacity_bytes`) plus `connected`,
-    /// `last_error`, error counters and per-operation metrics.
+    /// `last_error` and its own details. [`Instrumented`](crate::instrumented::Instrumented)
+    /// adds `errors` and per-operation metrics (`ops`).
     fn report_status(&self) -> StatusNode;
 
     /// Stops background tasks and refuses further calls (`Closed`).
     fn close(&self) -> BoxFuture<'_, ()>;
+
+    /// The adapter's health state (its counters feed status and metrics); `None` if it keeps
+    /// none.
+    fn health_state(&self) -> Option<&Health> {
+        None
+    }
+
+    /// Events only the adapter sees (evictions, corrupt and vanished objects, skipped stores);
+    /// `None` if it counts none.
+    fn events(&self) -> Option<&AdapterEvents> {
+        None
+    }
+
+    /// Visits the adapter's metrics, unlabelled (the tier adds the `adapter` label): space and
+    /// connectivity gauges, then [`events`](Self::events) and the
+    /// [`health_state`](Self::health_state) counters. Decorators add their own.
+    fn visit_metrics(&self, v: &mut dyn MetricVisitor) {
+        let u = self.usage();
+        let g = UsageGauges::default();
+        g.stored_object_count.set(u.object_count);
+        g.locked_key_count.set(u.pinned_count);
+        g.current_size_bytes.set(u.used_bytes);
+        g.max_capacity_bytes.set(u.capacity_bytes);
+        g.connected.set(u64::from(self.health().connected));
+        g.visit(v);
+        if let Some(e) = self.events() {
+            e.visit(v);
+        }
+        if let Some(h) = self.health_state() {
+            h.counters.visit(v);
+        }
+    }
+}
+
+/// The fields every adapter's status node starts with (LMCache's adapter fields plus
+/// connectivity): `type`, `stored_object_count`, `locked_key_count`, `current_size_bytes`,
+/// `max_capacity_bytes`, `connected`, `last_error`, `last_error_age_seconds`.
+pub(crate) fn status_head(b: &dyn L2Backend, h: &HealthSnapshot) -> StatusNode {
+    let u = b.usage();
+    StatusNode::healthy()
+        .field("type", b.type_name())
+        .field("stored_object_count", u.object_count)
+        .field("locked_key_count", u.pinned_count)
+        .field("current_size_bytes", u.used_bytes)
+        .field("max_capacity_bytes", u.capacity_bytes)
+        .field("connected", h.connected)
+        .field("last_error", &h.last_error)
+        .field("last_error_age_seconds", h.last_error_age_seconds)
 }
 
 /// Checks that `keys` and `allocs` pair up and that every range lies in `segment`.

@@ -42,7 +42,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime};
 
 use kvtier_core::key::ObjectKey;
@@ -56,13 +56,14 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::backend::{
-    BoxFuture, BufPool, KeyResults, L2Backend, Usage, all_err, check_batch, copy_in, usize_len,
+    BoxFuture, BufPool, KeyResults, L2Backend, Usage, all_err, copy_in, status_head, usize_len,
 };
 use crate::config::{EvictionPolicyName, FsConfig, gib_to_bytes};
 use crate::error::{ConfigError, L2Error};
-use crate::health::{Health, HealthSnapshot, ProbeLoop, Prober, spawn_probe_loop};
+use crate::health::{Health, Prober};
 use crate::index::ObjectIndex;
-use crate::metrics::AdapterStats;
+use crate::instrumented::Instrumented;
+use crate::metrics::AdapterEvents;
 
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"KVTIERL2";
@@ -246,11 +247,9 @@ pub struct FsBackend {
     io: Arc<Semaphore>,
     bufs: Arc<BufPool>,
     health: Health,
-    stats: AdapterStats,
+    events: AdapterEvents,
     tmp_seq: AtomicU64,
     last_failed_len: AtomicU64,
-    closed: AtomicBool,
-    probe: Mutex<Option<Arc<ProbeLoop>>>,
     rebuild: RebuildReport,
 }
 
@@ -258,7 +257,10 @@ impl FsBackend {
     /// Opens (creating if needed) `base_path`, removes leftover temp files, rebuilds the index
     /// from the files present, and starts the health probe on `handle`. Blocking: call it at
     /// start-up, not from async code.
-    pub fn open(cfg: FsConfig, handle: &tokio::runtime::Handle) -> Result<Arc<Self>, ConfigError> {
+    pub fn open(
+        cfg: FsConfig,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<Arc<Instrumented<Self>>, ConfigError> {
         let open_err = |reason: String| ConfigError::Open { kind: "fs", reason };
         let base = PathBuf::from(&cfg.base_path);
         let tmp = base.join(&cfg.relative_tmp_dir);
@@ -278,7 +280,7 @@ impl FsBackend {
             seconds = rebuild.seconds,
             "fs l2 adapter index rebuilt from disk"
         );
-        let me = Arc::new(Self {
+        let me = Arc::new(Instrumented::new(Self {
             io: Arc::new(Semaphore::new(cfg.num_workers)),
             bufs: Arc::new(BufPool::new(cfg.num_workers)),
             cfg,
@@ -286,16 +288,13 @@ impl FsBackend {
             tmp,
             index: Mutex::new(index),
             health: Health::new(),
-            stats: AdapterStats::default(),
+            events: AdapterEvents::default(),
             tmp_seq: AtomicU64::new(0),
             last_failed_len: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
-            probe: Mutex::new(None),
             rebuild,
-        });
+        }));
         // No heartbeat: an idle disk does not go away; the probe runs only while down.
-        let probe = spawn_probe_loop(handle, Arc::downgrade(&me), Duration::from_secs(3600));
-        *me.probe.lock() = Some(Arc::new(probe));
+        me.start_probe(handle, Duration::from_secs(3600));
         Ok(me)
     }
 
@@ -385,26 +384,16 @@ impl FsBackend {
         self.base.join(format!("{key}{SUFFIX}"))
     }
 
-    fn check_open(&self) -> Result<(), L2Error> {
-        if self.closed.load(Relaxed) {
-            Err(L2Error::Closed)
-        } else {
-            Ok(())
-        }
-    }
-
     /// Removes victims' files (already un-indexed) and counts them.
     async fn remove_files(&self, victims: Vec<(ObjectKey, u64)>, evicted: bool) {
         if victims.is_empty() {
             return;
         }
         if evicted {
-            self.stats
-                .evicted_objects
-                .fetch_add(victims.len() as u64, Relaxed);
-            self.stats
-                .evicted_bytes
-                .fetch_add(victims.iter().map(|(_, l)| l).sum(), Relaxed);
+            self.events.evicted_objects_total.add(victims.len() as u64);
+            self.events
+                .evicted_bytes_total
+                .add(victims.iter().map(|(_, l)| l).sum());
         }
         let paths: Vec<PathBuf> = victims.iter().map(|(k, _)| self.object_path(k)).collect();
         let _permit = self.io.acquire().await;
@@ -428,7 +417,7 @@ impl FsBackend {
 
     /// Handles a file that failed verification: un-index, delete, count, log.
     async fn quarantine(&self, key: &ObjectKey, why: &str) {
-        self.stats.corrupt_objects.fetch_add(1, Relaxed);
+        self.events.corrupt_objects_total.inc();
         let path = self.object_path(key);
         tracing::warn!(file = %path.display(), %why, "corrupt l2 object: treating as a miss and removing it");
         self.health
@@ -461,11 +450,7 @@ impl FsBackend {
         src: &[Allocation],
     ) -> KeyResults {
         let n = keys.len();
-        if let Err(e) = self
-            .check_open()
-            .and_then(|()| check_batch(keys, segment, src))
-            .and_then(|()| self.health.gate())
-        {
+        if let Err(e) = self.health.gate() {
             return all_err(n, &e);
         }
         let mut out: Vec<Option<Result<(), L2Error>>> = (0..n).map(|_| None).collect();
@@ -475,7 +460,7 @@ impl FsBackend {
             let mut ix = self.index.lock();
             for (i, (k, a)) in keys.iter().zip(src).enumerate() {
                 if ix.contains(k) || keys[..i].contains(k) {
-                    self.stats.skipped_existing.fetch_add(1, Relaxed);
+                    self.events.store_skipped_existing_total.inc();
                     out[i] = Some(Ok(()));
                     continue;
                 }
@@ -604,12 +589,6 @@ impl FsBackend {
         dst: &[Allocation],
     ) -> KeyResults {
         let n = keys.len();
-        if let Err(e) = self
-            .check_open()
-            .and_then(|()| check_batch(keys, segment, dst))
-        {
-            return all_err(n, &e);
-        }
         let mut out: Vec<Option<Result<(), L2Error>>> = (0..n).map(|_| None).collect();
         let mut set: JoinSet<(usize, Result<(), L2Error>)> = JoinSet::new();
         for (i, (k, a)) in keys.iter().zip(dst).enumerate() {
@@ -658,7 +637,7 @@ impl FsBackend {
                 Err(L2Error::Corrupt(why)) => self.quarantine(k, why).await,
                 Err(L2Error::NotFound) => {
                     if self.index.lock().remove(k).is_some() {
-                        self.stats.vanished_objects.fetch_add(1, Relaxed);
+                        self.events.vanished_objects_total.inc();
                     }
                 }
                 Err(e) => self.health.record_error(format!("load {k}: {e}")),
@@ -715,13 +694,7 @@ impl L2Backend for FsBackend {
         &'a self,
         keys: &'a [ObjectKey],
     ) -> BoxFuture<'a, Result<Vec<Option<u64>>, L2Error>> {
-        Box::pin(async move {
-            self.check_open()?;
-            let t = Instant::now();
-            let out = self.index.lock().get_and_pin(keys);
-            self.stats.record_lookup(keys.len(), &out, t.elapsed());
-            Ok(out)
-        })
+        Box::pin(async move { Ok(self.index.lock().get_and_pin(keys)) })
     }
 
     fn unpin<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, ()> {
@@ -736,15 +709,7 @@ impl L2Backend for FsBackend {
         segment: &'a Arc<ShmSegment>,
         dst: &'a [Allocation],
     ) -> BoxFuture<'a, KeyResults> {
-        Box::pin(async move {
-            let t = Instant::now();
-            let r = self.load_batch(keys, segment, dst).await;
-            let (ok, bytes) = ok_bytes(&r, dst);
-            self.stats
-                .load
-                .record(ok, bytes, r.len() as u64 - ok, t.elapsed());
-            r
-        })
+        Box::pin(self.load_batch(keys, segment, dst))
     }
 
     fn store<'a>(
@@ -753,21 +718,11 @@ impl L2Backend for FsBackend {
         segment: &'a Arc<ShmSegment>,
         src: &'a [Allocation],
     ) -> BoxFuture<'a, KeyResults> {
-        Box::pin(async move {
-            let t = Instant::now();
-            let r = self.store_batch(keys, segment, src).await;
-            let (ok, bytes) = ok_bytes(&r, src);
-            self.stats
-                .store
-                .record(ok, bytes, r.len() as u64 - ok, t.elapsed());
-            r
-        })
+        Box::pin(self.store_batch(keys, segment, src))
     }
 
     fn delete<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, Result<u64, L2Error>> {
         Box::pin(async move {
-            self.check_open()?;
-            let t = Instant::now();
             let removed: Vec<(ObjectKey, u64)> = {
                 let mut ix = self.index.lock();
                 keys.iter()
@@ -781,75 +736,42 @@ impl L2Backend for FsBackend {
             };
             let n = removed.len() as u64;
             self.remove_files(removed, false).await;
-            self.stats.delete.record(n, 0, 0, t.elapsed());
             Ok(n)
         })
     }
 
     fn usage(&self) -> Usage {
-        let ix = self.index.lock();
-        Usage {
-            used_bytes: ix.used(),
-            capacity_bytes: ix.capacity(),
-            object_count: ix.len(),
-            pinned_count: ix.pinned_count(),
-        }
+        self.index.lock().usage()
     }
 
-    fn health(&self) -> HealthSnapshot {
-        self.health.snapshot()
+    fn health_state(&self) -> Option<&Health> {
+        Some(&self.health)
+    }
+
+    fn events(&self) -> Option<&AdapterEvents> {
+        Some(&self.events)
     }
 
     fn report_status(&self) -> StatusNode {
-        let u = self.usage();
         let h = self.health.snapshot();
-        let probe_alive = self.probe.lock().as_ref().is_some_and(|p| p.is_alive());
-        let closed = self.closed.load(Relaxed);
         let reason = format!(
             "fs adapter at {} is unhealthy: {}",
             self.base.display(),
             h.reason.as_deref().unwrap_or("unknown")
         );
-        StatusNode::healthy()
+        status_head(self, &h)
             .require(h.connected, reason)
-            .require(closed || probe_alive, "health probe task is not running")
-            .field("type", self.type_name())
-            .field("stored_object_count", u.object_count)
-            .field("locked_key_count", u.pinned_count)
-            .field("current_size_bytes", u.used_bytes)
-            .field("max_capacity_bytes", u.capacity_bytes)
-            .field("connected", h.connected)
-            .field("last_error", h.last_error)
-            .field("last_error_age_seconds", h.last_error_age_seconds)
             .field("base_path", &self.cfg.base_path)
             .field("relative_tmp_dir", &self.cfg.relative_tmp_dir)
             .field("num_workers", self.cfg.num_workers)
             .field("use_odirect", false)
             .field("eviction", self.cfg.eviction)
-            .field("probe_alive", probe_alive)
             .field("rebuild", &self.rebuild)
-            .field("errors", self.health.counters_json())
-            .field("ops", self.stats.to_json())
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            self.closed.store(true, Relaxed);
-            let probe = self.probe.lock().clone();
-            if let Some(p) = probe {
-                p.stop().await;
-            }
-        })
+        Box::pin(async {})
     }
-}
-
-/// Successful objects and their bytes.
-pub(crate) fn ok_bytes(results: &KeyResults, allocs: &[Allocation]) -> (u64, u64) {
-    results
-        .iter()
-        .zip(allocs)
-        .filter(|(r, _)| r.is_ok())
-        .fold((0, 0), |(n, b), (_, a)| (n + 1, b + a.len))
 }
 
 #[cfg(test)]

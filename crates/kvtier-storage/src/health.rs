@@ -8,19 +8,25 @@
 //! doubling to 5 s) and calls [`Health::mark_up`] when it answers again; while healthy it can
 //! also send a heartbeat at a fixed interval so an idle adapter notices an outage.
 //!
+//! The probe loop is a [`BackgroundTask`]: its status (`probe_alive`, `probe_rounds`,
+//! `probe_last_error` in the adapter's node) is reported like every other background loop.
+//!
 //! `up` is an atomic read on every call; the details sit behind a short mutex that is never held
 //! across an `.await`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use kvtier_core::metrics::status_fields;
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use crate::backend::BoxFuture;
 use crate::error::L2Error;
+use crate::metrics::HealthCounters;
+use crate::task::{BackgroundTask, TaskCtx};
 
 /// First retry delay of the probe loop.
 pub const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -40,18 +46,8 @@ pub struct Health {
     up: AtomicBool,
     inner: Mutex<Inner>,
     wake: Notify,
-    /// Transitions from healthy to unhealthy.
-    pub down_transitions_total: AtomicU64,
-    /// Transitions back to healthy.
-    pub recoveries_total: AtomicU64,
-    /// Calls refused at once because the adapter was down.
-    pub fast_failures_total: AtomicU64,
-    /// Errors recorded (any kind).
-    pub errors_total: AtomicU64,
-    /// Probe attempts while down.
-    pub probes_total: AtomicU64,
-    /// Heartbeats sent while up.
-    pub heartbeats_total: AtomicU64,
+    /// Errors, fast failures, transitions, probes and heartbeats (catalog entries).
+    pub counters: HealthCounters,
 }
 
 impl Default for Health {
@@ -82,12 +78,7 @@ impl Health {
             up: AtomicBool::new(true),
             inner: Mutex::new(Inner::default()),
             wake: Notify::new(),
-            down_transitions_total: AtomicU64::new(0),
-            recoveries_total: AtomicU64::new(0),
-            fast_failures_total: AtomicU64::new(0),
-            errors_total: AtomicU64::new(0),
-            probes_total: AtomicU64::new(0),
-            heartbeats_total: AtomicU64::new(0),
+            counters: HealthCounters::default(),
         }
     }
 
@@ -101,7 +92,7 @@ impl Health {
         if self.is_up() {
             return Ok(());
         }
-        self.fast_failures_total.fetch_add(1, Relaxed);
+        self.counters.fast_failures_total.inc();
         let reason = self
             .inner
             .lock()
@@ -113,7 +104,7 @@ impl Health {
 
     /// Records an error without changing health.
     pub fn record_error(&self, msg: impl Into<String>) {
-        self.errors_total.fetch_add(1, Relaxed);
+        self.counters.errors_total.inc();
         self.inner.lock().last_error = Some((msg.into(), Instant::now()));
     }
 
@@ -132,9 +123,9 @@ impl Health {
             inner.down_reason = Some(reason.clone());
             was_up
         };
-        self.errors_total.fetch_add(1, Relaxed);
+        self.counters.errors_total.inc();
         if was_up {
-            self.down_transitions_total.fetch_add(1, Relaxed);
+            self.counters.down_transitions_total.inc();
             tracing::warn!(adapter, %reason, "l2 adapter unhealthy; failing its calls fast until it recovers");
             self.wake.notify_one();
         }
@@ -151,7 +142,7 @@ impl Health {
             (was_down, since.map(|s| s.elapsed()))
         };
         if was_down {
-            self.recoveries_total.fetch_add(1, Relaxed);
+            self.counters.recoveries_total.inc();
             tracing::info!(
                 adapter,
                 down_seconds = down_for.map(|d| d.as_secs_f64()),
@@ -178,14 +169,7 @@ impl Health {
 
     /// Counters as JSON for the status tree.
     pub fn counters_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "errors_total": self.errors_total.load(Relaxed),
-            "fast_failures_total": self.fast_failures_total.load(Relaxed),
-            "down_transitions_total": self.down_transitions_total.load(Relaxed),
-            "recoveries_total": self.recoveries_total.load(Relaxed),
-            "probes_total": self.probes_total.load(Relaxed),
-            "heartbeats_total": self.heartbeats_total.load(Relaxed),
-        })
+        status_fields(&self.counters).into()
     }
 }
 
@@ -204,27 +188,27 @@ pub trait Prober: Send + Sync + 'static {
     }
 }
 
-/// A running probe loop; dropping it does not stop the loop, [`ProbeLoop::stop`] does.
+/// A running probe loop (a [`BackgroundTask`] named `l2-health-probe`); dropping it does not
+/// stop the loop, [`ProbeLoop::stop`] does (or dropping the adapter: the loop holds it weakly).
 #[derive(Debug)]
 pub struct ProbeLoop {
-    stop: watch::Sender<bool>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    alive: Arc<AtomicBool>,
+    task: BackgroundTask,
 }
 
 impl ProbeLoop {
     /// Whether the loop task is running.
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Relaxed)
+        self.task.is_alive()
+    }
+
+    /// The underlying task (rounds: probes and heartbeats; last error: the last failed probe).
+    pub fn task(&self) -> &BackgroundTask {
+        &self.task
     }
 
     /// Stops the loop and waits for it.
     pub async fn stop(&self) {
-        let _sent = self.stop.send(true);
-        let task = self.task.lock().take();
-        if let Some(t) = task {
-            let _joined = t.await;
-        }
+        self.task.stop().await;
     }
 }
 
@@ -236,70 +220,64 @@ pub fn spawn_probe_loop<P: Prober>(
     prober: Weak<P>,
     heartbeat_interval: Duration,
 ) -> ProbeLoop {
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let alive = Arc::new(AtomicBool::new(true));
-    let alive_task = Arc::clone(&alive);
-    let task = handle.spawn(async move {
-        struct Guard(Arc<AtomicBool>);
-        impl Drop for Guard {
-            fn drop(&mut self) {
-                self.0.store(false, Relaxed);
-            }
-        }
-        let _guard = Guard(alive_task);
-        let mut backoff = PROBE_BACKOFF_MIN;
-        loop {
-            let Some(p) = prober.upgrade() else { return };
-            if p.probe_health().is_up() {
-                backoff = PROBE_BACKOFF_MIN;
-                // Wait for a heartbeat tick, a mark_down, or stop.
-                let woken = tokio::select! {
-                    _ = stop_rx.changed() => return,
-                    () = p.probe_health().wake.notified() => true,
-                    () = tokio::time::sleep(heartbeat_interval) => false,
-                };
-                if woken {
-                    continue;
-                }
-                if let Some(hb) = p.heartbeat() {
-                    p.probe_health().heartbeats_total.fetch_add(1, Relaxed);
-                    let result = tokio::select! {
-                        _ = stop_rx.changed() => return,
-                        r = hb => r,
-                    };
-                    if let Err(e) = result {
-                        p.probe_health().mark_down(p.probe_name(), e);
-                    }
-                }
-            } else {
-                drop(p);
-                tokio::select! {
-                    _ = stop_rx.changed() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                let Some(p) = prober.upgrade() else { return };
-                p.probe_health().probes_total.fetch_add(1, Relaxed);
-                let result = tokio::select! {
-                    _ = stop_rx.changed() => return,
-                    r = p.probe() => r,
-                };
-                match result {
-                    Ok(()) => {
-                        p.probe_health().mark_up(p.probe_name());
-                        backoff = PROBE_BACKOFF_MIN;
-                    }
-                    Err(e) => {
-                        tracing::debug!(adapter = p.probe_name(), error = %e, "l2 probe failed");
-                        p.probe_health().record_error(e);
-                        backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
-                    }
-                }
-            }
-        }
+    let task = BackgroundTask::spawn(handle, "l2-health-probe", move |ctx| {
+        probe_loop(prober, heartbeat_interval, ctx)
     });
-    ProbeLoop {
-        stop: stop_tx,
-        task: Mutex::new(Some(task)),
-        alive,
+    ProbeLoop { task }
+}
+
+async fn probe_loop<P: Prober>(prober: Weak<P>, heartbeat_interval: Duration, mut ctx: TaskCtx) {
+    let mut backoff = PROBE_BACKOFF_MIN;
+    loop {
+        let Some(p) = prober.upgrade() else { return };
+        if p.probe_health().is_up() {
+            backoff = PROBE_BACKOFF_MIN;
+            // Wait for a heartbeat tick, a mark_down, or stop.
+            let woken = tokio::select! {
+                () = ctx.stopped() => return,
+                () = p.probe_health().wake.notified() => true,
+                () = tokio::time::sleep(heartbeat_interval) => false,
+            };
+            if woken {
+                continue;
+            }
+            if let Some(hb) = p.heartbeat() {
+                ctx.round();
+                p.probe_health().counters.heartbeats_total.inc();
+                let result = tokio::select! {
+                    () = ctx.stopped() => return,
+                    r = hb => r,
+                };
+                if let Err(e) = result {
+                    ctx.error(e.clone());
+                    p.probe_health().mark_down(p.probe_name(), e);
+                }
+            }
+        } else {
+            drop(p);
+            tokio::select! {
+                () = ctx.stopped() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            let Some(p) = prober.upgrade() else { return };
+            ctx.round();
+            p.probe_health().counters.probes_total.inc();
+            let result = tokio::select! {
+                () = ctx.stopped() => return,
+                r = p.probe() => r,
+            };
+            match result {
+                Ok(()) => {
+                    p.probe_health().mark_up(p.probe_name());
+                    backoff = PROBE_BACKOFF_MIN;
+                }
+                Err(e) => {
+                    tracing::debug!(adapter = p.probe_name(), error = %e, "l2 probe failed");
+                    ctx.error(e.clone());
+                    p.probe_health().record_error(e);
+                    backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
+                }
+            }
+        }
     }
 }

@@ -91,6 +91,16 @@ impl ObjectIndex {
         self.pins.len() as u64
     }
 
+    /// Space accounting for [`L2Backend::usage`](crate::backend::L2Backend::usage).
+    pub fn usage(&self) -> crate::backend::Usage {
+        crate::backend::Usage {
+            used_bytes: self.used(),
+            capacity_bytes: self.capacity(),
+            object_count: self.len(),
+            pinned_count: self.pinned_count(),
+        }
+    }
+
     /// The length of `key` if indexed; a hit refreshes its LRU position.
     pub fn get(&mut self, key: &ObjectKey) -> Option<u64> {
         let e = *self.map.get(key)?;

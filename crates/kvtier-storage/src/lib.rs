@@ -16,15 +16,21 @@
 //!   objects on lookup, prefix-trimmed, lowest-index adapter wins).
 //! - [`tier`]: [`L2Tier`](tier::L2Tier), which owns the async runtime, the adapters and both
 //!   controllers, reports them into the status tree and shuts them down in order.
+//! - [`instrumented`]: [`Instrumented`](instrumented::Instrumented), the decorator every adapter
+//!   is wrapped in (intake checks, op accounting, probe loop, `errors`/`ops` status).
 //! - [`health`]: per-adapter health (connectivity, last error, fail-fast gate, self-healing
-//!   probe loop with backoff); [`metrics`]: per-adapter op counters and latency histograms;
+//!   probe loop with backoff); [`metrics`]: the L2 entries of the observability catalog
+//!   (`metric_set!` declarations, latency histograms, `L2Tier`'s `MetricSet`);
 //!   [`index`]: the capacity/pin/eviction index the adapters share.
+//! - [`task`]: [`BackgroundTask`](task::BackgroundTask), the one helper every background loop
+//!   runs under (named, stoppable, reporting `task_alive`, `rounds`, `last_error`).
 //! - `testsuite` (feature `testsuite`): the conformance suite every backend passes, plus test
 //!   harnesses (a real `redis-server` launcher, shared-memory fixtures).
 //!
 //! Concurrency rules (all modules): no lock is held across an `.await`; disk I/O runs on the
 //! blocking pool behind a per-adapter semaphore; every queue is bounded or counted against an
-//! explicit limit with a drop-and-count full policy; every background task is observable in the
+//! explicit limit with a drop-and-count full policy (controller submissions use a bounded
+//! `try_send`); every background task is observable in the
 //! status tree and stopped by [`L2Tier::shutdown`](tier::L2Tier::shutdown).
 
 pub mod backend;
@@ -33,11 +39,13 @@ pub mod error;
 pub mod fs;
 pub mod health;
 pub mod index;
+pub mod instrumented;
 pub mod metrics;
 pub mod mock;
 pub mod prefetch;
 pub mod resp;
 pub mod store;
+pub mod task;
 #[cfg(feature = "testsuite")]
 pub mod testsuite;
 pub mod tier;

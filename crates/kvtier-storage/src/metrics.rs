@@ -1,182 +1,379 @@
-//! Per-adapter operation metrics: counters and latency histograms, all relaxed atomics.
+//! The L2 tier's entries in the observability catalog (`kvtier_core::metrics`).
 //!
-//! Recording never takes a lock. The histogram has one bucket per power of two of
-//! microseconds (1 µs .. ~18 h), so quantiles are upper bounds accurate to a factor of two:
-//! enough to tell a 1 ms store from a 100 ms one in the status tree. Throughput figures come
-//! from the `l2_throughput` bench, not from here.
+//! Every counter and gauge the L2 tier reports is declared here with
+//! [`metric_set!`](kvtier_core::metric_set): per-adapter operation counters ([`OpCounters`],
+//! one set per operation kind, labelled `op`), per-adapter events ([`AdapterEvents`]), health
+//! counters ([`HealthCounters`]), space gauges ([`UsageGauges`]), and the counters of the two
+//! controllers ([`StoreCounters`], [`StoreAdapterCounters`], [`PrefetchCounters`]). Latencies
+//! go into the workspace's one histogram, [`LatencyHistogram`], described by [`OP_LATENCY`].
+//!
+//! Invariants:
+//! - The status tree's counter maps are produced by [`status_fields`] from these sets, so a key
+//!   in the tree always has a catalog entry (field name = status key).
+//! - Recording is relaxed atomics only; nothing here takes a lock.
+//! - Label values come from bounded sets: `adapter` is [`adapter_label`] (index and kind of a
+//!   configured adapter, at most `MAX_ADAPTERS`), `op` is one of [`OP_NAMES`].
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-const BUCKETS: usize = 37;
+use kvtier_core::metric_set;
+use kvtier_core::metrics::{
+    HistogramSnapshot, Labels, LatencyHistogram, MetricDesc, MetricKind, MetricSet, MetricUnit,
+    MetricVisitor, status_fields,
+};
+use kvtier_core::status::StatusNode;
 
-/// A log2 latency histogram in microseconds.
-#[derive(Debug)]
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS],
-    count: AtomicU64,
-    sum_us: AtomicU64,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Self {
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            count: AtomicU64::new(0),
-            sum_us: AtomicU64::new(0),
-        }
+metric_set! {
+    /// Counters of one operation kind of one adapter (labelled `op`).
+    pub struct OpCounters {
+        /// Batches (calls) of this operation.
+        calls_total: Counter => "kvtier_l2_adapter_op_calls",
+        /// Objects that succeeded (lookups: hits).
+        objects_total: Counter => "kvtier_l2_adapter_op_objects",
+        /// Payload bytes of the objects that succeeded.
+        bytes_total: Counter[Bytes] => "kvtier_l2_adapter_op_payload",
+        /// Objects that failed.
+        failed_objects_total: Counter => "kvtier_l2_adapter_op_failed_objects",
     }
 }
 
-impl Histogram {
-    /// Records one observation.
-    pub fn record(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let b = (64 - us.leading_zeros() as usize).min(BUCKETS - 1);
-        if let Some(bucket) = self.buckets.get(b) {
-            bucket.fetch_add(1, Relaxed);
-        }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
-
-    /// Upper bound of the `q` quantile in seconds (`None` when empty).
-    pub fn quantile(&self, q: f64) -> Option<f64> {
-        let total = self.count();
-        if total == 0 {
-            return None;
-        }
-        let target = ((total as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (b, bucket) in self.buckets.iter().enumerate() {
-            seen += bucket.load(Relaxed);
-            if seen >= target {
-                let upper_us = if b == 0 { 1u64 } else { 1u64 << b };
-                return Some(upper_us as f64 / 1e6);
-            }
-        }
-        None
-    }
-
-    /// Mean in seconds (`None` when empty).
-    pub fn mean(&self) -> Option<f64> {
-        let n = self.count();
-        (n > 0).then(|| self.sum_us.load(Relaxed) as f64 / n as f64 / 1e6)
+metric_set! {
+    /// Events only the adapter itself sees.
+    pub struct AdapterEvents {
+        /// Stores skipped because the object was already held.
+        store_skipped_existing_total: Counter => "kvtier_l2_adapter_store_skipped_existing",
+        /// Objects removed by the adapter's own eviction.
+        evicted_objects_total: Counter => "kvtier_l2_adapter_evicted_objects",
+        /// Payload bytes removed by the adapter's own eviction.
+        evicted_bytes_total: Counter[Bytes] => "kvtier_l2_adapter_evicted",
+        /// Objects found corrupt (removed, never served).
+        corrupt_objects_total: Counter => "kvtier_l2_adapter_corrupt_objects",
+        /// Objects that vanished between lookup and load (or from the server).
+        vanished_objects_total: Counter => "kvtier_l2_adapter_vanished_objects",
     }
 }
 
-/// Counters of one operation kind.
+metric_set! {
+    /// Lookup misses of one adapter (recorded by the instrumentation around lookups).
+    pub struct LookupCounters {
+        /// Keys a lookup did not find.
+        lookup_misses_total: Counter => "kvtier_l2_adapter_lookup_misses",
+    }
+}
+
+metric_set! {
+    /// Health counters of one adapter (status key `errors`).
+    pub struct HealthCounters {
+        /// Errors recorded (any kind).
+        errors_total: Counter => "kvtier_l2_adapter_errors",
+        /// Calls refused at once because the adapter was down.
+        fast_failures_total: Counter => "kvtier_l2_adapter_fast_failures",
+        /// Transitions from healthy to unhealthy.
+        down_transitions_total: Counter => "kvtier_l2_adapter_down_transitions",
+        /// Transitions back to healthy.
+        recoveries_total: Counter => "kvtier_l2_adapter_recoveries",
+        /// Probe attempts while down.
+        probes_total: Counter => "kvtier_l2_adapter_probes",
+        /// Heartbeats sent while up.
+        heartbeats_total: Counter => "kvtier_l2_adapter_heartbeats",
+    }
+}
+
+metric_set! {
+    /// Space and connectivity of one adapter, read at visit time.
+    pub struct UsageGauges {
+        /// Stored objects.
+        stored_object_count: Gauge => "kvtier_l2_adapter_stored_objects",
+        /// Keys currently pinned by lookups.
+        locked_key_count: Gauge => "kvtier_l2_adapter_locked_keys",
+        /// Payload bytes stored.
+        current_size_bytes: Gauge[Bytes] => "kvtier_l2_adapter_size",
+        /// Capacity limit (0: unlimited).
+        max_capacity_bytes: Gauge[Bytes] => "kvtier_l2_adapter_capacity",
+        /// 1 while the backend is reachable.
+        connected: Gauge => "kvtier_l2_adapter_connected",
+    }
+}
+
+metric_set! {
+    /// Counters and gauges of the write-behind controller.
+    pub struct StoreCounters {
+        /// Keys queued and not yet dispatched.
+        pending_keys_count: Gauge => "kvtier_l2_store_controller_pending_keys",
+        /// Adapter store calls running.
+        in_flight_task_count: Gauge => "kvtier_l2_store_controller_in_flight_tasks",
+        /// Keys submitted for write-behind.
+        submitted_keys_total: Counter => "kvtier_l2_store_controller_submitted_keys",
+        /// Keys dropped by the full-queue policy (or because the controller stopped).
+        dropped_keys_total: Counter => "kvtier_l2_store_controller_dropped_keys",
+        /// Keys not stored again because a store of them was running.
+        coalesced_keys_total: Counter => "kvtier_l2_store_controller_coalesced_keys",
+        /// Keys gone from L1 before their turn.
+        skipped_gone_keys_total: Counter => "kvtier_l2_store_controller_skipped_gone_keys",
+        /// Queued keys and running stores abandoned at the shutdown deadline.
+        abandoned_at_shutdown_total: Counter => "kvtier_l2_store_controller_abandoned_at_shutdown",
+    }
+}
+
+metric_set! {
+    /// Write-behind counters per adapter (labelled `adapter`).
+    pub struct StoreAdapterCounters {
+        /// Keys stored by the adapter.
+        stored_keys_total: Counter => "kvtier_l2_store_controller_adapter_stored_keys",
+        /// Keys whose store failed.
+        failed_keys_total: Counter => "kvtier_l2_store_controller_adapter_failed_keys",
+        /// Failed keys refused at once because the adapter was down.
+        fast_failed_keys_total: Counter => "kvtier_l2_store_controller_adapter_fast_failed_keys",
+        /// Stores that outlived their L1 read lock (copies deleted).
+        lease_expired_keys_total: Counter => "kvtier_l2_store_controller_adapter_lease_expired_keys",
+    }
+}
+
+metric_set! {
+    /// Counters and gauges of the prefetch controller.
+    pub struct PrefetchCounters {
+        /// Requests submitted and not yet picked up by the dispatcher.
+        submission_queue_size: Gauge => "kvtier_l2_prefetch_controller_submission_queue",
+        /// Requests waiting for an in-flight slot.
+        pending_queue_size: Gauge => "kvtier_l2_prefetch_controller_pending_queue",
+        /// Requests running.
+        in_flight_request_count: Gauge => "kvtier_l2_prefetch_controller_in_flight_requests",
+        /// Requests in their lookup phase.
+        lookup_phase_count: Gauge => "kvtier_l2_prefetch_controller_lookup_phase",
+        /// Requests in their load phase.
+        load_phase_count: Gauge => "kvtier_l2_prefetch_controller_load_phase",
+        /// Finished results not yet taken.
+        completed_results_count: Gauge => "kvtier_l2_prefetch_controller_completed_results",
+        /// Requests submitted.
+        submitted_total: Counter => "kvtier_l2_prefetch_controller_submitted",
+        /// Requests answered empty at once because the queue was full.
+        rejected_total: Counter => "kvtier_l2_prefetch_controller_rejected",
+        /// Requests completed.
+        completed_total: Counter => "kvtier_l2_prefetch_controller_completed",
+        /// Results released because nobody wanted them any more.
+        cancelled_total: Counter => "kvtier_l2_prefetch_controller_cancelled",
+        /// Results released because nobody took them in time.
+        expired_results_total: Counter => "kvtier_l2_prefetch_controller_expired_results",
+        /// Keys requested.
+        keys_requested_total: Counter => "kvtier_l2_prefetch_controller_keys_requested",
+        /// Keys found in some adapter (within the planned prefix).
+        keys_found_total: Counter => "kvtier_l2_prefetch_controller_keys_found",
+        /// Keys loaded into L1.
+        keys_loaded_total: Counter => "kvtier_l2_prefetch_controller_keys_loaded",
+        /// Keys already in L1 (read-locked instead of loaded).
+        keys_already_in_l1_total: Counter => "kvtier_l2_prefetch_controller_keys_already_in_l1",
+        /// Keys whose load failed.
+        keys_load_failed_total: Counter => "kvtier_l2_prefetch_controller_keys_load_failed",
+        /// Payload bytes loaded into L1.
+        bytes_loaded_total: Counter[Bytes] => "kvtier_l2_prefetch_controller_loaded",
+        /// Whole chunks returned to lookups.
+        chunks_hit_total: Counter => "kvtier_l2_prefetch_controller_chunks_hit",
+        /// Times a plan was halved because L1 could not fit it.
+        l1_oom_trims_total: Counter => "kvtier_l2_prefetch_controller_l1_oom_trims",
+        /// Adapter lookups that failed (counted as holding nothing).
+        lookup_errors_total: Counter => "kvtier_l2_prefetch_controller_lookup_errors",
+    }
+}
+
+/// Per-call latency of an adapter operation (labelled `adapter`, `op`).
+pub static OP_LATENCY: MetricDesc = MetricDesc {
+    name: "kvtier_l2_adapter_op_duration",
+    status_key: "latency",
+    help: "Latency of one adapter call (a whole batch).",
+    unit: MetricUnit::Seconds,
+    kind: MetricKind::Histogram,
+};
+
+/// Values of the `op` label, in status-tree order.
+pub const OP_NAMES: [&str; 4] = ["store", "load", "lookup", "delete"];
+
+/// The `adapter` label of the adapter at `index`: `<index>_<kind>` (`0_fs`), matching
+/// `l2_adapters[index]` and its `kind` field in the status tree.
+pub fn adapter_label(index: usize, kind: &str) -> String {
+    format!("{index}_{kind}")
+}
+
+/// Every descriptor the L2 tier can visit, in a fixed order (usable without a running tier).
+pub fn descriptors() -> &'static [MetricDesc] {
+    static ALL: OnceLock<Vec<MetricDesc>> = OnceLock::new();
+    ALL.get_or_init(|| {
+        [
+            StoreCounters::DESCRIPTORS,
+            StoreAdapterCounters::DESCRIPTORS,
+            PrefetchCounters::DESCRIPTORS,
+            UsageGauges::DESCRIPTORS,
+            OpCounters::DESCRIPTORS,
+            std::slice::from_ref(&OP_LATENCY),
+            LookupCounters::DESCRIPTORS,
+            AdapterEvents::DESCRIPTORS,
+            HealthCounters::DESCRIPTORS,
+        ]
+        .concat()
+    })
+}
+
+/// Appends the unlabelled values of `set` to `node` as fields, in declaration order.
+pub fn with_fields(node: StatusNode, set: &dyn MetricSet) -> StatusNode {
+    status_fields(set)
+        .into_iter()
+        .fold(node, |n, (k, v)| n.field(k, v))
+}
+
+/// A visitor that adds fixed labels in front of every sample it forwards.
+pub struct Labelled<'a> {
+    inner: &'a mut dyn MetricVisitor,
+    labels: Labels<'a>,
+}
+
+impl std::fmt::Debug for Labelled<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Labelled")
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Labelled<'a> {
+    /// Forwards to `inner`, prefixing `labels`.
+    pub fn new(inner: &'a mut dyn MetricVisitor, labels: Labels<'a>) -> Self {
+        Self { inner, labels }
+    }
+}
+
+impl MetricVisitor for Labelled<'_> {
+    fn counter(&mut self, desc: &'static MetricDesc, labels: Labels<'_>, value: u64) {
+        let l: Vec<(&str, &str)> = self.labels.iter().chain(labels).copied().collect();
+        self.inner.counter(desc, &l, value);
+    }
+
+    fn gauge(&mut self, desc: &'static MetricDesc, labels: Labels<'_>, value: f64) {
+        let l: Vec<(&str, &str)> = self.labels.iter().chain(labels).copied().collect();
+        self.inner.gauge(desc, &l, value);
+    }
+
+    fn histogram(&mut self, desc: &'static MetricDesc, labels: Labels<'_>, h: &HistogramSnapshot) {
+        let l: Vec<(&str, &str)> = self.labels.iter().chain(labels).copied().collect();
+        self.inner.histogram(desc, &l, h);
+    }
+}
+
+/// Counters and latency of one operation kind.
 #[derive(Debug, Default)]
 pub struct OpStats {
-    /// Batches (calls).
-    pub calls: AtomicU64,
-    /// Objects that succeeded.
-    pub objects: AtomicU64,
-    /// Payload bytes that succeeded.
-    pub bytes: AtomicU64,
-    /// Objects that failed.
-    pub failed: AtomicU64,
+    /// Calls, objects, bytes, failures.
+    pub counters: OpCounters,
     /// Per-call latency.
-    pub latency: Histogram,
+    pub latency: LatencyHistogram,
 }
 
 impl OpStats {
     /// Records one call.
     pub fn record(&self, ok_objects: u64, ok_bytes: u64, failed: u64, took: Duration) {
-        self.calls.fetch_add(1, Relaxed);
-        self.objects.fetch_add(ok_objects, Relaxed);
-        self.bytes.fetch_add(ok_bytes, Relaxed);
-        self.failed.fetch_add(failed, Relaxed);
+        let c = &self.counters;
+        c.calls_total.inc();
+        c.objects_total.add(ok_objects);
+        c.bytes_total.add(ok_bytes);
+        c.failed_objects_total.add(failed);
         self.latency.record(took);
     }
 
-    /// JSON for the status tree.
+    /// JSON for the status tree: the counters, then mean/p50/p99 latency (`null` when empty).
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "calls_total": self.calls.load(Relaxed),
-            "objects_total": self.objects.load(Relaxed),
-            "bytes_total": self.bytes.load(Relaxed),
-            "failed_objects_total": self.failed.load(Relaxed),
-            "latency_mean_seconds": self.latency.mean(),
-            "latency_p50_seconds": self.latency.quantile(0.5),
-            "latency_p99_seconds": self.latency.quantile(0.99),
-        })
+        let mut m = status_fields(&self.counters);
+        let h = &self.latency;
+        let n = h.count();
+        let q = |x: f64| (n > 0).then_some(x);
+        m.insert(
+            "latency_mean_seconds".into(),
+            q(h.sum_seconds() / n.max(1) as f64).into(),
+        );
+        m.insert("latency_p50_seconds".into(), q(h.quantile(0.5)).into());
+        m.insert("latency_p99_seconds".into(), q(h.quantile(0.99)).into());
+        m.into()
     }
 }
 
-/// Everything an adapter counts.
+/// What the instrumentation around an adapter records: one [`OpStats`] per operation kind
+/// and the lookup misses.
 #[derive(Debug, Default)]
 pub struct AdapterStats {
-    /// Stores (objects written; keys already held count as `skipped_existing`).
+    /// Stores (objects written or already held).
     pub store: OpStats,
     /// Loads.
     pub load: OpStats,
-    /// Lookups (`objects` = hits, `failed` = misses are *not* failures: see `lookup_misses`).
+    /// Lookups (`objects` = hits; misses are not failures, see `lookups`).
     pub lookup: OpStats,
-    /// Keys a lookup did not find.
-    pub lookup_misses: AtomicU64,
     /// Deletes (`objects` = deleted).
     pub delete: OpStats,
-    /// Stores skipped because the object was already held.
-    pub skipped_existing: AtomicU64,
-    /// Objects removed by the adapter's own eviction.
-    pub evicted_objects: AtomicU64,
-    /// Bytes removed by the adapter's own eviction.
-    pub evicted_bytes: AtomicU64,
-    /// Objects found corrupt (removed, never served).
-    pub corrupt_objects: AtomicU64,
-    /// Objects that vanished between lookup and load.
-    pub vanished_objects: AtomicU64,
+    /// Lookup misses.
+    pub lookups: LookupCounters,
 }
 
 impl AdapterStats {
     /// Accounts for one `lookup_and_pin` of `requested` keys whose per-key result is `found`.
     pub fn record_lookup(&self, requested: usize, found: &[Option<u64>], elapsed: Duration) {
         let hits = found.iter().flatten().count() as u64;
-        self.lookup_misses
-            .fetch_add(requested as u64 - hits, Relaxed);
+        self.lookups
+            .lookup_misses_total
+            .add((requested as u64).saturating_sub(hits));
         self.lookup.record(hits, 0, 0, elapsed);
     }
-}
 
-impl AdapterStats {
-    /// JSON for the status tree.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "store": self.store.to_json(),
-            "load": self.load.to_json(),
-            "lookup": self.lookup.to_json(),
-            "lookup_misses_total": self.lookup_misses.load(Relaxed),
-            "delete": self.delete.to_json(),
-            "store_skipped_existing_total": self.skipped_existing.load(Relaxed),
-            "evicted_objects_total": self.evicted_objects.load(Relaxed),
-            "evicted_bytes_total": self.evicted_bytes.load(Relaxed),
-            "corrupt_objects_total": self.corrupt_objects.load(Relaxed),
-            "vanished_objects_total": self.vanished_objects.load(Relaxed),
-        })
+    fn ops(&self) -> [&OpStats; 4] {
+        [&self.store, &self.load, &self.lookup, &self.delete]
+    }
+
+    /// JSON for the status tree (`ops`), with the adapter's own `events` after the op stats.
+    pub fn to_json(&self, events: Option<&AdapterEvents>) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("store".into(), self.store.to_json());
+        m.insert("load".into(), self.load.to_json());
+        m.insert("lookup".into(), self.lookup.to_json());
+        m.extend(status_fields(&self.lookups));
+        m.insert("delete".into(), self.delete.to_json());
+        m.extend(status_fields(events.unwrap_or(&AdapterEvents::default())));
+        m.into()
+    }
+
+    /// Visits the op counters (labelled `op`), the latency histograms and the lookup misses.
+    pub fn visit(&self, v: &mut dyn MetricVisitor) {
+        for (name, op) in OP_NAMES.iter().zip(self.ops()) {
+            let labels = [("op", *name)];
+            op.counters.visit(&mut Labelled::new(v, &labels));
+            v.histogram(&OP_LATENCY, &labels, &op.latency.exposition());
+        }
+        self.lookups.visit(v);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     #[test]
-    fn histogram_quantiles_are_upper_bounds() {
-        let h = Histogram::default();
-        assert_eq!(h.quantile(0.5), None);
-        for _ in 0..99 {
-            h.record(Duration::from_micros(100));
+    fn catalog_names_are_unique() {
+        let mut seen = HashSet::new();
+        for d in descriptors() {
+            assert!(seen.insert(d.exposed_name()), "{} twice", d.exposed_name());
+            assert!(d.name.starts_with("kvtier_l2_"), "{}", d.name);
+            assert!(!d.name.ends_with("_total"), "{}", d.name);
         }
-        h.record(Duration::from_millis(100));
-        let p50 = h.quantile(0.5).expect("non-empty");
-        assert!((100e-6..=256e-6).contains(&p50), "{p50}");
-        let p100 = h.quantile(1.0).expect("non-empty");
-        assert!(p100 >= 0.1, "{p100}");
+    }
+
+    #[test]
+    fn empty_latency_reports_null() {
+        let s = OpStats::default();
+        let v = s.to_json();
+        assert!(v["latency_p50_seconds"].is_null(), "{v}");
+        assert!(v["latency_mean_seconds"].is_null(), "{v}");
+        s.record(1, 10, 0, Duration::from_micros(100));
+        let v = s.to_json();
+        assert_eq!(v["calls_total"], 1);
+        assert_eq!(v["bytes_total"], 10);
+        let p50 = v["latency_p50_seconds"].as_f64().unwrap_or(0.0);
+        assert!((100e-6..=125e-6).contains(&p50), "{p50}");
     }
 }

@@ -4,10 +4,11 @@
 //! skips pinned keys unless an `eviction` section says otherwise). A store of a key already held
 //! is skipped. Each load and store call sleeps `bytes / mock_bandwidth_gb` after its copies, so
 //! slow-L2 behaviour can be reproduced without a slow device. Copies happen outside the lock.
+//! Intake checks and accounting come from [`Instrumented`], which [`MockBackend::new`] returns.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvtier_core::key::ObjectKey;
 use kvtier_core::l1::Allocation;
@@ -15,14 +16,13 @@ use kvtier_core::shm::ShmSegment;
 use kvtier_core::status::StatusNode;
 use parking_lot::Mutex;
 
-use crate::backend::{
-    BoxFuture, KeyResults, L2Backend, Usage, all_err, check_batch, copy_in, copy_out,
-};
+use crate::backend::{BoxFuture, KeyResults, L2Backend, Usage, copy_in, copy_out, status_head};
 use crate::config::{EvictionPolicyName, MockConfig, gib_to_bytes};
 use crate::error::L2Error;
-use crate::health::{Health, HealthSnapshot};
+use crate::health::Health;
 use crate::index::ObjectIndex;
-use crate::metrics::AdapterStats;
+use crate::instrumented::Instrumented;
+use crate::metrics::AdapterEvents;
 
 type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -39,13 +39,18 @@ pub struct MockBackend {
     state: Mutex<State>,
     bytes_per_sec: f64,
     health: Health,
-    stats: AdapterStats,
+    events: AdapterEvents,
     closed: AtomicBool,
 }
 
 impl MockBackend {
-    /// Builds an empty adapter.
-    pub fn new(cfg: MockConfig) -> Self {
+    /// Builds an empty adapter, wrapped in [`Instrumented`] (what the tier uses).
+    pub fn new(cfg: MockConfig) -> Instrumented<Self> {
+        Instrumented::new(Self::bare(cfg))
+    }
+
+    /// Builds an empty adapter without the instrumentation (for decorator tests).
+    pub fn bare(cfg: MockConfig) -> Self {
         let capacity = gib_to_bytes(cfg.max_size_gb).max(1);
         Self {
             bytes_per_sec: cfg.mock_bandwidth_gb * (1u64 << 30) as f64,
@@ -55,7 +60,7 @@ impl MockBackend {
             }),
             cfg,
             health: Health::new(),
-            stats: AdapterStats::default(),
+            events: AdapterEvents::default(),
             closed: AtomicBool::new(false),
         }
     }
@@ -70,19 +75,11 @@ impl MockBackend {
         }
     }
 
-    fn check_open(&self) -> Result<(), L2Error> {
-        if self.closed.load(Relaxed) {
-            Err(L2Error::Closed)
-        } else {
-            Ok(())
-        }
-    }
-
     fn evict(&self, state: &mut State, victims: &[(ObjectKey, u64)]) {
         for (k, len) in victims {
             state.data.remove(k);
-            self.stats.evicted_objects.fetch_add(1, Relaxed);
-            self.stats.evicted_bytes.fetch_add(*len, Relaxed);
+            self.events.evicted_objects_total.inc();
+            self.events.evicted_bytes_total.add(*len);
         }
     }
 }
@@ -100,13 +97,7 @@ impl L2Backend for MockBackend {
         &'a self,
         keys: &'a [ObjectKey],
     ) -> BoxFuture<'a, Result<Vec<Option<u64>>, L2Error>> {
-        Box::pin(async move {
-            self.check_open()?;
-            let t = Instant::now();
-            let out = self.state.lock().index.get_and_pin(keys);
-            self.stats.record_lookup(keys.len(), &out, t.elapsed());
-            Ok(out)
-        })
+        Box::pin(async move { Ok(self.state.lock().index.get_and_pin(keys)) })
     }
 
     fn unpin<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, ()> {
@@ -122,14 +113,6 @@ impl L2Backend for MockBackend {
         dst: &'a [Allocation],
     ) -> BoxFuture<'a, KeyResults> {
         Box::pin(async move {
-            let t = Instant::now();
-            if let Err(e) = self
-                .check_open()
-                .and_then(|()| check_batch(keys, segment, dst))
-            {
-                self.stats.load.record(0, 0, keys.len() as u64, t.elapsed());
-                return all_err(keys.len(), &e);
-            }
             let mut bytes = 0u64;
             let mut out = Vec::with_capacity(keys.len());
             for (k, a) in keys.iter().zip(dst) {
@@ -146,10 +129,6 @@ impl L2Backend for MockBackend {
                 out.push(r);
             }
             self.throttle(bytes).await;
-            let ok = out.iter().filter(|r| r.is_ok()).count() as u64;
-            self.stats
-                .load
-                .record(ok, bytes, keys.len() as u64 - ok, t.elapsed());
             out
         })
     }
@@ -161,28 +140,18 @@ impl L2Backend for MockBackend {
         src: &'a [Allocation],
     ) -> BoxFuture<'a, KeyResults> {
         Box::pin(async move {
-            let t = Instant::now();
-            if let Err(e) = self
-                .check_open()
-                .and_then(|()| check_batch(keys, segment, src))
-            {
-                self.stats
-                    .store
-                    .record(0, 0, keys.len() as u64, t.elapsed());
-                return all_err(keys.len(), &e);
-            }
             let mut bytes = 0u64;
             let mut out = Vec::with_capacity(keys.len());
             for (k, a) in keys.iter().zip(src) {
                 if self.state.lock().index.contains(k) {
-                    self.stats.skipped_existing.fetch_add(1, Relaxed);
+                    self.events.store_skipped_existing_total.inc();
                     out.push(Ok(()));
                     continue;
                 }
                 let r = copy_out(segment, *a).and_then(|buf| {
                     let mut st = self.state.lock();
                     if st.index.contains(k) {
-                        self.stats.skipped_existing.fetch_add(1, Relaxed);
+                        self.events.store_skipped_existing_total.inc();
                         return Ok(());
                     }
                     let victims = st
@@ -203,17 +172,12 @@ impl L2Backend for MockBackend {
                 out.push(r);
             }
             self.throttle(bytes).await;
-            let failed = out.iter().filter(|r| r.is_err()).count() as u64;
-            let written = keys.len() as u64 - failed;
-            self.stats.store.record(written, bytes, failed, t.elapsed());
             out
         })
     }
 
     fn delete<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, Result<u64, L2Error>> {
         Box::pin(async move {
-            self.check_open()?;
-            let t = Instant::now();
             let mut n = 0;
             {
                 let mut st = self.state.lock();
@@ -227,41 +191,27 @@ impl L2Backend for MockBackend {
                     }
                 }
             }
-            self.stats.delete.record(n, 0, 0, t.elapsed());
             Ok(n)
         })
     }
 
     fn usage(&self) -> Usage {
-        let st = self.state.lock();
-        Usage {
-            used_bytes: st.index.used(),
-            capacity_bytes: st.index.capacity(),
-            object_count: st.index.len(),
-            pinned_count: st.index.pinned_count(),
-        }
+        self.state.lock().index.usage()
     }
 
-    fn health(&self) -> HealthSnapshot {
-        self.health.snapshot()
+    fn health_state(&self) -> Option<&Health> {
+        Some(&self.health)
+    }
+
+    fn events(&self) -> Option<&AdapterEvents> {
+        Some(&self.events)
     }
 
     fn report_status(&self) -> StatusNode {
-        let u = self.usage();
-        let h = self.health.snapshot();
-        StatusNode::healthy()
+        status_head(self, &self.health.snapshot())
             .require(!self.closed.load(Relaxed), "adapter is closed")
-            .field("type", self.type_name())
-            .field("stored_object_count", u.object_count)
-            .field("locked_key_count", u.pinned_count)
-            .field("current_size_bytes", u.used_bytes)
-            .field("max_capacity_bytes", u.capacity_bytes)
-            .field("connected", h.connected)
-            .field("last_error", h.last_error)
             .field("mock_bandwidth_gb", self.cfg.mock_bandwidth_gb)
             .field("eviction", self.cfg.eviction)
-            .field("errors", self.health.counters_json())
-            .field("ops", self.stats.to_json())
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use kvtier_core::key::ObjectKey;
 use kvtier_core::l1::{Allocation, L1Error, L1Manager, ReadLease, WriteTicket};
+use kvtier_core::metrics::{Gauge, MetricSet, MetricVisitor};
 use kvtier_core::shm::ShmSegment;
 use kvtier_core::status::StatusNode;
 use parking_lot::{Condvar, Mutex};
@@ -53,6 +54,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::backend::L2Backend;
+use crate::metrics::{PrefetchCounters, with_fields};
+use crate::task::{BackgroundTask, TaskCtx};
 
 /// PrefetchController settings.
 #[derive(Debug, Clone)]
@@ -133,64 +136,41 @@ struct Results {
     done: HashMap<u64, (PrefetchResult, Instant)>,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    submitted: AtomicU64,
-    rejected: AtomicU64,
-    completed: AtomicU64,
-    cancelled: AtomicU64,
-    expired: AtomicU64,
-    keys_requested: AtomicU64,
-    keys_found: AtomicU64,
-    keys_loaded: AtomicU64,
-    keys_from_l1: AtomicU64,
-    keys_load_failed: AtomicU64,
-    bytes_loaded: AtomicU64,
-    chunks_hit: AtomicU64,
-    l1_oom_trims: AtomicU64,
-    lookup_errors: AtomicU64,
-}
-
 #[derive(Debug)]
 struct Shared {
     cfg: PrefetchConfig,
     l1: Arc<L1Manager>,
     segment: Arc<ShmSegment>,
     adapters: Vec<Arc<dyn L2Backend>>,
-    tx: Mutex<Option<mpsc::UnboundedSender<(u64, PrefetchRequest)>>>,
+    tx: Mutex<Option<mpsc::Sender<(u64, PrefetchRequest)>>>,
     results: Mutex<Results>,
     done_cv: Condvar,
     next_id: AtomicU64,
-    submission_queue: AtomicU64,
-    pending_queue: AtomicU64,
-    in_flight: AtomicU64,
-    lookup_phase: AtomicU64,
-    load_phase: AtomicU64,
-    completed_results: AtomicU64,
-    alive: AtomicBool,
     stopping: AtomicBool,
-    c: Counters,
+    c: PrefetchCounters,
 }
 
 /// The prefetch controller. See the module docs.
 #[derive(Debug)]
 pub struct PrefetchController {
     shared: Arc<Shared>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: BackgroundTask,
+    expiry: BackgroundTask,
 }
 
-struct Gauge<'a>(&'a AtomicU64);
+/// Holds a gauge up by one while alive.
+struct GaugeUp<'a>(&'a Gauge);
 
-impl<'a> Gauge<'a> {
-    fn up(g: &'a AtomicU64) -> Self {
-        g.fetch_add(1, Relaxed);
+impl<'a> GaugeUp<'a> {
+    fn up(g: &'a Gauge) -> Self {
+        g.add(1);
         Self(g)
     }
 }
 
-impl Drop for Gauge<'_> {
+impl Drop for GaugeUp<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.0.sub(1);
     }
 }
 
@@ -203,7 +183,7 @@ impl PrefetchController {
         segment: Arc<ShmSegment>,
         adapters: Vec<Arc<dyn L2Backend>>,
     ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(cfg.max_queued.max(1));
         let shared = Arc::new(Shared {
             cfg,
             l1,
@@ -213,20 +193,29 @@ impl PrefetchController {
             results: Mutex::new(Results::default()),
             done_cv: Condvar::new(),
             next_id: AtomicU64::new(1),
-            submission_queue: AtomicU64::new(0),
-            pending_queue: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
-            lookup_phase: AtomicU64::new(0),
-            load_phase: AtomicU64::new(0),
-            completed_results: AtomicU64::new(0),
-            alive: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
-            c: Counters::default(),
+            c: PrefetchCounters::default(),
         });
-        let task = handle.spawn(dispatcher(Arc::clone(&shared), rx));
+        let s = Arc::clone(&shared);
+        let task = BackgroundTask::spawn(handle, "l2-prefetch-dispatcher", move |ctx| {
+            dispatcher(s, rx, ctx)
+        });
+        let weak = Arc::downgrade(&shared);
+        let expiry = BackgroundTask::spawn_periodic(
+            handle,
+            "l2-prefetch-expiry",
+            Duration::from_secs(1),
+            move || {
+                if let Some(s) = weak.upgrade() {
+                    expire_results(&s);
+                }
+                async { Ok(()) }
+            },
+        );
         Self {
             shared,
-            task: Mutex::new(Some(task)),
+            task,
+            expiry,
         }
     }
 
@@ -235,12 +224,12 @@ impl PrefetchController {
     pub fn submit(&self, req: PrefetchRequest) -> u64 {
         let s = &self.shared;
         let id = s.next_id.fetch_add(1, Relaxed);
-        s.c.submitted.fetch_add(1, Relaxed);
-        s.c.keys_requested.fetch_add(req.keys.len() as u64, Relaxed);
+        s.c.submitted_total.add(1);
+        s.c.keys_requested_total.add(req.keys.len() as u64);
         s.results.lock().live.insert(id);
-        let queued = s.submission_queue.load(Relaxed) + s.pending_queue.load(Relaxed);
+        let queued = s.c.submission_queue_size.get() + s.c.pending_queue_size.get();
         if queued >= s.cfg.max_queued as u64 {
-            s.c.rejected.fetch_add(1, Relaxed);
+            s.c.rejected_total.add(1);
             tracing::warn!(
                 queued,
                 "l2 prefetch queue full; answering the lookup from L1 only"
@@ -248,14 +237,20 @@ impl PrefetchController {
             finish(s, id, PrefetchResult::empty(&req));
             return id;
         }
-        s.submission_queue.fetch_add(1, Relaxed);
+        s.c.submission_queue_size.add(1);
         let empty = PrefetchResult::empty(&req);
         let sent = match &*s.tx.lock() {
-            Some(tx) => tx.send((id, req)).is_ok(),
-            None => false,
+            Some(tx) => tx.try_send((id, req)).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => true,
+                mpsc::error::TrySendError::Closed(_) => false,
+            }),
+            None => Err(false),
         };
-        if !sent {
-            s.submission_queue.fetch_sub(1, Relaxed);
+        if let Err(full) = sent {
+            s.c.submission_queue_size.sub(1);
+            if full {
+                s.c.rejected_total.inc();
+            }
             finish(s, id, empty);
         }
         id
@@ -265,7 +260,7 @@ impl PrefetchController {
     pub fn try_take(&self, id: u64) -> Take {
         let mut r = self.shared.results.lock();
         if let Some((res, _)) = r.done.remove(&id) {
-            self.shared.completed_results.fetch_sub(1, Relaxed);
+            self.shared.c.completed_results_count.sub(1);
             return Take::Ready(res);
         }
         if r.live.contains(&id) {
@@ -306,8 +301,8 @@ impl PrefetchController {
             }
         };
         if let Some(res) = taken {
-            s.completed_results.fetch_sub(1, Relaxed);
-            s.c.cancelled.fetch_add(1, Relaxed);
+            s.c.completed_results_count.sub(1);
+            s.c.cancelled_total.add(1);
             release(s, &res);
         }
     }
@@ -324,12 +319,9 @@ impl PrefetchController {
         let s = &self.shared;
         s.stopping.store(true, Relaxed);
         s.tx.lock().take();
-        let task = self.task.lock().take();
-        if let Some(mut task) = task
-            && tokio::time::timeout(deadline, &mut task).await.is_err()
-        {
-            task.abort();
-            let _aborted = task.await;
+        self.expiry.stop().await;
+        if !self.task.join_within(deadline).await {
+            self.task.abort().await;
             tracing::warn!("l2 prefetch stop deadline passed; abandoning running requests");
         }
         let left: Vec<PrefetchResult> = {
@@ -338,7 +330,7 @@ impl PrefetchController {
             r.cancelled.clear();
             r.done.drain().map(|(_, (res, _))| res).collect()
         };
-        s.completed_results.store(0, Relaxed);
+        s.c.completed_results_count.set(0);
         for res in &left {
             release(s, res);
         }
@@ -348,34 +340,21 @@ impl PrefetchController {
     /// LMCache's `prefetch_controller` node plus kvtier's counters.
     pub fn report_status(&self) -> StatusNode {
         let s = &self.shared;
-        let c = &s.c;
-        let alive = s.alive.load(Relaxed);
-        StatusNode::healthy()
+        let alive = self.task.is_alive();
+        let node = StatusNode::healthy()
             .require(alive, "prefetch controller task is not running")
             .field("thread_alive", alive)
             .field("max_in_flight", s.cfg.max_in_flight)
-            .field("submission_queue_size", s.submission_queue.load(Relaxed))
-            .field("pending_queue_size", s.pending_queue.load(Relaxed))
-            .field("in_flight_request_count", s.in_flight.load(Relaxed))
-            .field("lookup_phase_count", s.lookup_phase.load(Relaxed))
-            .field("load_phase_count", s.load_phase.load(Relaxed))
-            .field("completed_results_count", s.completed_results.load(Relaxed))
             .field("num_l2_adapters", s.adapters.len())
-            .field("max_queued", s.cfg.max_queued)
-            .field("submitted_total", c.submitted.load(Relaxed))
-            .field("rejected_total", c.rejected.load(Relaxed))
-            .field("completed_total", c.completed.load(Relaxed))
-            .field("cancelled_total", c.cancelled.load(Relaxed))
-            .field("expired_results_total", c.expired.load(Relaxed))
-            .field("keys_requested_total", c.keys_requested.load(Relaxed))
-            .field("keys_found_total", c.keys_found.load(Relaxed))
-            .field("keys_loaded_total", c.keys_loaded.load(Relaxed))
-            .field("keys_already_in_l1_total", c.keys_from_l1.load(Relaxed))
-            .field("keys_load_failed_total", c.keys_load_failed.load(Relaxed))
-            .field("bytes_loaded_total", c.bytes_loaded.load(Relaxed))
-            .field("chunks_hit_total", c.chunks_hit.load(Relaxed))
-            .field("l1_oom_trims_total", c.l1_oom_trims.load(Relaxed))
-            .field("lookup_errors_total", c.lookup_errors.load(Relaxed))
+            .field("max_queued", s.cfg.max_queued);
+        let node = self.task.report(node, "");
+        let node = self.expiry.report(node, "expiry_");
+        with_fields(node, &s.c)
+    }
+
+    /// Visits the controller's counters and gauges (unlabelled).
+    pub fn visit_metrics(&self, v: &mut dyn MetricVisitor) {
+        self.shared.c.visit(v);
     }
 }
 
@@ -401,8 +380,8 @@ fn release(s: &Shared, res: &PrefetchResult) {
 
 /// Records a finished request (or releases it if it was cancelled) and wakes waiters.
 fn finish(s: &Shared, id: u64, res: PrefetchResult) {
-    s.c.completed.fetch_add(1, Relaxed);
-    s.c.chunks_hit.fetch_add(res.chunks(), Relaxed);
+    s.c.completed_total.add(1);
+    s.c.chunks_hit_total.add(res.chunks());
     let orphan = {
         let mut r = s.results.lock();
         let was_live = r.live.remove(&id);
@@ -410,12 +389,12 @@ fn finish(s: &Shared, id: u64, res: PrefetchResult) {
             Some(res)
         } else {
             r.done.insert(id, (res, Instant::now()));
-            s.completed_results.fetch_add(1, Relaxed);
+            s.c.completed_results_count.add(1);
             None
         }
     };
     if let Some(res) = orphan {
-        s.c.cancelled.fetch_add(1, Relaxed);
+        s.c.cancelled_total.add(1);
         release(s, &res);
     }
     s.done_cv.notify_all();
@@ -436,8 +415,8 @@ fn expire_results(s: &Shared) {
             .collect()
     };
     if !expired.is_empty() {
-        s.completed_results.fetch_sub(expired.len() as u64, Relaxed);
-        s.c.expired.fetch_add(expired.len() as u64, Relaxed);
+        s.c.completed_results_count.sub(expired.len() as u64);
+        s.c.expired_results_total.add(expired.len() as u64);
         tracing::info!(
             results = expired.len(),
             "releasing l2 prefetch results nobody collected"
@@ -448,18 +427,13 @@ fn expire_results(s: &Shared) {
     }
 }
 
-async fn dispatcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, PrefetchRequest)>) {
-    struct Alive(Arc<Shared>);
-    impl Drop for Alive {
-        fn drop(&mut self) {
-            self.0.alive.store(false, Relaxed);
-        }
-    }
-    let _alive = Alive(Arc::clone(&shared));
+async fn dispatcher(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<(u64, PrefetchRequest)>,
+    ctx: TaskCtx,
+) {
     let mut pending: VecDeque<(u64, PrefetchRequest)> = VecDeque::new();
     let mut running: JoinSet<()> = JoinSet::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut open = true;
     loop {
         tokio::select! {
@@ -467,18 +441,18 @@ async fn dispatcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, P
             Some(_) = running.join_next(), if !running.is_empty() => {}
             msg = rx.recv(), if open => match msg {
                 Some(job) => {
-                    shared.submission_queue.fetch_sub(1, Relaxed);
-                    shared.pending_queue.fetch_add(1, Relaxed);
+                    ctx.round();
+                    shared.c.submission_queue_size.sub(1);
+                    shared.c.pending_queue_size.add(1);
                     pending.push_back(job);
                 }
                 None => open = false,
             },
-            _ = tick.tick() => expire_results(&shared),
         }
         if !open {
             // Stopping: queued requests complete empty; running ones are awaited.
             for (id, req) in pending.drain(..) {
-                shared.pending_queue.fetch_sub(1, Relaxed);
+                shared.c.pending_queue_size.sub(1);
                 finish(&shared, id, PrefetchResult::empty(&req));
             }
             while running.join_next().await.is_some() {}
@@ -488,7 +462,7 @@ async fn dispatcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, P
             let Some((id, req)) = pending.pop_front() else {
                 break;
             };
-            shared.pending_queue.fetch_sub(1, Relaxed);
+            shared.c.pending_queue_size.sub(1);
             let cancelled = shared.results.lock().cancelled.contains(&id);
             if cancelled {
                 finish(&shared, id, PrefetchResult::empty(&req));
@@ -527,7 +501,7 @@ fn whole_groups(n: usize, group: usize) -> usize {
 }
 
 async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> PrefetchResult {
-    let _in_flight = Gauge::up(&s.in_flight);
+    let _in_flight = GaugeUp::up(&s.c.in_flight_request_count);
     let group = req.group.max(1);
     let keys = &req.keys;
     let n = keys.len();
@@ -535,14 +509,14 @@ async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> Prefetc
 
     // 1. Lookup phase.
     let lookups: Vec<Vec<Option<u64>>> = {
-        let _phase = Gauge::up(&s.lookup_phase);
+        let _phase = GaugeUp::up(&s.c.lookup_phase_count);
         let results = join_all(s.adapters.iter().map(|a| a.lookup_and_pin(keys))).await;
         results
             .into_iter()
             .map(|r| match r {
                 Ok(v) if v.len() == n => v,
                 Ok(_) | Err(_) => {
-                    s.c.lookup_errors.fetch_add(1, Relaxed);
+                    s.c.lookup_errors_total.add(1);
                     vec![None; n]
                 }
             })
@@ -560,7 +534,7 @@ async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> Prefetc
         .collect();
     let mut prefix = plan.iter().take_while(|p| p.is_some()).count();
     prefix = whole_groups(prefix, group);
-    s.c.keys_found.fetch_add(prefix as u64, Relaxed);
+    s.c.keys_found_total.add(prefix as u64);
 
     // 3. Phase-1 unpin: pinned but not planned on that adapter.
     let planned_on = |j: usize, i: usize| j < prefix && plan[j].is_some_and(|(a, _)| a == i);
@@ -600,7 +574,7 @@ async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> Prefetc
     // 5. Load phase, concurrently across adapters.
     let mut ok = vec![false; prefix];
     {
-        let _phase = Gauge::up(&s.load_phase);
+        let _phase = GaugeUp::up(&s.c.load_phase_count);
         let mut per_adapter: Vec<(Vec<usize>, Vec<ObjectKey>, Vec<Allocation>)> =
             s.adapters.iter().map(|_| Default::default()).collect();
         for (j, slot) in slots.iter().enumerate() {
@@ -649,7 +623,7 @@ async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> Prefetc
         }
     }
     if !abort.is_empty() {
-        s.c.keys_load_failed.fetch_add(abort.len() as u64, Relaxed);
+        s.c.keys_load_failed_total.add(abort.len() as u64);
         s.l1.abort_write(&abort);
     }
     let tickets: Vec<WriteTicket> = publish.iter().map(|(_, t)| *t).collect();
@@ -664,8 +638,8 @@ async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> Prefetc
             Err(_) => ok[*j] = false,
         }
     }
-    s.c.keys_loaded.fetch_add(publish.len() as u64, Relaxed);
-    s.c.bytes_loaded.fetch_add(loaded_bytes, Relaxed);
+    s.c.keys_loaded_total.add(publish.len() as u64);
+    s.c.bytes_loaded_total.add(loaded_bytes);
     let good = whole_groups(ok.iter().take_while(|&&b| b).count(), group);
     let mut leases = Vec::with_capacity(good);
     let mut beyond = Vec::new();
@@ -731,7 +705,7 @@ fn reserve_prefix(
         {
             let tickets: Vec<WriteTicket> = results.into_iter().filter_map(Result::ok).collect();
             s.l1.abort_write(&tickets);
-            s.c.l1_oom_trims.fetch_add(1, Relaxed);
+            s.c.l1_oom_trims_total.add(1);
             let groups = p / group;
             p = whole_groups((groups / 2) * group, group);
             continue;
@@ -755,7 +729,7 @@ fn reserve_prefix(
             .collect();
         for (&j, r) in existing.iter().zip(locked) {
             if let Ok(lease) = r {
-                s.c.keys_from_l1.fetch_add(1, Relaxed);
+                s.c.keys_already_in_l1_total.add(1);
                 slots[j] = Some(Slot::InL1(lease));
             }
         }

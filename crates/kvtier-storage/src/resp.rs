@@ -35,8 +35,8 @@
 //! counted and recorded as the last error, and do not mark the adapter down.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use kvtier_core::key::ObjectKey;
@@ -49,14 +49,14 @@ use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, R
 use tokio::sync::Semaphore;
 
 use crate::backend::{
-    BoxFuture, KeyResults, L2Backend, Usage, all_err, check_batch, copy_in, usize_len,
+    BoxFuture, KeyResults, L2Backend, Usage, all_err, copy_in, status_head, usize_len,
 };
 use crate::config::{EvictionPolicyName, RespConfig, gib_to_bytes};
 use crate::error::{ConfigError, L2Error};
-use crate::fs::ok_bytes;
-use crate::health::{Health, HealthSnapshot, ProbeLoop, Prober, spawn_probe_loop};
+use crate::health::{Health, Prober};
 use crate::index::ObjectIndex;
-use crate::metrics::AdapterStats;
+use crate::instrumented::Instrumented;
+use crate::metrics::AdapterEvents;
 
 /// Value header magic.
 pub const VALUE_MAGIC: [u8; 4] = *b"KVT1";
@@ -109,9 +109,7 @@ pub struct RespBackend {
     permits: Semaphore,
     index: Mutex<ObjectIndex>,
     health: Health,
-    stats: AdapterStats,
-    closed: AtomicBool,
-    probe: Mutex<Option<Arc<ProbeLoop>>>,
+    events: AdapterEvents,
     reconnecting: tokio::sync::Mutex<()>,
 }
 
@@ -122,7 +120,7 @@ impl RespBackend {
     pub async fn open(
         cfg: RespConfig,
         handle: &tokio::runtime::Handle,
-    ) -> Result<Arc<Self>, ConfigError> {
+    ) -> Result<Arc<Instrumented<Self>>, ConfigError> {
         let mut redis_info = redis::RedisConnectionInfo::default();
         if let Some(u) = &cfg.username {
             redis_info = redis_info.set_username(u);
@@ -142,7 +140,7 @@ impl RespBackend {
             reason: e.to_string(),
         })?;
         let capacity = gib_to_bytes(cfg.max_capacity_gb);
-        let me = Arc::new(Self {
+        let me = Arc::new(Instrumented::new(Self {
             endpoint: format!("{}:{}", cfg.host, cfg.port),
             permits: Semaphore::new(cfg.num_workers),
             index: Mutex::new(ObjectIndex::new(
@@ -155,18 +153,15 @@ impl RespBackend {
             conns: Mutex::new(Vec::new()),
             rr: AtomicUsize::new(0),
             health: Health::new(),
-            stats: AdapterStats::default(),
-            closed: AtomicBool::new(false),
-            probe: Mutex::new(None),
+            events: AdapterEvents::default(),
             reconnecting: tokio::sync::Mutex::new(()),
-        });
+        }));
         if let Err(e) = me.reconnect().await {
             me.health.mark_down("resp", e);
         } else {
             tracing::info!(endpoint = %me.endpoint, connections = me.cfg.num_workers, "resp l2 adapter connected");
         }
-        let probe = spawn_probe_loop(handle, Arc::downgrade(&me), HEARTBEAT);
-        *me.probe.lock() = Some(Arc::new(probe));
+        me.start_probe(handle, HEARTBEAT);
         Ok(me)
     }
 
@@ -198,17 +193,8 @@ impl RespBackend {
         Ok(())
     }
 
-    fn check_open(&self) -> Result<(), L2Error> {
-        if self.closed.load(Relaxed) {
-            Err(L2Error::Closed)
-        } else {
-            Ok(())
-        }
-    }
-
     /// A connection (round-robin), or `Unavailable` at once while down.
     fn conn(&self) -> Result<MultiplexedConnection, L2Error> {
-        self.check_open()?;
         self.health.gate()?;
         let conns = self.conns.lock();
         if conns.is_empty() {
@@ -267,12 +253,10 @@ impl RespBackend {
         if victims.is_empty() {
             return;
         }
-        self.stats
-            .evicted_objects
-            .fetch_add(victims.len() as u64, Relaxed);
-        self.stats
-            .evicted_bytes
-            .fetch_add(victims.iter().map(|(_, l)| l).sum(), Relaxed);
+        self.events.evicted_objects_total.add(victims.len() as u64);
+        self.events
+            .evicted_bytes_total
+            .add(victims.iter().map(|(_, l)| l).sum());
         if let Err(e) = self.del_known(&victims).await {
             tracing::warn!(error = %e, objects = victims.len(), "resp l2 eviction could not delete objects");
         }
@@ -407,7 +391,7 @@ impl RespBackend {
                 }
                 let h = parse_value_header(b);
                 if h.is_none() {
-                    self.stats.corrupt_objects.fetch_add(1, Relaxed);
+                    self.events.corrupt_objects_total.inc();
                 }
                 h
             })
@@ -459,16 +443,7 @@ impl L2Backend for RespBackend {
         keys: &'a [ObjectKey],
     ) -> BoxFuture<'a, Result<Vec<Option<u64>>, L2Error>> {
         Box::pin(async move {
-            let t = Instant::now();
-            let headers = match self.headers(keys).await {
-                Ok(h) => h,
-                Err(e) => {
-                    self.stats
-                        .lookup
-                        .record(0, 0, keys.len() as u64, t.elapsed());
-                    return Err(e);
-                }
-            };
+            let headers = self.headers(keys).await?;
             let out: Vec<Option<u64>> = {
                 let mut ix = self.index.lock();
                 keys.iter()
@@ -479,7 +454,7 @@ impl L2Backend for RespBackend {
                             // by its maxmemory policy, deleted by someone else): forget it,
                             // so its capacity is freed and the next store rewrites it.
                             if ix.remove(k).is_some() {
-                                self.stats.vanished_objects.fetch_add(1, Relaxed);
+                                self.events.vanished_objects_total.inc();
                             }
                             return None;
                         };
@@ -489,7 +464,6 @@ impl L2Backend for RespBackend {
                     })
                     .collect()
             };
-            self.stats.record_lookup(keys.len(), &out, t.elapsed());
             Ok(out)
         })
     }
@@ -507,13 +481,7 @@ impl L2Backend for RespBackend {
         dst: &'a [Allocation],
     ) -> BoxFuture<'a, KeyResults> {
         Box::pin(async move {
-            let t = Instant::now();
-            if let Err(e) = self
-                .check_open()
-                .and_then(|()| check_batch(keys, segment, dst))
-                .and_then(|()| self.health.gate())
-            {
-                self.stats.load.record(0, 0, keys.len() as u64, t.elapsed());
+            if let Err(e) = self.health.gate() {
                 return all_err(keys.len(), &e);
             }
             let results: KeyResults = join_all(
@@ -526,14 +494,14 @@ impl L2Backend for RespBackend {
             for (k, r) in keys.iter().zip(&results) {
                 match r {
                     Err(L2Error::Corrupt(why)) => {
-                        self.stats.corrupt_objects.fetch_add(1, Relaxed);
+                        self.events.corrupt_objects_total.inc();
                         tracing::warn!(key = %k, %why, "corrupt resp l2 object: treating as a miss and deleting it");
                         self.health
                             .record_error(format!("corrupt object {k}: {why}"));
                         corrupt.push(k.clone());
                     }
                     Err(L2Error::NotFound) => {
-                        self.stats.vanished_objects.fetch_add(1, Relaxed);
+                        self.events.vanished_objects_total.inc();
                         self.index.lock().remove(k);
                     }
                     _ => {}
@@ -553,10 +521,6 @@ impl L2Backend for RespBackend {
                     ix.remove(k);
                 }
             }
-            let (ok, bytes) = ok_bytes(&results, dst);
-            self.stats
-                .load
-                .record(ok, bytes, keys.len() as u64 - ok, t.elapsed());
             results
         })
     }
@@ -568,14 +532,8 @@ impl L2Backend for RespBackend {
         src: &'a [Allocation],
     ) -> BoxFuture<'a, KeyResults> {
         Box::pin(async move {
-            let t = Instant::now();
             let n = keys.len();
-            if let Err(e) = self
-                .check_open()
-                .and_then(|()| check_batch(keys, segment, src))
-                .and_then(|()| self.health.gate())
-            {
-                self.stats.store.record(0, 0, n as u64, t.elapsed());
+            if let Err(e) = self.health.gate() {
                 return all_err(n, &e);
             }
             let mut out: Vec<Option<Result<(), L2Error>>> = (0..n).map(|_| None).collect();
@@ -585,7 +543,7 @@ impl L2Backend for RespBackend {
                 let mut ix = self.index.lock();
                 for (i, (k, a)) in keys.iter().zip(src).enumerate() {
                     if ix.contains(k) || keys[..i].contains(k) {
-                        self.stats.skipped_existing.fetch_add(1, Relaxed);
+                        self.events.store_skipped_existing_total.inc();
                         out[i] = Some(Ok(()));
                         continue;
                     }
@@ -614,21 +572,14 @@ impl L2Backend for RespBackend {
                 more.extend(ix.watermark_victims());
             }
             self.evict(more).await;
-            let results: KeyResults = out
-                .into_iter()
+            out.into_iter()
                 .map(|r| r.unwrap_or_else(|| Err(L2Error::Io("store task lost".to_owned()))))
-                .collect();
-            let (ok, bytes) = ok_bytes(&results, src);
-            self.stats
-                .store
-                .record(ok, bytes, n as u64 - ok, t.elapsed());
-            results
+                .collect()
         })
     }
 
     fn delete<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, Result<u64, L2Error>> {
         Box::pin(async move {
-            let t = Instant::now();
             let candidates: Vec<ObjectKey> = {
                 let ix = self.index.lock();
                 keys.iter().filter(|k| !ix.is_pinned(k)).cloned().collect()
@@ -646,46 +597,30 @@ impl L2Backend for RespBackend {
                     ix.remove(k);
                 }
             }
-            let n = items.len() as u64;
-            self.stats.delete.record(n, 0, 0, t.elapsed());
-            Ok(n)
+            Ok(items.len() as u64)
         })
     }
 
     fn usage(&self) -> Usage {
-        let ix = self.index.lock();
-        Usage {
-            used_bytes: ix.used(),
-            capacity_bytes: ix.capacity(),
-            object_count: ix.len(),
-            pinned_count: ix.pinned_count(),
-        }
+        self.index.lock().usage()
     }
 
-    fn health(&self) -> HealthSnapshot {
-        self.health.snapshot()
+    fn health_state(&self) -> Option<&Health> {
+        Some(&self.health)
+    }
+
+    fn events(&self) -> Option<&AdapterEvents> {
+        Some(&self.events)
     }
 
     fn report_status(&self) -> StatusNode {
-        let u = self.usage();
         let h = self.health.snapshot();
-        let probe_alive = self.probe.lock().as_ref().is_some_and(|p| p.is_alive());
-        let closed = self.closed.load(Relaxed);
         let reason = h
             .reason
             .clone()
             .unwrap_or_else(|| format!("redis at {} is unavailable", self.endpoint));
-        StatusNode::healthy()
+        status_head(self, &h)
             .require(h.connected, reason)
-            .require(closed || probe_alive, "health probe task is not running")
-            .field("type", self.type_name())
-            .field("stored_object_count", u.object_count)
-            .field("locked_key_count", u.pinned_count)
-            .field("current_size_bytes", u.used_bytes)
-            .field("max_capacity_bytes", u.capacity_bytes)
-            .field("connected", h.connected)
-            .field("last_error", h.last_error)
-            .field("last_error_age_seconds", h.last_error_age_seconds)
             .field("down_for_seconds", h.down_for_seconds)
             .field("host", &self.cfg.host)
             .field("port", self.cfg.port)
@@ -693,18 +628,10 @@ impl L2Backend for RespBackend {
             .field("open_connections", self.conns.lock().len())
             .field("value_part_bytes", self.cfg.part_bytes)
             .field("eviction", self.cfg.eviction)
-            .field("probe_alive", probe_alive)
-            .field("errors", self.health.counters_json())
-            .field("ops", self.stats.to_json())
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            self.closed.store(true, Relaxed);
-            let probe = self.probe.lock().clone();
-            if let Some(p) = probe {
-                p.stop().await;
-            }
             self.conns.lock().clear();
         })
     }

@@ -28,11 +28,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use kvtier_core::key::ObjectKey;
 use kvtier_core::l1::{Allocation, L1Manager};
+use kvtier_core::metrics::{MetricSet, MetricVisitor, status_fields};
 use kvtier_core::shm::ShmSegment;
 use kvtier_core::status::StatusNode;
 use parking_lot::Mutex;
@@ -41,6 +42,12 @@ use tokio::task::JoinSet;
 
 use crate::backend::L2Backend;
 use crate::error::L2Error;
+use crate::metrics::{StoreAdapterCounters, StoreCounters, with_fields};
+use crate::task::{BackgroundTask, TaskCtx};
+
+/// Most batches the submission channel holds (each holds at least one key; policy 2 bounds the
+/// keys).
+const MAX_QUEUED_BATCHES: usize = 1 << 16;
 
 /// StoreController settings.
 #[derive(Debug, Clone)]
@@ -65,10 +72,7 @@ impl Default for StoreConfig {
 
 #[derive(Debug, Default)]
 struct AdapterCounters {
-    stored: AtomicU64,
-    failed: AtomicU64,
-    fast_failed: AtomicU64,
-    lease_expired: AtomicU64,
+    c: StoreAdapterCounters,
     last_warn_ms: AtomicU64,
 }
 
@@ -78,16 +82,9 @@ struct Shared {
     l1: Arc<L1Manager>,
     segment: Arc<ShmSegment>,
     adapters: Vec<Arc<dyn L2Backend>>,
-    tx: Mutex<Option<mpsc::UnboundedSender<Vec<ObjectKey>>>>,
+    tx: Mutex<Option<mpsc::Sender<Vec<ObjectKey>>>>,
     in_flight_keys: Mutex<HashMap<ObjectKey, usize>>,
-    pending_keys: AtomicU64,
-    in_flight_tasks: AtomicU64,
-    alive: AtomicBool,
-    submitted: AtomicU64,
-    dropped: AtomicU64,
-    coalesced: AtomicU64,
-    skipped_gone: AtomicU64,
-    abandoned: AtomicU64,
+    c: StoreCounters,
     last_drop_warn_ms: AtomicU64,
     per_adapter: Vec<AdapterCounters>,
     epoch: Instant,
@@ -111,14 +108,14 @@ impl Shared {
 #[derive(Debug)]
 pub struct StoreController {
     shared: Arc<Shared>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: BackgroundTask,
 }
 
 struct TaskGuard(Arc<Shared>);
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        self.0.in_flight_tasks.fetch_sub(1, Relaxed);
+        self.0.c.in_flight_task_count.sub(1);
     }
 }
 
@@ -131,7 +128,11 @@ impl StoreController {
         segment: Arc<ShmSegment>,
         adapters: Vec<Arc<dyn L2Backend>>,
     ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        // Batches in the channel never exceed the keys in it, which policy 2 bounds.
+        let capacity = usize::try_from(cfg.queue_max_keys)
+            .unwrap_or(usize::MAX)
+            .clamp(1, MAX_QUEUED_BATCHES);
+        let (tx, rx) = mpsc::channel(capacity);
         let shared = Arc::new(Shared {
             per_adapter: adapters
                 .iter()
@@ -143,22 +144,15 @@ impl StoreController {
             adapters,
             tx: Mutex::new(Some(tx)),
             in_flight_keys: Mutex::new(HashMap::new()),
-            pending_keys: AtomicU64::new(0),
-            in_flight_tasks: AtomicU64::new(0),
-            alive: AtomicBool::new(true),
-            submitted: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            coalesced: AtomicU64::new(0),
-            skipped_gone: AtomicU64::new(0),
-            abandoned: AtomicU64::new(0),
+            c: StoreCounters::default(),
             last_drop_warn_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         });
-        let task = handle.spawn(run(Arc::clone(&shared), rx));
-        Self {
-            shared,
-            task: Mutex::new(Some(task)),
-        }
+        let run_shared = Arc::clone(&shared);
+        let task = BackgroundTask::spawn(handle, "l2-store-controller", move |ctx| {
+            run(run_shared, rx, ctx)
+        });
+        Self { shared, task }
     }
 
     /// Queues newly published L1 objects for every adapter. Never blocks; returns false when
@@ -169,27 +163,33 @@ impl StoreController {
         }
         let s = &self.shared;
         let n = keys.len() as u64;
-        s.submitted.fetch_add(n, Relaxed);
-        let queued = s.pending_keys.fetch_add(n, Relaxed);
-        if queued + n > s.cfg.queue_max_keys {
-            s.pending_keys.fetch_sub(n, Relaxed);
+        s.c.submitted_keys_total.add(n);
+        // Add first, then check: concurrent submits never over-admit.
+        s.c.pending_keys_count.add(n);
+        if s.c.pending_keys_count.get() > s.cfg.queue_max_keys {
+            s.c.pending_keys_count.sub(n);
             self.drop_batch(n, "queue full");
             return false;
         }
         let sent = match &*s.tx.lock() {
-            Some(tx) => tx.send(keys).is_ok(),
-            None => false,
+            Some(tx) => tx.try_send(keys).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => "queue full",
+                mpsc::error::TrySendError::Closed(_) => "controller stopped",
+            }),
+            None => Err("controller stopped"),
         };
-        if !sent {
-            s.pending_keys.fetch_sub(n, Relaxed);
-            self.drop_batch(n, "controller stopped");
+        if let Err(why) = sent {
+            s.c.pending_keys_count.sub(n);
+            self.drop_batch(n, why);
+            return false;
         }
-        sent
+        true
     }
 
     fn drop_batch(&self, n: u64, why: &str) {
         let s = &self.shared;
-        let total = s.dropped.fetch_add(n, Relaxed) + n;
+        s.c.dropped_keys_total.add(n);
+        let total = s.c.dropped_keys_total.get();
         if s.warn_due(&s.last_drop_warn_ms) {
             tracing::warn!(
                 keys = n,
@@ -202,12 +202,12 @@ impl StoreController {
 
     /// Keys queued and not yet dispatched.
     pub fn pending_keys(&self) -> u64 {
-        self.shared.pending_keys.load(Relaxed)
+        self.shared.c.pending_keys_count.get()
     }
 
     /// Adapter store calls running.
     pub fn in_flight_tasks(&self) -> u64 {
-        self.shared.in_flight_tasks.load(Relaxed)
+        self.shared.c.in_flight_task_count.get()
     }
 
     /// Whether nothing is queued or running.
@@ -217,7 +217,7 @@ impl StoreController {
 
     /// Keys dropped by the full-queue policy.
     pub fn dropped_keys(&self) -> u64 {
-        self.shared.dropped.load(Relaxed)
+        self.shared.c.dropped_keys_total.get()
     }
 
     /// Keys stored by adapter `i`.
@@ -225,7 +225,7 @@ impl StoreController {
         self.shared
             .per_adapter
             .get(i)
-            .map_or(0, |c| c.stored.load(Relaxed))
+            .map_or(0, |c| c.c.stored_keys_total.get())
     }
 
     /// Keys whose store to adapter `i` failed.
@@ -233,20 +233,17 @@ impl StoreController {
         self.shared
             .per_adapter
             .get(i)
-            .map_or(0, |c| c.failed.load(Relaxed))
+            .map_or(0, |c| c.c.failed_keys_total.get())
     }
 
     /// Stops intake, dispatches what is queued and waits for in-flight stores until `deadline`
     /// has passed; then abandons the rest (counted).
     pub async fn stop(&self, deadline: Duration) {
         self.shared.tx.lock().take();
-        let task = self.task.lock().take();
-        let Some(mut task) = task else { return };
-        if tokio::time::timeout(deadline, &mut task).await.is_err() {
+        if !self.task.join_within(deadline).await {
             let left = self.pending_keys() + self.in_flight_tasks();
-            task.abort();
-            let _aborted = task.await;
-            self.shared.abandoned.fetch_add(left, Relaxed);
+            self.task.abort().await;
+            self.shared.c.abandoned_at_shutdown_total.add(left);
             tracing::warn!(
                 pending_keys = self.pending_keys(),
                 in_flight_tasks = self.in_flight_tasks(),
@@ -255,40 +252,41 @@ impl StoreController {
         }
     }
 
+    /// Visits the controller's counters (unlabelled) and its per-adapter counters, each with
+    /// `adapter` = `labels[i]`.
+    pub fn visit_metrics(&self, labels: &[String], v: &mut dyn MetricVisitor) {
+        let s = &self.shared;
+        s.c.visit(v);
+        for (c, name) in s.per_adapter.iter().zip(labels) {
+            c.c.visit(&mut crate::metrics::Labelled::new(v, &[("adapter", name)]));
+        }
+    }
+
     /// LMCache's `store_controller` node plus kvtier's counters.
     pub fn report_status(&self) -> StatusNode {
         let s = &self.shared;
-        let alive = s.alive.load(Relaxed);
+        let alive = self.task.is_alive();
         let per_adapter: Vec<serde_json::Value> = s
             .adapters
             .iter()
             .zip(&s.per_adapter)
             .enumerate()
             .map(|(i, (a, c))| {
-                serde_json::json!({
-                    "index": i,
-                    "type": a.kind(),
-                    "stored_keys_total": c.stored.load(Relaxed),
-                    "failed_keys_total": c.failed.load(Relaxed),
-                    "fast_failed_keys_total": c.fast_failed.load(Relaxed),
-                    "lease_expired_keys_total": c.lease_expired.load(Relaxed),
-                })
+                let mut m = serde_json::Map::new();
+                m.insert("index".into(), i.into());
+                m.insert("type".into(), a.kind().into());
+                m.extend(status_fields(&c.c));
+                serde_json::Value::Object(m)
             })
             .collect();
-        StatusNode::healthy()
+        let node = StatusNode::healthy()
             .require(alive, "store controller task is not running")
             .field("thread_alive", alive)
-            .field("pending_keys_count", self.pending_keys())
-            .field("in_flight_task_count", self.in_flight_tasks())
             .field("num_l2_adapters", s.adapters.len())
             .field("queue_max_keys", s.cfg.queue_max_keys)
-            .field("max_in_flight_tasks", s.cfg.max_in_flight_tasks)
-            .field("submitted_keys_total", s.submitted.load(Relaxed))
-            .field("dropped_keys_total", s.dropped.load(Relaxed))
-            .field("coalesced_keys_total", s.coalesced.load(Relaxed))
-            .field("skipped_gone_keys_total", s.skipped_gone.load(Relaxed))
-            .field("abandoned_at_shutdown_total", s.abandoned.load(Relaxed))
-            .field("adapters", per_adapter)
+            .field("max_in_flight_tasks", s.cfg.max_in_flight_tasks);
+        let node = self.task.report(node, "");
+        with_fields(node, &s.c).field("adapters", per_adapter)
     }
 }
 
@@ -301,14 +299,7 @@ pub fn disabled_status() -> StatusNode {
         .field("num_l2_adapters", 0)
 }
 
-async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Vec<ObjectKey>>) {
-    struct Alive(Arc<Shared>);
-    impl Drop for Alive {
-        fn drop(&mut self) {
-            self.0.alive.store(false, Relaxed);
-        }
-    }
-    let _alive = Alive(Arc::clone(&shared));
+async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Vec<ObjectKey>>, ctx: TaskCtx) {
     let mut tasks: JoinSet<()> = JoinSet::new();
     loop {
         tokio::select! {
@@ -322,11 +313,12 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Vec<ObjectKey>
                         Err(_) => break,
                     }
                 }
+                ctx.round();
                 let n = keys.len() as u64;
                 for batch in keys.chunks(shared.cfg.max_batch_keys.max(1)) {
                     dispatch(&shared, batch, &mut tasks).await;
                 }
-                shared.pending_keys.fetch_sub(n, Relaxed);
+                shared.c.pending_keys_count.sub(n);
             }
         }
     }
@@ -351,8 +343,9 @@ async fn dispatch(shared: &Arc<Shared>, keys: &[ObjectKey], tasks: &mut JoinSet<
             .collect()
     };
     shared
-        .coalesced
-        .fetch_add((keys.len() - fresh.len()) as u64, Relaxed);
+        .c
+        .coalesced_keys_total
+        .add((keys.len() - fresh.len()) as u64);
     if fresh.is_empty() {
         return;
     }
@@ -371,7 +364,7 @@ async fn dispatch(shared: &Arc<Shared>, keys: &[ObjectKey], tasks: &mut JoinSet<
         }
     }
     if !gone.is_empty() {
-        shared.skipped_gone.fetch_add(gone.len() as u64, Relaxed);
+        shared.c.skipped_gone_keys_total.add(gone.len() as u64);
         let mut in_flight = shared.in_flight_keys.lock();
         for k in &gone {
             in_flight.remove(k);
@@ -388,7 +381,7 @@ async fn dispatch(shared: &Arc<Shared>, keys: &[ObjectKey], tasks: &mut JoinSet<
                 break;
             }
         }
-        shared.in_flight_tasks.fetch_add(1, Relaxed);
+        shared.c.in_flight_task_count.add(1);
         let guard = TaskGuard(Arc::clone(shared));
         let shared = Arc::clone(shared);
         let keys = Arc::clone(&ok_keys);
@@ -431,9 +424,9 @@ async fn store_to_adapter(
             }
         }
     }
-    counters.stored.fetch_add(stored, Relaxed);
-    counters.failed.fetch_add(failed, Relaxed);
-    counters.fast_failed.fetch_add(fast, Relaxed);
+    counters.c.stored_keys_total.add(stored);
+    counters.c.failed_keys_total.add(failed);
+    counters.c.fast_failed_keys_total.add(fast);
     if let Some(e) = first_err
         && shared.warn_due(&counters.last_warn_ms)
     {
@@ -441,13 +434,13 @@ async fn store_to_adapter(
             adapter = idx,
             kind = adapter.kind(),
             failed,
-            failed_total = counters.failed.load(Relaxed),
+            failed_total = counters.c.failed_keys_total.get(),
             error = %e,
             "l2 write-behind store failed (not retried; the objects stay in L1)"
         );
     }
     if !torn.is_empty() {
-        counters.lease_expired.fetch_add(torn.len() as u64, Relaxed);
+        counters.c.lease_expired_keys_total.add(torn.len() as u64);
         tracing::warn!(
             adapter = idx,
             keys = torn.len(),

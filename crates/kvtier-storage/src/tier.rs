@@ -12,6 +12,9 @@
 //! finish, untaken results are released), then the store controller (queued keys are flushed
 //! until the deadline), then close the adapters (probe loops stop), then stop the runtime. All of
 //! it runs while L1 and the segment are still alive; the caller tears those down afterwards.
+//!
+//! Metrics: `L2Tier` is a [`MetricSet`] over every L2 counter, gauge and latency histogram; the
+//! descriptors are also reachable without a tier ([`crate::metrics::descriptors`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use kvtier_core::l1::L1Manager;
+use kvtier_core::metrics::{MetricDesc, MetricSet, MetricVisitor};
 use kvtier_core::shm::ShmSegment;
 use kvtier_core::status::StatusNode;
 use parking_lot::Mutex;
@@ -27,6 +31,7 @@ use crate::backend::L2Backend;
 use crate::config::AdapterConfig;
 use crate::error::ConfigError;
 use crate::fs::FsBackend;
+use crate::metrics::{Labelled, adapter_label};
 use crate::mock::MockBackend;
 use crate::prefetch::{PrefetchConfig, PrefetchController};
 use crate::resp::RespBackend;
@@ -230,6 +235,28 @@ impl L2Tier {
         });
         runtime.shutdown_timeout(Duration::from_secs(2));
         tracing::info!("l2 tier stopped");
+    }
+}
+
+impl MetricSet for L2Tier {
+    fn descriptors(&self) -> &'static [MetricDesc] {
+        crate::metrics::descriptors()
+    }
+
+    /// Controller counters unlabelled; per-adapter counters, gauges and latency histograms
+    /// with `adapter` = [`adapter_label`] (index and kind, as in `l2_adapters[i]`).
+    fn visit(&self, v: &mut dyn MetricVisitor) {
+        let labels: Vec<String> = self
+            .adapters
+            .iter()
+            .enumerate()
+            .map(|(i, a)| adapter_label(i, a.kind()))
+            .collect();
+        self.store.visit_metrics(&labels, v);
+        self.prefetch.visit_metrics(v);
+        for (a, name) in self.adapters.iter().zip(&labels) {
+            a.visit_metrics(&mut Labelled::new(v, &[("adapter", name)]));
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use kvtier_core::shm::ShmSegment;
 use kvtier_storage::L2Backend;
 use kvtier_storage::config::{FsConfig, MockConfig, RespConfig};
 use kvtier_storage::fs::FsBackend;
+use kvtier_storage::instrumented::Instrumented;
 use kvtier_storage::mock::MockBackend;
 use kvtier_storage::prefetch::{PrefetchConfig, PrefetchController, PrefetchRequest, Take};
 use kvtier_storage::resp::RespBackend;
@@ -65,7 +66,7 @@ impl Fixture {
     }
 }
 
-fn mock(bandwidth_gb: f64) -> Arc<MockBackend> {
+fn mock(bandwidth_gb: f64) -> Arc<Instrumented<MockBackend>> {
     Arc::new(MockBackend::new(MockConfig {
         max_size_gb: 1.0,
         mock_bandwidth_gb: bandwidth_gb,
@@ -453,7 +454,7 @@ fn prefetch_halves_the_plan_when_l1_is_short() {
 #[test]
 fn prefetch_stops_at_a_corrupt_object() {
     let dir = tempfile::tempdir().expect("tmp");
-    let fsb: Arc<FsBackend>;
+    let fsb: Arc<Instrumented<FsBackend>>;
     let p = {
         // The fs adapter needs a runtime handle: build the fixture first, then the adapter.
         let fx = Fixture::new(16 << 20);

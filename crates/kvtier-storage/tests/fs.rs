@@ -8,6 +8,7 @@ use std::sync::Arc;
 use kvtier_core::l1::Allocation;
 use kvtier_storage::config::{EvictionPolicyName, EvictionSettings, FsConfig};
 use kvtier_storage::fs::FsBackend;
+use kvtier_storage::instrumented::Instrumented;
 use kvtier_storage::testsuite::{Arena, key, pattern, unique_model};
 use kvtier_storage::{L2Backend, L2Error};
 
@@ -19,7 +20,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn open(rt: &tokio::runtime::Runtime, dir: &Path, capacity: u64) -> Arc<FsBackend> {
+fn open(rt: &tokio::runtime::Runtime, dir: &Path, capacity: u64) -> Arc<Instrumented<FsBackend>> {
     let mut cfg = FsConfig::new(dir.to_str().expect("utf-8 path"));
     cfg.max_capacity_gb = capacity as f64 / (1u64 << 30) as f64;
     FsBackend::open(cfg, rt.handle()).expect("open fs adapter")

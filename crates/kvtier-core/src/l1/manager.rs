@@ -23,7 +23,8 @@
 //! All object state sits behind **one** `parking_lot::Mutex` ([`Inner`]). Every public method
 //! holds it for work proportional to the keys in the call (plus, for allocation failures, the
 //! objects it evicts), never for I/O or data copies, and never for a walk over all objects
-//! (`clear` works in bounded batches, releasing the lock between them). The eviction policy and
+//! (`clear` and `expire_locks` work in bounded batches, releasing the lock between them;
+//! `reserve_write` finds keys repeated within a call before taking the lock, in O(k)). The eviction policy and
 //! the allocator live inside the same lock, so there is no lock order to get wrong.
 //! The counters that the status tree reads are atomics updated inside the critical sections:
 //! reading status never takes the lock and never iterates objects.
@@ -48,6 +49,27 @@ use crate::status::{StatusNode, StatusReport};
 
 /// Most read locks a single call may take per object (LMCache's `MAX_READ_LOCK_COUNT`).
 pub const MAX_READ_LOCKS_PER_CALL: u32 = 128;
+
+/// Expiry-queue entries [`L1Manager::expire_locks`] handles per hold of the L1 lock.
+pub const EXPIRE_BATCH: usize = 1024;
+
+/// Batches up to this many keys are checked for repeats by a linear scan; larger ones by a hash
+/// set (the scan's O(k^2) would dominate).
+const LINEAR_REPEAT_CHECK_MAX: usize = 16;
+
+/// For each item: whether its key already occurred earlier in `items`. O(k) for large batches.
+fn repeated_keys(items: &[(ObjectKey, u64)]) -> Vec<bool> {
+    if items.len() <= LINEAR_REPEAT_CHECK_MAX {
+        return items
+            .iter()
+            .enumerate()
+            .map(|(i, (key, _))| items[..i].iter().any(|(k, _)| k == key))
+            .collect();
+    }
+    let mut seen: std::collections::HashSet<&ObjectKey, foldhash::fast::RandomState> =
+        std::collections::HashSet::with_capacity_and_hasher(items.len(), Default::default());
+    items.iter().map(|(key, _)| !seen.insert(key)).collect()
+}
 
 /// Outcome of an L1 operation on one key (LMCache's `L1Error`, minus `SUCCESS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -379,13 +401,14 @@ impl L1Manager {
         items: &[(ObjectKey, u64)],
         temporary: bool,
     ) -> Vec<Result<WriteTicket, L1Error>> {
+        // Repeats within the call are found before the lock is taken (O(k)).
+        let repeated = repeated_keys(items);
         let now = self.clock.now();
         let mut inner = self.inner.lock();
         let mut out: Vec<Result<WriteTicket, L1Error>> = Vec::with_capacity(items.len());
         let mut new_idx: Vec<usize> = Vec::with_capacity(items.len());
         let mut sizes: Vec<u64> = Vec::with_capacity(items.len());
-        let mut seen: Vec<&ObjectKey> = Vec::new();
-        for (i, (key, len)) in items.iter().enumerate() {
+        for (i, ((key, len), repeat)) in items.iter().zip(repeated).enumerate() {
             if let Some(&id) = inner.index.get(key) {
                 let expired_staging = inner.entry(id).is_some_and(|e| {
                     e.phase == Phase::Staging && e.deadline.is_some_and(|d| d <= now)
@@ -397,15 +420,7 @@ impl L1Manager {
                     continue;
                 }
             }
-            // O(k^2) only for the duplicates check within one call; calls carry few keys and
-            // duplicates are a client bug, so a linear scan beats hashing here.
-            if items.len() <= 64 {
-                if seen.contains(&key) {
-                    out.push(Err(L1Error::KeyNotWritable));
-                    continue;
-                }
-                seen.push(key);
-            } else if items[..i].iter().any(|(k, _)| k == key) {
+            if repeat {
                 out.push(Err(L1Error::KeyNotWritable));
                 continue;
             }
@@ -657,29 +672,42 @@ impl L1Manager {
         self.evict(goal.max(1))
     }
 
-    /// Applies every TTL that has passed: staging objects are discarded, read locks released.
-    /// Returns the number of objects affected. Work is proportional to the expired entries.
+    /// Applies every TTL that has passed (as of the call): staging objects are discarded, read
+    /// locks released. Returns the number of objects affected. Works in batches of
+    /// [`EXPIRE_BATCH`] queue entries, releasing the lock between them, so a mass expiry never
+    /// holds the lock for longer than one batch.
     pub fn expire_locks(&self) -> u64 {
         let now = self.clock.now();
-        let mut inner = self.inner.lock();
         let mut n = 0;
-        while let Some(&(deadline, id, generation)) = inner.expiry.first() {
-            if deadline > now {
-                break;
+        loop {
+            let mut inner = self.inner.lock();
+            let mut drained = true;
+            for _ in 0..EXPIRE_BATCH {
+                drained = true;
+                let Some(&(deadline, id, generation)) = inner.expiry.first() else {
+                    break;
+                };
+                if deadline > now {
+                    break;
+                }
+                drained = false;
+                inner.expiry.pop_first();
+                if inner.live(id, generation).is_none() {
+                    continue;
+                }
+                let phase = inner.entry(id).map(|e| e.phase);
+                match phase {
+                    Some(Phase::Staging) => self.discard_expired_staging(&mut inner, id),
+                    Some(Phase::Ready) => self.expire_readers(&mut inner, id),
+                    None => continue,
+                }
+                n += 1;
             }
-            inner.expiry.pop_first();
-            if inner.live(id, generation).is_none() {
-                continue;
+            drop(inner);
+            if drained {
+                return n;
             }
-            let phase = inner.entry(id).map(|e| e.phase);
-            match phase {
-                Some(Phase::Staging) => self.discard_expired_staging(&mut inner, id),
-                Some(Phase::Ready) => self.expire_readers(&mut inner, id),
-                None => continue,
-            }
-            n += 1;
         }
-        n
     }
 
     /// Recounts everything under the lock and compares with the counters and the allocator.
