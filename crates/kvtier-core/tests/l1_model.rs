@@ -432,10 +432,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             return Err(TestCaseError::fail(e));
         }
         let c = l1.counters();
-        prop_assert_eq!(
-            c.objects.get(),
-            m.objs.len() as u64
-        );
+        prop_assert_eq!(c.objects.get(), m.objs.len() as u64);
     }
     // Drain: releasing everything and clearing must return every byte.
     l1.clear(true);

@@ -74,7 +74,10 @@ pub struct ServerConfig {
     /// with its failure value and counted (`transport.rejected_busy_total`).
     pub rpc_queue_capacity: usize,
     /// Period of the housekeeping thread (session expiry, worker reaping, transfer sweep).
-    #[serde(rename = "housekeeping_interval_seconds", serialize_with = "as_seconds")]
+    #[serde(
+        rename = "housekeeping_interval_seconds",
+        serialize_with = "as_seconds"
+    )]
     pub housekeeping_interval: Duration,
     /// Period of the L1 eviction controller (TTL expiry, watermark eviction).
     #[serde(rename = "eviction_interval_seconds", serialize_with = "as_seconds")]
@@ -121,4 +124,3 @@ impl Default for ServerConfig {
 fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
-

@@ -26,9 +26,9 @@ use crate::http::HttpServer;
 use crate::http::metrics::HttpStats;
 use crate::prefault::Prefault;
 use crate::service::Service;
-pub use crate::status::StatusSource;
-use crate::status::StatusParts;
 use crate::stats::RpcStats;
+use crate::status::StatusParts;
+pub use crate::status::StatusSource;
 use crate::telemetry::{Telemetry, TelemetryConfig};
 use crate::transport::{TransportConfig, ZmqFrontEnd};
 

@@ -84,7 +84,6 @@ impl RpcStats {
     }
 }
 
-
 static RPC_METRICS: [kvtier_core::metrics::MetricDesc; 2] = [
     kvtier_core::metrics::MetricDesc {
         name: "kvtier_rpc_requests",
@@ -118,7 +117,11 @@ impl kvtier_core::metrics::MetricSet for RpcStats {
                 ("unsupported", &s.unsupported),
                 ("failed", &s.failed),
             ] {
-                v.counter(requests, &[("op", op.name()), ("result", result)], n.load(Relaxed));
+                v.counter(
+                    requests,
+                    &[("op", op.name()), ("result", result)],
+                    n.load(Relaxed),
+                );
             }
         }
         for (op, s) in &seen {

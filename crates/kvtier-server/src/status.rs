@@ -93,18 +93,11 @@ impl StatusSource {
     pub fn metric_sets(&self) -> Vec<&dyn MetricSet> {
         let p = &self.inner;
         let engine = &p.engine;
-        let mut sets: Vec<&dyn MetricSet> = vec![
-            p.rpc.as_ref(),
-            engine.l1().counters(),
-            engine.evictor(),
-            engine.evictor().thread(),
-            engine.as_ref(),
-        ];
-        if let Some(l2) = engine.l2() {
-            sets.push(l2);
-        }
+        let mut sets: Vec<&dyn MetricSet> = vec![p.rpc.as_ref()];
+        sets.extend(engine.metric_sets());
         sets.push(p.frontend.stats());
         sets.push(p.housekeeper.as_ref());
+        sets.push(p.telemetry.as_ref());
         sets.push(p.telemetry.thread());
         sets.push(p.prefault.thread());
         sets.push(p.http.as_ref());
@@ -146,4 +139,3 @@ impl StatusSource {
         &self.inner.telemetry
     }
 }
-

@@ -340,6 +340,26 @@ impl Telemetry {
     }
 }
 
+static TELEMETRY_METRICS: [kvtier_core::metrics::MetricDesc; 1] =
+    [kvtier_core::metrics::MetricDesc {
+        name: "kvtier_telemetry_samples",
+        status_key: "samples_total",
+        help: "Samples taken by the telemetry sampler.",
+        unit: kvtier_core::metrics::MetricUnit::None,
+        kind: kvtier_core::metrics::MetricKind::Counter,
+    }];
+
+impl kvtier_core::metrics::MetricSet for Telemetry {
+    fn descriptors(&self) -> &'static [kvtier_core::metrics::MetricDesc] {
+        &TELEMETRY_METRICS
+    }
+
+    fn visit(&self, v: &mut dyn kvtier_core::metrics::MetricVisitor) {
+        let latest = self.shared.ring.lock().latest_seq;
+        v.counter(&TELEMETRY_METRICS[0], &[], latest);
+    }
+}
+
 impl StatusReport for Telemetry {
     fn report_status(&self) -> StatusNode {
         let s = &self.shared;

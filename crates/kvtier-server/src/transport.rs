@@ -341,10 +341,7 @@ impl PollLoop {
             self.flush_replies();
             if drain_deadline.is_none() && self.stop.load(Relaxed) {
                 let deadline = Instant::now() + self.drain_timeout;
-                tracing::info!(
-                    in_flight = self.stats.in_flight.get(),
-                    "front end draining"
-                );
+                tracing::info!(in_flight = self.stats.in_flight.get(), "front end draining");
                 drain_deadline = Some(deadline);
             }
             if let Some(deadline) = drain_deadline {

@@ -305,6 +305,16 @@ fn a_failed_lmcache_driven_transfer_is_counted_as_failed_and_echoes_its_handle()
         let s = rpc.get(op).expect("op stats");
         assert_eq!((s.ok.load(Relaxed), s.failed.load(Relaxed)), (0, 1), "{op}");
     }
-    assert_eq!(engine.lmcache_driven().counters().stores_failed_total.get(), 2);
-    assert_eq!(engine.lmcache_driven().counters().retrieves_failed_total.get(), 2);
+    assert_eq!(
+        engine.lmcache_driven().counters().stores_failed_total.get(),
+        2
+    );
+    assert_eq!(
+        engine
+            .lmcache_driven()
+            .counters()
+            .retrieves_failed_total
+            .get(),
+        2
+    );
 }

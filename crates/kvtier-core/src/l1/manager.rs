@@ -782,16 +782,8 @@ impl L1Manager {
         let pairs = [
             ("objects", c.objects.get(), objects),
             ("staging_objects", c.staging_objects.get(), staging),
-            (
-                "staging_bytes",
-                c.staging_bytes.get(),
-                staging_bytes,
-            ),
-            (
-                "read_locked_objects",
-                c.read_locked_objects.get(),
-                readers,
-            ),
+            ("staging_bytes", c.staging_bytes.get(), staging_bytes),
+            ("read_locked_objects", c.read_locked_objects.get(), readers),
             ("temporary_objects", c.temporary_objects.get(), temp),
             ("doomed_objects", c.doomed_objects.get(), doomed),
             ("used_bytes", c.used_bytes.get(), used),

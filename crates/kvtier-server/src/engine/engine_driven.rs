@@ -115,13 +115,11 @@ fn context(
     instance_id: i64,
     now: Instant,
 ) -> Result<std::sync::Arc<Context>, EngineError> {
-    cx.instances
-        .engine_driven(instance_id, now)
-        .ok_or_else(|| {
-            EngineError::Failed(format!(
-                "engine-driven context {instance_id} is not registered"
-            ))
-        })
+    cx.instances.engine_driven(instance_id, now).ok_or_else(|| {
+        EngineError::Failed(format!(
+            "engine-driven context {instance_id} is not registered"
+        ))
+    })
 }
 
 impl EngineDriven {

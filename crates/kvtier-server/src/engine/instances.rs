@@ -151,9 +151,7 @@ impl Instances {
         now: Instant,
     ) -> Option<Arc<Context>> {
         let mut map = self.workers.write();
-        let w = map
-            .entry(instance_id)
-            .or_insert_with(|| Worker::new(now));
+        let w = map.entry(instance_id).or_insert_with(|| Worker::new(now));
         w.touch(now, false);
         w.engine_driven.replace(Arc::new(ctx))
     }
@@ -167,9 +165,7 @@ impl Instances {
         now: Instant,
     ) -> Option<Arc<LmcacheInstance>> {
         let mut map = self.workers.write();
-        let w = map
-            .entry(instance_id)
-            .or_insert_with(|| Worker::new(now));
+        let w = map.entry(instance_id).or_insert_with(|| Worker::new(now));
         w.touch(now, false);
         w.lmcache_driven.replace(Arc::new(inst))
     }

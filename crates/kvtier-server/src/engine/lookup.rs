@@ -55,9 +55,7 @@ fn lock_prefix(
     cx.counters
         .lookup_chunks_requested_total
         .add((keys.len() / group) as u64);
-    let leases = cx
-        .l1
-        .reserve_read_prefix(&keys, key.num_kv_readers, group);
+    let leases = cx.l1.reserve_read_prefix(&keys, key.num_kv_readers, group);
     let locked = leases.len();
     let hits = (locked / group) as u64;
     cx.counters.lookup_chunks_hit_total.add(hits);
@@ -90,7 +88,11 @@ pub(super) fn query(cx: &Shared, request_id: &str) -> Option<u64> {
                     leases: res.leases,
                     readers: res.readers,
                 };
-                (PrefetchState::Idle, Some(loaded), Some(l1_chunks + l2_chunks))
+                (
+                    PrefetchState::Idle,
+                    Some(loaded),
+                    Some(l1_chunks + l2_chunks),
+                )
             }
             Take::Unknown => (PrefetchState::Idle, None, Some(l1_chunks)),
         },

@@ -512,9 +512,13 @@ mod tests {
     }
 
     fn stored(l1: &L1Manager, k: &ObjectKey) -> ReadLease {
-        let t = l1.reserve_write(&[(k.clone(), 4096)], false).remove(0).expect("reserve");
+        let t = l1
+            .reserve_write(&[(k.clone(), 4096)], false)
+            .remove(0)
+            .expect("reserve");
         l1.finish_write(&[t]).remove(0).expect("publish");
-        l1.reserve_read_prefix(std::slice::from_ref(k), 2, 1).remove(0)
+        l1.reserve_read_prefix(std::slice::from_ref(k), 2, 1)
+            .remove(0)
     }
 
     #[test]
@@ -526,7 +530,9 @@ mod tests {
         let (la, lb) = (stored(&l1, &a), stored(&l1, &b));
         s.record(&sess, [a.clone(), b.clone()], [la, lb], 2);
         // `a` twice and `b` once: 2 locks on `a` are available.
-        let got = s.take(&sess, &[a.clone(), b.clone(), a.clone()], 4096).expect("take");
+        let got = s
+            .take(&sess, &[a.clone(), b.clone(), a.clone()], 4096)
+            .expect("take");
         assert_eq!(got.len(), 3);
         l1.finish_read(&got, 1);
         // Now `a` has 0 left and `b` 1: asking `b` twice takes nothing.
@@ -565,7 +571,10 @@ mod tests {
         assert!(s.expire(t0 + Duration::from_secs(5)).is_empty());
         used.lock().last_used = t0 + Duration::from_secs(8);
         let gone = s.expire(t0 + Duration::from_secs(11));
-        assert_eq!(gone.iter().map(|g| g.0.as_str()).collect::<Vec<_>>(), ["old"]);
+        assert_eq!(
+            gone.iter().map(|g| g.0.as_str()).collect::<Vec<_>>(),
+            ["old"]
+        );
         assert_eq!(s.active_count(), 1);
         // Held right now: looked at again later, not removed.
         let guard = used.lock();

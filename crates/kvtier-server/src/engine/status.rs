@@ -75,15 +75,24 @@ static ENGINE_GAUGES: [MetricDesc; 4] = [
 ];
 
 impl Engine {
-    /// The metric sets of the engine's components, in status order.
-    fn sets(&self) -> [&dyn MetricSet; 4] {
+    /// Every metric set of the engine: its components' declared sets, then the engine's
+    /// computed gauges (`self`), L1, the eviction controller and its thread, and L2.
+    pub fn metric_sets(&self) -> Vec<&dyn MetricSet> {
         let cx = self.shared();
-        [
+        let mut sets: Vec<&dyn MetricSet> = vec![
             &cx.counters,
             cx.sessions.metrics(),
             cx.l2.counters(),
             self.lmcache_driven().counters(),
-        ]
+            self,
+            cx.l1.counters(),
+            &cx.evictor,
+            cx.evictor.thread(),
+        ];
+        if let Some(l2) = cx.l2.tier() {
+            sets.push(l2);
+        }
+        sets
     }
 }
 
@@ -92,10 +101,8 @@ impl MetricSet for Engine {
         &ENGINE_GAUGES
     }
 
+    /// The computed gauges only; the components' sets are listed by [`Engine::metric_sets`].
     fn visit(&self, v: &mut dyn MetricVisitor) {
-        for set in self.sets() {
-            set.visit(v);
-        }
         let (stores, retrieves) = self.engine_driven().pending_counts();
         let [pending_stores, pending_retrieves, capacity, registered] = &ENGINE_GAUGES;
         v.gauge(pending_stores, &[], stores as f64);

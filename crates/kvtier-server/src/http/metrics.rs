@@ -24,8 +24,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use kvtier_core::metrics::{
     HistogramSnapshot, Labels, MetricDesc, MetricKind, MetricSet, MetricUnit, MetricVisitor,
@@ -173,7 +173,11 @@ impl MetricSet for ProcessMetrics<'_> {
 
     fn visit(&self, v: &mut dyn MetricVisitor) {
         let [healthy, uptime, build] = &PROCESS_METRICS;
-        v.gauge(healthy, &[], f64::from(u8::from(self.0.status().is_healthy())));
+        v.gauge(
+            healthy,
+            &[],
+            f64::from(u8::from(self.0.status().is_healthy())),
+        );
         v.gauge(uptime, &[], self.0.uptime().as_secs_f64());
         v.gauge(build, &[("version", env!("CARGO_PKG_VERSION"))], 1.0);
     }
@@ -202,11 +206,22 @@ struct Families {
 }
 
 impl Families {
+    /// Declares families up front, so a labelled family with no samples yet still has its
+    /// HELP and TYPE lines.
+    fn declare(&mut self, descs: &'static [MetricDesc]) {
+        for desc in descs {
+            if !self.samples.contains_key(desc.name) {
+                self.samples.insert(desc.name, Vec::new());
+                self.order.push(desc);
+            }
+        }
+    }
+
     fn push(&mut self, desc: &'static MetricDesc, labels: Labels<'_>, value: Value) {
-        let entry = self.samples.entry(desc.name).or_default();
-        if entry.is_empty() {
+        if !self.samples.contains_key(desc.name) {
             self.order.push(desc);
         }
+        let entry = self.samples.entry(desc.name).or_default();
         let labels = labels
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -232,7 +247,12 @@ impl Families {
                             None => m.encode_gauge(x)?,
                         },
                         Value::Histogram(h) => {
-                            m.encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &h.buckets, None)?;
+                            m.encode_histogram::<NoLabelSet>(
+                                h.sum_seconds,
+                                h.count,
+                                &h.buckets,
+                                None,
+                            )?;
                         }
                     }
                 } else {
@@ -244,7 +264,12 @@ impl Families {
                             None => f.encode_gauge(x)?,
                         },
                         Value::Histogram(h) => {
-                            f.encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &h.buckets, None)?;
+                            f.encode_histogram::<NoLabelSet>(
+                                h.sum_seconds,
+                                h.count,
+                                &h.buckets,
+                                None,
+                            )?;
                         }
                     }
                 }
@@ -263,7 +288,12 @@ impl MetricVisitor for Families {
         self.push(desc, labels, Value::Gauge(value));
     }
 
-    fn histogram(&mut self, desc: &'static MetricDesc, labels: Labels<'_>, value: &HistogramSnapshot) {
+    fn histogram(
+        &mut self,
+        desc: &'static MetricDesc,
+        labels: Labels<'_>,
+        value: &HistogramSnapshot,
+    ) {
         self.push(desc, labels, Value::Histogram(value.clone()));
     }
 }
@@ -293,7 +323,12 @@ impl Collector for KvtierCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
         let mut families = Families::default();
         let process = ProcessMetrics(&self.source);
-        for set in self.source.metric_sets() {
+        let sets = self.source.metric_sets();
+        for set in &sets {
+            families.declare(set.descriptors());
+        }
+        families.declare(process.descriptors());
+        for set in &sets {
             set.visit(&mut families);
         }
         process.visit(&mut families);

@@ -19,7 +19,8 @@ use std::ptr::NonNull;
 use kvtier_proto::{DeviceIpcWrapper, EngineGroupInfo};
 
 use super::layout::{
-    self, ChunkTarget, Direction, KernelView, KvGeometry, KvLayoutHint, LayerLayout, LayoutError, SendPtr,
+    self, ChunkTarget, Direction, KernelView, KvGeometry, KvLayoutHint, LayerLayout, LayoutError,
+    SendPtr,
 };
 use super::mapping::{EngineSegment, FileId, MapError};
 
@@ -503,13 +504,12 @@ fn resolve_groups(
     Ok((layer_group, groups.len()))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering::Relaxed;
     use kvtier_proto::{CpuShmWrapper, TensorMetadata};
     use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::Ordering::Relaxed;
 
     static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -842,6 +842,4 @@ mod tests {
         compressed.tokens_per_block = (BS * 2) as u32;
         assert!(resolve_groups(&[compressed], &g).is_err());
     }
-
-
 }

@@ -163,7 +163,12 @@ impl LmcacheDriven {
 
     /// The registered KV cache of `iid` (refreshing the worker's liveness), or why there is
     /// none.
-    fn instance(&self, cx: &Shared, iid: i64, now: Instant) -> Result<Arc<KvCacheMap>, EngineError> {
+    fn instance(
+        &self,
+        cx: &Shared,
+        iid: i64,
+        now: Instant,
+    ) -> Result<Arc<KvCacheMap>, EngineError> {
         let refused = |why: String| {
             self.counters.unregistered_transfers_total.inc();
             EngineError::Failed(why)
