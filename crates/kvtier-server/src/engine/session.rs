@@ -540,7 +540,11 @@ mod tests {
             s.take(&sess, &[b.clone(), b.clone()], 4096),
             Err(TakeError::NotLocked(0))
         );
-        assert_eq!(s.take(&sess, &[b.clone()], 4096).map(|l| l.len()), Ok(1));
+        assert_eq!(
+            s.take(&sess, std::slice::from_ref(&b), 4096)
+                .map(|l| l.len()),
+            Ok(1)
+        );
         l1.finish_read(&[lb], 1);
         assert_eq!(l1.counters().read_locked_objects.get(), 0);
         l1.check_invariants().expect("invariants");
@@ -554,7 +558,7 @@ mod tests {
         let sess = s.get_or_create("r", now);
         s.record(&sess, [a.clone()], [stored(&l1, &a)], 1);
         assert!(matches!(
-            s.take(&sess, &[a.clone()], 8192),
+            s.take(&sess, std::slice::from_ref(&a), 8192),
             Err(TakeError::WrongSize { chunk: 0, .. })
         ));
         assert_eq!(s.end("r"), Some(PrefetchState::Idle));

@@ -197,12 +197,15 @@ enum Value {
     Histogram(HistogramSnapshot),
 }
 
+/// One sample: owned label pairs and the value.
+type Sample = (Vec<(String, String)>, Value);
+
 /// Collects the samples of every visited set, grouped into families by descriptor name in
 /// first-seen order.
 #[derive(Debug, Default)]
 struct Families {
     order: Vec<&'static MetricDesc>,
-    samples: BTreeMap<&'static str, Vec<(Vec<(String, String)>, Value)>>,
+    samples: BTreeMap<&'static str, Vec<Sample>>,
 }
 
 impl Families {
