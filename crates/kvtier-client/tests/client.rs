@@ -22,27 +22,13 @@ impl Fixture {
             .enable_all()
             .build()
             .expect("runtime");
-        let config = ServerConfig {
-            host: "127.0.0.1".into(),
-            port: 0,
-            chunk_size: 256,
-            hash_algorithm: "blake3".into(),
-            l1_size_bytes: 64 << 20,
-            l1_align_bytes: 4096,
-            eviction_policy: "LRU".into(),
-            eviction_trigger_watermark: 0.8,
-            eviction_ratio: 0.2,
-            l1_write_ttl: Duration::from_secs(600),
-            l1_read_ttl: Duration::from_secs(300),
-            shm_name: format!("kvtier_client_test_{}_{n}", std::process::id()),
-            l1_prefault: false,
-            max_workers: 2,
-            session_ttl: Duration::from_secs(600),
-            worker_reap_timeout: Duration::ZERO,
-            worker_registration_grace: Duration::from_secs(3600),
-            drain_timeout: Duration::from_secs(1),
-            http: None,
-            ..ServerConfig::default()
+        let config = {
+            let mut c =
+                ServerConfig::ephemeral(format!("kvtier_client_test_{}_{n}", std::process::id()));
+            c.l1.size_bytes = 64 << 20;
+            c.rpc.max_workers = 2;
+            c.http = None;
+            c
         };
         let server = Server::start(config, runtime.handle()).expect("server starts");
         Self {

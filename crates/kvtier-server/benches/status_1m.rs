@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use kvtier_core::hash::ChunkHash;
 use kvtier_core::key::ObjectKey;
 use kvtier_core::l1::L1Manager;
-use kvtier_server::http::HttpConfig;
 use kvtier_server::{Server, ServerConfig};
 
 struct Plan {
@@ -239,27 +238,13 @@ fn main() {
         .expect("runtime");
     // Twice the live set: room for the store phases (each batch is deleted again).
     let capacity = u64::from(plan.objects) * OBJECT_BYTES * 2 + (64 << 20);
-    let config = ServerConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        chunk_size: 256,
-        hash_algorithm: "blake3".into(),
-        l1_size_bytes: capacity,
-        l1_align_bytes: OBJECT_BYTES,
-        eviction_policy: "LRU".into(),
-        eviction_trigger_watermark: 0.95,
-        eviction_ratio: 0.1,
-        l1_write_ttl: Duration::from_secs(600),
-        l1_read_ttl: Duration::from_secs(300),
-        shm_name: format!("kvtier_bench_status_{}", std::process::id()),
-        l1_prefault: false,
-        max_workers: 1,
-        session_ttl: Duration::from_secs(600),
-        worker_reap_timeout: Duration::ZERO,
-        worker_registration_grace: Duration::from_secs(3600),
-        drain_timeout: Duration::from_secs(1),
-        http: Some(HttpConfig::local(0)),
-        ..ServerConfig::default()
+    let config = {
+        let mut c = ServerConfig::ephemeral(format!("kvtier_bench_status_{}", std::process::id()));
+        c.l1.size_bytes = capacity;
+        c.l1.align_bytes = OBJECT_BYTES;
+        c.l1.eviction_trigger_watermark = 0.95;
+        c.l1.eviction_ratio = 0.1;
+        c
     };
     let server = Server::start(config, rt.handle()).expect("server starts");
     let addr = server.http_addr().expect("http");

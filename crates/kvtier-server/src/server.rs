@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvtier_core::hash::{HashAlgorithm, TokenHasher};
+use kvtier_core::hash::TokenHasher;
 use kvtier_core::l1::controller::EvictionController;
 use kvtier_core::l1::{EvictionConfig, L1Config, L1Manager};
 use kvtier_core::periodic::PeriodicThread;
@@ -85,59 +85,50 @@ impl Server {
         if let Some(h) = &config.http {
             h.check_exposure().map_err(crate::http::HttpError::from)?;
         }
-        let algorithm: HashAlgorithm = config
-            .hash_algorithm
-            .parse()
-            .map_err(|e: kvtier_core::hash::HashError| ServerError::Config(e.to_string()))?;
-        let hasher = TokenHasher::new(config.chunk_size, algorithm)
+        let hasher = TokenHasher::new(config.engine.chunk_size, config.engine.hash_algorithm)
             .map_err(|e| ServerError::Config(format!("--chunk-size: {e}")))?;
-        let policy = config.eviction_policy.parse().map_err(
-            |e: kvtier_core::l1::eviction::UnknownPolicy| {
-                ServerError::Config(format!("--eviction-policy: {e}"))
-            },
-        )?;
         let segment = Arc::new(ShmSegment::create(
-            &config.shm_name,
-            config.l1_size_bytes,
+            &config.l1.shm_name,
+            config.l1.size_bytes,
             ShmOptions::default(),
         )?);
         let prefault = Arc::new(
-            Prefault::start(Arc::clone(&segment), config.l1_prefault)
+            Prefault::start(Arc::clone(&segment), config.l1.prefault)
                 .map_err(spawn_err("kvtier-l1-prefault"))?,
         );
         let l1 = Arc::new(L1Manager::new(L1Config {
-            capacity_bytes: config.l1_size_bytes,
-            align_bytes: config.l1_align_bytes,
-            write_ttl: config.l1_write_ttl,
-            read_ttl: config.l1_read_ttl,
+            capacity_bytes: config.l1.size_bytes,
+            align_bytes: config.l1.align_bytes,
+            write_ttl: config.l1.write_ttl,
+            read_ttl: config.l1.read_ttl,
             eviction: EvictionConfig {
-                policy,
-                trigger_watermark: config.eviction_trigger_watermark,
-                eviction_ratio: config.eviction_ratio,
+                policy: config.l1.eviction_policy,
+                trigger_watermark: config.l1.eviction_trigger_watermark,
+                eviction_ratio: config.l1.eviction_ratio,
             },
         }));
-        let evictor = EvictionController::spawn(Arc::clone(&l1), config.eviction_interval)
+        let evictor = EvictionController::spawn(Arc::clone(&l1), config.l1.eviction_interval)
             .map_err(spawn_err("kvtier-l1-evict"))?;
         let mut engine = Engine::new(
             EngineConfig {
-                chunk_size: config.chunk_size,
-                session_ttl: config.session_ttl,
-                worker_reap_timeout: config.worker_reap_timeout,
-                worker_registration_grace: config.worker_registration_grace,
+                chunk_size: config.engine.chunk_size,
+                session_ttl: config.engine.session_ttl,
+                worker_reap_timeout: config.engine.worker_reap_timeout,
+                worker_registration_grace: config.engine.worker_registration_grace,
             },
             hasher,
             Arc::clone(&l1),
             Arc::clone(&segment),
             evictor,
         );
-        if !config.l2_adapters.is_empty() {
+        if !config.l2.adapters.is_empty() {
             let mut l2_cfg = L2TierConfig {
-                adapters: config.l2_adapters.clone(),
-                flush_timeout: config.l2_flush_timeout,
+                adapters: config.l2.adapters.clone(),
+                flush_timeout: config.l2.flush_timeout,
                 ..L2TierConfig::default()
             };
-            l2_cfg.prefetch.max_in_flight = config.l2_prefetch_max_in_flight.max(1);
-            l2_cfg.prefetch.result_ttl = config.l1_read_ttl;
+            l2_cfg.prefetch.max_in_flight = config.l2.prefetch_max_in_flight.max(1);
+            l2_cfg.prefetch.result_ttl = config.l1.read_ttl;
             engine = engine.with_l2(L2Tier::start(l2_cfg, l1, Arc::clone(&segment))?);
         }
         let engine = Arc::new(engine);
@@ -146,7 +137,7 @@ impl Server {
             let engine = Arc::clone(&engine);
             Arc::new(
                 PeriodicThread::builder("kvtier-housekeep")
-                    .interval(config.housekeeping_interval)
+                    .interval(config.engine.housekeeping_interval)
                     .description("housekeeping thread")
                     .spawn(move || {
                         engine.housekeeping();
@@ -163,17 +154,17 @@ impl Server {
             )
             .map_err(spawn_err("kvtier-telemetry"))?,
         );
-        let host = if config.host == "localhost" {
+        let host = if config.rpc.host == "localhost" {
             "127.0.0.1"
         } else {
-            config.host.as_str()
+            config.rpc.host.as_str()
         };
         let frontend = Arc::new(ZmqFrontEnd::start(
             TransportConfig {
-                bind: format!("tcp://{host}:{}", config.port),
-                workers: config.max_workers,
-                queue_capacity: config.rpc_queue_capacity,
-                drain_timeout: config.drain_timeout,
+                bind: format!("tcp://{host}:{}", config.rpc.port),
+                workers: config.rpc.max_workers,
+                queue_capacity: config.rpc.queue_capacity,
+                drain_timeout: config.rpc.drain_timeout,
             },
             Arc::new(Service::new(Arc::clone(&engine), Arc::clone(&rpc))),
         )?);
@@ -200,7 +191,7 @@ impl Server {
             http = server.http_addr().map(|a| a.to_string()),
             shm = server.engine().segment().name(),
             l1_bytes = server.engine().l1().capacity_bytes(),
-            l2_adapters = server.config().l2_adapters.len(),
+            l2_adapters = server.config().l2.adapters.len(),
             startup_ms = started.elapsed().as_secs_f64() * 1e3,
             "kvtier serving"
         );

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use kvtier_proto::Op;
-use kvtier_server::http::HttpConfig;
 use kvtier_server::stats::Outcome;
 use kvtier_server::{Server, ServerConfig};
 use serde_json::Value;
@@ -16,22 +15,13 @@ use serde_json::Value;
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
 fn config(fault_injection: bool) -> ServerConfig {
-    ServerConfig {
-        port: 0,
-        l1_size_bytes: 16 << 20,
-        shm_name: format!(
-            "kvtier_dash_test_{}_{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Relaxed)
-        ),
-        l1_prefault: false,
-        max_workers: 1,
-        worker_reap_timeout: Duration::ZERO,
-        drain_timeout: Duration::from_secs(1),
-        http: Some(HttpConfig::local(0)),
-        fault_injection,
-        ..ServerConfig::default()
-    }
+    let mut c = ServerConfig::ephemeral(format!(
+        "kvtier_dash_test_{}_{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Relaxed)
+    ));
+    c.fault_injection = fault_injection;
+    c
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -13,31 +13,12 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn config(token: Option<&str>) -> ServerConfig {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    ServerConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        chunk_size: 256,
-        hash_algorithm: "blake3".into(),
-        l1_size_bytes: 16 << 20,
-        l1_align_bytes: 4096,
-        eviction_policy: "LRU".into(),
-        eviction_trigger_watermark: 0.8,
-        eviction_ratio: 0.2,
-        l1_write_ttl: Duration::from_secs(600),
-        l1_read_ttl: Duration::from_secs(300),
-        shm_name: format!("kvtier_http_test_{}_{n}", std::process::id()),
-        l1_prefault: false,
-        max_workers: 1,
-        session_ttl: Duration::from_secs(600),
-        worker_reap_timeout: Duration::ZERO,
-        worker_registration_grace: Duration::from_secs(3600),
-        drain_timeout: Duration::from_secs(1),
-        http: Some(HttpConfig {
-            auth_token: token.map(|t| AuthToken::new(t).expect("valid token")),
-            ..HttpConfig::local(0)
-        }),
-        ..ServerConfig::default()
-    }
+    let mut c = ServerConfig::ephemeral(format!("kvtier_http_test_{}_{n}", std::process::id()));
+    c.http = Some(HttpConfig {
+        auth_token: token.map(|t| AuthToken::new(t).expect("valid token")),
+        ..HttpConfig::local(0)
+    });
+    c
 }
 
 struct TestServer {
@@ -398,7 +379,7 @@ fn non_loopback_without_token_is_refused_before_anything_starts() {
         .build()
         .expect("runtime");
     let mut cfg = config(None);
-    let shm = cfg.shm_name.clone();
+    let shm = cfg.l1.shm_name.clone();
     if let Some(h) = cfg.http.as_mut() {
         h.host = "0.0.0.0".into();
     }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use kvtier_server::config::{EngineSettings, L1Settings, L2Settings, RpcSettings};
 use kvtier_server::http::{AuthToken, HttpConfig};
 use kvtier_server::{Server, ServerConfig};
 
@@ -219,10 +220,12 @@ impl ServeArgs {
                 self.l1_size_gb
             );
         }
-        self.eviction_policy
+        let eviction_policy = self
+            .eviction_policy
             .parse::<kvtier_core::l1::EvictionPolicyKind>()
             .map_err(|e| anyhow::anyhow!("--eviction-policy: {e}"))?;
-        self.hash_algorithm
+        let hash_algorithm = self
+            .hash_algorithm
             .parse::<kvtier_core::hash::HashAlgorithm>()
             .map_err(|e| anyhow::anyhow!("--hash-algorithm: {e}"))?;
         let reap = seconds(
@@ -257,32 +260,51 @@ impl ServeArgs {
         let shm_name = self
             .shm_name
             .unwrap_or_else(|| format!("kvtier_l1_{}", self.port));
+        let defaults = ServerConfig::default();
         let cfg = ServerConfig {
-            host: self.host,
-            port: self.port,
-            chunk_size: self.chunk_size,
-            hash_algorithm: self.hash_algorithm,
-            l1_size_bytes,
-            l1_align_bytes: self.l1_align_bytes,
-            eviction_policy: self.eviction_policy,
-            eviction_trigger_watermark: fraction(
-                "eviction-trigger-watermark",
-                self.eviction_trigger_watermark,
-            )?,
-            eviction_ratio: fraction("eviction-ratio", self.eviction_ratio)?,
-            l1_write_ttl: seconds("l1-write-ttl-seconds", self.l1_write_ttl_seconds, false)?,
-            l1_read_ttl: seconds("l1-read-ttl-seconds", self.l1_read_ttl_seconds, false)?,
-            shm_name,
-            l1_prefault: !self.no_l1_prefault,
-            max_workers: workers,
-            session_ttl: seconds("session-ttl-seconds", self.session_ttl_seconds, false)?,
-            worker_reap_timeout: reap,
-            worker_registration_grace: seconds(
-                "worker-registration-grace-seconds",
-                self.worker_registration_grace_seconds,
-                false,
-            )?,
-            drain_timeout: seconds("drain-timeout-seconds", self.drain_timeout_seconds, true)?,
+            rpc: RpcSettings {
+                host: self.host,
+                port: self.port,
+                max_workers: workers,
+                drain_timeout: seconds("drain-timeout-seconds", self.drain_timeout_seconds, true)?,
+                ..defaults.rpc
+            },
+            l1: L1Settings {
+                size_bytes: l1_size_bytes,
+                align_bytes: self.l1_align_bytes,
+                eviction_policy,
+                eviction_trigger_watermark: fraction(
+                    "eviction-trigger-watermark",
+                    self.eviction_trigger_watermark,
+                )?,
+                eviction_ratio: fraction("eviction-ratio", self.eviction_ratio)?,
+                write_ttl: seconds("l1-write-ttl-seconds", self.l1_write_ttl_seconds, false)?,
+                read_ttl: seconds("l1-read-ttl-seconds", self.l1_read_ttl_seconds, false)?,
+                shm_name,
+                prefault: !self.no_l1_prefault,
+                ..defaults.l1
+            },
+            engine: EngineSettings {
+                chunk_size: self.chunk_size,
+                hash_algorithm,
+                session_ttl: seconds("session-ttl-seconds", self.session_ttl_seconds, false)?,
+                worker_reap_timeout: reap,
+                worker_registration_grace: seconds(
+                    "worker-registration-grace-seconds",
+                    self.worker_registration_grace_seconds,
+                    false,
+                )?,
+                ..defaults.engine
+            },
+            l2: L2Settings {
+                adapters: l2_adapters,
+                prefetch_max_in_flight: self.l2_prefetch_max_in_flight,
+                flush_timeout: seconds(
+                    "l2-flush-timeout-seconds",
+                    self.l2_flush_timeout_seconds,
+                    true,
+                )?,
+            },
             http: if self.no_http {
                 None
             } else {
@@ -295,15 +317,7 @@ impl ServeArgs {
                 http.check_exposure()?;
                 Some(http)
             },
-            l2_adapters,
-            l2_prefetch_max_in_flight: self.l2_prefetch_max_in_flight,
-            l2_flush_timeout: seconds(
-                "l2-flush-timeout-seconds",
-                self.l2_flush_timeout_seconds,
-                true,
-            )?,
             fault_injection: self.enable_fault_injection,
-            ..ServerConfig::default()
         };
         Ok((cfg, self.log))
     }

@@ -313,31 +313,13 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn server_config(token: Option<&str>) -> ServerConfig {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    ServerConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        chunk_size: 256,
-        hash_algorithm: "blake3".into(),
-        l1_size_bytes: 8 << 20,
-        l1_align_bytes: 4096,
-        eviction_policy: "LRU".into(),
-        eviction_trigger_watermark: 0.8,
-        eviction_ratio: 0.2,
-        l1_write_ttl: Duration::from_secs(600),
-        l1_read_ttl: Duration::from_secs(300),
-        shm_name: format!("kvtier_cli_test_{}_{n}", std::process::id()),
-        l1_prefault: false,
-        max_workers: 1,
-        session_ttl: Duration::from_secs(600),
-        worker_reap_timeout: Duration::ZERO,
-        worker_registration_grace: Duration::from_secs(3600),
-        drain_timeout: Duration::from_secs(1),
-        http: Some(HttpConfig {
-            auth_token: token.map(|t| AuthToken::new(t).expect("valid")),
-            ..HttpConfig::local(0)
-        }),
-        ..ServerConfig::default()
-    }
+    let mut c = ServerConfig::ephemeral(format!("kvtier_cli_test_{}_{n}", std::process::id()));
+    c.l1.size_bytes = 8 << 20;
+    c.http = Some(HttpConfig {
+        auth_token: token.map(|t| AuthToken::new(t).expect("valid")),
+        ..HttpConfig::local(0)
+    });
+    c
 }
 
 #[test]

@@ -6,7 +6,6 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use kvtier_server::http::HttpConfig;
 use kvtier_server::{Server, ServerConfig};
 use kvtier_storage::AdapterConfig;
 use serde_json::{Value, json};
@@ -24,35 +23,17 @@ pub const OBJ: usize = 2 * LAYERS as usize * CHUNK * HIDDEN as usize * 2;
 
 /// A server config on ephemeral ports with a unique segment name.
 pub fn config(l2_adapters: Vec<AdapterConfig>) -> ServerConfig {
-    ServerConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        chunk_size: CHUNK,
-        hash_algorithm: "blake3".into(),
-        l1_size_bytes: 32 << 20,
-        l1_align_bytes: 4096,
-        eviction_policy: "LRU".into(),
-        eviction_trigger_watermark: 0.8,
-        eviction_ratio: 0.2,
-        l1_write_ttl: Duration::from_secs(600),
-        l1_read_ttl: Duration::from_secs(300),
-        shm_name: format!(
-            "kvtier_e2e_{}_{}",
-            std::process::id(),
-            N.fetch_add(1, Relaxed)
-        ),
-        l1_prefault: false,
-        max_workers: 2,
-        session_ttl: Duration::from_secs(600),
-        worker_reap_timeout: Duration::ZERO,
-        worker_registration_grace: Duration::from_secs(3600),
-        drain_timeout: Duration::from_secs(2),
-        http: Some(HttpConfig::local(0)),
-        l2_adapters,
-        l2_prefetch_max_in_flight: 8,
-        l2_flush_timeout: Duration::from_secs(10),
-        ..ServerConfig::default()
-    }
+    let mut c = ServerConfig::ephemeral(format!(
+        "kvtier_e2e_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Relaxed)
+    ));
+    c.engine.chunk_size = CHUNK;
+    c.l1.size_bytes = 32 << 20;
+    c.rpc.max_workers = 2;
+    c.rpc.drain_timeout = Duration::from_secs(2);
+    c.l2.adapters = l2_adapters;
+    c
 }
 
 /// A runtime for the HTTP API.
