@@ -23,9 +23,9 @@ use std::hint::black_box;
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
+use kvtier_core::shm::populate_write;
 use kvtier_proto::{CpuShmWrapper, DeviceIpcWrapper, TensorMetadata};
 use kvtier_server::engine::lmcache_driven::KvCacheMap;
-use kvtier_server::engine::lmcache_driven::mapping::populate_write;
 
 const LAYERS: usize = 32;
 const NB: usize = 128;
@@ -351,7 +351,7 @@ fn main() {
                 let mut dst = FreshShm::new(bytes, allocated);
                 timed(|| {
                     // SAFETY: `dst` is a live mapping of `bytes` bytes.
-                    unsafe { populate_write(dst.ptr, bytes) };
+                    let _best_effort = unsafe { populate_write(dst.ptr, bytes) };
                     nhd.gather(ids, dst.as_mut(), all).expect("gather");
                 })
             }),

@@ -34,7 +34,7 @@ use kvtier_core::status::{StatusNode, StatusReport};
 
 use parking_lot::Mutex;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::registry::{Registry, Unit};
@@ -241,40 +241,10 @@ impl Families {
             let help = desc.help_text();
             let mut m = enc.encode_descriptor(desc.name, &help, unit.as_ref(), kind)?;
             for (labels, value) in samples {
-                let none: NoExemplar<'_> = None;
                 if labels.is_empty() {
-                    match value {
-                        Value::Counter(n) => m.encode_counter(n, none)?,
-                        Value::Gauge(x) => match whole(*x) {
-                            Some(n) => m.encode_gauge(&n)?,
-                            None => m.encode_gauge(x)?,
-                        },
-                        Value::Histogram(h) => {
-                            m.encode_histogram::<NoLabelSet>(
-                                h.sum_seconds,
-                                h.count,
-                                &h.buckets,
-                                None,
-                            )?;
-                        }
-                    }
+                    encode_value(&mut m, value)?;
                 } else {
-                    let mut f = m.encode_family(labels)?;
-                    match value {
-                        Value::Counter(n) => f.encode_counter(n, none)?,
-                        Value::Gauge(x) => match whole(*x) {
-                            Some(n) => f.encode_gauge(&n)?,
-                            None => f.encode_gauge(x)?,
-                        },
-                        Value::Histogram(h) => {
-                            f.encode_histogram::<NoLabelSet>(
-                                h.sum_seconds,
-                                h.count,
-                                &h.buckets,
-                                None,
-                            )?;
-                        }
-                    }
+                    encode_value(&mut m.encode_family(labels)?, value)?;
                 }
             }
         }
@@ -298,6 +268,21 @@ impl MetricVisitor for Families {
         value: &HistogramSnapshot,
     ) {
         self.push(desc, labels, Value::Histogram(value.clone()));
+    }
+}
+
+/// Writes one sample's value.
+fn encode_value(m: &mut MetricEncoder<'_>, value: &Value) -> fmt::Result {
+    let none: NoExemplar<'_> = None;
+    match value {
+        Value::Counter(n) => m.encode_counter(n, none),
+        Value::Gauge(x) => match whole(*x) {
+            Some(n) => m.encode_gauge(&n),
+            None => m.encode_gauge(x),
+        },
+        Value::Histogram(h) => {
+            m.encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &h.buckets, None)
+        }
     }
 }
 

@@ -18,10 +18,8 @@ use std::ptr::NonNull;
 
 use kvtier_proto::{DeviceIpcWrapper, EngineGroupInfo};
 
-use super::layout::{
-    self, ChunkTarget, Direction, KernelView, KvGeometry, KvLayoutHint, LayerLayout, LayoutError,
-    SendPtr,
-};
+use super::kernels::{self, ChunkTarget, Direction, KernelView, SendPtr};
+use super::layout::{self, KvGeometry, KvLayoutHint, LayerLayout, LayoutError};
 use super::mapping::{EngineSegment, FileId, MapError};
 
 /// Block id vLLM uses for "no block" (LMCache `--null-block-id` default).
@@ -215,12 +213,12 @@ impl KvCacheMap {
             segment_ptrs,
             layer_group,
             num_groups,
-            parallel_min_bytes: layout::PARALLEL_MIN_BYTES,
+            parallel_min_bytes: kernels::PARALLEL_MIN_BYTES,
         })
     }
 
     /// Transfers smaller than this run on the calling thread only (default
-    /// [`layout::PARALLEL_MIN_BYTES`]).
+    /// [`kernels::PARALLEL_MIN_BYTES`]).
     pub fn set_parallel_min_bytes(&mut self, bytes: usize) {
         self.parallel_min_bytes = bytes;
     }
@@ -343,7 +341,7 @@ impl KvCacheMap {
         };
         // SAFETY: the segments are mapped for as long as `self` lives, and every layer's span
         // was checked against its mapping; the rest is the caller's contract.
-        unsafe { layout::run_transfer(self.view(), &ids, targets, dir, threads) };
+        unsafe { kernels::run_transfer(self.view(), &ids, targets, dir, threads) };
     }
 
     /// Gathers `dst.len() / object_len()` chunks (chunk `i` of the range into

@@ -85,23 +85,18 @@ fn file_id(st: &Stat) -> FileId {
     (st.st_dev, st.st_ino)
 }
 
-/// Strips one leading `/` and checks the rest is a single, non-special path component.
+/// Strips one leading `/` and checks the rest is a single, non-special path component (the
+/// workspace's one name check, `kvtier_core::shm::validate_name`).
 fn bare_name(name: &str) -> Result<&str, MapError> {
-    let invalid = |why| MapError::InvalidName {
-        name: name.chars().take(256).collect(),
-        why,
-    };
-    let bare = name.strip_prefix('/').unwrap_or(name);
-    if bare.is_empty() || bare == "." || bare == ".." {
-        return Err(invalid("empty, '.' or '..'"));
-    }
-    if bare.len() > 255 {
-        return Err(invalid("longer than 255 bytes"));
-    }
-    if bare.contains('/') || bare.contains('\0') {
-        return Err(invalid("contains '/' or NUL"));
-    }
-    Ok(bare)
+    kvtier_core::shm::validate_name(name).map_err(|e| match e {
+        kvtier_core::shm::ShmError::InvalidName { name, reason } => {
+            MapError::InvalidName { name, why: reason }
+        }
+        _ => MapError::InvalidName {
+            name: name.chars().take(256).collect(),
+            why: "invalid shared-memory name",
+        },
+    })
 }
 
 /// The file identity of the shared-memory segment `name`, if it exists.
@@ -231,32 +226,6 @@ impl EngineSegment {
     pub fn base_ptr(&self) -> NonNull<u8> {
         self.ptr
     }
-}
-
-/// Asks the kernel to fault in, for writing, the pages of `len` bytes at `ptr` (one
-/// `madvise(MADV_POPULATE_WRITE)`, Linux 5.14+), so that a following copy takes no page faults.
-/// Faulting pages in bulk in the kernel is several times cheaper than one fault per 4 KiB page
-/// during the copy, which matters most in virtual machines. Best effort: errors (older kernels)
-/// are ignored. Changes no data.
-///
-/// # Safety
-/// `ptr..ptr + len` lies within one live mapping (shared or private).
-pub unsafe fn populate_write(ptr: NonNull<u8>, len: usize) {
-    if len == 0 {
-        return;
-    }
-    let page = rustix::param::page_size();
-    let addr = ptr.as_ptr() as usize;
-    let start = addr - addr % page;
-    // SAFETY: the page holding `ptr` belongs to the same mapping as `ptr` (mappings are whole
-    // pages), so `start..addr + len` is mapped; MADV_POPULATE_WRITE only faults pages in.
-    let _ignored = unsafe {
-        rustix::mm::madvise(
-            start as *mut std::ffi::c_void,
-            addr + len - start,
-            rustix::mm::Advice::LinuxPopulateWrite,
-        )
-    };
 }
 
 impl Drop for EngineSegment {

@@ -57,26 +57,24 @@
 //! Lock order as in the engine: session mutex → L1.
 
 pub mod checksums;
+pub mod format;
+pub mod kernels;
 pub mod kv_cache;
 pub mod layout;
 pub mod mapping;
+mod status;
 
-use std::collections::BTreeSet;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
 use kvtier_core::key::ObjectKey;
 use kvtier_core::l1::L1Error;
-use kvtier_core::metrics::status_fields;
-use kvtier_core::status::StatusNode;
 use kvtier_proto::{IpcKey, RegisterKvCache};
-use serde::Serialize;
 
 use self::checksums::{ChecksumError, ChecksumRequest};
+use self::kernels::{ChunkTarget, Direction, SendPtr};
 pub use self::kv_cache::{BlockError, KvCacheMap, NULL_BLOCK_ID, RegisterError};
-use self::layout::{ChunkTarget, Direction, SendPtr};
-use super::instances::WorkerSnapshot;
 use super::{EngineError, Shared, malformed};
 
 kvtier_core::metric_set! {
@@ -127,6 +125,13 @@ pub struct LmcacheInstance {
     world_size: u32,
     engine_type: String,
     kv: Result<Arc<KvCacheMap>, String>,
+}
+
+impl LmcacheInstance {
+    /// The model the engine serves.
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
 }
 
 /// The lmcache_driven path: copy threads and counters. Registrations live in the engine's
@@ -518,86 +523,4 @@ impl LmcacheDriven {
         drop(inst);
         checksums::checksums(&kv, req)
     }
-
-    /// The `lmcache_driven` status child: every registration (or refusal) and the counters.
-    pub(super) fn status(&self, workers: &[WorkerSnapshot]) -> StatusNode {
-        let mut contexts = serde_json::Map::new();
-        let (mut registered, mut refused) = (0u64, 0u64);
-        for w in workers {
-            let Some(inst) = &w.lmcache_driven else {
-                continue;
-            };
-            let state = match &inst.kv {
-                Ok(kv) => {
-                    registered += 1;
-                    let runs: BTreeSet<&'static str> =
-                        kv.layers().iter().map(|l| l.run.name()).collect();
-                    ContextState::Registered {
-                        geometry: kv.geometry().clone(),
-                        object_bytes: kv.object_len(),
-                        object_shape: kv.geometry().object_shape(),
-                        num_groups: kv.num_groups(),
-                        segments: kv.segment_names().count(),
-                        mapped_bytes: kv.mapped_bytes(),
-                        copy_granularity: runs.into_iter().collect(),
-                    }
-                }
-                Err(reason) => {
-                    refused += 1;
-                    ContextState::Refused {
-                        reason: reason.clone(),
-                    }
-                }
-            };
-            let status = ContextStatus {
-                state,
-                model_name: inst.model_name.clone(),
-                world_size: inst.world_size,
-                engine_type: inst.engine_type.clone(),
-                registered_seconds_ago: w.liveness.registered_seconds_ago,
-                idle_seconds: w.liveness.idle_seconds,
-                pinged: w.liveness.pinged,
-            };
-            contexts.insert(
-                w.instance_id.to_string(),
-                serde_json::to_value(status).unwrap_or_default(),
-            );
-        }
-        StatusNode::healthy()
-            .field("contexts", contexts)
-            .field("registered_instances", registered)
-            .field("refused_instances", refused)
-            .field("copy_threads", self.threads.get())
-            .field("counters", status_fields(&self.counters))
-    }
-}
-
-/// One registration in the status tree.
-#[derive(Debug, Serialize)]
-struct ContextStatus {
-    #[serde(flatten)]
-    state: ContextState,
-    model_name: String,
-    world_size: u32,
-    engine_type: String,
-    registered_seconds_ago: f64,
-    idle_seconds: f64,
-    pinged: bool,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-enum ContextState {
-    Registered {
-        geometry: layout::KvGeometry,
-        object_bytes: usize,
-        object_shape: Vec<u64>,
-        num_groups: usize,
-        segments: usize,
-        mapped_bytes: usize,
-        copy_granularity: Vec<&'static str>,
-    },
-    Refused {
-        reason: String,
-    },
 }
