@@ -19,8 +19,9 @@ use kvtier_storage::AdapterConfig;
 use serde::Serialize;
 
 use crate::http::HttpConfig;
+use crate::telemetry::TelemetryConfig;
 
-fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
 
@@ -135,6 +136,9 @@ pub struct ServerConfig {
     /// The L2 tier.
     #[serde(flatten)]
     pub l2: L2Settings,
+    /// The telemetry sampler behind the dashboard's time series.
+    #[serde(flatten)]
+    pub telemetry: TelemetryConfig,
     /// HTTP admin API (`None` disables it).
     pub http: Option<HttpConfig>,
     /// Test-only: mounts `POST /api/debug/fault` on the HTTP API, which makes a component fail
@@ -178,6 +182,7 @@ impl Default for ServerConfig {
                 prefetch_max_in_flight: 8,
                 flush_timeout: Duration::from_secs(10),
             },
+            telemetry: TelemetryConfig::default(),
             http: Some(HttpConfig::local(8000)),
             fault_injection: false,
         }

@@ -29,7 +29,7 @@ use crate::service::Service;
 use crate::stats::RpcStats;
 use crate::status::StatusParts;
 pub use crate::status::StatusSource;
-use crate::telemetry::{Telemetry, TelemetryConfig};
+use crate::telemetry::Telemetry;
 use crate::transport::{TransportConfig, ZmqFrontEnd};
 
 /// Start-up failures.
@@ -147,12 +147,8 @@ impl Server {
             )
         };
         let telemetry = Arc::new(
-            Telemetry::spawn(
-                Arc::clone(&engine),
-                Arc::clone(&rpc),
-                TelemetryConfig::default(),
-            )
-            .map_err(spawn_err("kvtier-telemetry"))?,
+            Telemetry::spawn(Arc::clone(&engine), Arc::clone(&rpc), config.telemetry)
+                .map_err(spawn_err("kvtier-telemetry"))?,
         );
         let host = if config.rpc.host == "localhost" {
             "127.0.0.1"

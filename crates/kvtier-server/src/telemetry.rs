@@ -37,11 +37,16 @@ use crate::engine::Engine;
 use crate::stats::{LatencyHistogram, RpcStats, quantile_of_counts};
 
 /// Sampling settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct TelemetryConfig {
     /// Time between samples.
+    #[serde(
+        rename = "telemetry_interval_seconds",
+        serialize_with = "crate::config::as_seconds"
+    )]
     pub interval: Duration,
     /// Samples kept (the ring's capacity).
+    #[serde(rename = "telemetry_samples")]
     pub capacity: usize,
 }
 

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, unbounded};
 use kvtier_core::status::{StatusNode, StatusReport};
-use kvtier_proto::{Op, Scheduling, decode_op};
+use kvtier_proto::{Op, RequestFrames, Scheduling, decode_op};
 use parking_lot::Mutex;
 use rustix::event::{EventfdFlags, eventfd};
 
@@ -409,25 +409,34 @@ impl PollLoop {
     }
 
     fn dispatch(&mut self, frames: Vec<Vec<u8>>) {
-        if frames.len() < 3 {
-            self.stats.too_few_frames.inc();
-            tracing::warn!(
-                frames = frames.len(),
-                "message too short to answer; dropped"
-            );
-            return;
-        }
+        // Classify with the protocol crate's framing; the owned frames are moved afterwards.
+        let op = {
+            let slices: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+            let parsed = match RequestFrames::parse(&slices) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.stats.too_few_frames.inc();
+                    tracing::warn!(error = %e, "message too short to answer; dropped");
+                    return;
+                }
+            };
+            if parsed.is_control() {
+                // Stream control ([uid, "", ack|cancel]) for a stream this server does not have
+                // open: counted and dropped (a control frame gets no reply).
+                self.stats.control_frames.inc();
+                if let Err(e) = parsed.stream_control() {
+                    tracing::debug!(error = %e, "malformed stream control frame");
+                }
+                return;
+            }
+            decode_op(parsed.op_frame)
+        };
         let mut it = frames.into_iter();
         let (Some(identity), Some(uid), Some(op_frame)) = (it.next(), it.next(), it.next()) else {
             return;
         };
         let payloads: Vec<Vec<u8>> = it.collect();
-        if op_frame.is_empty() {
-            // Stream control ([uid, "", ack|cancel]); kvtier implements no stream operation.
-            self.stats.control_frames.inc();
-            return;
-        }
-        let op = match decode_op(&op_frame) {
+        let op = match op {
             Ok(op) => op,
             Err(e) => {
                 self.stats.unknown_op.inc();

@@ -317,6 +317,7 @@ impl ServeArgs {
                 http.check_exposure()?;
                 Some(http)
             },
+            telemetry: defaults.telemetry,
             fault_injection: self.enable_fault_injection,
         };
         Ok((cfg, self.log))
