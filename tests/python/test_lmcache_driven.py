@@ -703,12 +703,12 @@ def test_refused_registrations_are_reported_and_harmless(lmd_server: Server, cli
             assert ctx["state"] == "refused", (name, ctx)
             assert reason in ctx["reason"], (name, ctx["reason"])
             toks = tokens(rng, CHUNK)
-            assert cli.store(key(toks, uniq("r"), 0, CHUNK), iid, [list(range(1, BPC + 1))]) == (b"", False)
-            assert cli.retrieve(key(toks, uniq("r"), 0, CHUNK), iid, [list(range(1, BPC + 1))]) == (b"", False)
+            assert cli.store(key(toks, uniq("r"), 0, CHUNK), iid, [list(range(1, BPC + 1))]) == (STUB, False)
+            assert cli.retrieve(key(toks, uniq("r"), 0, CHUNK), iid, [list(range(1, BPC + 1))]) == (STUB, False)
             assert cli.call("unregister_kv_cache", iid) is None
             assert str(iid) not in lmd_server.lmd()["contexts"]
         # Unknown instance.
-        assert cli.store(key(tokens(rng, CHUNK), uniq("r"), 0, CHUNK), 999_999_999, [[1] * BPC]) == (b"", False)
+        assert cli.store(key(tokens(rng, CHUNK), uniq("r"), 0, CHUNK), 999_999_999, [[1] * BPC]) == (STUB, False)
         # Nothing else was affected: a good registration on the same server works.
         iid = new_iid()
         register_lmd(cli, good, iid)
@@ -740,7 +740,7 @@ def test_unregister_unmaps_the_engine_memory(lmd_server: Server, cli: Client, rn
     assert cli.call("unregister_kv_cache", iid) is None
     assert not any(mapped(lmd_server, s) for s in kv.segments), "segments still mapped after unregister"
     toks = tokens(rng, CHUNK)
-    assert cli.store(key(toks, uniq("r"), 0, CHUNK), iid, [pick_blocks(rng, BPC)]) == (b"", False)
+    assert cli.store(key(toks, uniq("r"), 0, CHUNK), iid, [pick_blocks(rng, BPC)]) == (STUB, False)
     assert cli.call("unregister_kv_cache", iid) is None  # twice is fine
     kv.close()
 
@@ -759,7 +759,7 @@ def test_reaper_unmaps_silent_engines(rng) -> None:
             time.sleep(0.2)
         assert not any(mapped(srv, s) for s in kv.segments), "reaped instance still mapped"
         assert srv.lmd()["counters"]["reaped_total"] == 1
-        assert cli.store(key(tokens(rng, CHUNK), uniq("r"), 0, CHUNK), iid, [pick_blocks(rng, BPC)]) == (b"", False)
+        assert cli.store(key(tokens(rng, CHUNK), uniq("r"), 0, CHUNK), iid, [pick_blocks(rng, BPC)]) == (STUB, False)
     finally:
         stop_server(srv)
         kv.close()

@@ -78,8 +78,8 @@ def test_ping_registered(ctx: EngineContext):
 
 def test_get_experimental(client: KVClient):
     r = client.request("get_experimental")
-    assert decode_reply(r, list[str]) == []
-    assert r.payload == b"\x90"
+    assert decode_reply(r, list[str]) == ["kv_event_stream"]
+    assert r.payload == b"\x91\xafkv_event_stream"
 
 
 def test_status_tree(server: Server):
@@ -408,8 +408,9 @@ def test_report_block_allocation(client: KVClient):
 def test_unimplemented_ops_reply_with_failure_values(client: KVClient, rng):
     tokens = fresh_tokens(rng, 256)
     key = make_key(MODEL, tokens, 0, 256, "unimpl")
-    assert client.call("store", key, 1, [[0, 1]], b"stub_ipc_handle", rtype=tuple[bytes, bool]) == (b"", False)
-    assert client.call("retrieve", key, 1, [[0, 1]], b"stub_ipc_handle", 0, rtype=tuple[bytes, bool]) == (b"", False)
+    # A failed transfer echoes the client's event handle, as a successful one does.
+    assert client.call("store", key, 1, [[0, 1]], b"stub_ipc_handle", rtype=tuple[bytes, bool]) == (b"stub_ipc_handle", False)
+    assert client.call("retrieve", key, 1, [[0, 1]], b"evt", 0, rtype=tuple[bytes, bool]) == (b"evt", False)
     assert client.call("p2p_lookup_and_lock", [], {}, rtype=int) == 0
     assert client.call("cb_reorder_plan", key, 0, 10, rtype=list[int]) == []
     r = client.request("register_kv_cache", new_iid(), [], MODEL, 1, "vllm", {"kv_layout": "NHD"}, [])

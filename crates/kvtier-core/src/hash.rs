@@ -518,6 +518,12 @@ impl ChunkHashCache {
         Ok(&self.hashes[start / cs..needed])
     }
 
+    /// The cached hash of chunk `index` (valid for chunks below the `end` of the last
+    /// [`hashes`](Self::hashes) call); `None` past the cache.
+    pub fn chunk_hash(&self, index: usize) -> Option<ChunkHash> {
+        self.hashes.get(index).copied()
+    }
+
     /// Number of chunks whose hashes are cached.
     pub fn cached_chunks(&self) -> usize {
         self.hashes.len()

@@ -388,3 +388,78 @@ fn mass_expiry_is_applied_across_several_lock_batches() {
     assert_eq!(l1.expire_locks(), 0);
     l1.check_invariants().expect("invariants");
 }
+
+/// The listener contract: one `published` per publish, one `removed` when a published object
+/// leaves (delete, eviction, forced clear of a locked object, a temporary object's last
+/// reader), nothing for staging objects that never publish, and never a removal first.
+#[test]
+fn the_listener_sees_every_publish_and_removal_in_order() {
+    use kvtier_core::key::ObjectKey;
+    use kvtier_core::l1::L1Listener;
+
+    #[derive(Debug, Default)]
+    struct Log(parking_lot::Mutex<Vec<(bool, ObjectKey)>>);
+    impl L1Listener for Log {
+        fn published(&self, key: &ObjectKey) {
+            self.0.lock().push((true, key.clone()));
+        }
+        fn removed(&self, key: &ObjectKey) {
+            self.0.lock().push((false, key.clone()));
+        }
+    }
+
+    let (l1, _clock) = manager(4);
+    let log = Arc::new(Log::default());
+    l1.set_listener(log.clone()).expect("first listener");
+    store(&l1, 1, PAGE).expect("stored");
+    store(&l1, 2, PAGE).expect("stored");
+    // A staging object that is aborted is never announced.
+    let t = l1
+        .reserve_write(&[(key(3), PAGE)], false)
+        .remove(0)
+        .expect("reserved");
+    l1.abort_write(&[t]);
+    l1.delete(&[key(1)]);
+    // Locked, then force-cleared: announced as removed at once (it left the index).
+    let lease = l1.reserve_read(&[key(2)], 1).remove(0).expect("read");
+    l1.clear(true);
+    l1.finish_read(&[lease], 1);
+    // A temporary object leaves with its last reader.
+    let t = l1
+        .reserve_write(&[(key(4), PAGE)], true)
+        .remove(0)
+        .expect("reserved");
+    let lease = l1
+        .finish_write_and_reserve_read(&[t], 1)
+        .remove(0)
+        .expect("published");
+    l1.finish_read(&[lease], 1);
+    // Eviction under pressure.
+    for n in 10..16 {
+        store(&l1, n, PAGE).expect("stored");
+    }
+    let events = log.0.lock().clone();
+    let expect_start: Vec<(bool, ObjectKey)> = vec![
+        (true, key(1)),
+        (true, key(2)),
+        (false, key(1)),
+        (false, key(2)),
+        (true, key(4)),
+        (false, key(4)),
+    ];
+    assert_eq!(events[..expect_start.len()], expect_start[..]);
+    // Every key alternates published/removed, starting with published.
+    let mut live = std::collections::HashSet::new();
+    for (published, k) in &events {
+        if *published {
+            assert!(live.insert(k.clone()), "published twice: {k:?}");
+        } else {
+            assert!(live.remove(k), "removed before published: {k:?}");
+        }
+    }
+    assert_eq!(
+        live.len() as u64,
+        l1.counters().objects.get(),
+        "live set = L1 objects"
+    );
+}

@@ -37,4 +37,6 @@ pub use request::{
     RegisterEngineDrivenContext, RegisterKvCache, Request, STUB_IPC_HANDLE, TensorMetadata,
     decode_request,
 };
-pub use response::{RegisterEngineDrivenContextResponse, Response, Slot};
+pub use response::{
+    KvEventBatch, KvEventKind, KvEventRecord, RegisterEngineDrivenContextResponse, Response, Slot,
+};

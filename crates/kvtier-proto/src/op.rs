@@ -125,6 +125,13 @@ ops! {
 const RETIRED_LEGACY_ID: u64 = 11;
 
 impl Op {
+    /// Whether the reply is a stream of messages ended by a bare reply (only
+    /// `subscribe_kv_events`), driven by `ack`/`cancel` control frames (see [`crate::frame`]).
+    #[must_use]
+    pub const fn is_stream(self) -> bool {
+        matches!(self, Op::SubscribeKvEvents)
+    }
+
     /// The operation with this legacy wire id; `None` for 0, 11 (retired) and anything > 33.
     #[must_use]
     pub fn from_legacy_id(id: u64) -> Option<Op> {

@@ -306,6 +306,17 @@ pub enum Request {
     Noop,
     /// `get_experimental`.
     GetExperimental,
+    /// `subscribe_kv_events`: a stream of KV-event batches for one worker instance.
+    SubscribeKvEvents {
+        /// The subscribing worker (one subscription per instance).
+        instance_id: i64,
+        /// Only records of this model are sent.
+        model_name: String,
+        /// Resume after this sequence number (0 = from the start of the log).
+        cursor: i64,
+        /// Most records per batch (LMCache accepts 1..=1024).
+        max_events: i64,
+    },
     /// An operation kvtier does not decode yet; only its arity was checked.
     Unsupported {
         /// The operation.
@@ -368,6 +379,7 @@ impl Request {
             Self::ReportBlockAllocation { .. } => Op::ReportBlockAllocation,
             Self::Noop => Op::Noop,
             Self::GetExperimental => Op::GetExperimental,
+            Self::SubscribeKvEvents { .. } => Op::SubscribeKvEvents,
             Self::Unsupported { op, .. } => *op,
         }
     }
@@ -921,6 +933,12 @@ pub fn decode_request(op: Op, payloads: &[&[u8]]) -> Result<Request, ProtoError>
             force: frame(force, "force", Reader::read_bool_or_int)?,
         },
         (Op::GetChunkSize, &[]) => Request::GetChunkSize,
+        (Op::SubscribeKvEvents, &[iid, model, cursor, max_events]) => Request::SubscribeKvEvents {
+            instance_id: int_frame(iid, "instance_id")?,
+            model_name: str_frame(model, "model_name")?,
+            cursor: int_frame(cursor, "cursor")?,
+            max_events: int_frame(max_events, "max_events")?,
+        },
         (Op::Ping, &[iid]) => Request::Ping {
             instance_id: frame(iid, "instance_id", |r, p| {
                 r.read_nil_or(p, Reader::read_i64)
@@ -948,7 +966,6 @@ pub fn decode_request(op: Op, payloads: &[&[u8]]) -> Result<Request, ProtoError>
             | Op::P2pUnlockObjects
             | Op::CbProtocolHandshake
             | Op::CbReorderPlan
-            | Op::SubscribeKvEvents
             | Op::ServerModuleCall,
             frames,
         ) => Request::Unsupported {

@@ -151,6 +151,13 @@ impl Writer {
         usize::try_from(len).unwrap_or(usize::MAX)
     }
 
+    fn nil(&mut self) {
+        match rmp::encode::write_nil(&mut self.buf) {
+            Ok(()) => {}
+            Err(e) => match e {},
+        }
+    }
+
     fn map_len(&mut self, entries: u32) {
         infallible(rmp::encode::write_map_len(&mut self.buf, entries));
     }
@@ -288,6 +295,105 @@ pub fn encode_cb_protocol_handshake(version: i64, ok: bool) -> Vec<u8> {
     w.finish()
 }
 
+/// What a KV-event record says happened (`KVEventRecord.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvEventKind {
+    /// The chunk became readable in the medium.
+    Stored,
+    /// The chunk left the medium.
+    Removed,
+}
+
+impl KvEventKind {
+    /// The wire string (`"stored"` / `"removed"`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::Removed => "removed",
+        }
+    }
+}
+
+/// One sequenced cache change (LMCache 0.5.6 `KVEventRecord`), encoded as the map
+/// `{seq, kind, medium, model_name, block_hashes, parent_block_hash, token_ids}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEventRecord {
+    /// Sequence number (1, 2, ...; never reused within an incarnation).
+    pub seq: u64,
+    /// Stored or removed.
+    pub kind: KvEventKind,
+    /// Where (`"CPU"` for L1).
+    pub medium: &'static str,
+    /// The model the chunks belong to.
+    pub model_name: std::sync::Arc<str>,
+    /// The chunks' 32-byte hashes.
+    pub block_hashes: Vec<[u8; 32]>,
+    /// The hash of the chunk before the first one (stored records), `None` for a first chunk or
+    /// when unknown.
+    pub parent_block_hash: Option<[u8; 32]>,
+    /// The chunk's tokens (stored records; empty when unknown and for removals).
+    pub token_ids: std::sync::Arc<[u32]>,
+}
+
+/// One batch of a `subscribe_kv_events` stream (LMCache 0.5.6 `KVEventBatch`), encoded as the
+/// map `{enabled, incarnation, next_cursor, lost, events}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEventBatch {
+    /// Whether the server records events (false ends the stream).
+    pub enabled: bool,
+    /// Changes when the server restarts: earlier announcements no longer hold.
+    pub incarnation: u64,
+    /// Resume after this sequence number.
+    pub next_cursor: u64,
+    /// Records were lost since the cursor: earlier announcements no longer hold.
+    pub lost: bool,
+    /// The records.
+    pub events: Vec<KvEventRecord>,
+}
+
+impl KvEventBatch {
+    fn write(&self, w: &mut Writer) {
+        w.map_len(5);
+        w.str("enabled");
+        w.bool(self.enabled);
+        w.str("incarnation");
+        w.uint(self.incarnation);
+        w.str("next_cursor");
+        w.uint(self.next_cursor);
+        w.str("lost");
+        w.bool(self.lost);
+        w.str("events");
+        let n = w.array_len(self.events.len());
+        for r in self.events.iter().take(n) {
+            w.map_len(7);
+            w.str("seq");
+            w.uint(r.seq);
+            w.str("kind");
+            w.str(r.kind.as_str());
+            w.str("medium");
+            w.str(r.medium);
+            w.str("model_name");
+            w.str(&r.model_name);
+            w.str("block_hashes");
+            let m = w.array_len(r.block_hashes.len());
+            for h in r.block_hashes.iter().take(m) {
+                w.bin(h);
+            }
+            w.str("parent_block_hash");
+            match &r.parent_block_hash {
+                Some(h) => w.bin(h),
+                None => w.nil(),
+            }
+            w.str("token_ids");
+            let m = w.array_len(r.token_ids.len());
+            for &t in r.token_ids.iter().take(m) {
+                w.uint(u64::from(t));
+            }
+        }
+    }
+}
+
 /// A handler's typed result, the counterpart of [`Request`](crate::Request): the engine
 /// returns one, the service encodes it at the edge with [`Response::encode`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,6 +421,8 @@ pub enum Response {
     },
     /// `prepare_retrieve`'s slots (success).
     PrepareRetrieve(Vec<Slot>),
+    /// One `subscribe_kv_events` batch.
+    KvEvents(KvEventBatch),
     /// `store` / `retrieve`'s `(event handle, ok)`.
     Transfer {
         /// The event handle, echoed.
@@ -345,6 +453,11 @@ impl Response {
             } => encode_prepare_store(slots, chunk_indices),
             Self::PrepareRetrieve(slots) => encode_prepare_retrieve(true, slots),
             Self::Transfer { handle, ok } => encode_transfer_result(handle, *ok),
+            Self::KvEvents(batch) => {
+                let mut w = Writer::new();
+                batch.write(&mut w);
+                w.finish()
+            }
         })
     }
 }

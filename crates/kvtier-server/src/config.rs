@@ -105,6 +105,8 @@ pub struct EngineSettings {
         serialize_with = "as_seconds"
     )]
     pub housekeeping_interval: Duration,
+    /// KV-event records kept for replay (`--kv-event-log-size`; 0 disables KV events).
+    pub kv_event_log_size: usize,
 }
 
 /// The L2 tier.
@@ -176,6 +178,7 @@ impl Default for ServerConfig {
                 worker_reap_timeout: Duration::from_secs(120),
                 worker_registration_grace: Duration::from_secs(3600),
                 housekeeping_interval: Duration::from_secs(1),
+                kv_event_log_size: 32768,
             },
             l2: L2Settings {
                 adapters: Vec::new(),

@@ -115,6 +115,7 @@ impl Server {
                 session_ttl: config.engine.session_ttl,
                 worker_reap_timeout: config.engine.worker_reap_timeout,
                 worker_registration_grace: config.engine.worker_registration_grace,
+                kv_event_log_size: config.engine.kv_event_log_size,
             },
             hasher,
             Arc::clone(&l1),

@@ -14,9 +14,10 @@ use std::time::Instant;
 
 use kvtier_proto::{Op, Response, Scheduling, decode_request};
 
+use crate::engine::kv_events::{StreamPoll, Subscription, Waker};
 use crate::engine::{Engine, EngineError};
 use crate::stats::{Outcome, RpcStats};
-use crate::transport::Handler;
+use crate::transport::{Handler, ReplyStream, StreamItem, StreamWaker};
 
 /// Largest payload (all frames) of an op that may run inline on the poll thread: a 64 KiB key
 /// carries about 16k tokens, which hash in well under 100 µs.
@@ -100,5 +101,65 @@ impl Handler for Service {
         let (reply, outcome) = self.call(op, payloads);
         self.rpc.record(op, outcome, t.elapsed());
         reply
+    }
+
+    /// `subscribe_kv_events`: decodes, opens the engine's subscription and wraps it. A request
+    /// the engine refuses (bad frames, negative cursor, `max_events` outside 1..=1024) ends at
+    /// once with a bare reply and is counted; LMCache leaves such a client waiting instead.
+    fn open_stream(&self, op: Op, payloads: &[&[u8]]) -> Option<Box<dyn ReplyStream>> {
+        let t = Instant::now();
+        let opened = decode_request(op, payloads)
+            .map_err(|e| EngineError::Malformed(e.to_string()))
+            .and_then(|req| match req {
+                kvtier_proto::Request::SubscribeKvEvents {
+                    instance_id,
+                    model_name,
+                    cursor,
+                    max_events,
+                } => self
+                    .engine
+                    .subscribe_kv_events(instance_id, model_name, cursor, max_events),
+                other => Err(EngineError::Unsupported(other.op().name())),
+            });
+        let (stream, outcome) = match opened {
+            Ok(sub) => (
+                Some(Box::new(KvEventStream(sub)) as Box<dyn ReplyStream>),
+                Outcome::Ok,
+            ),
+            Err(e) => {
+                tracing::warn!(%op, error = %e, "stream refused; ending it at once");
+                (None, outcome_of(&e))
+            }
+        };
+        self.rpc.record(op, outcome, t.elapsed());
+        stream
+    }
+
+    fn attach_waker(&self, waker: StreamWaker) {
+        self.engine
+            .kv_events()
+            .set_waker(Waker(std::sync::Arc::new(move || waker.wake())));
+    }
+}
+
+/// A `subscribe_kv_events` subscription as a transport stream: each batch encoded as
+/// LMCache's `KVEventBatch`.
+#[derive(Debug)]
+struct KvEventStream(Subscription);
+
+impl ReplyStream for KvEventStream {
+    fn poll_next(&mut self) -> StreamItem {
+        match self.0.poll() {
+            StreamPoll::Item(batch) => match Response::KvEvents(batch).encode() {
+                Some(body) => StreamItem::Item(body),
+                None => StreamItem::End,
+            },
+            StreamPoll::Pending => StreamItem::Pending,
+            StreamPoll::End => StreamItem::End,
+        }
+    }
+
+    fn cancel(&mut self) {
+        self.0.cancel();
     }
 }

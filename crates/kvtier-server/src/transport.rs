@@ -32,9 +32,56 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, unbounded};
 use kvtier_core::status::{StatusNode, StatusReport};
-use kvtier_proto::{Op, RequestFrames, Scheduling, decode_op};
+use kvtier_proto::{Op, RequestFrames, Scheduling, StreamControl, decode_op};
 use parking_lot::Mutex;
 use rustix::event::{EventfdFlags, eventfd};
+
+/// What a stream yields when the transport asks for its next batch.
+#[derive(Debug)]
+pub enum StreamItem {
+    /// The next reply payload.
+    Item(Vec<u8>),
+    /// Nothing to send yet; the stream's source calls the [`StreamWaker`] when that changes.
+    Pending,
+    /// The stream is over: a bare `[identity, uid, op]` reply ends it on the wire.
+    End,
+}
+
+/// A streamed reply (`subscribe_kv_events`): polled on the poll thread, one item per client
+/// credit, so polling must never block.
+pub trait ReplyStream: Send + std::fmt::Debug {
+    /// The next item, without blocking.
+    fn poll_next(&mut self) -> StreamItem;
+    /// The client cancelled (or went away): the next poll ends the stream.
+    fn cancel(&mut self);
+}
+
+/// Wakes the poll thread so it polls its open streams again. Cheap and non-blocking (one
+/// eventfd write); safe to call under any lock.
+#[derive(Clone)]
+pub struct StreamWaker {
+    fd: Arc<OwnedFd>,
+    dirty: Arc<AtomicBool>,
+}
+
+impl StreamWaker {
+    /// Marks the streams as worth polling and wakes the poll thread; a burst of calls costs
+    /// one eventfd write (the poll thread clears the mark before it polls).
+    pub fn wake(&self) {
+        if !self.dirty.swap(true, Relaxed) {
+            wake(&self.fd);
+        }
+    }
+}
+
+impl std::fmt::Debug for StreamWaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamWaker")
+    }
+}
+
+/// Most streams open at once; a further stream request is ended at once and counted.
+pub const MAX_STREAMS: usize = 1024;
 
 /// Something that answers one request. Implemented by the engine service; must never panic.
 pub trait Handler: Send + Sync + 'static {
@@ -47,6 +94,22 @@ pub trait Handler: Send + Sync + 'static {
     fn run_inline(&self, op: Op, _payloads: &[Vec<u8>]) -> bool {
         op.scheduling() == Scheduling::Sync
     }
+
+    /// Opens the stream of a streaming op (`subscribe_kv_events`), on the poll thread; `None`
+    /// ends it at once (a bare reply). Default: no streams.
+    fn open_stream(&self, _op: Op, _payloads: &[&[u8]]) -> Option<Box<dyn ReplyStream>> {
+        None
+    }
+
+    /// Receives, once at start, the waker its stream sources call when a stream has news.
+    fn attach_waker(&self, _waker: StreamWaker) {}
+}
+
+struct OpenStream {
+    op_frame: Vec<u8>,
+    stream: Box<dyn ReplyStream>,
+    /// The client may receive one more item (the first is granted at open, then one per ack).
+    credit: bool,
 }
 
 /// Front-end settings.
@@ -104,6 +167,12 @@ kvtier_core::metric_set! {
         send_failures: Counter as "send_failures_total" => "kvtier_transport_send_failures",
         /// Requests received and not yet answered.
         in_flight: Gauge as "in_flight" => "kvtier_transport_in_flight_requests",
+        /// Streams open (subscribe_kv_events).
+        open_streams: Gauge as "open_streams" => "kvtier_transport_open_streams",
+        /// Stream items sent.
+        stream_items: Counter as "stream_items_total" => "kvtier_transport_stream_items",
+        /// Streams ended at once because MAX_STREAMS were open.
+        streams_refused: Counter as "streams_refused_total" => "kvtier_transport_streams_refused",
     }
 }
 
@@ -210,6 +279,11 @@ impl ZmqFrontEnd {
         }
         drop(normal_rx);
 
+        let streams_dirty = Arc::new(AtomicBool::new(false));
+        handler.attach_waker(StreamWaker {
+            fd: Arc::clone(&wake_fd),
+            dirty: Arc::clone(&streams_dirty),
+        });
         let poll = PollLoop {
             socket,
             _ctx: ctx,
@@ -223,6 +297,8 @@ impl ZmqFrontEnd {
             alive: Arc::clone(&alive),
             drain_timeout: config.drain_timeout,
             hasher: foldhash_state(),
+            streams: std::collections::HashMap::new(),
+            streams_dirty,
         };
         let poll_thread = std::thread::Builder::new()
             .name("kvtier-zmq".into())
@@ -314,6 +390,8 @@ struct PollLoop {
     alive: Arc<AtomicBool>,
     drain_timeout: Duration,
     hasher: foldhash::fast::FixedState,
+    streams: std::collections::HashMap<(Vec<u8>, Vec<u8>), OpenStream>,
+    streams_dirty: Arc<AtomicBool>,
 }
 
 impl PollLoop {
@@ -339,6 +417,9 @@ impl PollLoop {
                 let _drained = rustix::io::read(&*self.wake_fd, &mut buf);
             }
             self.flush_replies();
+            if self.streams_dirty.swap(false, Relaxed) {
+                self.poll_streams();
+            }
             if drain_deadline.is_none() && self.stop.load(Relaxed) {
                 let deadline = Instant::now() + self.drain_timeout;
                 tracing::info!(in_flight = self.stats.in_flight.get(), "front end draining");
@@ -361,17 +442,87 @@ impl PollLoop {
                 self.read_requests();
             }
         }
+        // End every open stream (best effort: the socket closes next).
+        for ((identity, uid), mut open) in std::mem::take(&mut self.streams) {
+            open.stream.cancel();
+            self.send(identity, uid, open.op_frame, None);
+        }
         self.alive.store(false, Relaxed);
+    }
+
+    /// Sends what every stream with credit has ready; ends finished streams.
+    fn poll_streams(&mut self) {
+        let keys: Vec<(Vec<u8>, Vec<u8>)> = self
+            .streams
+            .iter()
+            .filter(|(_, o)| o.credit)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            self.poll_stream(k);
+        }
+    }
+
+    fn poll_stream(&mut self, key: (Vec<u8>, Vec<u8>)) {
+        let Some(open) = self.streams.get_mut(&key) else {
+            return;
+        };
+        if !open.credit {
+            return;
+        }
+        match open.stream.poll_next() {
+            StreamItem::Pending => {}
+            StreamItem::Item(body) => {
+                open.credit = false;
+                let op_frame = open.op_frame.clone();
+                self.stats.stream_items.inc();
+                if !self.send(key.0.clone(), key.1.clone(), op_frame, Some(body)) {
+                    // The client is gone: close its stream.
+                    if let Some(mut open) = self.streams.remove(&key) {
+                        open.stream.cancel();
+                        self.stats.open_streams.sub(1);
+                    }
+                }
+            }
+            StreamItem::End => {
+                if let Some(open) = self.streams.remove(&key) {
+                    self.stats.open_streams.sub(1);
+                    self.send(key.0, key.1, open.op_frame, None);
+                }
+            }
+        }
+    }
+
+    /// A control frame `[identity, uid, "", ack|cancel]` for an open stream.
+    fn control(&mut self, key: (Vec<u8>, Vec<u8>), ctl: StreamControl) {
+        let Some(open) = self.streams.get_mut(&key) else {
+            return;
+        };
+        match ctl {
+            StreamControl::Ack => open.credit = true,
+            StreamControl::Cancel => {
+                open.stream.cancel();
+                open.credit = true;
+            }
+        }
+        self.poll_stream(key);
     }
 
     fn flush_replies(&mut self) {
         while let Ok(out) = self.reply_rx.try_recv() {
             self.stats.in_flight.sub(1);
-            self.send(out.identity, out.uid, out.op_frame, out.body);
+            let _delivered = self.send(out.identity, out.uid, out.op_frame, out.body);
         }
     }
 
-    fn send(&self, identity: Vec<u8>, uid: Vec<u8>, op_frame: Vec<u8>, body: Option<Vec<u8>>) {
+    /// Sends one reply; whether it was delivered to the socket.
+    fn send(
+        &self,
+        identity: Vec<u8>,
+        uid: Vec<u8>,
+        op_frame: Vec<u8>,
+        body: Option<Vec<u8>>,
+    ) -> bool {
         let result = match body {
             Some(b) => self
                 .socket
@@ -383,10 +534,12 @@ impl PollLoop {
         match result {
             Ok(()) => {
                 self.stats.replied.inc();
+                true
             }
             Err(e) => {
                 self.stats.send_failures.inc();
                 tracing::debug!(error = %e, "reply not delivered (client gone or not reading)");
+                false
             }
         }
     }
@@ -408,6 +561,42 @@ impl PollLoop {
         }
     }
 
+    /// Opens a stream on the poll thread and sends its first item at once.
+    fn open_stream(
+        &mut self,
+        identity: Vec<u8>,
+        uid: Vec<u8>,
+        op_frame: Vec<u8>,
+        op: Op,
+        payloads: &[Vec<u8>],
+    ) {
+        let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        let key = (identity, uid);
+        if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&key) {
+            self.stats.streams_refused.inc();
+            tracing::warn!(%op, "too many open streams; ending the new one at once");
+            let _delivered = self.send(key.0, key.1, op_frame, None);
+            return;
+        }
+        let Some(stream) = self.handler.open_stream(op, &slices) else {
+            let _delivered = self.send(key.0, key.1, op_frame, None);
+            return;
+        };
+        let previous = self.streams.insert(
+            key.clone(),
+            OpenStream {
+                op_frame,
+                stream,
+                credit: true,
+            },
+        );
+        match previous {
+            Some(mut old) => old.stream.cancel(),
+            None => self.stats.open_streams.add(1),
+        }
+        self.poll_stream(key);
+    }
+
     fn dispatch(&mut self, frames: Vec<Vec<u8>>) {
         // Classify with the protocol crate's framing; the owned frames are moved afterwards.
         let op = {
@@ -421,11 +610,16 @@ impl PollLoop {
                 }
             };
             if parsed.is_control() {
-                // Stream control ([uid, "", ack|cancel]) for a stream this server does not have
-                // open: counted and dropped (a control frame gets no reply).
+                // Stream control ([uid, "", ack|cancel]); a control frame gets no reply, and one
+                // for a stream that is not open is counted and dropped.
                 self.stats.control_frames.inc();
-                if let Err(e) = parsed.stream_control() {
-                    tracing::debug!(error = %e, "malformed stream control frame");
+                match parsed.stream_control() {
+                    Ok(Some(ctl)) => {
+                        let key = (parsed.identity.to_vec(), parsed.uid.to_vec());
+                        self.control(key, ctl);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(error = %e, "malformed stream control frame"),
                 }
                 return;
             }
@@ -441,14 +635,18 @@ impl PollLoop {
             Err(e) => {
                 self.stats.unknown_op.inc();
                 tracing::warn!(error = %e, "unknown operation; answering with an empty reply");
-                self.send(identity, uid, op_frame, None);
+                let _delivered = self.send(identity, uid, op_frame, None);
                 return;
             }
         };
+        if op.is_stream() {
+            self.open_stream(identity, uid, op_frame, op, &payloads);
+            return;
+        }
         if self.handler.run_inline(op, &payloads) {
             let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
             let body = self.handler.handle(op, &slices);
-            self.send(identity, uid, op_frame, body);
+            let _delivered = self.send(identity, uid, op_frame, body);
             return;
         }
         let target = match op.scheduling() {
@@ -478,7 +676,8 @@ impl PollLoop {
                 self.stats.in_flight.sub(1);
                 self.stats.rejected_busy.inc();
                 tracing::warn!(op = %job.op, "worker queue full; answering with the failure value");
-                self.send(job.identity, job.uid, job.op_frame, job.op.failure_reply());
+                let _delivered =
+                    self.send(job.identity, job.uid, job.op_frame, job.op.failure_reply());
             }
         }
     }

@@ -41,6 +41,7 @@ fn fixture() -> Fixture {
             session_ttl: Duration::from_secs(600),
             worker_reap_timeout: Duration::from_secs(120),
             worker_registration_grace: Duration::from_secs(3600),
+            kv_event_log_size: 1024,
         },
         TokenHasher::new(256, HashAlgorithm::Blake3).expect("hasher"),
         l1,

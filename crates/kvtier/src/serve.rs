@@ -87,6 +87,11 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_SESSION_TTL_SECONDS", default_value_t = 600.0)]
     session_ttl_seconds: f64,
 
+    /// KV-event records kept for replay to `subscribe_kv_events` subscribers (LMCache's flag;
+    /// KV-aware routers learn what the host cache holds from them). 0 disables KV events.
+    #[arg(long, env = "KVTIER_KV_EVENT_LOG_SIZE", default_value_t = 32768)]
+    kv_event_log_size: usize,
+
     /// Unregister an engine instance this many seconds after its last ping, releasing what it
     /// holds (0 disables; otherwise at least 30).
     #[arg(
@@ -288,6 +293,7 @@ impl ServeArgs {
                 chunk_size: self.chunk_size,
                 hash_algorithm,
                 session_ttl: seconds("session-ttl-seconds", self.session_ttl_seconds, false)?,
+                kv_event_log_size: self.kv_event_log_size,
                 worker_reap_timeout: reap,
                 worker_registration_grace: seconds(
                     "worker-registration-grace-seconds",

@@ -333,6 +333,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct L1Manager {
     inner: Mutex<Inner>,
+    /// Told about publishes and removals, under the lock (see [`L1Listener`]).
+    listener: std::sync::OnceLock<std::sync::Arc<dyn super::L1Listener>>,
     counters: L1Counters,
     config: L1Config,
     capacity: u64,
@@ -359,10 +361,23 @@ impl L1Manager {
                 expiry: BTreeSet::new(),
             }),
             counters: L1Counters::default(),
+            listener: std::sync::OnceLock::new(),
             config,
             capacity,
             clock,
         }
+    }
+
+    /// Installs the listener told about every publish and removal from now on (one per
+    /// manager; install it before serving).
+    ///
+    /// # Errors
+    /// Gives the listener back when one is installed already.
+    pub fn set_listener(
+        &self,
+        listener: std::sync::Arc<dyn super::L1Listener>,
+    ) -> Result<(), std::sync::Arc<dyn super::L1Listener>> {
+        self.listener.set(listener)
     }
 
     /// The configuration this manager was built with.
@@ -866,6 +881,9 @@ impl L1Manager {
         if let Some(e) = inner.entry_mut(id) {
             e.phase = Phase::Ready;
             e.deadline = None;
+            if let Some(l) = self.listener.get() {
+                l.published(&e.key);
+            }
         }
         self.counters.staging_objects.sub(1);
         self.counters.staging_bytes.sub(reserved);
@@ -959,6 +977,11 @@ impl L1Manager {
         let key = match inner.entry_mut(id) {
             Some(e) => {
                 e.doomed = true;
+                if e.phase == Phase::Ready
+                    && let Some(l) = self.listener.get()
+                {
+                    l.removed(&e.key);
+                }
                 e.key.clone()
             }
             None => return,
@@ -982,6 +1005,11 @@ impl L1Manager {
             self.counters.doomed_objects.sub(1);
         } else {
             inner.index.remove(&e.key);
+            if e.phase == Phase::Ready
+                && let Some(l) = self.listener.get()
+            {
+                l.removed(&e.key);
+            }
         }
         inner.policy.on_remove(id);
         inner.alloc.free(e.alloc.offset, e.alloc.len);

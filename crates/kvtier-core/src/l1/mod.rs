@@ -3,14 +3,17 @@
 //! - [`alloc`]: best-fit offset allocator over the pool.
 //! - [`eviction`]: the eviction-policy trait and its LRU / noop implementations.
 //! - [`manager`]: the object state machine, TTL locks, synchronous and background eviction.
+//! - [`listener`]: observers of publishes and removals (KV events).
 //! - [`controller`]: the background thread that expires TTLs and evicts above the watermark.
 
 pub mod alloc;
 pub mod controller;
 pub mod eviction;
+pub mod listener;
 pub mod manager;
 
 pub use eviction::{EvictionPolicy, EvictionPolicyKind};
+pub use listener::L1Listener;
 pub use manager::{
     Allocation, ClearOutcome, Clock, EvictionConfig, EvictionOutcome, L1Config, L1Counters,
     L1Error, L1Manager, ReadLease, WriteTicket,

@@ -397,6 +397,18 @@ pub fn valid_frames(op: Op) -> Vec<Vec<u8>> {
                 ]));
             }),
         ],
+        Op::SubscribeKvEvents => vec![
+            iid,
+            enc(|e| {
+                e.str("m");
+            }),
+            enc(|e| {
+                e.uint(0);
+            }),
+            enc(|e| {
+                e.uint(16);
+            }),
+        ],
         other => (0..other.arity())
             .map(|i| {
                 enc(|e| {

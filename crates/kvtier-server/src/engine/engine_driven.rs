@@ -105,6 +105,13 @@ pub struct EngineDriven {
     pending_retrieves: Mutex<HashMap<TransferKey, PendingRetrieve>>,
 }
 
+/// The tokens of `[start, end)` (the span was validated by hashing).
+pub(super) fn range_tokens(key: &IpcKey) -> &[u32] {
+    let start = usize::try_from(key.start).unwrap_or(usize::MAX);
+    let end = usize::try_from(key.end).unwrap_or(usize::MAX);
+    key.token_ids.get(start..end).unwrap_or(&[])
+}
+
 fn worker_of(key: &IpcKey, op: &str) -> Result<u32, EngineError> {
     key.worker_id
         .ok_or_else(|| malformed(format!("{op} needs worker_id")))
@@ -204,8 +211,9 @@ impl EngineDriven {
         let ctx = context(cx, instance_id, now)?;
         let worker = worker_of(key, "prepare_store")?;
         let session = cx.sessions.get_or_create(&key.request_id, now);
-        let keys = cx.sessions.keys(&session, key, Some(worker), now)?;
-        let items: Vec<(ObjectKey, u64)> = keys.into_iter().map(|k| (k, ctx.object_len)).collect();
+        let span = cx.sessions.span(&session, key, Some(worker), now)?;
+        let items: Vec<(ObjectKey, u64)> =
+            span.keys.into_iter().map(|k| (k, ctx.object_len)).collect();
         let mut tickets = Vec::new();
         let mut ticket_keys = Vec::new();
         let mut slots = Vec::new();
@@ -241,6 +249,15 @@ impl EngineDriven {
             );
         }
         c.store_chunks_reserved_total.add(tickets.len() as u64);
+        cx.events.bind(
+            &span.hashes,
+            span.parent,
+            range_tokens(key),
+            cx.chunk_size,
+            chunk_indices
+                .iter()
+                .filter_map(|&i| usize::try_from(i).ok()),
+        );
         if !tickets.is_empty() {
             let old = self.pending_stores.lock().insert(
                 TransferKey::new(key, instance_id, worker),

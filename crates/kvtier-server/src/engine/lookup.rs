@@ -46,7 +46,8 @@ fn lock_prefix(
             "lookup with num_kv_readers = 0 (clients older than LMCache 0.5 are not supported)",
         ));
     }
-    let keys = cx.sessions.keys(session, key, key.worker_id, now)?;
+    let span = cx.sessions.span(session, key, key.worker_id, now)?;
+    let keys = span.keys;
     let group = if key.worker_id.is_some() {
         1
     } else {
@@ -61,6 +62,17 @@ fn lock_prefix(
     cx.counters.lookup_chunks_hit_total.add(hits);
     cx.sessions
         .record(session, keys.iter().cloned(), leases, key.num_kv_readers);
+    if cx.l2.tier().is_some() && locked < keys.len() {
+        // Chunks an L2 prefetch may load into L1: their KV-event records carry the tokens.
+        let chunks = keys.len() / group;
+        cx.events.bind(
+            &span.hashes,
+            span.parent,
+            super::engine_driven::range_tokens(key),
+            cx.chunk_size,
+            (locked / group)..chunks,
+        );
+    }
     Ok(cx
         .l2
         .prefetch_suffix(&keys, locked, group, key.num_kv_readers, hits))

@@ -15,6 +15,7 @@
 //!   `free_lookup_locks`, `end_session`;
 //! - [`l2`]: the engine's link to the L2 tier (write-behind on publish, prefetch on lookup);
 //! - [`lmcache_driven`]: `register_kv_cache`, `store`, `retrieve`, `/cache/checksums`;
+//! - [`kv_events`]: the KV-event replay log and `subscribe_kv_events` streams;
 //! - [`status`]: the engine's subtree of the status tree and its metric sets.
 //!
 //! Ownership of locks (the invariant that keeps kvtier leak-free): every read lock taken for a
@@ -28,6 +29,7 @@
 
 pub mod engine_driven;
 pub mod instances;
+pub mod kv_events;
 pub mod l2;
 pub mod lmcache_driven;
 pub mod lookup;
@@ -46,6 +48,7 @@ use kvtier_storage::L2Tier;
 
 use self::engine_driven::EngineDriven;
 use self::instances::{Instances, Liveness, Removed};
+use self::kv_events::{KvEvents, Subscription};
 use self::l2::L2Link;
 use self::lmcache_driven::LmcacheDriven;
 use self::lmcache_driven::checksums::{ChecksumError, ChecksumRequest};
@@ -62,6 +65,8 @@ pub struct EngineConfig {
     pub worker_reap_timeout: Duration,
     /// Grace period before the first ping.
     pub worker_registration_grace: Duration,
+    /// KV-event records kept for replay (0 disables KV events).
+    pub kv_event_log_size: usize,
 }
 
 /// Why a request failed; the service logs it, counts it, and sends the op's failure value.
@@ -140,6 +145,8 @@ pub struct Shared {
     pub l2: L2Link,
     /// Engine counters.
     pub counters: EngineCounters,
+    /// The KV-event log (L1's listener when enabled).
+    pub events: Arc<KvEvents>,
 }
 
 /// The engine. Cheap to share (`Arc<Engine>`); every method takes `&self`.
@@ -164,6 +171,10 @@ impl Engine {
         segment: Arc<ShmSegment>,
         evictor: EvictionController,
     ) -> Self {
+        let events = Arc::new(KvEvents::new(cfg.kv_event_log_size));
+        if events.enabled() && l1.set_listener(Arc::clone(&events) as _).is_err() {
+            tracing::warn!("the L1 manager already has a listener; KV events will miss L1 changes");
+        }
         Self {
             cx: Shared {
                 chunk_size: cfg.chunk_size,
@@ -177,6 +188,7 @@ impl Engine {
                 evictor,
                 l2: L2Link::default(),
                 counters: EngineCounters::default(),
+                events,
             },
             engine_driven: EngineDriven::default(),
             lmcache_driven: LmcacheDriven::new(),
@@ -256,10 +268,15 @@ impl Engine {
         match request {
             Request::GetChunkSize => Ok(Response::Uint(cx.chunk_size as u64)),
             Request::Noop => Ok(Response::Str("OK")),
-            Request::GetExperimental => Ok(Response::StrList(Vec::new())),
+            Request::GetExperimental => Ok(Response::StrList(if cx.events.enabled() {
+                vec![kv_events::CAPABILITY.to_owned()]
+            } else {
+                Vec::new()
+            })),
             Request::Ping { instance_id } => {
                 if let Some(iid) = instance_id {
                     cx.instances.ping(iid, now);
+                    cx.events.touch(iid, now);
                 }
                 Ok(Response::Bool(true))
             }
@@ -326,6 +343,7 @@ impl Engine {
             }
             Request::UnregisterKvCache { instance_id } => {
                 self.lmcache_driven.unregister(cx, instance_id);
+                cx.events.close_instance(instance_id);
                 Ok(Response::Nothing)
             }
             Request::Store {
@@ -347,8 +365,44 @@ impl Engine {
                 .lmcache_driven
                 .retrieve(cx, &key, instance_id, &block_ids, skip_first_n_tokens, now)
                 .map(|()| transfer_ok(echo)),
+            Request::SubscribeKvEvents { .. } => Err(EngineError::Failed(
+                "subscribe_kv_events is a stream: open it with Engine::subscribe_kv_events".into(),
+            )),
             Request::Unsupported { op, .. } => Err(EngineError::Unsupported(op.name())),
         }
+    }
+
+    /// Opens a `subscribe_kv_events` stream (LMCache 0.5.6 semantics, see [`kv_events`]).
+    ///
+    /// # Errors
+    /// [`EngineError::Malformed`] for a negative cursor or `max_events` outside 1..=1024.
+    pub fn subscribe_kv_events(
+        &self,
+        instance_id: i64,
+        model_name: String,
+        cursor: i64,
+        max_events: i64,
+    ) -> Result<Subscription, EngineError> {
+        let cursor = u64::try_from(cursor)
+            .map_err(|_| malformed(format!("subscribe_kv_events: cursor {cursor} is negative")))?;
+        if !(1..=kv_events::MAX_EVENTS_PER_BATCH).contains(&max_events) {
+            return Err(malformed(format!(
+                "subscribe_kv_events: max_events {max_events} is not in 1..=1024"
+            )));
+        }
+        let now = self.cx.l1.clock().now();
+        Ok(self.cx.events.subscribe(
+            instance_id,
+            model_name,
+            cursor,
+            usize::try_from(max_events).unwrap_or(1),
+            now,
+        ))
+    }
+
+    /// The KV-event log.
+    pub fn kv_events(&self) -> &Arc<KvEvents> {
+        &self.cx.events
     }
 
     /// Clears L1 (`clear`, `POST /api/clear-cache`, `POST /cache/clear`). O(objects) under
@@ -390,6 +444,7 @@ impl Engine {
             .unregister_engine_driven(instance_id)
             .is_some();
         self.engine_driven.release_instance(&self.cx, instance_id);
+        self.cx.events.close_instance(instance_id);
         known
     }
 
@@ -438,6 +493,7 @@ impl Engine {
             self.release_worker(iid, removed, true);
         }
         self.engine_driven.sweep(cx, now);
+        cx.events.reap(now, cx.instances.liveness().reap_timeout);
     }
 
     /// Releases everything held on behalf of clients (shutdown).
@@ -449,11 +505,13 @@ impl Engine {
         for (iid, removed) in cx.instances.drain() {
             self.release_worker(iid, removed, false);
         }
+        cx.events.close_all();
         self.engine_driven.release_all(cx);
     }
 
     /// Releases what a removed worker's registrations own.
     fn release_worker(&self, iid: i64, removed: Removed, reaped: bool) {
+        self.cx.events.close_instance(iid);
         if removed.engine_driven.is_some() {
             self.engine_driven.release_instance(&self.cx, iid);
         }

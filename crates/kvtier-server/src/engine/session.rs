@@ -170,6 +170,19 @@ impl Session {
     }
 }
 
+/// A hashed range of a request: its object keys and, for KV events, its chunk hashes.
+#[derive(Debug)]
+pub struct ChunkSpan {
+    /// Object keys (chunk-major; one per chunk for a single worker).
+    pub keys: Vec<ObjectKey>,
+    /// The chunk hashes of the range, in order.
+    pub hashes: Vec<kvtier_core::hash::ChunkHash>,
+    /// The hash of the chunk before the range (`None` for a range starting at token 0).
+    pub parent: Option<kvtier_core::hash::ChunkHash>,
+    /// The model name, shared.
+    pub model: Arc<str>,
+}
+
 /// A session shared between the table and the requests using it.
 pub type SessionRef = Arc<Mutex<Session>>;
 
@@ -282,20 +295,46 @@ impl Sessions {
         worker: Option<u32>,
         now: Instant,
     ) -> Result<Vec<ObjectKey>, EngineError> {
+        self.span(session, key, worker, now).map(|s| s.keys)
+    }
+
+    /// Like [`keys`](Self::keys), and also the chunk hashes of the range and the hash of the
+    /// chunk before it (for KV-event records).
+    ///
+    /// # Errors
+    /// As [`keys`](Self::keys).
+    pub fn span(
+        &self,
+        session: &SessionRef,
+        key: &IpcKey,
+        worker: Option<u32>,
+        now: Instant,
+    ) -> Result<ChunkSpan, EngineError> {
         let malformed = |e: &dyn std::fmt::Display| EngineError::Malformed(e.to_string());
         let start = usize::try_from(key.start).map_err(|e| malformed(&e))?;
         let end = usize::try_from(key.end).map_err(|e| malformed(&e))?;
-        let hashes = {
+        let (hashes, parent) = {
             let mut s = session.lock();
             s.last_used = s.last_used.max(now);
-            s.hashes
+            let hashes = s
+                .hashes
                 .hashes(&self.hasher, &key.token_ids, start, end)
                 .map_err(|e| malformed(&e))?
-                .to_vec()
+                .to_vec();
+            let first = start / self.hasher.chunk_size().max(1);
+            let parent = first.checked_sub(1).and_then(|i| s.hashes.chunk_hash(i));
+            (hashes, parent)
         };
         let model: Arc<str> = Arc::from(key.model_name.as_str());
         let salt: Arc<str> = Arc::from(key.cache_salt.as_str());
-        object_keys(&hashes, &model, key.world_size, worker, 0, &salt).map_err(|e| malformed(&e))
+        let keys = object_keys(&hashes, &model, key.world_size, worker, 0, &salt)
+            .map_err(|e| malformed(&e))?;
+        Ok(ChunkSpan {
+            keys,
+            hashes,
+            parent,
+            model,
+        })
     }
 
     /// Records `leases` (one per key, `readers` locks each) as lookup locks of `session`,

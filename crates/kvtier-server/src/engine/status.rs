@@ -84,6 +84,8 @@ impl Engine {
             cx.sessions.metrics(),
             cx.l2.counters(),
             self.lmcache_driven().counters(),
+            cx.events.counters(),
+            cx.events.as_ref(),
             self,
             cx.l1.counters(),
             &cx.evictor,
@@ -186,6 +188,7 @@ impl StatusReport for Engine {
             .field("non_cuda_context_meta", json(&meta))
             .field("sessions", sessions)
             .field("transfers", transfers)
+            .field("kv_events", cx.events.status())
     }
 }
 

@@ -321,7 +321,8 @@ impl LmcacheDriven {
             .worker_id
             .ok_or_else(|| malformed("store needs worker_id"))?;
         let session = cx.sessions.get_or_create(&key.request_id, now);
-        let keys = cx.sessions.keys(&session, key, Some(worker), now)?;
+        let span = cx.sessions.span(&session, key, Some(worker), now)?;
+        let keys = span.keys;
         kv.check_blocks(block_ids, keys.len(), None)
             .map_err(|e| fail(e.to_string()))?;
         let object_len = kv.object_len();
@@ -360,6 +361,13 @@ impl LmcacheDriven {
             }
         }
         c.store_chunks_skipped_total.add(skipped);
+        cx.events.bind(
+            &span.hashes,
+            span.parent,
+            super::engine_driven::range_tokens(key),
+            cx.chunk_size,
+            targets.iter().map(|t| t.index),
+        );
         if let Some(offset) = bad_offset {
             cx.l1.abort_write(&tickets);
             return Err(fail(format!(

@@ -1,0 +1,560 @@
+//! KV events: a sequenced, bounded replay log of what L1 holds, streamed to subscribers
+//! (`subscribe_kv_events`, LMCache 0.5.6's protocol) so KV-aware routers know which engine's
+//! host cache holds a prefix.
+//!
+//! Records (LMCache's `KVEventRecord`, medium `"CPU"`):
+//! - `stored` — a chunk became readable in L1: one record per chunk, with its 32-byte hash,
+//!   the hash of the chunk before it and its tokens. Unlike LMCache, stores through *both*
+//!   transfer paths (engine-driven `commit_store` and lmcache_driven `store`) and chunks
+//!   loaded back from L2 by a prefetch are announced: the engine *binds* a chunk's tokens and
+//!   parent when it reserves the chunk ([`KvEvents::bind`]), and the L1 publish consumes the
+//!   binding. A publish without a binding is announced without tokens and counted
+//!   (`unbound_stores`).
+//! - `removed` — a chunk left L1 for any reason (eviction, delete, clear, a temporary object's
+//!   last reader leaving).
+//!
+//! A chunk is identified by `(model, chunk hash)`, as routers see it: the ranks of a
+//! tensor-parallel engine and the tenants (`cache_salt`) that hold the same tokens share one
+//! identity. `stored` is announced when the first such object is published and `removed` when
+//! the last one leaves (a resident count per identity, about 60 bytes per cached chunk), so every
+//! announcement is made once and a removal never precedes its store.
+//!
+//! Ordering: the records are appended by the L1 listener ([`L1Listener`]), which L1 calls with
+//! its mutex held, so the log is in L1 order. The listener does O(1) work per key under the
+//! log's own mutex (a leaf: L1 mutex → log mutex) and never blocks; when a subscriber may be
+//! waiting it writes the transport's eventfd (a non-blocking 8-byte write) once per burst.
+//!
+//! Replay and loss: the log keeps the newest `--kv-event-log-size` records (0 disables the
+//! whole feature and subscribers get one `enabled=false` batch). A subscriber resumes after its
+//! cursor; if the cursor fell off the log (or lies in the future, e.g. after a restart) the
+//! batch says `lost=true` and the subscriber must drop what it learned and resynchronise. The
+//! `incarnation` (start time in ns) changes on every restart.
+//!
+//! Subscriptions: one per worker instance (a new one closes the old); closed by `cancel`, the
+//! instance's unregistration or reaping, a ping-less silence longer than the reap timeout, and
+//! shutdown. Streaming is done by the transport, one batch per client credit, without a thread
+//! per subscriber ([`Subscription::poll`] never blocks).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use kvtier_core::hash::ChunkHash;
+use kvtier_core::key::ObjectKey;
+use kvtier_core::l1::L1Listener;
+use kvtier_core::metrics::{MetricDesc, MetricKind, MetricSet, MetricUnit, MetricVisitor};
+use kvtier_proto::{KvEventBatch, KvEventKind, KvEventRecord};
+use parking_lot::Mutex;
+
+/// The capability `get_experimental` advertises when events are enabled.
+pub const CAPABILITY: &str = "kv_event_stream";
+
+/// The medium of L1 records.
+pub const MEDIUM_CPU: &str = "CPU";
+
+/// Most records a subscriber may ask for per batch (LMCache's bound).
+pub const MAX_EVENTS_PER_BATCH: i64 = 1024;
+
+/// Bindings kept for chunks reserved but not yet published (abandoned stores age out first).
+const MAX_BINDINGS: usize = 8192;
+
+/// Something that wakes the transport so it polls its streams again (cheap, non-blocking).
+#[derive(Clone)]
+pub struct Waker(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waker")
+    }
+}
+
+kvtier_core::metric_set! {
+    /// KV-event counters (status `kv_events`, Prometheus `kvtier_kv_events_*`).
+    pub struct KvEventCounters {
+        /// `stored` records appended.
+        stored_total: Counter => "kvtier_kv_events_stored",
+        /// `removed` records appended.
+        removed_total: Counter => "kvtier_kv_events_removed",
+        /// Records that fell off the replay log.
+        records_dropped_total: Counter => "kvtier_kv_events_records_dropped",
+        /// Batches with `lost=true` sent to subscribers.
+        lost_batches_total: Counter => "kvtier_kv_events_lost_batches",
+        /// Publishes announced without tokens (no binding from the store path).
+        unbound_stores_total: Counter as "unbound_stores" => "kvtier_kv_events_unbound_stores",
+        /// Subscriptions opened.
+        subscriptions_total: Counter => "kvtier_kv_events_subscriptions",
+        /// Batches sent to subscribers.
+        batches_total: Counter => "kvtier_kv_events_batches",
+    }
+}
+
+static GAUGES: [MetricDesc; 3] = [
+    MetricDesc {
+        name: "kvtier_kv_events_subscribers",
+        status_key: "subscribers",
+        help: "Open subscribe_kv_events streams.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Gauge,
+    },
+    MetricDesc {
+        name: "kvtier_kv_events_log_depth",
+        status_key: "log_depth",
+        help: "Records held in the replay log.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Gauge,
+    },
+    MetricDesc {
+        name: "kvtier_kv_events_resident_chunks",
+        status_key: "resident_chunks",
+        help: "Distinct (model, chunk) identities announced as stored and not removed.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Gauge,
+    },
+];
+
+#[derive(Debug)]
+struct Binding {
+    parent: Option<ChunkHash>,
+    tokens: Arc<[u32]>,
+}
+
+#[derive(Debug)]
+struct SubEntry {
+    id: u64,
+    closed: Arc<AtomicBool>,
+    last_seen: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    log: VecDeque<KvEventRecord>,
+    next_seq: u64,
+    resident: HashMap<(Arc<str>, ChunkHash), u32>,
+    bindings: HashMap<ChunkHash, Binding>,
+    binding_order: VecDeque<ChunkHash>,
+    subscriptions: HashMap<i64, SubEntry>,
+    next_sub: u64,
+}
+
+/// The KV-event log and its subscriptions. See the module docs.
+#[derive(Debug)]
+pub struct KvEvents {
+    capacity: usize,
+    incarnation: u64,
+    state: Mutex<State>,
+    counters: KvEventCounters,
+    waker: OnceLock<Waker>,
+}
+
+impl KvEvents {
+    /// A log keeping `capacity` records (0 disables events).
+    pub fn new(capacity: usize) -> Self {
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        Self {
+            capacity,
+            incarnation,
+            state: Mutex::new(State {
+                next_seq: 1,
+                ..State::default()
+            }),
+            counters: KvEventCounters::default(),
+            waker: OnceLock::new(),
+        }
+    }
+
+    /// Whether events are recorded (log size > 0).
+    pub fn enabled(&self) -> bool {
+        self.capacity > 0
+    }
+
+    /// This run's incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &KvEventCounters {
+        &self.counters
+    }
+
+    /// Sets the waker the transport gives for its streams (once).
+    pub fn set_waker(&self, waker: Waker) {
+        let _already = self.waker.set(waker);
+    }
+
+    /// Wakes the transport (the waker coalesces bursts: one eventfd write until the transport
+    /// has polled again).
+    fn wake(&self) {
+        if let Some(w) = self.waker.get() {
+            (w.0)();
+        }
+    }
+
+    /// Remembers the tokens and parent of chunks about to be published (`tokens` holds the
+    /// tokens of the range, `hashes[i]` is chunk `i` of it; only the chunks in `chunks` are
+    /// bound). O(chunks × chunk size) copying, outside any L1 lock.
+    pub fn bind(
+        &self,
+        hashes: &[ChunkHash],
+        parent: Option<ChunkHash>,
+        range_tokens: &[u32],
+        chunk_size: usize,
+        chunks: impl IntoIterator<Item = usize>,
+    ) {
+        if !self.enabled() || chunk_size == 0 {
+            return;
+        }
+        let mut fresh = Vec::new();
+        for i in chunks {
+            let Some(&hash) = hashes.get(i) else { continue };
+            let Some(tokens) = range_tokens.get(i * chunk_size..(i + 1) * chunk_size) else {
+                continue;
+            };
+            let parent = match i {
+                0 => parent,
+                _ => hashes.get(i - 1).copied(),
+            };
+            fresh.push((
+                hash,
+                Binding {
+                    parent,
+                    tokens: Arc::from(tokens),
+                },
+            ));
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let mut s = self.state.lock();
+        for (hash, b) in fresh {
+            if s.bindings.insert(hash, b).is_none() {
+                s.binding_order.push_back(hash);
+            }
+        }
+        while s.binding_order.len() > MAX_BINDINGS {
+            if let Some(old) = s.binding_order.pop_front() {
+                s.bindings.remove(&old);
+            }
+        }
+    }
+
+    fn append(&self, s: &mut State, record: KvEventRecord) {
+        match record.kind {
+            KvEventKind::Stored => self.counters.stored_total.inc(),
+            KvEventKind::Removed => self.counters.removed_total.inc(),
+        }
+        s.log.push_back(record);
+        s.next_seq += 1;
+        while s.log.len() > self.capacity {
+            s.log.pop_front();
+            self.counters.records_dropped_total.inc();
+        }
+        if !s.subscriptions.is_empty() {
+            self.wake();
+        }
+    }
+
+    /// Opens the subscription of `instance_id` (closing its previous one).
+    pub fn subscribe(
+        self: &Arc<Self>,
+        instance_id: i64,
+        model_name: String,
+        cursor: u64,
+        max_events: usize,
+        now: Instant,
+    ) -> Subscription {
+        let closed = Arc::new(AtomicBool::new(false));
+        let id = {
+            let mut s = self.state.lock();
+            s.next_sub += 1;
+            let id = s.next_sub;
+            let old = s.subscriptions.insert(
+                instance_id,
+                SubEntry {
+                    id,
+                    closed: Arc::clone(&closed),
+                    last_seen: now,
+                },
+            );
+            if let Some(old) = old {
+                old.closed.store(true, Relaxed);
+            }
+            id
+        };
+        self.counters.subscriptions_total.inc();
+        self.wake();
+        Subscription {
+            events: Arc::clone(self),
+            id,
+            instance_id,
+            model_name,
+            cursor,
+            max_events: max_events.max(1),
+            first: true,
+            closed,
+        }
+    }
+
+    /// `ping(instance_id)`: keeps the instance's subscription alive.
+    pub fn touch(&self, instance_id: i64, now: Instant) {
+        if let Some(sub) = self.state.lock().subscriptions.get_mut(&instance_id) {
+            sub.last_seen = sub.last_seen.max(now);
+        }
+    }
+
+    /// Closes the subscription of an instance that was unregistered or reaped.
+    pub fn close_instance(&self, instance_id: i64) {
+        let removed = self.state.lock().subscriptions.remove(&instance_id);
+        if let Some(sub) = removed {
+            sub.closed.store(true, Relaxed);
+            self.wake();
+        }
+    }
+
+    /// Closes subscriptions silent (no ping) for longer than `timeout` (0 disables).
+    pub fn reap(&self, now: Instant, timeout: Duration) {
+        if timeout.is_zero() {
+            return;
+        }
+        let mut closed = false;
+        self.state.lock().subscriptions.retain(|_, sub| {
+            let keep = now.saturating_duration_since(sub.last_seen) <= timeout;
+            if !keep {
+                sub.closed.store(true, Relaxed);
+                closed = true;
+            }
+            keep
+        });
+        if closed {
+            self.wake();
+        }
+    }
+
+    /// Closes every subscription (shutdown).
+    pub fn close_all(&self) {
+        for (_, sub) in self.state.lock().subscriptions.drain() {
+            sub.closed.store(true, Relaxed);
+        }
+        self.wake();
+    }
+
+    /// Up to `max` records of `model` after `cursor`, and the next cursor (LMCache's
+    /// `read_kv_events`).
+    fn read(&self, model: &str, cursor: u64, max: usize) -> KvEventBatch {
+        if !self.enabled() {
+            return KvEventBatch {
+                enabled: false,
+                incarnation: self.incarnation,
+                next_cursor: 0,
+                lost: false,
+                events: Vec::new(),
+            };
+        }
+        let s = self.state.lock();
+        let last = s.next_seq - 1;
+        let first = s.log.front().map_or(last + 1, |r| r.seq);
+        let lost = cursor + 1 < first || cursor > last;
+        let mut next_cursor = cursor.min(last);
+        let skip = usize::try_from((cursor + 1).saturating_sub(first)).unwrap_or(usize::MAX);
+        let mut events = Vec::new();
+        for r in s.log.iter().skip(skip) {
+            next_cursor = r.seq;
+            if &*r.model_name == model {
+                events.push(r.clone());
+                if events.len() == max {
+                    break;
+                }
+            }
+        }
+        drop(s);
+        if lost {
+            self.counters.lost_batches_total.inc();
+        }
+        KvEventBatch {
+            enabled: true,
+            incarnation: self.incarnation,
+            next_cursor,
+            lost,
+            events,
+        }
+    }
+
+    fn cancel(&self, instance_id: i64, id: u64) {
+        let mut s = self.state.lock();
+        if s.subscriptions
+            .get(&instance_id)
+            .is_some_and(|e| e.id == id)
+        {
+            s.subscriptions.remove(&instance_id);
+        }
+    }
+
+    /// The status fields (LMCache's `kv_events` names plus kvtier's counters).
+    pub fn status(&self) -> serde_json::Map<String, serde_json::Value> {
+        let (depth, next_seq, first_seq, subscribers, resident) = {
+            let s = self.state.lock();
+            (
+                s.log.len(),
+                s.next_seq,
+                s.log.front().map_or(s.next_seq, |r| r.seq),
+                s.subscriptions.len(),
+                s.resident.len(),
+            )
+        };
+        let mut m = serde_json::Map::new();
+        m.insert("enabled".into(), self.enabled().into());
+        m.insert("incarnation".into(), self.incarnation.into());
+        m.insert("log_depth".into(), depth.into());
+        m.insert("log_capacity".into(), self.capacity.into());
+        m.insert("first_seq".into(), first_seq.into());
+        m.insert("next_seq".into(), next_seq.into());
+        // kvtier's listener never drops events, so there are no lost markers in the log; a
+        // subscriber that falls off the log gets `lost=true` (lost_batches_total).
+        m.insert("lost_markers".into(), 0.into());
+        m.insert("subscribers".into(), subscribers.into());
+        m.insert("resident_chunks".into(), resident.into());
+        m.extend(kvtier_core::metrics::status_fields(&self.counters));
+        m
+    }
+}
+
+impl L1Listener for KvEvents {
+    fn published(&self, key: &ObjectKey) {
+        let mut s = self.state.lock();
+        let n = s
+            .resident
+            .entry((Arc::clone(&key.model_name), key.chunk_hash))
+            .or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            return;
+        }
+        let (parent, tokens) = match s.bindings.remove(&key.chunk_hash) {
+            Some(b) => (b.parent, b.tokens),
+            None => {
+                self.counters.unbound_stores_total.inc();
+                (None, Arc::from(&[][..]))
+            }
+        };
+        let seq = s.next_seq;
+        self.append(
+            &mut s,
+            KvEventRecord {
+                seq,
+                kind: KvEventKind::Stored,
+                medium: MEDIUM_CPU,
+                model_name: Arc::clone(&key.model_name),
+                block_hashes: vec![*key.chunk_hash.as_bytes()],
+                parent_block_hash: parent.map(|p| *p.as_bytes()),
+                token_ids: tokens,
+            },
+        );
+    }
+
+    fn removed(&self, key: &ObjectKey) {
+        let mut s = self.state.lock();
+        let id = (Arc::clone(&key.model_name), key.chunk_hash);
+        match s.resident.get_mut(&id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                return;
+            }
+            Some(_) => {
+                s.resident.remove(&id);
+            }
+            None => return,
+        }
+        let seq = s.next_seq;
+        self.append(
+            &mut s,
+            KvEventRecord {
+                seq,
+                kind: KvEventKind::Removed,
+                medium: MEDIUM_CPU,
+                model_name: id.0,
+                block_hashes: vec![*key.chunk_hash.as_bytes()],
+                parent_block_hash: None,
+                token_ids: Arc::from(&[][..]),
+            },
+        );
+    }
+}
+
+impl MetricSet for KvEvents {
+    fn descriptors(&self) -> &'static [MetricDesc] {
+        &GAUGES
+    }
+
+    fn visit(&self, v: &mut dyn MetricVisitor) {
+        let (subs, depth, resident) = {
+            let s = self.state.lock();
+            (s.subscriptions.len(), s.log.len(), s.resident.len())
+        };
+        let [subscribers, log_depth, resident_chunks] = &GAUGES;
+        v.gauge(subscribers, &[], subs as f64);
+        v.gauge(log_depth, &[], depth as f64);
+        v.gauge(resident_chunks, &[], resident as f64);
+    }
+}
+
+/// What a stream poll yields.
+#[derive(Debug)]
+pub enum StreamPoll<T> {
+    /// The next batch.
+    Item(T),
+    /// Nothing to send now; the transport is woken when that changes.
+    Pending,
+    /// The stream is over (cancelled, replaced, closed, or events disabled).
+    End,
+}
+
+/// One open `subscribe_kv_events` stream.
+#[derive(Debug)]
+pub struct Subscription {
+    events: Arc<KvEvents>,
+    id: u64,
+    instance_id: i64,
+    model_name: String,
+    cursor: u64,
+    max_events: usize,
+    first: bool,
+    closed: Arc<AtomicBool>,
+}
+
+impl Subscription {
+    /// The next batch, never blocking: the first poll always yields the status batch; later
+    /// ones yield a batch when there are records for this model, a loss, or events are off.
+    pub fn poll(&mut self) -> StreamPoll<KvEventBatch> {
+        if self.closed.load(Relaxed) {
+            return StreamPoll::End;
+        }
+        let batch = self
+            .events
+            .read(&self.model_name, self.cursor, self.max_events);
+        self.cursor = batch.next_cursor;
+        if !self.first && !batch.enabled {
+            return StreamPoll::End;
+        }
+        if self.first || !batch.events.is_empty() || batch.lost || !batch.enabled {
+            self.first = false;
+            self.events.counters.batches_total.inc();
+            return StreamPoll::Item(batch);
+        }
+        StreamPoll::Pending
+    }
+
+    /// Cancels the stream (client `cancel` or disconnect).
+    pub fn cancel(&mut self) {
+        self.closed.store(true, Relaxed);
+        self.events.cancel(self.instance_id, self.id);
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
