@@ -31,57 +31,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, unbounded};
+
+mod stream;
+
 use kvtier_core::status::{StatusNode, StatusReport};
-use kvtier_proto::{Op, RequestFrames, Scheduling, StreamControl, decode_op};
+use kvtier_proto::{Op, RequestFrames, Scheduling, decode_op};
 use parking_lot::Mutex;
 use rustix::event::{EventfdFlags, eventfd};
-
-/// What a stream yields when the transport asks for its next batch.
-#[derive(Debug)]
-pub enum StreamItem {
-    /// The next reply payload.
-    Item(Vec<u8>),
-    /// Nothing to send yet; the stream's source calls the [`StreamWaker`] when that changes.
-    Pending,
-    /// The stream is over: a bare `[identity, uid, op]` reply ends it on the wire.
-    End,
-}
-
-/// A streamed reply (`subscribe_kv_events`): polled on the poll thread, one item per client
-/// credit, so polling must never block.
-pub trait ReplyStream: Send + std::fmt::Debug {
-    /// The next item, without blocking.
-    fn poll_next(&mut self) -> StreamItem;
-    /// The client cancelled (or went away): the next poll ends the stream.
-    fn cancel(&mut self);
-}
-
-/// Wakes the poll thread so it polls its open streams again. Cheap and non-blocking (one
-/// eventfd write); safe to call under any lock.
-#[derive(Clone)]
-pub struct StreamWaker {
-    fd: Arc<OwnedFd>,
-    dirty: Arc<AtomicBool>,
-}
-
-impl StreamWaker {
-    /// Marks the streams as worth polling and wakes the poll thread; a burst of calls costs
-    /// one eventfd write (the poll thread clears the mark before it polls).
-    pub fn wake(&self) {
-        if !self.dirty.swap(true, Relaxed) {
-            wake(&self.fd);
-        }
-    }
-}
-
-impl std::fmt::Debug for StreamWaker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StreamWaker")
-    }
-}
-
-/// Most streams open at once; a further stream request is ended at once and counted.
-pub const MAX_STREAMS: usize = 1024;
+use stream::Streams;
+pub use stream::{MAX_STREAMS, ReplyStream, StreamItem, StreamWaker};
 
 /// Something that answers one request. Implemented by the engine service; must never panic.
 pub trait Handler: Send + Sync + 'static {
@@ -103,13 +61,6 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Receives, once at start, the waker its stream sources call when a stream has news.
     fn attach_waker(&self, _waker: StreamWaker) {}
-}
-
-struct OpenStream {
-    op_frame: Vec<u8>,
-    stream: Box<dyn ReplyStream>,
-    /// The client may receive one more item (the first is granted at open, then one per ack).
-    credit: bool,
 }
 
 /// Front-end settings.
@@ -297,7 +248,7 @@ impl ZmqFrontEnd {
             alive: Arc::clone(&alive),
             drain_timeout: config.drain_timeout,
             hasher: foldhash_state(),
-            streams: std::collections::HashMap::new(),
+            streams: Streams::default(),
             streams_dirty,
         };
         let poll_thread = std::thread::Builder::new()
@@ -377,6 +328,33 @@ fn worker_loop(
     }
 }
 
+/// Sends one reply frame set; whether the socket took it (a peer that is gone or not reading
+/// is counted in `send_failures`).
+fn send_reply(
+    socket: &zmq::Socket,
+    stats: &TransportStats,
+    identity: Vec<u8>,
+    uid: Vec<u8>,
+    op_frame: Vec<u8>,
+    body: Option<Vec<u8>>,
+) -> bool {
+    let result = match body {
+        Some(b) => socket.send_multipart([identity, uid, op_frame, b], zmq::DONTWAIT),
+        None => socket.send_multipart([identity, uid, op_frame], zmq::DONTWAIT),
+    };
+    match result {
+        Ok(()) => {
+            stats.replied.inc();
+            true
+        }
+        Err(e) => {
+            stats.send_failures.inc();
+            tracing::debug!(error = %e, "reply not delivered (client gone or not reading)");
+            false
+        }
+    }
+}
+
 struct PollLoop {
     socket: zmq::Socket,
     _ctx: zmq::Context,
@@ -390,7 +368,7 @@ struct PollLoop {
     alive: Arc<AtomicBool>,
     drain_timeout: Duration,
     hasher: foldhash::fast::FixedState,
-    streams: std::collections::HashMap<(Vec<u8>, Vec<u8>), OpenStream>,
+    streams: Streams,
     streams_dirty: Arc<AtomicBool>,
 }
 
@@ -418,7 +396,11 @@ impl PollLoop {
             }
             self.flush_replies();
             if self.streams_dirty.swap(false, Relaxed) {
-                self.poll_streams();
+                let (socket, stats) = (&self.socket, &*self.stats);
+                self.streams.poll_all(
+                    &mut |i, u, o, b| send_reply(socket, stats, i, u, o, b),
+                    stats,
+                );
             }
             if drain_deadline.is_none() && self.stop.load(Relaxed) {
                 let deadline = Instant::now() + self.drain_timeout;
@@ -443,69 +425,12 @@ impl PollLoop {
             }
         }
         // End every open stream (best effort: the socket closes next).
-        for ((identity, uid), mut open) in std::mem::take(&mut self.streams) {
-            open.stream.cancel();
-            self.send(identity, uid, open.op_frame, None);
-        }
+        let (socket, stats) = (&self.socket, &*self.stats);
+        self.streams.end_all(
+            &mut |i, u, o, b| send_reply(socket, stats, i, u, o, b),
+            stats,
+        );
         self.alive.store(false, Relaxed);
-    }
-
-    /// Sends what every stream with credit has ready; ends finished streams.
-    fn poll_streams(&mut self) {
-        let keys: Vec<(Vec<u8>, Vec<u8>)> = self
-            .streams
-            .iter()
-            .filter(|(_, o)| o.credit)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in keys {
-            self.poll_stream(k);
-        }
-    }
-
-    fn poll_stream(&mut self, key: (Vec<u8>, Vec<u8>)) {
-        let Some(open) = self.streams.get_mut(&key) else {
-            return;
-        };
-        if !open.credit {
-            return;
-        }
-        match open.stream.poll_next() {
-            StreamItem::Pending => {}
-            StreamItem::Item(body) => {
-                open.credit = false;
-                let op_frame = open.op_frame.clone();
-                self.stats.stream_items.inc();
-                if !self.send(key.0.clone(), key.1.clone(), op_frame, Some(body)) {
-                    // The client is gone: close its stream.
-                    if let Some(mut open) = self.streams.remove(&key) {
-                        open.stream.cancel();
-                        self.stats.open_streams.sub(1);
-                    }
-                }
-            }
-            StreamItem::End => {
-                if let Some(open) = self.streams.remove(&key) {
-                    self.stats.open_streams.sub(1);
-                    self.send(key.0, key.1, open.op_frame, None);
-                }
-            }
-        }
-    }
-
-    /// A control frame `[identity, uid, "", ack|cancel]` for an open stream.
-    fn control(&mut self, key: (Vec<u8>, Vec<u8>), ctl: StreamControl) {
-        let Some(open) = self.streams.get_mut(&key) else {
-            return;
-        };
-        match ctl {
-            StreamControl::Ack => open.credit = true,
-            StreamControl::Cancel => {
-                open.stream.cancel();
-                open.credit = true;
-            }
-        }
-        self.poll_stream(key);
     }
 
     fn flush_replies(&mut self) {
@@ -523,25 +448,7 @@ impl PollLoop {
         op_frame: Vec<u8>,
         body: Option<Vec<u8>>,
     ) -> bool {
-        let result = match body {
-            Some(b) => self
-                .socket
-                .send_multipart([identity, uid, op_frame, b], zmq::DONTWAIT),
-            None => self
-                .socket
-                .send_multipart([identity, uid, op_frame], zmq::DONTWAIT),
-        };
-        match result {
-            Ok(()) => {
-                self.stats.replied.inc();
-                true
-            }
-            Err(e) => {
-                self.stats.send_failures.inc();
-                tracing::debug!(error = %e, "reply not delivered (client gone or not reading)");
-                false
-            }
-        }
+        send_reply(&self.socket, &self.stats, identity, uid, op_frame, body)
     }
 
     fn read_requests(&mut self) {
@@ -559,42 +466,6 @@ impl PollLoop {
             self.dispatch(frames);
             self.flush_replies();
         }
-    }
-
-    /// Opens a stream on the poll thread and sends its first item at once.
-    fn open_stream(
-        &mut self,
-        identity: Vec<u8>,
-        uid: Vec<u8>,
-        op_frame: Vec<u8>,
-        op: Op,
-        payloads: &[Vec<u8>],
-    ) {
-        let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-        let key = (identity, uid);
-        if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&key) {
-            self.stats.streams_refused.inc();
-            tracing::warn!(%op, "too many open streams; ending the new one at once");
-            let _delivered = self.send(key.0, key.1, op_frame, None);
-            return;
-        }
-        let Some(stream) = self.handler.open_stream(op, &slices) else {
-            let _delivered = self.send(key.0, key.1, op_frame, None);
-            return;
-        };
-        let previous = self.streams.insert(
-            key.clone(),
-            OpenStream {
-                op_frame,
-                stream,
-                credit: true,
-            },
-        );
-        match previous {
-            Some(mut old) => old.stream.cancel(),
-            None => self.stats.open_streams.add(1),
-        }
-        self.poll_stream(key);
     }
 
     fn dispatch(&mut self, frames: Vec<Vec<u8>>) {
@@ -616,7 +487,13 @@ impl PollLoop {
                 match parsed.stream_control() {
                     Ok(Some(ctl)) => {
                         let key = (parsed.identity.to_vec(), parsed.uid.to_vec());
-                        self.control(key, ctl);
+                        let (socket, stats) = (&self.socket, &*self.stats);
+                        self.streams.control(
+                            key,
+                            ctl,
+                            &mut |i, u, o, b| send_reply(socket, stats, i, u, o, b),
+                            stats,
+                        );
                     }
                     Ok(None) => {}
                     Err(e) => tracing::debug!(error = %e, "malformed stream control frame"),
@@ -640,7 +517,22 @@ impl PollLoop {
             }
         };
         if op.is_stream() {
-            self.open_stream(identity, uid, op_frame, op, &payloads);
+            let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+            let stream = if self.streams.is_full(&identity, &uid) {
+                self.stats.streams_refused.inc();
+                tracing::warn!(%op, "too many open streams; ending the new one at once");
+                None
+            } else {
+                self.handler.open_stream(op, &slices)
+            };
+            let (socket, stats) = (&self.socket, &*self.stats);
+            self.streams.open(
+                (identity, uid),
+                op_frame,
+                stream,
+                &mut |i, u, o, b| send_reply(socket, stats, i, u, o, b),
+                stats,
+            );
             return;
         }
         if self.handler.run_inline(op, &payloads) {
