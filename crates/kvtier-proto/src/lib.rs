@@ -39,4 +39,5 @@ pub use request::{
 };
 pub use response::{
     KvEventBatch, KvEventKind, KvEventRecord, RegisterEngineDrivenContextResponse, Response, Slot,
+    TokenSpan,
 };

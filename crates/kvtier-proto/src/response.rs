@@ -333,7 +333,39 @@ pub struct KvEventRecord {
     /// when unknown.
     pub parent_block_hash: Option<[u8; 32]>,
     /// The chunk's tokens (stored records; empty when unknown and for removals).
-    pub token_ids: std::sync::Arc<[u32]>,
+    pub token_ids: TokenSpan,
+}
+
+/// A run of tokens inside a shared buffer: the records of one store share its token buffer
+/// instead of copying each chunk's tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenSpan {
+    buf: Option<std::sync::Arc<[u32]>>,
+    start: usize,
+    len: usize,
+}
+
+impl TokenSpan {
+    /// `buf[start..start + len]` (clamped to the buffer).
+    #[must_use]
+    pub fn new(buf: std::sync::Arc<[u32]>, start: usize, len: usize) -> Self {
+        let start = start.min(buf.len());
+        let len = len.min(buf.len() - start);
+        Self {
+            buf: Some(buf),
+            start,
+            len,
+        }
+    }
+
+    /// The tokens.
+    #[must_use]
+    pub fn as_slice(&self) -> &[u32] {
+        self.buf
+            .as_deref()
+            .and_then(|b| b.get(self.start..self.start + self.len))
+            .unwrap_or(&[])
+    }
 }
 
 /// One batch of a `subscribe_kv_events` stream (LMCache 0.5.6 `KVEventBatch`), encoded as the
@@ -386,8 +418,9 @@ impl KvEventBatch {
                 None => w.nil(),
             }
             w.str("token_ids");
-            let m = w.array_len(r.token_ids.len());
-            for &t in r.token_ids.iter().take(m) {
+            let tokens = r.token_ids.as_slice();
+            let m = w.array_len(tokens.len());
+            for &t in tokens.iter().take(m) {
                 w.uint(u64::from(t));
             }
         }

@@ -44,7 +44,7 @@ use kvtier_core::hash::ChunkHash;
 use kvtier_core::key::ObjectKey;
 use kvtier_core::l1::L1Listener;
 use kvtier_core::metrics::{MetricDesc, MetricKind, MetricSet, MetricUnit, MetricVisitor};
-use kvtier_proto::{KvEventBatch, KvEventKind, KvEventRecord};
+use kvtier_proto::{KvEventBatch, KvEventKind, KvEventRecord, TokenSpan};
 use parking_lot::Mutex;
 
 /// The capability `get_experimental` advertises when events are enabled.
@@ -116,8 +116,10 @@ static GAUGES: [MetricDesc; 3] = [
 #[derive(Debug)]
 struct Binding {
     parent: Option<ChunkHash>,
-    tokens: Arc<[u32]>,
+    tokens: TokenSpan,
 }
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 #[derive(Debug)]
 struct SubEntry {
@@ -130,8 +132,8 @@ struct SubEntry {
 struct State {
     log: VecDeque<KvEventRecord>,
     next_seq: u64,
-    resident: HashMap<(Arc<str>, ChunkHash), u32>,
-    bindings: HashMap<ChunkHash, Binding>,
+    resident: FastMap<(Arc<str>, ChunkHash), u32>,
+    bindings: FastMap<ChunkHash, Binding>,
     binding_order: VecDeque<ChunkHash>,
     subscriptions: HashMap<i64, SubEntry>,
     next_sub: u64,
@@ -207,29 +209,34 @@ impl KvEvents {
         if !self.enabled() || chunk_size == 0 {
             return;
         }
-        let mut fresh = Vec::new();
+        // One allocation per store: the bound chunks' tokens, back to back (only those chunks,
+        // so a record never keeps tokens of chunks it does not describe alive).
+        let mut picked: Vec<(usize, ChunkHash)> = Vec::new();
         for i in chunks {
-            let Some(&hash) = hashes.get(i) else { continue };
-            let Some(tokens) = range_tokens.get(i * chunk_size..(i + 1) * chunk_size) else {
-                continue;
-            };
+            if let Some(&hash) = hashes.get(i)
+                && (i + 1) * chunk_size <= range_tokens.len()
+            {
+                picked.push((i, hash));
+            }
+        }
+        if picked.is_empty() {
+            return;
+        }
+        let mut tokens = Vec::with_capacity(picked.len() * chunk_size);
+        for &(i, _) in &picked {
+            tokens.extend_from_slice(&range_tokens[i * chunk_size..(i + 1) * chunk_size]);
+        }
+        let buf: Arc<[u32]> = Arc::from(tokens);
+        let mut s = self.state.lock();
+        for (n, (i, hash)) in picked.into_iter().enumerate() {
             let parent = match i {
                 0 => parent,
                 _ => hashes.get(i - 1).copied(),
             };
-            fresh.push((
-                hash,
-                Binding {
-                    parent,
-                    tokens: Arc::from(tokens),
-                },
-            ));
-        }
-        if fresh.is_empty() {
-            return;
-        }
-        let mut s = self.state.lock();
-        for (hash, b) in fresh {
+            let b = Binding {
+                parent,
+                tokens: TokenSpan::new(Arc::clone(&buf), n * chunk_size, chunk_size),
+            };
             if s.bindings.insert(hash, b).is_none() {
                 s.binding_order.push_back(hash);
             }
@@ -436,7 +443,7 @@ impl L1Listener for KvEvents {
             Some(b) => (b.parent, b.tokens),
             None => {
                 self.counters.unbound_stores_total.inc();
-                (None, Arc::from(&[][..]))
+                (None, TokenSpan::default())
             }
         };
         let seq = s.next_seq;
@@ -477,7 +484,7 @@ impl L1Listener for KvEvents {
                 model_name: id.0,
                 block_hashes: vec![*key.chunk_hash.as_bytes()],
                 parent_block_hash: None,
-                token_ids: Arc::from(&[][..]),
+                token_ids: TokenSpan::default(),
             },
         );
     }
