@@ -816,17 +816,12 @@ impl RedisCluster {
 
     /// Restarts every stopped node with its cluster configuration (it rejoins).
     pub fn restart_stopped(&mut self) {
-        let stopped: Vec<u16> = self
-            .nodes
-            .iter()
-            .filter(|(_, c)| c.is_none())
-            .map(|(p, _)| *p)
-            .collect();
-        for p in stopped {
-            let child = self.spawn(p);
-            if let Some(n) = self.nodes.iter_mut().find(|(q, _)| *q == p) {
-                n.1 = Some(child);
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].1.is_some() {
+                continue;
             }
+            let p = self.nodes[i].0;
+            self.nodes[i].1 = Some(self.spawn(p));
             wait_for(Duration::from_secs(10), &format!("redis node {p}"), || {
                 redis_ping(p)
             });

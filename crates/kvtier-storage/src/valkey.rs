@@ -110,7 +110,7 @@ pub fn slot_of(key: &[u8]) -> u16 {
         let close = rest.iter().position(|b| *b == b'}')?;
         (close > 0).then(|| &rest[..close])
     });
-    (crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % CLUSTER_SLOTS as u16) as u16
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % CLUSTER_SLOTS as u16
 }
 
 fn is_connection_error(e: &RedisError) -> bool {
