@@ -232,7 +232,7 @@ pub struct ValkeyConfig {
     #[serde(default)]
     pub key_prefix: String,
     /// Concurrent requests (and standalone connections).
-    #[serde(default = "default_resp_workers")]
+    #[serde(default = "default_resp_workers", deserialize_with = "de_num_workers")]
     pub num_workers: usize,
     /// TLS to every node (server certificates verified against the system roots or
     /// `tls_ca_file`).
@@ -261,7 +261,7 @@ pub struct ValkeyConfig {
     #[serde(default)]
     pub max_capacity_gb: f64,
     /// Expiry of every written key in seconds (none by default).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_ttl_seconds")]
     pub ttl_seconds: Option<u64>,
     /// Optional watermark eviction.
     #[serde(default)]
@@ -270,6 +270,35 @@ pub struct ValkeyConfig {
     /// JSON; tests lower it.
     #[serde(skip, default = "default_max_value_bytes")]
     pub max_value_bytes: usize,
+}
+
+/// An integer JSON value (not a float, not a bool), or `None` for anything else.
+fn json_int(v: &Value) -> Option<i64> {
+    v.as_i64().filter(|_| !v.is_f64())
+}
+
+fn de_num_workers<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = Value::deserialize(d)?;
+    json_int(&v)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("\"num_workers\" must be an integer, got {v}"))
+        })
+}
+
+fn de_ttl_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = Value::deserialize(d)?;
+    if v.is_null() {
+        return Ok(None);
+    }
+    json_int(&v)
+        .and_then(|n| u64::try_from(n).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "\"ttl_seconds\" must be a positive integer or omitted, got {v}"
+            ))
+        })
 }
 
 fn default_request_timeout() -> f64 {
