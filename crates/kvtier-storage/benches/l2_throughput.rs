@@ -1,4 +1,4 @@
-//! L2 adapter throughput: store and load GB/s for the fs and resp adapters (and mock).
+//! L2 adapter throughput: store and load GB/s for the fs, resp and valkey adapters (and mock).
 //!
 //! ```text
 //! cargo bench -p kvtier-storage --bench l2_throughput -- [--adapters fs,resp,mock]
@@ -9,7 +9,9 @@
 //! batches of `--batch` objects. fs: a temp directory under `--fs-path` (default the system temp
 //! dir); loads are measured cold (each file's pages dropped with `posix_fadvise(DONTNEED)` after
 //! the fsynced store) and warm (page cache). resp: a `redis-server` started on a free port
-//! (no persistence) unless `--redis-port` names a running one. Loaded bytes are verified.
+//! (no persistence) unless `--redis-port` names a running one. `valkey`: the valkey adapter
+//! against one standalone redis-server and then against a 3-master Redis Cluster (3 replicas)
+//! started on loopback, in the same run. Loaded bytes are verified.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,11 +19,12 @@ use std::time::Instant;
 use kvtier_core::key::ObjectKey;
 use kvtier_core::l1::Allocation;
 use kvtier_storage::L2Backend;
-use kvtier_storage::config::{FsConfig, MockConfig, RespConfig};
+use kvtier_storage::config::{FsConfig, MockConfig, RespConfig, ValkeyConfig};
 use kvtier_storage::fs::FsBackend;
 use kvtier_storage::mock::MockBackend;
 use kvtier_storage::resp::RespBackend;
-use kvtier_storage::testsuite::{Arena, RedisServer, key, pattern, unique_model};
+use kvtier_storage::testsuite::{Arena, RedisCluster, RedisServer, key, pattern, unique_model};
+use kvtier_storage::valkey::ValkeyBackend;
 
 struct Args {
     adapters: Vec<String>,
@@ -215,7 +218,30 @@ fn main() {
                 );
                 rt.block_on(b.close());
             }
-            other => panic!("unknown adapter {other:?} (fs, resp, mock)"),
+            "valkey" => {
+                let single = RedisServer::start();
+                let cluster = RedisCluster::start(3);
+                for (what, cfg) in [
+                    (
+                        "standalone redis-server".to_owned(),
+                        ValkeyConfig::new(format!("127.0.0.1:{}", single.port()), false),
+                    ),
+                    (
+                        "Redis Cluster, 3 masters + 3 replicas".to_owned(),
+                        ValkeyConfig::new(cluster.startup_nodes(), true),
+                    ),
+                ] {
+                    let b = rt
+                        .block_on(ValkeyBackend::open(cfg, rt.handle()))
+                        .expect("valkey adapter");
+                    assert!(b.health().connected, "valkey not reachable ({what})");
+                    let s = bench.store(&*b);
+                    let l = bench.load(&*b);
+                    println!("valkey ({what}): store {s:.2} GB/s, load {l:.2} GB/s");
+                    rt.block_on(b.close());
+                }
+            }
+            other => panic!("unknown adapter {other:?} (fs, resp, valkey, mock)"),
         }
     }
 }

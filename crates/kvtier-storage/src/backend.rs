@@ -137,20 +137,28 @@ pub trait L2Backend: Send + Sync + fmt::Debug + 'static {
     /// connectivity gauges, then [`events`](Self::events) and the
     /// [`health_state`](Self::health_state) counters. Decorators add their own.
     fn visit_metrics(&self, v: &mut dyn MetricVisitor) {
-        let u = self.usage();
-        let g = UsageGauges::default();
-        g.stored_object_count.set(u.object_count);
-        g.locked_key_count.set(u.pinned_count);
-        g.current_size_bytes.set(u.used_bytes);
-        g.max_capacity_bytes.set(u.capacity_bytes);
-        g.connected.set(u64::from(self.health().connected));
-        g.visit(v);
-        if let Some(e) = self.events() {
-            e.visit(v);
-        }
-        if let Some(h) = self.health_state() {
-            h.counters.visit(v);
-        }
+        visit_adapter_metrics(self, v);
+    }
+}
+
+/// What every adapter's metrics start with (the default [`L2Backend::visit_metrics`]): space
+/// and connectivity gauges, then [`events`](L2Backend::events) and the
+/// [`health_state`](L2Backend::health_state) counters. Adapters that report more call this
+/// first.
+pub fn visit_adapter_metrics<B: L2Backend + ?Sized>(b: &B, v: &mut dyn MetricVisitor) {
+    let u = b.usage();
+    let g = UsageGauges::default();
+    g.stored_object_count.set(u.object_count);
+    g.locked_key_count.set(u.pinned_count);
+    g.current_size_bytes.set(u.used_bytes);
+    g.max_capacity_bytes.set(u.capacity_bytes);
+    g.connected.set(u64::from(b.health().connected));
+    g.visit(v);
+    if let Some(e) = b.events() {
+        e.visit(v);
+    }
+    if let Some(h) = b.health_state() {
+        h.counters.visit(v);
     }
 }
 

@@ -7,15 +7,27 @@
 //! |---|---|
 //! | `mock` | **`max_size_gb`** (> 0), **`mock_bandwidth_gb`** (GiB/s, > 0), `eviction` |
 //! | `fs` | **`base_path`**, `max_capacity_gb` (0 = unlimited), `relative_tmp_dir` (`.kvtier-tmp`), `num_workers` (4, concurrent file operations), `use_odirect` (only `false`), `eviction` |
-//! | `resp` | **`host`**, **`port`**, `username`, `password`, `max_capacity_gb` (0 = unlimited), `num_workers` (8, concurrent requests and connections), `eviction` |
+//! | `resp` | **`host`**, **`port`**, `username`, `password`, `key_prefix` (`""`), `max_capacity_gb` (0 = unlimited), `num_workers` (8, concurrent requests and connections), `eviction` |
+//! | `valkey` | **`startup_nodes`** (`"host:port[,host:port...]"`), `cluster_mode` (false), `username`, `password`, `key_prefix` (`""`, no `@`), `tls_enable` (false), `database_id` (standalone only), `request_timeout` (5.0 s), `connection_timeout` (10.0 s), `max_capacity_gb` (0 = unlimited), `ttl_seconds` (none; a positive integer), `num_workers` (8), `eviction`; kvtier additions: `tls_ca_file`, `tls_client_cert_file` + `tls_client_key_file` |
 //!
 //! `eviction` is `{"eviction_policy": "LRU"|"FIFO", "trigger_watermark": 0.8, "eviction_ratio":
 //! 0.2}`: with it, the adapter also evicts in the background of stores once its usage reaches
 //! the watermark; without it, it evicts only what a store needs (mock: FIFO, fs/resp: LRU).
 //! Sizes are GiB (2^30 bytes), like `--l1-size-gb`.
 //!
-//! Unknown keys are rejected with an error naming the key; missing required keys are named too.
-//! The resp password is never printed (`Debug` and `Serialize` redact it).
+//! Unknown keys are rejected with an error naming the key (a typo never passes silently); missing
+//! required keys are named too; an unknown `"type"` is refused with the list of the types kvtier
+//! has ([`ADAPTER_TYPES`]). Passwords are never printed (`Debug` and `Serialize` redact them).
+//!
+//! `valkey` follows LMCache 0.5.6's meaning and validation of each key: `startup_nodes` entries
+//! are `host:port` with a positive port (empty entries between commas are skipped; in standalone
+//! mode only the first is used); `key_prefix` must not contain `@` (it is joined to the key with
+//! `@`); `num_workers` must be a positive integer; `request_timeout`/`connection_timeout` must be
+//! positive; `max_capacity_gb` must not be negative; `ttl_seconds`, when given, must be a
+//! positive integer; `database_id` is ignored (with a warning) in cluster mode. kvtier is
+//! stricter in three documented places: `num_workers` at most 256 (like every adapter),
+//! `key_prefix` must not contain `{` or `}` (a hash tag would pin every key to one cluster
+//! slot), and the TLS file options need `tls_enable` (client certificate and key go together).
 
 use std::fmt;
 
@@ -131,6 +143,9 @@ pub struct RespConfig {
     /// Password (never printed).
     #[serde(default, serialize_with = "redact")]
     pub password: Option<String>,
+    /// Namespace joined in front of every key with `@` (must not contain `@`, `{` or `}`).
+    #[serde(default)]
+    pub key_prefix: String,
     /// Capacity in GiB that this adapter may use; 0 = unlimited. The adapter tracks and evicts
     /// only objects it wrote itself.
     #[serde(default)]
@@ -171,6 +186,7 @@ impl fmt::Debug for RespConfig {
             .field("port", &self.port)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("key_prefix", &self.key_prefix)
             .field("max_capacity_gb", &self.max_capacity_gb)
             .field("num_workers", &self.num_workers)
             .field("eviction", &self.eviction)
@@ -187,12 +203,220 @@ impl RespConfig {
             port,
             username: None,
             password: None,
+            key_prefix: String::new(),
             max_capacity_gb: 0.0,
             num_workers: default_resp_workers(),
             eviction: None,
             part_bytes: default_part_bytes(),
         }
     }
+}
+
+/// `{"type":"valkey",...}`: LMCache 0.5.6's keys (see the module docs) plus kvtier's TLS file
+/// options.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValkeyConfig {
+    /// `"host:port[,host:port...]"` seeds (parsed by [`ValkeyConfig::nodes`]).
+    pub startup_nodes: String,
+    /// Redis Cluster / Valkey Cluster (slots over several shards) instead of one server.
+    #[serde(default)]
+    pub cluster_mode: bool,
+    /// ACL user name (`""` = the default user).
+    #[serde(default)]
+    pub username: String,
+    /// Password (`""` = none; never printed).
+    #[serde(default, serialize_with = "redact_str")]
+    pub password: String,
+    /// Namespace joined in front of every key with `@`.
+    #[serde(default)]
+    pub key_prefix: String,
+    /// Concurrent requests (and standalone connections).
+    #[serde(default = "default_resp_workers", deserialize_with = "de_num_workers")]
+    pub num_workers: usize,
+    /// TLS to every node (server certificates verified against the system roots or
+    /// `tls_ca_file`).
+    #[serde(default)]
+    pub tls_enable: bool,
+    /// kvtier addition: PEM file of the CA(s) that sign the servers' certificates.
+    #[serde(default)]
+    pub tls_ca_file: Option<String>,
+    /// kvtier addition: PEM client certificate (mutual TLS; needs `tls_client_key_file`).
+    #[serde(default)]
+    pub tls_client_cert_file: Option<String>,
+    /// kvtier addition: PEM private key of `tls_client_cert_file`.
+    #[serde(default)]
+    pub tls_client_key_file: Option<String>,
+    /// Logical database (standalone only; ignored in cluster mode).
+    #[serde(default)]
+    pub database_id: Option<i64>,
+    /// Per-request timeout in seconds.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: f64,
+    /// Connection timeout in seconds.
+    #[serde(default = "default_connection_timeout")]
+    pub connection_timeout: f64,
+    /// Capacity in GiB this adapter may use; 0 = unlimited (the adapter tracks and evicts only
+    /// objects it wrote itself).
+    #[serde(default)]
+    pub max_capacity_gb: f64,
+    /// Expiry of every written key in seconds (none by default).
+    #[serde(default, deserialize_with = "de_ttl_seconds")]
+    pub ttl_seconds: Option<u64>,
+    /// Optional watermark eviction.
+    #[serde(default)]
+    pub eviction: Option<EvictionSettings>,
+    /// Largest object stored (one value per object; larger ones are refused). Not settable from
+    /// JSON; tests lower it.
+    #[serde(skip, default = "default_max_value_bytes")]
+    pub max_value_bytes: usize,
+}
+
+/// An integer JSON value (not a float, not a bool), or `None` for anything else.
+fn json_int(v: &Value) -> Option<i64> {
+    v.as_i64().filter(|_| !v.is_f64())
+}
+
+fn de_num_workers<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = Value::deserialize(d)?;
+    json_int(&v)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("\"num_workers\" must be an integer, got {v}"))
+        })
+}
+
+fn de_ttl_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = Value::deserialize(d)?;
+    if v.is_null() {
+        return Ok(None);
+    }
+    json_int(&v)
+        .and_then(|n| u64::try_from(n).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "\"ttl_seconds\" must be a positive integer or omitted, got {v}"
+            ))
+        })
+}
+
+fn default_request_timeout() -> f64 {
+    5.0
+}
+
+fn default_connection_timeout() -> f64 {
+    10.0
+}
+
+/// Default largest valkey value: Redis' and Valkey's default `proto-max-bulk-len` (512 MiB).
+pub fn default_max_value_bytes() -> usize {
+    512 << 20
+}
+
+fn redact_str<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if v.is_empty() { "" } else { "***" })
+}
+
+impl fmt::Debug for ValkeyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValkeyConfig")
+            .field("startup_nodes", &self.startup_nodes)
+            .field("cluster_mode", &self.cluster_mode)
+            .field("username", &self.username)
+            .field(
+                "password",
+                &if self.password.is_empty() { "" } else { "***" },
+            )
+            .field("key_prefix", &self.key_prefix)
+            .field("num_workers", &self.num_workers)
+            .field("tls_enable", &self.tls_enable)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_client_cert_file", &self.tls_client_cert_file)
+            .field("tls_client_key_file", &self.tls_client_key_file)
+            .field("database_id", &self.database_id)
+            .field("request_timeout", &self.request_timeout)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("max_capacity_gb", &self.max_capacity_gb)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("eviction", &self.eviction)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .finish()
+    }
+}
+
+impl ValkeyConfig {
+    /// A config for `startup_nodes` with every default.
+    pub fn new(startup_nodes: impl Into<String>, cluster_mode: bool) -> Self {
+        Self {
+            startup_nodes: startup_nodes.into(),
+            cluster_mode,
+            username: String::new(),
+            password: String::new(),
+            key_prefix: String::new(),
+            num_workers: default_resp_workers(),
+            tls_enable: false,
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
+            database_id: None,
+            request_timeout: default_request_timeout(),
+            connection_timeout: default_connection_timeout(),
+            max_capacity_gb: 0.0,
+            ttl_seconds: None,
+            eviction: None,
+            max_value_bytes: default_max_value_bytes(),
+        }
+    }
+
+    /// The parsed `startup_nodes` (LMCache's rule: comma-separated `host:port`, the port after
+    /// the last `:`, positive; empty entries skipped; at least one node).
+    pub fn nodes(&self) -> Result<Vec<(String, u16)>, ConfigError> {
+        parse_startup_nodes(&self.startup_nodes)
+    }
+}
+
+/// Parses a `"host:port[,host:port...]"` string.
+pub fn parse_startup_nodes(raw: &str) -> Result<Vec<(String, u16)>, ConfigError> {
+    let bad = |m: String| invalid(format!("valkey adapter: \"startup_nodes\" {m}"));
+    if raw.trim().is_empty() {
+        return Err(bad(
+            "must be a non-empty 'host:port[,host:port...]' string".to_owned()
+        ));
+    }
+    let mut nodes = Vec::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some((host, port)) = entry.rsplit_once(':') else {
+            return Err(bad(format!("entry must be 'host:port', got {entry:?}")));
+        };
+        if host.is_empty() {
+            return Err(bad(format!("entry must be 'host:port', got {entry:?}")));
+        }
+        let port: i64 = port
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("entry has a non-integer port: {entry:?}")))?;
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| bad(format!("port must be between 1 and 65535, got {entry:?}")))?;
+        nodes.push((host.to_owned(), port));
+    }
+    if nodes.is_empty() {
+        return Err(bad("parsed to an empty list".to_owned()));
+    }
+    Ok(nodes)
+}
+
+fn check_key_prefix(kind: &str, prefix: &str) -> Result<(), ConfigError> {
+    if let Some(c) = prefix.chars().find(|c| matches!(c, '@' | '{' | '}')) {
+        return Err(invalid(format!(
+            "{kind} adapter: \"key_prefix\" must not contain {c:?} (got {prefix:?}): '@' separates \
+             the prefix from the key, and braces would form a hash tag that pins every key to one \
+             cluster slot"
+        )));
+    }
+    Ok(())
 }
 
 impl FsConfig {
@@ -219,7 +443,12 @@ pub enum AdapterConfig {
     Fs(FsConfig),
     /// Redis/Valkey over RESP.
     Resp(RespConfig),
+    /// Valkey/Redis, standalone or cluster, with TLS and ACLs (LMCache's `valkey`).
+    Valkey(ValkeyConfig),
 }
+
+/// The adapter types kvtier has (the `"type"` values `--l2-adapter` accepts).
+pub const ADAPTER_TYPES: [&str; 4] = ["mock", "fs", "resp", "valkey"];
 
 impl AdapterConfig {
     /// The configured type name.
@@ -228,6 +457,7 @@ impl AdapterConfig {
             Self::Mock(_) => "mock",
             Self::Fs(_) => "fs",
             Self::Resp(_) => "resp",
+            Self::Valkey(_) => "valkey",
         }
     }
 
@@ -237,6 +467,7 @@ impl AdapterConfig {
             Self::Mock(c) => c.eviction.as_ref(),
             Self::Fs(c) => c.eviction.as_ref(),
             Self::Resp(c) => c.eviction.as_ref(),
+            Self::Valkey(c) => c.eviction.as_ref(),
         }
     }
 }
@@ -341,6 +572,50 @@ impl AdapterConfig {
                 }
                 check_size(kind, "max_capacity_gb", c.max_capacity_gb, true)?;
                 check_workers(kind, c.num_workers)?;
+                check_key_prefix(kind, &c.key_prefix)?;
+            }
+            Self::Valkey(c) => {
+                c.nodes()?;
+                check_key_prefix(kind, &c.key_prefix)?;
+                check_workers(kind, c.num_workers)?;
+                check_size(kind, "max_capacity_gb", c.max_capacity_gb, true)?;
+                for (key, v) in [
+                    ("request_timeout", c.request_timeout),
+                    ("connection_timeout", c.connection_timeout),
+                ] {
+                    if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
+                        return Err(invalid(format!(
+                            "valkey adapter: \"{key}\" must be a positive number of seconds, got {v}"
+                        )));
+                    }
+                }
+                if c.ttl_seconds == Some(0) {
+                    return Err(invalid(
+                        "valkey adapter: \"ttl_seconds\" must be a positive integer or omitted",
+                    ));
+                }
+                if c.database_id.is_some_and(|d| d < 0) {
+                    return Err(invalid(
+                        "valkey adapter: \"database_id\" must not be negative",
+                    ));
+                }
+                let tls_files = [
+                    ("tls_ca_file", &c.tls_ca_file),
+                    ("tls_client_cert_file", &c.tls_client_cert_file),
+                    ("tls_client_key_file", &c.tls_client_key_file),
+                ];
+                for (key, v) in tls_files {
+                    if v.is_some() && !c.tls_enable {
+                        return Err(invalid(format!(
+                            "valkey adapter: \"{key}\" needs \"tls_enable\": true"
+                        )));
+                    }
+                }
+                if c.tls_client_cert_file.is_some() != c.tls_client_key_file.is_some() {
+                    return Err(invalid(
+                        "valkey adapter: \"tls_client_cert_file\" and \"tls_client_key_file\" go together",
+                    ));
+                }
             }
         }
         Ok(())
@@ -360,13 +635,15 @@ pub fn parse_adapter_json(json: &str) -> Result<AdapterConfig, ConfigError> {
         Some(Value::String(s)) => s,
         Some(other) => {
             return Err(invalid(format!(
-                "\"type\" must be a string (mock, fs or resp), got {other}"
+                "\"type\" must be a string (one of: {}), got {other}",
+                ADAPTER_TYPES.join(", ")
             )));
         }
         None => {
-            return Err(invalid(
-                "missing required key \"type\" (one of: mock, fs, resp)",
-            ));
+            return Err(invalid(format!(
+                "missing required key \"type\" (one of: {})",
+                ADAPTER_TYPES.join(", ")
+            )));
         }
     };
     let rest = Value::Object(map);
@@ -375,9 +652,13 @@ pub fn parse_adapter_json(json: &str) -> Result<AdapterConfig, ConfigError> {
         "mock" => AdapterConfig::Mock(MockConfig::deserialize(rest).map_err(|e| err("mock", e))?),
         "fs" => AdapterConfig::Fs(FsConfig::deserialize(rest).map_err(|e| err("fs", e))?),
         "resp" => AdapterConfig::Resp(RespConfig::deserialize(rest).map_err(|e| err("resp", e))?),
+        "valkey" => {
+            AdapterConfig::Valkey(ValkeyConfig::deserialize(rest).map_err(|e| err("valkey", e))?)
+        }
         other => {
             return Err(invalid(format!(
-                "unknown adapter type {other:?}; kvtier supports mock, fs and resp"
+                "unknown adapter type {other:?}; kvtier has: {}",
+                ADAPTER_TYPES.join(", ")
             )));
         }
     };
@@ -432,7 +713,10 @@ mod tests {
         let e = err(r#"{"base_path":"/x"}"#);
         assert!(e.contains("\"type\""), "{e}");
         let e = err(r#"{"type":"s3"}"#);
-        assert!(e.contains("s3"), "{e}");
+        assert!(
+            e.contains("s3") && e.contains("mock, fs, resp, valkey"),
+            "{e}"
+        );
         let e = err(r#"{"type":"fs","base_path":"/x","eviction":{"eviction_policy":"LRU","x":1}}"#);
         assert!(e.contains("`x`"), "{e}");
         let e = err(r#"{"type":"fs","base_path":"/x","eviction":{"eviction_policy":"ARC"}}"#);
@@ -445,5 +729,120 @@ mod tests {
         assert!(e.contains("part_bytes"), "{e}");
         let e = err("[1]");
         assert!(e.contains("JSON object"), "{e}");
+        // Typos in a known type are named, for every type.
+        let e = err(r#"{"type":"resp","host":"h","port":1,"key_prefx":"a"}"#);
+        assert!(e.contains("key_prefx") && e.contains("resp adapter"), "{e}");
+        let e = err(r#"{"type":"valkey","startup_nodes":"h:1","clustre_mode":true}"#);
+        assert!(
+            e.contains("clustre_mode") && e.contains("valkey adapter"),
+            "{e}"
+        );
+        let e = err(r#"{"type":"mock","max_size_gb":1,"mock_bandwidth_gb":1,"x":1}"#);
+        assert!(e.contains("`x`"), "{e}");
+    }
+
+    #[test]
+    fn valkey_keys_follow_lmcache() {
+        let c = parse_adapter_json(
+            r#"{"type":"valkey","startup_nodes":" a:1 ,, b.example:6380 ","cluster_mode":true,
+                "username":"u","password":"pw","key_prefix":"tenant-1","num_workers":3,
+                "tls_enable":true,"tls_ca_file":"/ca.pem","database_id":2,"request_timeout":0.5,
+                "connection_timeout":2,"max_capacity_gb":1.5,"ttl_seconds":600,
+                "eviction":{"eviction_policy":"LRU"}}"#,
+        )
+        .expect("valid");
+        let AdapterConfig::Valkey(v) = &c else {
+            panic!("valkey expected")
+        };
+        assert_eq!(
+            v.nodes().expect("nodes"),
+            vec![("a".to_owned(), 1), ("b.example".to_owned(), 6380)]
+        );
+        assert!(v.cluster_mode && v.tls_enable);
+        assert_eq!(v.ttl_seconds, Some(600));
+        assert_eq!(v.max_value_bytes, default_max_value_bytes());
+        let shown = serde_json::to_string(&c).expect("serialises");
+        assert!(
+            !shown.contains("pw") && shown.contains("\"type\":\"valkey\""),
+            "{shown}"
+        );
+        assert!(!format!("{c:?}").contains("pw"));
+        // Defaults.
+        let c = parse_adapter_json(r#"{"type":"valkey","startup_nodes":"h:7000"}"#).expect("ok");
+        assert_eq!(c, AdapterConfig::Valkey(ValkeyConfig::new("h:7000", false)));
+        // LMCache's validation, each named.
+        for (json, want) in [
+            (r#"{"type":"valkey"}"#, "startup_nodes"),
+            (r#"{"type":"valkey","startup_nodes":""}"#, "non-empty"),
+            (r#"{"type":"valkey","startup_nodes":" , "}"#, "empty list"),
+            (
+                r#"{"type":"valkey","startup_nodes":"hostonly"}"#,
+                "host:port",
+            ),
+            (r#"{"type":"valkey","startup_nodes":":7000"}"#, "host:port"),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:x"}"#,
+                "non-integer port",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:0"}"#,
+                "between 1 and 65535",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:1","num_workers":0}"#,
+                "num_workers",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:1","num_workers":1.5}"#,
+                "num_workers",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:1","key_prefix":"a@b"}"#,
+                "key_prefix",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:1","key_prefix":"{t}"}"#,
+                "hash tag",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:1","request_timeout":0}"#,
+                "request_timeout",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:1","connection_timeout":-1}"#,
+                "connection_timeout",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:1","max_capacity_gb":-1}"#,
+                "max_capacity_gb",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:1","ttl_seconds":0}"#,
+                "ttl_seconds",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:1","ttl_seconds":1.5}"#,
+                "ttl_seconds",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:1","ttl_seconds":true}"#,
+                "ttl_seconds",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:1","tls_ca_file":"/ca"}"#,
+                "tls_enable",
+            ),
+            (
+                r#"{"type":"valkey","startup_nodes":"h:1","tls_enable":true,"tls_client_cert_file":"/c"}"#,
+                "go together",
+            ),
+            (
+                r#"{"type":"resp","host":"h","port":1,"key_prefix":"x@"}"#,
+                "key_prefix",
+            ),
+        ] {
+            let e = err(json);
+            assert!(e.contains(want), "{json}: {e}");
+        }
     }
 }

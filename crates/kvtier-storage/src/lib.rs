@@ -10,7 +10,9 @@
 //! - Adapters, configured with LMCache's `--l2-adapter '<JSON>'` syntax ([`config`]):
 //!   [`mock`] (in memory, bandwidth-throttled), [`fs`] (crash-safe files with checksummed headers,
 //!   index rebuilt from disk at start) and [`resp`] (Redis/Valkey over RESP, pipelined, bounded
-//!   concurrency, values split into parts above a size limit).
+//!   concurrency, values split into parts above a size limit) and [`valkey`] (LMCache's
+//!   `valkey`: standalone or Redis/Valkey Cluster, TLS, ACL users, per-node status and metrics,
+//!   shard outages as misses).
 //! - [`store`]: the write-behind [`StoreController`](store::StoreController) (L1 → every adapter).
 //! - [`prefetch`]: the [`PrefetchController`](prefetch::PrefetchController) (L2 → temporary L1
 //!   objects on lookup, prefix-trimmed, lowest-index adapter wins).
@@ -49,6 +51,7 @@ pub mod task;
 #[cfg(feature = "testsuite")]
 pub mod testsuite;
 pub mod tier;
+pub mod valkey;
 
 pub use backend::{L2Backend, Usage};
 pub use config::{AdapterConfig, EvictionSettings, parse_adapter_json};

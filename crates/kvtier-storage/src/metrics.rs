@@ -176,6 +176,57 @@ metric_set! {
     }
 }
 
+metric_set! {
+    /// Topology of a valkey adapter's deployment, read at visit time (standalone: one node).
+    pub struct ValkeyTopologyGauges {
+        /// Nodes known (masters and replicas) from the last topology read.
+        nodes_known_count: Gauge => "kvtier_l2_valkey_nodes_known",
+        /// Masters serving slots.
+        masters_count: Gauge => "kvtier_l2_valkey_masters",
+        /// Hash slots (of 16384) served by a master that answers.
+        slots_covered_count: Gauge => "kvtier_l2_valkey_slots_covered",
+        /// Masters that did not answer the last probe.
+        unreachable_masters_count: Gauge => "kvtier_l2_valkey_unreachable_masters",
+    }
+}
+
+metric_set! {
+    /// Topology events a valkey adapter observed.
+    pub struct ValkeyTopologyEvents {
+        /// Topology reads (`CLUSTER SLOTS`) that succeeded.
+        topology_refreshes_total: Counter => "kvtier_l2_valkey_topology_refreshes",
+        /// Slots whose master address changed between two topology reads (each one sends the
+        /// clients holding the old map a MOVED redirection, followed by the redis crate).
+        slot_moves_total: Counter => "kvtier_l2_valkey_slot_moves",
+        /// Failovers seen: a slot range whose new master was a replica of its old master.
+        failovers_total: Counter => "kvtier_l2_valkey_failovers",
+        /// Nodes that appeared in the topology after the first read.
+        nodes_added_total: Counter => "kvtier_l2_valkey_nodes_added",
+        /// Nodes that left the topology.
+        nodes_removed_total: Counter => "kvtier_l2_valkey_nodes_removed",
+    }
+}
+
+metric_set! {
+    /// Data requests of a valkey adapter per node (labelled `node`, a `host:port` from the
+    /// configuration or the cluster topology).
+    pub struct ValkeyNodeCounters {
+        /// Requests (one per key and command) sent to the node's slots.
+        requests_total: Counter => "kvtier_l2_valkey_node_requests",
+        /// Requests that failed (timeouts, refused connections, server errors).
+        errors_total: Counter => "kvtier_l2_valkey_node_errors",
+    }
+}
+
+/// Latency of one request to a valkey node (labelled `adapter`, `node`).
+pub static VALKEY_NODE_LATENCY: MetricDesc = MetricDesc {
+    name: "kvtier_l2_valkey_node_request_duration",
+    status_key: "latency",
+    help: "Latency of one valkey request, per node.",
+    unit: MetricUnit::Seconds,
+    kind: MetricKind::Histogram,
+};
+
 /// Per-call latency of an adapter operation (labelled `adapter`, `op`).
 pub static OP_LATENCY: MetricDesc = MetricDesc {
     name: "kvtier_l2_adapter_op_duration",
@@ -208,6 +259,10 @@ pub fn descriptors() -> &'static [MetricDesc] {
             LookupCounters::DESCRIPTORS,
             AdapterEvents::DESCRIPTORS,
             HealthCounters::DESCRIPTORS,
+            ValkeyTopologyGauges::DESCRIPTORS,
+            ValkeyTopologyEvents::DESCRIPTORS,
+            ValkeyNodeCounters::DESCRIPTORS,
+            std::slice::from_ref(&VALKEY_NODE_LATENCY),
         ]
         .concat()
     })

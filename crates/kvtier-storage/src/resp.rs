@@ -2,7 +2,8 @@
 //! connections, pipelining).
 //!
 //! # Keys and values
-//! An object is stored under its key's text form (the same names as the fs adapter). The value
+//! An object is stored under its key's text form (the same names as the fs adapter), behind
+//! `<key_prefix>@` when a `key_prefix` is configured. The value
 //! is a 16-byte header followed by the payload:
 //! ```text
 //! 0  4  magic "KVT1"
@@ -224,6 +225,15 @@ impl RespBackend {
         }
     }
 
+    /// The redis key of an object: its text form, behind `<key_prefix>@` when one is set.
+    fn name(&self, k: &ObjectKey) -> String {
+        if self.cfg.key_prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{}@{k}", self.cfg.key_prefix)
+        }
+    }
+
     fn parts_for(&self, len: u64) -> u32 {
         let part = self.cfg.part_bytes.max(1) as u64;
         u32::try_from(len.div_ceil(part).max(1)).unwrap_or(u32::MAX)
@@ -237,7 +247,7 @@ impl RespBackend {
         let mut conn = self.conn()?;
         let mut pipe = redis::pipe();
         for (k, len) in items {
-            let main = k.to_string();
+            let main = self.name(k);
             for p in 1..self.parts_for(*len) {
                 pipe.cmd("DEL").arg(part_key(&main, p)).ignore();
             }
@@ -283,7 +293,7 @@ impl RespBackend {
         .await
         .map_err(|e| L2Error::Io(format!("copy task failed: {e}")))??;
         let part = self.cfg.part_bytes.max(1);
-        let main = key.to_string();
+        let main = self.name(key);
         let mut pipe = redis::pipe();
         let payload = &buf[VALUE_HEADER..];
         for p in 1..parts as usize {
@@ -309,7 +319,7 @@ impl RespBackend {
     ) -> Result<(), L2Error> {
         let _permit = self.permits.acquire().await.map_err(|_| L2Error::Closed)?;
         let mut conn = self.conn()?;
-        let main = key.to_string();
+        let main = self.name(key);
         let first: Option<Vec<u8>> = redis::cmd("GET")
             .arg(&main)
             .query_async(&mut conn)
@@ -374,7 +384,7 @@ impl RespBackend {
         let mut pipe = redis::pipe();
         for k in keys {
             pipe.cmd("GETRANGE")
-                .arg(k.to_string())
+                .arg(self.name(k))
                 .arg(0)
                 .arg(VALUE_HEADER - 1);
         }
@@ -624,6 +634,8 @@ impl L2Backend for RespBackend {
             .field("down_for_seconds", h.down_for_seconds)
             .field("host", &self.cfg.host)
             .field("port", self.cfg.port)
+            .field("username", &self.cfg.username)
+            .field("key_prefix", &self.cfg.key_prefix)
             .field("num_workers", self.cfg.num_workers)
             .field("open_connections", self.conns.lock().len())
             .field("value_part_bytes", self.cfg.part_bytes)

@@ -1,11 +1,13 @@
 //! The backend conformance suite and test harnesses (feature `testsuite`).
 //!
 //! [`run_conformance`] checks the [`L2Backend`] contract (see `backend`'s module docs) against a
-//! backend factory; `mock`, `fs` and `resp` all run it (`tests/conformance.rs`). Every case uses
+//! backend factory; `mock`, `fs`, `resp` and `valkey` (standalone and cluster) all run it (`tests/conformance.rs`). Every case uses
 //! keys with a fresh model name, so cases sharing one remote store (Redis) cannot see each
 //! other's objects.
 //!
-//! Harnesses: [`RedisServer`] starts a real `redis-server` on a free loopback port with a
+//! Harnesses: [`RedisCluster`] starts a real Redis Cluster (masters with one replica each) on
+//! loopback; [`TestCerts`] and [`TlsRedisServer`] give TLS tests a CA, certificates and a
+//! TLS-only server. [`RedisServer`] starts a real `redis-server` on a free loopback port with a
 //! temporary directory and no persistence, and can stop and restart it on the same port (fault
 //! tests). If `redis-server` is not installed it **panics** with instructions: the resp tests
 //! never skip. [`test_segment`] creates a uniquely named shared-memory segment and [`Arena`]
@@ -633,5 +635,351 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+fn require_tool(tool: &str, package: &str) {
+    if let Err(e) = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        panic!(
+            "{tool} is not available ({e}). The valkey L2 tests need it and never skip: install \
+             it (e.g. `apt-get install -y {package}`; scripts/test does this) and rerun."
+        );
+    }
+}
+
+/// A free loopback port `p` whose cluster bus port `p + 10000` is free too.
+fn free_cluster_port(taken: &[u16]) -> u16 {
+    for _ in 0..200 {
+        let p = free_port();
+        if p < 55_000 && !taken.contains(&p) && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok()
+        {
+            return p;
+        }
+    }
+    panic!("no free port pair (port, port + 10000) on loopback");
+}
+
+/// Runs `redis-cli` with `args` against `port`, returning stdout.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .expect("running redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A real Redis Cluster on loopback: `masters` masters with one replica each, no persistence,
+/// `cluster-node-timeout` 1 s, and `cluster-require-full-coverage no` (a shard outage leaves the
+/// other shards serving). Panics (never skips) without `redis-server`/`redis-cli`.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<(u16, Option<Child>)>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts `2 * masters` nodes and creates the cluster; waits until every node reports
+    /// `cluster_state:ok`.
+    pub fn start(masters: usize) -> Self {
+        require_tool("redis-server", "redis-server");
+        require_tool("redis-cli", "redis-tools");
+        let dir = tempfile::tempdir().expect("temp dir for the cluster");
+        let mut me = Self {
+            nodes: Vec::new(),
+            dir,
+        };
+        let mut ports = Vec::new();
+        for _ in 0..masters * 2 {
+            let p = free_cluster_port(&ports);
+            ports.push(p);
+        }
+        for &p in &ports {
+            let child = me.spawn(p);
+            me.nodes.push((p, Some(child)));
+        }
+        for &p in &ports {
+            wait_for(Duration::from_secs(10), &format!("redis node {p}"), || {
+                redis_ping(p)
+            });
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("running redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        me.wait_ok(Duration::from_secs(20));
+        me
+    }
+
+    fn spawn(&self, port: u16) -> Child {
+        let nd = self.dir.path().join(port.to_string());
+        std::fs::create_dir_all(&nd).expect("node dir");
+        Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--cluster-node-timeout", "1000"])
+            .args(["--cluster-require-full-coverage", "no"])
+            .args(["--cluster-replica-validity-factor", "0"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .arg("--dir")
+            .arg(&nd)
+            .arg("--logfile")
+            .arg(nd.join("redis.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning redis-server")
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` and agrees on full coverage.
+    pub fn wait_ok(&self, timeout: Duration) {
+        wait_for(timeout, "cluster_state:ok on every live node", || {
+            self.live_ports().iter().all(|&p| {
+                let info = redis_cli(p, &["cluster", "info"]);
+                info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+            })
+        });
+    }
+
+    /// Ports of the nodes still running.
+    pub fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|(_, c)| c.is_some())
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// `startup_nodes` for the adapter (every node).
+    pub fn startup_nodes(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|(p, _)| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Ports of the current masters (as a live node sees them).
+    pub fn masters(&self) -> Vec<u16> {
+        let Some(&probe) = self.live_ports().first() else {
+            return Vec::new();
+        };
+        redis_cli(probe, &["cluster", "nodes"])
+            .lines()
+            .filter(|l| l.contains("master") && !l.contains("fail"))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter_map(|a| a.split('@').next()?.rsplit_once(':')?.1.parse().ok())
+            .collect()
+    }
+
+    /// Keys stored on the node at `port`.
+    pub fn dbsize(&self, port: u16) -> u64 {
+        redis_cli(port, &["dbsize"]).trim().parse().unwrap_or(0)
+    }
+
+    /// Kills the node at `port` (SIGKILL).
+    pub fn kill(&mut self, port: u16) {
+        for (p, c) in &mut self.nodes {
+            if *p == port
+                && let Some(mut child) = c.take()
+            {
+                let _killed = child.kill();
+                let _waited = child.wait();
+            }
+        }
+    }
+
+    /// Kills every node.
+    pub fn kill_all(&mut self) {
+        for p in self.live_ports() {
+            self.kill(p);
+        }
+    }
+
+    /// Restarts every stopped node with its cluster configuration (it rejoins).
+    pub fn restart_stopped(&mut self) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].1.is_some() {
+                continue;
+            }
+            let p = self.nodes[i].0;
+            self.nodes[i].1 = Some(self.spawn(p));
+            wait_for(Duration::from_secs(10), &format!("redis node {p}"), || {
+                redis_ping(p)
+            });
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// Certificates for TLS tests, made with the `openssl` CLI in a temporary directory: a CA, a
+/// server certificate for `127.0.0.1` signed by it, and an unrelated second CA.
+#[derive(Debug)]
+pub struct TestCerts {
+    dir: tempfile::TempDir,
+}
+
+impl TestCerts {
+    /// Generates the certificates. Panics (never skips) without `openssl`.
+    pub fn generate() -> Self {
+        require_tool("openssl", "openssl");
+        let dir = tempfile::tempdir().expect("temp dir for certificates");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("running openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        for ca in ["ca", "other-ca"] {
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=kvtier test {ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+            ]);
+        }
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(dir.path().join("san.ext"), "subjectAltName=IP:127.0.0.1\n")
+            .expect("writing san.ext");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ]);
+        Self { dir }
+    }
+
+    /// Path of a generated file (`ca.pem`, `other-ca.pem`, `server.pem`, `server.key`).
+    pub fn path(&self, name: &str) -> String {
+        self.dir
+            .path()
+            .join(name)
+            .to_str()
+            .expect("utf-8 temp path")
+            .to_owned()
+    }
+}
+
+/// A `redis-server` that only speaks TLS (certificates from `certs`), on a free loopback port.
+#[derive(Debug)]
+pub struct TlsRedisServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRedisServer {
+    /// Starts it; panics if it does not accept TLS connections within 10 s.
+    pub fn start(certs: &TestCerts) -> Self {
+        require_tool("redis-server", "redis-server");
+        let dir = tempfile::tempdir().expect("temp dir for redis");
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--tls-cert-file", &certs.path("server.pem")])
+            .args(["--tls-key-file", &certs.path("server.key")])
+            .args(["--tls-ca-cert-file", &certs.path("ca.pem")])
+            .args(["--tls-auth-clients", "no"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning redis-server with TLS");
+        wait_for(Duration::from_secs(10), "redis-server's TLS port", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// The TLS port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for TlsRedisServer {
+    fn drop(&mut self) {
+        let _killed = self.child.kill();
+        let _waited = self.child.wait();
     }
 }

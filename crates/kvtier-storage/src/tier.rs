@@ -36,6 +36,7 @@ use crate::mock::MockBackend;
 use crate::prefetch::{PrefetchConfig, PrefetchController};
 use crate::resp::RespBackend;
 use crate::store::{StoreConfig, StoreController};
+use crate::valkey::ValkeyBackend;
 
 /// Most adapters (each store takes one L1 read lock per adapter; L1 allows 128 per call).
 pub const MAX_ADAPTERS: usize = 32;
@@ -96,6 +97,7 @@ pub fn open_adapter(
             FsBackend::open(c.clone(), rt.handle())?
         }
         AdapterConfig::Resp(c) => rt.block_on(RespBackend::open(c.clone(), rt.handle()))?,
+        AdapterConfig::Valkey(c) => rt.block_on(ValkeyBackend::open(c.clone(), rt.handle()))?,
     })
 }
 
