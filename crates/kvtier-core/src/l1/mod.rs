@@ -1,16 +1,21 @@
 //! The L1 tier: an object table over one shared-memory pool.
 //!
 //! - [`alloc`]: best-fit offset allocator over the pool.
-//! - [`eviction`]: the eviction-policy trait and its LRU / noop implementations.
+//! - [`eviction`]: the eviction-policy trait and its LRU / ARC / S3-FIFO / IsolatedLRU / noop
+//!   implementations.
+//! - [`tenants`]: per-`cache_salt` accounting, quotas and per-tenant recency lists.
 //! - [`manager`]: the object state machine, TTL locks, synchronous and background eviction.
 //! - [`controller`]: the background thread that expires TTLs and evicts above the watermark.
 
 pub mod alloc;
 pub mod controller;
 pub mod eviction;
+mod list;
 pub mod manager;
+pub mod tenants;
 
 pub use eviction::{EvictionPolicy, EvictionPolicyKind};
+pub use tenants::{DEFAULT_SALT_NAME, Directory, TenantCounters, TenantStats, salt_name};
 pub use manager::{
     Allocation, ClearOutcome, Clock, EvictionConfig, EvictionOutcome, L1Config, L1Counters,
     L1Error, L1Manager, ReadLease, WriteTicket,
