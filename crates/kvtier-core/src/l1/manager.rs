@@ -288,7 +288,7 @@ crate::metric_set! {
         /// Keys whose store was rejected because L1 had no room even after eviction.
         oom_keys_total: Counter as "out_of_memory_key_count_total" => "kvtier_l1_oom_keys",
         /// Keys whose store was rejected because their cache_salt's quota was exhausted.
-        quota_rejected_keys_total: Counter as "quota_rejected_key_count_total" => "kvtier_l1_quota_rejected_keys",
+        quota_rejected_keys_total: Counter => "kvtier_l1_quota_rejected_keys",
         /// Objects evicted from L1 (background and synchronous).
         evicted_objects_total: Counter as "evicted_object_count_total" => "kvtier_l1_evicted_objects",
         /// Bytes evicted from L1.
@@ -1355,5 +1355,6 @@ impl StatusReport for L1Manager {
             .field("write_ttl_seconds", self.config.write_ttl.as_secs())
             .field("read_ttl_seconds", self.config.read_ttl.as_secs())
             .field("align_bytes", self.config.align_bytes)
+            .field("tenants", self.directory.status())
     }
 }

@@ -124,6 +124,119 @@ impl Directory {
     }
 }
 
+/// How many tenants `/metrics` and the status tree show by name; the rest are summed into
+/// [`OTHER_TENANTS`] (so label cardinality is at most `TOP_TENANTS + 1`).
+pub const TOP_TENANTS: usize = 10;
+
+impl TenantCounters {
+    /// Values in declaration order (the order of [`TenantCounters::DESCRIPTORS`]).
+    fn values(&self) -> [u64; 7] {
+        [
+            self.bytes.get(),
+            self.objects.get(),
+            self.hits_total.get(),
+            self.misses_total.get(),
+            self.evicted_objects_total.get(),
+            self.evicted_bytes_total.get(),
+            self.quota_rejected_keys_total.get(),
+        ]
+    }
+}
+
+/// One row of the bounded per-tenant view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantRow {
+    /// `_default` for un-salted traffic, the salt otherwise, or [`OTHER_TENANTS`].
+    pub name: String,
+    /// The quota in bytes (never for the aggregate).
+    pub limit: Option<u64>,
+    /// Counter values in [`TenantCounters::DESCRIPTORS`] order.
+    pub values: [u64; 7],
+}
+
+/// A Prometheus-safe label value: characters outside `[A-Za-z0-9_.:-]` become `_`.
+fn label_value(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl Directory {
+    /// The top [`TOP_TENANTS`] tenants by bytes held, then the [`OTHER_TENANTS`] aggregate (the
+    /// rest, retired tenants and misses of salts without a tenant). A tenant whose salt is
+    /// literally `other` is always part of the aggregate. O(tenants log tenants), directory lock
+    /// only.
+    pub fn rows(&self) -> Vec<TenantRow> {
+        let mut all = self.snapshot();
+        all.sort_by_key(|t| std::cmp::Reverse(t.counters.bytes.get()));
+        let mut rows = Vec::with_capacity(TOP_TENANTS + 1);
+        let mut other = self.retired.values();
+        // Gauges of retired tenants are zero by construction; only counters carry over.
+        for t in all {
+            let name = salt_name(&t.salt);
+            if rows.len() < TOP_TENANTS && name != OTHER_TENANTS {
+                rows.push(TenantRow {
+                    name: name.to_owned(),
+                    limit: t.limit(),
+                    values: t.counters.values(),
+                });
+            } else {
+                for (o, v) in other.iter_mut().zip(t.counters.values()) {
+                    *o += v;
+                }
+            }
+        }
+        rows.push(TenantRow {
+            name: OTHER_TENANTS.to_owned(),
+            limit: None,
+            values: other,
+        });
+        rows
+    }
+
+    /// The `tenants` node of the L1 status: `{name: {used_bytes, objects, limit_bytes, ..._total}}`.
+    pub fn status(&self) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        for row in self.rows() {
+            let mut fields = serde_json::Map::new();
+            for (d, v) in TenantCounters::DESCRIPTORS.iter().zip(row.values) {
+                fields.insert(d.status_key.to_owned(), v.into());
+            }
+            if let Some(l) = row.limit {
+                fields.insert("limit_bytes".to_owned(), l.into());
+            }
+            map.insert(row.name, fields.into());
+        }
+        map.into()
+    }
+}
+
+impl crate::metrics::MetricSet for Directory {
+    fn descriptors(&self) -> &'static [crate::metrics::MetricDesc] {
+        TenantCounters::DESCRIPTORS
+    }
+
+    /// Labelled `tenant="<name>"`, top [`TOP_TENANTS`] plus `other`.
+    fn visit(&self, v: &mut dyn crate::metrics::MetricVisitor) {
+        for row in self.rows() {
+            let name = label_value(&row.name);
+            let labels = [("tenant", name.as_str())];
+            for (d, value) in TenantCounters::DESCRIPTORS.iter().zip(row.values) {
+                match d.kind {
+                    crate::metrics::MetricKind::Counter => v.counter(d, &labels, value),
+                    _ => v.gauge(d, &labels, value as f64),
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Tenant {
     stats: Arc<TenantStats>,
@@ -342,6 +455,22 @@ mod tests {
         let (t, existed) = ts.set_limit(&a, None);
         assert!(t.is_none() && existed);
         assert!(ts.directory().snapshot().is_empty());
+    }
+
+    #[test]
+    fn rows_are_bounded_and_sum_the_rest() {
+        let mut ts = Tenants::default();
+        for i in 0..(TOP_TENANTS as u64 + 5) {
+            let t = ts.resolve(&Arc::from(format!("t\"{i}").as_str()));
+            ts.charge(t, 100 + i);
+        }
+        let rows = ts.directory().rows();
+        assert_eq!(rows.len(), TOP_TENANTS + 1);
+        assert_eq!(rows[0].name, format!("t\"{}", TOP_TENANTS + 4));
+        let other = &rows[TOP_TENANTS];
+        assert_eq!(other.name, OTHER_TENANTS);
+        assert_eq!(other.values[1], 5);
+        assert_eq!(label_value("t\"1\n"), "t_1_");
     }
 
     #[test]
