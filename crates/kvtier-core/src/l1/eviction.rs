@@ -256,9 +256,10 @@ impl EvictionPolicy for IsolatedLruPolicy {
     }
 }
 
-/// A bounded FIFO of key fingerprints with O(1) membership and removal (lazy deletion: removed
-/// fingerprints leave a stale queue slot that is dropped when it reaches the front; the queue is
-/// kept within twice the bound plus a constant).
+/// A bounded FIFO of key fingerprints with O(1) membership and removal: exactly the `bound`
+/// most recently pushed fingerprints that were not taken since. Lazy deletion: a taken or
+/// re-pushed fingerprint leaves a stale queue slot; when stale slots outnumber live ones (plus
+/// a constant) the queue is compacted, so each push costs amortised O(1).
 #[derive(Debug, Default)]
 struct Ghosts {
     queue: VecDeque<(u64, u64)>,
@@ -284,13 +285,17 @@ impl Ghosts {
     }
 
     fn trim(&mut self, bound: usize) {
-        while self.live.len() > bound || self.queue.len() > 2 * bound + 16 {
+        while self.live.len() > bound {
             let Some((fp, seq)) = self.queue.pop_front() else {
                 return;
             };
             if self.live.get(&fp) == Some(&seq) {
                 self.live.remove(&fp);
             }
+        }
+        if self.queue.len() > 2 * self.live.len() + 16 {
+            let live = &self.live;
+            self.queue.retain(|(fp, seq)| live.get(fp) == Some(seq));
         }
     }
 }

@@ -14,8 +14,8 @@
 //!   unregistered salt; see docs/lmcache-compatibility.md).
 //! - [`Tenants::isolation_order`] is the order IsolatedLRU drains tenants under global pressure:
 //!   tenants over their quota (largest excess first), then tenants without a quota (largest
-//!   first), then tenants within their quota (fullest relative to it first). O(T log T) in the
-//!   number of tenants, never in objects.
+//!   first), then tenants within their quota (fullest relative to it first); ties by salt.
+//!   O(T log T) in the number of tenants, never in objects.
 //!
 //! # Concurrency and lock order
 //! [`Tenants`] lives inside the L1 lock. Readers (status, `/metrics`, `GET /quota`) never take
@@ -405,20 +405,21 @@ impl Tenants {
 
     /// See the module docs.
     pub(crate) fn isolation_order(&self) -> Vec<TenantId> {
-        let mut keyed: Vec<((u8, u64), TenantId)> = self
+        // Ties break by salt, so the order does not depend on slot reuse.
+        let mut keyed: Vec<((u8, u64, &str), TenantId)> = self
             .slots
             .iter()
             .enumerate()
             .filter_map(|(t, x)| {
                 let x = x.as_ref()?;
                 let key = match x.stats.limit() {
-                    Some(l) if x.used > l => (0, u64::MAX - (x.used - l)),
-                    None => (1, u64::MAX - x.used),
-                    Some(0) => (2, 0),
+                    Some(l) if x.used > l => (0, u64::MAX - (x.used - l), &*x.stats.salt),
+                    None => (1, u64::MAX - x.used, &*x.stats.salt),
+                    Some(0) => (2, 0, &*x.stats.salt),
                     Some(l) => {
                         // Fullest relative to its quota first (parts per million).
                         let ppm = (u128::from(x.used) * 1_000_000 / u128::from(l)) as u64;
-                        (2, u64::MAX - ppm)
+                        (2, u64::MAX - ppm, &*x.stats.salt)
                     }
                 };
                 Some((key, t as TenantId))
