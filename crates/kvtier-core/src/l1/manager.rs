@@ -471,16 +471,7 @@ impl L1Manager {
             new_idx.push(i);
             sizes.push(*len);
         }
-        let mut tenants: Vec<TenantId> = Vec::with_capacity(new_idx.len());
-        for &i in &new_idx {
-            let salt = &items[i].0.cache_salt;
-            // Consecutive keys of one request share their salt: resolve it once.
-            let t = match tenants.last() {
-                Some(&t) if i > 0 && items[i - 1].0.cache_salt == *salt => t,
-                _ => inner.tenants.resolve(salt),
-            };
-            tenants.push(t);
-        }
+        let mut tenants = resolve_tenants(&mut inner.tenants, items, &new_idx);
         self.apply_quotas(&mut inner, &mut out, &mut new_idx, &mut sizes, &mut tenants);
         if new_idx.is_empty() {
             for t in tenants {
@@ -495,6 +486,9 @@ impl L1Manager {
             }
             return out;
         };
+        // Synchronous eviction may have retired a tenant of this batch (its last object went):
+        // resolve again, which is a map lookup unless it has to re-create the tenant.
+        let tenants = resolve_tenants(&mut inner.tenants, items, &new_idx);
         let deadline = now + self.config.write_ttl;
         for ((&i, offset), tenant) in new_idx.iter().zip(offsets).zip(tenants) {
             let (key, len) = &items[i];
@@ -837,6 +831,18 @@ impl L1Manager {
             let needs_deadline = e.phase == Phase::Staging || e.readers > 0;
             if needs_deadline != in_queue {
                 return Err(format!("object {id} expiry queue entry mismatch"));
+            }
+        }
+        let mut by_tenant: HashMap<TenantId, u64> = HashMap::new();
+        for e in inner.slots.iter().filter_map(|s| s.entry.as_ref()) {
+            *by_tenant.entry(e.tenant).or_default() += e.reserved;
+        }
+        for (&t, &bytes) in &by_tenant {
+            if inner.tenants.used(t) != bytes {
+                return Err(format!(
+                    "tenant {t}: charged {} bytes, recount {bytes}",
+                    inner.tenants.used(t)
+                ));
             }
         }
         if inner.index.len() as u64 != objects - doomed {
@@ -1285,6 +1291,27 @@ fn verdict(
         }
         _ => Verdict::Skip,
     }
+}
+
+/// The tenant of each item in `new_idx` (created when needed). The keys of one request share
+/// their salt, so each run of equal salts is resolved once.
+fn resolve_tenants(
+    tenants: &mut Tenants,
+    items: &[(ObjectKey, u64)],
+    new_idx: &[usize],
+) -> Vec<TenantId> {
+    let mut out = Vec::with_capacity(new_idx.len());
+    let mut last: Option<(&Arc<str>, TenantId)> = None;
+    for &i in new_idx {
+        let salt = &items[i].0.cache_salt;
+        let t = match last {
+            Some((s, t)) if s == salt => t,
+            _ => tenants.resolve(salt),
+        };
+        last = Some((salt, t));
+        out.push(t);
+    }
+    out
 }
 
 /// A stable hash of a key, for the ghost lists of ARC and S3-FIFO.
