@@ -393,8 +393,10 @@ impl Model {
         for o in self.objs.values() {
             *used.entry(o.key % 3).or_default() += 1;
         }
-        let mut order: Vec<(std::cmp::Reverse<u64>, u8)> =
-            used.into_iter().map(|(t, n)| (std::cmp::Reverse(n), t)).collect();
+        let mut order: Vec<(std::cmp::Reverse<u64>, u8)> = used
+            .into_iter()
+            .map(|(t, n)| (std::cmp::Reverse(n), t))
+            .collect();
         order.sort();
         order.into_iter().map(|(_, t)| t).collect()
     }

@@ -1129,7 +1129,12 @@ impl L1Manager {
     }
 
     /// Evicts up to `goal_bytes` of `tenant`'s own unlocked objects, oldest first.
-    fn evict_tenant(&self, inner: &mut Inner, tenant: TenantId, goal_bytes: u64) -> EvictionOutcome {
+    fn evict_tenant(
+        &self,
+        inner: &mut Inner,
+        tenant: TenantId,
+        goal_bytes: u64,
+    ) -> EvictionOutcome {
         let mut victims = Vec::new();
         let mut planned = 0u64;
         {
@@ -1222,7 +1227,10 @@ impl L1Manager {
 
     /// Counts a lookup's hits and misses against its keys' tenant.
     fn count_lookup(&self, inner: &Inner, keys: &[ObjectKey], hits: &[EntryId]) {
-        let hit_tenant = hits.first().and_then(|&id| inner.entry(id)).map(|e| e.tenant);
+        let hit_tenant = hits
+            .first()
+            .and_then(|&id| inner.entry(id))
+            .map(|e| e.tenant);
         if let Some(c) = hit_tenant.and_then(|t| inner.tenants.stats(t)) {
             c.hits_total.add(hits.len() as u64);
         }

@@ -15,8 +15,8 @@ pub mod manager;
 pub mod tenants;
 
 pub use eviction::{EvictionPolicy, EvictionPolicyKind};
-pub use tenants::{DEFAULT_SALT_NAME, Directory, TenantCounters, TenantStats, salt_name};
 pub use manager::{
     Allocation, ClearOutcome, Clock, EvictionConfig, EvictionOutcome, L1Config, L1Counters,
     L1Error, L1Manager, ReadLease, WriteTicket,
 };
+pub use tenants::{DEFAULT_SALT_NAME, Directory, TenantCounters, TenantStats, salt_name};

@@ -74,8 +74,12 @@ impl TenantCounters {
     fn fold_into(&self, other: &TenantCounters) {
         other.hits_total.add(self.hits_total.get());
         other.misses_total.add(self.misses_total.get());
-        other.evicted_objects_total.add(self.evicted_objects_total.get());
-        other.evicted_bytes_total.add(self.evicted_bytes_total.get());
+        other
+            .evicted_objects_total
+            .add(self.evicted_objects_total.get());
+        other
+            .evicted_bytes_total
+            .add(self.evicted_bytes_total.get());
         other
             .quota_rejected_keys_total
             .add(self.quota_rejected_keys_total.get());
