@@ -6,6 +6,10 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
 use common::*;
 use kvtier_core::l1::EvictionPolicyKind;
 use serde_json::{Value, json};
@@ -32,7 +36,10 @@ fn a_tenant_over_its_quota_evicts_only_its_own_objects() {
     let hot: Vec<Vec<u32>> = (0..4).map(|s| tokens(100 + s, 16)).collect();
     for (i, t) in hot.iter().enumerate() {
         assert_eq!(
-            store_as(&mut c, &server, 1, MODEL, t, i as u64, "b-store", "tenant-b").len(),
+            store_as(
+                &mut c, &server, 1, MODEL, t, i as u64, "b-store", "tenant-b"
+            )
+            .len(),
             16
         );
         assert_eq!(lookup_as(&mut c, MODEL, t, "b-look", "tenant-b"), 16);
@@ -53,7 +60,12 @@ fn a_tenant_over_its_quota_evicts_only_its_own_objects() {
         body,
         json!({"cache_salt": "tenant-a", "limit_gb": limit_gb, "status": "ok"})
     );
-    for bad in [r#"{"limit_gb": -1}"#, r#"{"limit": 1}"#, "not json", r#"{"limit_gb": "x"}"#] {
+    for bad in [
+        r#"{"limit_gb": -1}"#,
+        r#"{"limit": 1}"#,
+        "not json",
+        r#"{"limit_gb": "x"}"#,
+    ] {
         let (code, body) = http_call(http, "PUT", "/quota/tenant-a", Some(bad));
         assert_eq!(code, 400, "{bad}: {body}");
         assert!(body["error"].is_string(), "{body}");
@@ -70,7 +82,11 @@ fn a_tenant_over_its_quota_evicts_only_its_own_objects() {
         let used = q["current_usage_gb"].as_f64().expect("usage") * GIB;
         assert!(used <= limit_bytes as f64, "tenant-a over its quota: {q}");
     }
-    assert_eq!(accepted, 16 * 16, "tenant-a's stores fit by evicting its own objects");
+    assert_eq!(
+        accepted,
+        16 * 16,
+        "tenant-a's stores fit by evicting its own objects"
+    );
 
     // Tenant B lost nothing, byte for byte.
     for (i, t) in hot.iter().enumerate() {
@@ -81,23 +97,37 @@ fn a_tenant_over_its_quota_evicts_only_its_own_objects() {
             .expect("prepare_retrieve reply");
         assert_eq!(r["success"], json!(true), "{r}");
         let seg = server.engine().segment();
-        for (j, slot) in r["context"]["slots"].as_array().expect("slots").iter().enumerate() {
+        for (j, slot) in r["context"]["slots"]
+            .as_array()
+            .expect("slots")
+            .iter()
+            .enumerate()
+        {
             let mut v = vec![0u8; OBJ];
             let off = slot["offset"].as_u64().expect("offset") as usize;
             seg.copy_out(off, &mut v).expect("copy");
-            assert!(v == chunk_bytes(i as u64, j), "tenant-b chunk {i}/{j} changed");
+            assert!(
+                v == chunk_bytes(i as u64, j),
+                "tenant-b chunk {i}/{j} changed"
+            );
         }
         k["request_id"] = json!("b-again");
-        assert_eq!(c.call_json("commit_retrieve", &[k, json!(1)]), Some(json!(true)));
+        assert_eq!(
+            c.call_json("commit_retrieve", &[k, json!(1)]),
+            Some(json!(true))
+        );
         c.call_json("end_session", &[json!("b-again")]);
     }
     // Un-salted traffic is the `_default` tenant (quota 1 GiB above).
     let plain = tokens(7000, 2);
     assert_eq!(store(&mut c, &server, 1, MODEL, &plain, 3, "d").len(), 2);
     assert_eq!(lookup(&mut c, MODEL, &plain, "d-look"), 2);
-    assert_eq!(retrieve(&mut c, &server, 1, MODEL, &plain, 2, "d-look").len(), 2);
+    assert_eq!(
+        retrieve(&mut c, &server, 1, MODEL, &plain, 2, "d-look").len(),
+        2
+    );
     c.call_json("end_session", &[json!("d-look")]);
-    wait_until("objects counted", std::time::Duration::from_secs(5), || {
+    wait_until("objects counted", Duration::from_secs(5), || {
         l1_objects(&server) >= 64 + 2
     });
     let (_, status) = http_get(http, "/api/status");
@@ -112,7 +142,11 @@ fn a_tenant_over_its_quota_evicts_only_its_own_objects() {
     // GET /quota lists both quotas; metrics carry the tenant label.
     let (code, list) = http_get(http, "/quota");
     assert_eq!(code, 200);
-    assert_eq!(list["users"]["tenant-a"]["limit_gb"], json!(limit_gb), "{list}");
+    assert_eq!(
+        list["users"]["tenant-a"]["limit_gb"],
+        json!(limit_gb),
+        "{list}"
+    );
     assert!(list["users"]["_default"].is_object(), "{list}");
     let (code, one) = http_get(http, "/quota/nobody");
     assert_eq!(code, 200);
@@ -130,23 +164,73 @@ fn a_tenant_over_its_quota_evicts_only_its_own_objects() {
     // A quota too small for one store refuses that tenant's keys only.
     let (code, _) = http_call(http, "PUT", "/quota/tenant-a", Some(r#"{"limit_gb": 0}"#));
     assert_eq!(code, 200);
-    let refused = store_as(&mut c, &server, 1, MODEL, &tokens(5000, 4), 9, "a2", "tenant-a");
+    let refused = store_as(
+        &mut c,
+        &server,
+        1,
+        MODEL,
+        &tokens(5000, 4),
+        9,
+        "a2",
+        "tenant-a",
+    );
     assert!(refused.is_empty(), "{refused:?}");
     assert_eq!(
-        store_as(&mut c, &server, 1, MODEL, &tokens(6000, 4), 9, "c", "tenant-c").len(),
+        store_as(
+            &mut c,
+            &server,
+            1,
+            MODEL,
+            &tokens(6000, 4),
+            9,
+            "c",
+            "tenant-c"
+        )
+        .len(),
         4
     );
 
     let (code, body) = http_call(http, "DELETE", "/quota/tenant-a", None);
-    assert_eq!((code, body), (200, json!({"cache_salt": "tenant-a", "status": "removed"})));
+    assert_eq!(
+        (code, body),
+        (200, json!({"cache_salt": "tenant-a", "status": "removed"}))
+    );
     let (_, body) = http_call(http, "DELETE", "/quota/tenant-a", None);
     assert_eq!(body["status"], "not_found");
     server.shutdown();
 }
 
+/// `METHOD path` with an optional JSON body on the HTTP API: `(status, json body)`.
+fn http_call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).expect("http connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("http write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("http read");
+    let status: u16 = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
 fn server_metrics(addr: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let mut s = TcpStream::connect(addr).expect("connect");
     write!(
         s,
         "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"

@@ -57,40 +57,63 @@ fn answer(code: StatusCode, v: &Value) -> Response {
     (code, axum::Json(v)).into_response()
 }
 
-fn bad_request(msg: impl Into<String>) -> Response {
-    answer(StatusCode::BAD_REQUEST, &json!({ "error": msg.into() }))
+/// Why a quota request is refused with 400 (the messages are LMCache's).
+#[derive(Debug, thiserror::Error)]
+enum BadRequest {
+    #[error(transparent)]
+    Salt(#[from] kvtier_core::key::KeyError),
+    #[error("invalid JSON body")]
+    NotJson,
+    #[error("body must be {{'limit_gb': <float>}}")]
+    NoLimit,
+    #[error("limit_gb must be numeric")]
+    NotNumeric,
+    #[error("limit_gb must be finite")]
+    NotFinite,
+    #[error("limit_gb must be non-negative")]
+    Negative,
+}
+
+impl IntoResponse for BadRequest {
+    fn into_response(self) -> Response {
+        answer(
+            StatusCode::BAD_REQUEST,
+            &json!({ "error": self.to_string() }),
+        )
+    }
 }
 
 /// The salt a path segment names (`_default` → `""`), validated.
-fn salt_of(segment: &str) -> Result<Arc<str>, Response> {
+fn salt_of(segment: &str) -> Result<Arc<str>, BadRequest> {
     let salt = if segment == DEFAULT_SALT_NAME {
         ""
     } else {
         segment
     };
-    validate_cache_salt(salt).map_err(|e| bad_request(e.to_string()))?;
+    validate_cache_salt(salt)?;
     Ok(Arc::from(salt))
 }
 
-/// `limit_gb` from a PUT body, with LMCache's refusals.
-fn limit_of(body: &[u8]) -> Result<f64, Response> {
-    let v: Value = serde_json::from_slice(body).map_err(|_| bad_request("invalid JSON body"))?;
+/// `limit_gb` from a PUT body, with LMCache's refusals (it accepts what Python's `float()`
+/// accepts: numbers, numeric strings, booleans).
+fn limit_of(body: &[u8]) -> Result<f64, BadRequest> {
+    let v: Value = serde_json::from_slice(body).map_err(|_| BadRequest::NotJson)?;
     let raw = v
         .as_object()
         .and_then(|o| o.get("limit_gb"))
-        .ok_or_else(|| bad_request("body must be {'limit_gb': <float>}"))?;
+        .ok_or(BadRequest::NoLimit)?;
     let gb = match raw {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => s.trim().parse::<f64>().ok(),
         Value::Bool(b) => Some(f64::from(u8::from(*b))),
         _ => None,
     }
-    .ok_or_else(|| bad_request("limit_gb must be numeric"))?;
+    .ok_or(BadRequest::NotNumeric)?;
     if !gb.is_finite() {
-        return Err(bad_request("limit_gb must be finite"));
+        return Err(BadRequest::NotFinite);
     }
     if gb < 0.0 {
-        return Err(bad_request("limit_gb must be non-negative"));
+        return Err(BadRequest::Negative);
     }
     Ok(gb)
 }
@@ -102,11 +125,11 @@ async fn set(
 ) -> Response {
     let salt = match salt_of(&segment) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let gb = match limit_of(&body) {
         Ok(gb) => gb,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     // Saturating float-to-int conversion: a huge finite limit becomes "everything".
     let bytes = (gb * GIB) as u64;
@@ -128,7 +151,7 @@ async fn set(
 async fn get_one(State(source): State<StatusSource>, Path(segment): Path<String>) -> Response {
     let salt = match salt_of(&segment) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let tenant = source.engine().l1().tenants().find(&salt);
     let limit = tenant.as_ref().and_then(|t| t.limit());
@@ -147,7 +170,7 @@ async fn get_one(State(source): State<StatusSource>, Path(segment): Path<String>
 async fn delete(State(source): State<StatusSource>, Path(segment): Path<String>) -> Response {
     let salt = match salt_of(&segment) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let name = salt_name(&salt).to_owned();
     let l1 = Arc::clone(source.engine().l1());
