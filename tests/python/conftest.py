@@ -125,10 +125,10 @@ def spawn_server(extra: list[str] | None = None, shm_name: str | None = None) ->
     args = [
         kvtier_bin(), "serve",
         "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
-        "--l1-size-gb", str(L1_SIZE_GB), "--shm-name", shm, "--chunk-size", "256",
+        "--shm-name", shm, "--chunk-size", "256",
     ]
     extra = list(extra or [])
-    for flag, default in (("--eviction-policy", "LRU"), ("--max-workers", "2")):
+    for flag, default in (("--eviction-policy", "LRU"), ("--max-workers", "2"), ("--l1-size-gb", str(L1_SIZE_GB))):
         if flag not in extra:
             args += [flag, default]
     args += extra

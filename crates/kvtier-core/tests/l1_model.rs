@@ -1,17 +1,298 @@
 //! Model-based test: random sequences of L1 operations are applied both to the real
 //! [`L1Manager`] and to a deliberately simple reference model; every result and the set of
 //! readable keys must agree, and the manager's invariants (no leaked bytes, counters equal a
-//! recount) must hold after every step.
+//! recount) must hold after every step. It runs once per eviction policy, each against a naive
+//! reference implementation of that policy (vectors and linear scans, written from the policy's
+//! description in `kvtier_core::l1::eviction`), so eviction victims must agree too. Keys belong
+//! to three tenants (`cache_salt` t0, t1, t2).
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::key;
 use kvtier_core::key::ObjectKey;
-use kvtier_core::l1::{Clock, L1Config, L1Error, L1Manager, ReadLease, WriteTicket};
+use kvtier_core::l1::eviction::Verdict;
+use kvtier_core::l1::{
+    Clock, EvictionPolicyKind, L1Config, L1Error, L1Manager, ReadLease, WriteTicket,
+};
 use proptest::prelude::*;
+
+/// Key `n`, in tenant `t{n % 3}`.
+fn key(n: u32) -> ObjectKey {
+    let mut k = common::key(n);
+    k.cache_salt = Arc::from(format!("t{}", n % 3).as_str());
+    k
+}
+
+/// The reference side of an eviction policy (model ids, keys 0..12).
+trait RefPolicy: std::fmt::Debug {
+    fn ready(&mut self, id: u64, key: u8);
+    fn access(&mut self, id: u64);
+    fn remove(&mut self, id: u64, evicted: bool);
+    /// `tenants`: drain order for isolated policies.
+    fn select(&mut self, tenants: &[u8], visit: &mut dyn FnMut(u64) -> Verdict);
+}
+
+fn remove_from(v: &mut Vec<u64>, id: u64) -> bool {
+    let before = v.len();
+    v.retain(|&x| x != id);
+    v.len() != before
+}
+
+/// Ghost FIFO: the `bound` most recent keys pushed and not taken since.
+fn ghost_push(g: &mut VecDeque<u8>, key: u8, bound: usize) {
+    g.retain(|&k| k != key);
+    g.push_back(key);
+    while g.len() > bound {
+        g.pop_front();
+    }
+}
+
+fn ghost_take(g: &mut VecDeque<u8>, key: u8) -> bool {
+    let before = g.len();
+    g.retain(|&k| k != key);
+    g.len() != before
+}
+
+#[derive(Debug, Default)]
+struct RefLru(Vec<u64>);
+
+impl RefPolicy for RefLru {
+    fn ready(&mut self, id: u64, _key: u8) {
+        self.0.push(id);
+    }
+    fn access(&mut self, id: u64) {
+        if remove_from(&mut self.0, id) {
+            self.0.push(id);
+        }
+    }
+    fn remove(&mut self, id: u64, _evicted: bool) {
+        remove_from(&mut self.0, id);
+    }
+    fn select(&mut self, _tenants: &[u8], visit: &mut dyn FnMut(u64) -> Verdict) {
+        for id in self.0.clone() {
+            if visit(id) == Verdict::Stop {
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct RefNoop;
+
+impl RefPolicy for RefNoop {
+    fn ready(&mut self, _id: u64, _key: u8) {}
+    fn access(&mut self, _id: u64) {}
+    fn remove(&mut self, _id: u64, _evicted: bool) {}
+    fn select(&mut self, _tenants: &[u8], _visit: &mut dyn FnMut(u64) -> Verdict) {}
+}
+
+/// One LRU list per tenant, drained in the given tenant order.
+#[derive(Debug, Default)]
+struct RefIsolated(BTreeMap<u8, Vec<u64>>);
+
+impl RefPolicy for RefIsolated {
+    fn ready(&mut self, id: u64, key: u8) {
+        self.0.entry(key % 3).or_default().push(id);
+    }
+    fn access(&mut self, id: u64) {
+        for l in self.0.values_mut() {
+            if remove_from(l, id) {
+                l.push(id);
+            }
+        }
+    }
+    fn remove(&mut self, id: u64, _evicted: bool) {
+        for l in self.0.values_mut() {
+            remove_from(l, id);
+        }
+    }
+    fn select(&mut self, tenants: &[u8], visit: &mut dyn FnMut(u64) -> Verdict) {
+        for t in tenants {
+            for id in self.0.get(t).cloned().unwrap_or_default() {
+                if visit(id) == Verdict::Stop {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// ARC: T1 (seen once), T2 (seen again), ghosts B1/B2 bounded by the resident count, target p.
+#[derive(Debug, Default)]
+struct RefArc {
+    t1: Vec<u64>,
+    t2: Vec<u64>,
+    b1: VecDeque<u8>,
+    b2: VecDeque<u8>,
+    p: usize,
+    keys: HashMap<u64, u8>,
+}
+
+impl RefPolicy for RefArc {
+    fn ready(&mut self, id: u64, key: u8) {
+        self.keys.insert(id, key);
+        let c = self.t1.len() + self.t2.len() + 1;
+        let (l1, l2) = (self.b1.len().max(1), self.b2.len().max(1));
+        if ghost_take(&mut self.b1, key) {
+            self.p = (self.p + (l2 / l1).max(1)).min(c);
+            self.t2.push(id);
+        } else if ghost_take(&mut self.b2, key) {
+            self.p = self.p.saturating_sub((l1 / l2).max(1));
+            self.t2.push(id);
+        } else {
+            self.t1.push(id);
+        }
+    }
+    fn access(&mut self, id: u64) {
+        if remove_from(&mut self.t1, id) || remove_from(&mut self.t2, id) {
+            self.t2.push(id);
+        }
+    }
+    fn remove(&mut self, id: u64, evicted: bool) {
+        let in_t1 = remove_from(&mut self.t1, id);
+        let in_t2 = !in_t1 && remove_from(&mut self.t2, id);
+        if evicted && (in_t1 || in_t2) {
+            let bound = (self.t1.len() + self.t2.len()).max(1);
+            let key = self.keys[&id];
+            ghost_push(if in_t1 { &mut self.b1 } else { &mut self.b2 }, key, bound);
+        }
+    }
+    fn select(&mut self, _tenants: &[u8], visit: &mut dyn FnMut(u64) -> Verdict) {
+        let (t1, t2) = (self.t1.clone(), self.t2.clone());
+        let (mut i1, mut i2, mut t1_left) = (0, 0, t1.len());
+        loop {
+            let from_t1 = match (i1 < t1.len(), i2 < t2.len()) {
+                (false, false) => return,
+                (true, false) => true,
+                (false, true) => false,
+                (true, true) => t1_left > self.p,
+            };
+            let id = if from_t1 { t1[i1] } else { t2[i2] };
+            if from_t1 {
+                i1 += 1;
+            } else {
+                i2 += 1;
+            }
+            match visit(id) {
+                Verdict::Stop => return,
+                Verdict::Evict if from_t1 => t1_left -= 1,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// S3-FIFO: small and main FIFOs, 2-bit frequencies, a ghost FIFO of keys evicted from small.
+#[derive(Debug, Default)]
+struct RefS3Fifo {
+    small: Vec<u64>,
+    main: Vec<u64>,
+    freq: HashMap<u64, u8>,
+    ghost: VecDeque<u8>,
+    keys: HashMap<u64, u8>,
+}
+
+impl RefS3Fifo {
+    /// The element after `id` in whichever queue holds it.
+    fn next(&self, id: u64) -> Option<u64> {
+        for q in [&self.small, &self.main] {
+            if let Some(p) = q.iter().position(|&x| x == id) {
+                return q.get(p + 1).copied();
+            }
+        }
+        None
+    }
+}
+
+impl RefPolicy for RefS3Fifo {
+    fn ready(&mut self, id: u64, key: u8) {
+        self.keys.insert(id, key);
+        self.freq.insert(id, 0);
+        if ghost_take(&mut self.ghost, key) {
+            self.main.push(id);
+        } else {
+            self.small.push(id);
+        }
+    }
+    fn access(&mut self, id: u64) {
+        if self.small.contains(&id) || self.main.contains(&id) {
+            let f = self.freq.entry(id).or_default();
+            *f = (*f + 1).min(3);
+        }
+    }
+    fn remove(&mut self, id: u64, evicted: bool) {
+        let in_small = remove_from(&mut self.small, id);
+        remove_from(&mut self.main, id);
+        if evicted && in_small {
+            let bound = (self.small.len() + self.main.len()).max(1);
+            let key = self.keys[&id];
+            ghost_push(&mut self.ghost, key, bound);
+        }
+    }
+    fn select(&mut self, _tenants: &[u8], visit: &mut dyn FnMut(u64) -> Verdict) {
+        let resident = self.small.len() + self.main.len();
+        let small_target = resident / 10;
+        let mut small_left = self.small.len();
+        let mut cs = self.small.first().copied();
+        let mut cm = self.main.first().copied();
+        for _ in 0..4 * resident + 8 {
+            let from_small = match (cs, cm) {
+                (None, None) => return,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some(_), Some(_)) => small_left > small_target,
+            };
+            if from_small {
+                let Some(id) = cs else { return };
+                cs = self.next(id);
+                if self.freq[&id] > 1 {
+                    self.freq.insert(id, 0);
+                    remove_from(&mut self.small, id);
+                    self.main.push(id);
+                    small_left -= 1;
+                    if cm.is_none() {
+                        cm = Some(id);
+                    }
+                    continue;
+                }
+                match visit(id) {
+                    Verdict::Stop => return,
+                    Verdict::Evict => small_left -= 1,
+                    Verdict::Skip => {}
+                }
+            } else {
+                let Some(id) = cm else { return };
+                let next = self.next(id);
+                let f = self.freq[&id];
+                if f > 0 {
+                    self.freq.insert(id, f - 1);
+                    remove_from(&mut self.main, id);
+                    self.main.push(id);
+                    cm = next.or(Some(id));
+                    continue;
+                }
+                cm = next;
+                if visit(id) == Verdict::Stop {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn reference(kind: EvictionPolicyKind) -> Box<dyn RefPolicy> {
+    match kind {
+        EvictionPolicyKind::Lru => Box::new(RefLru::default()),
+        EvictionPolicyKind::Arc => Box::new(RefArc::default()),
+        EvictionPolicyKind::IsolatedLru => Box::new(RefIsolated::default()),
+        EvictionPolicyKind::S3Fifo => Box::new(RefS3Fifo::default()),
+        EvictionPolicyKind::Noop => Box::new(RefNoop),
+    }
+}
 
 const OBJ: u64 = 4096;
 const SLOTS: u64 = 8;
@@ -71,15 +352,16 @@ struct MObj {
     doomed: bool,
 }
 
-/// The reference model: a map of objects with a recency list, no allocator (all objects have
-/// the same size, so "fits" is a count).
-#[derive(Debug, Default)]
+/// The reference model: a map of objects with a reference policy, no allocator (all objects
+/// have the same size, so "fits" is a count).
+#[derive(Debug)]
 struct Model {
     now: u64,
     next_id: u64,
     objs: BTreeMap<u64, MObj>,
     index: HashMap<u8, u64>,
-    lru: Vec<u64>,
+    pol: Box<dyn RefPolicy>,
+    isolated: bool,
 }
 
 impl Model {
@@ -87,20 +369,36 @@ impl Model {
         self.objs.len() as u64
     }
 
-    fn remove(&mut self, id: u64) {
+    fn remove_as(&mut self, id: u64, evicted: bool) {
         if let Some(o) = self.objs.remove(&id)
             && !o.doomed
         {
             self.index.remove(&o.key);
         }
-        self.lru.retain(|&x| x != id);
+        self.pol.remove(id, evicted);
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.remove_as(id, false);
     }
 
     fn touch(&mut self, id: u64) {
-        if let Some(p) = self.lru.iter().position(|&x| x == id) {
-            self.lru.remove(p);
-            self.lru.push(id);
+        self.pol.access(id);
+    }
+
+    /// IsolatedLRU's drain order without quotas: tenants by bytes held (every object, staging
+    /// and doomed ones included), largest first, ties by salt.
+    fn tenant_order(&self) -> Vec<u8> {
+        let mut used: BTreeMap<u8, u64> = BTreeMap::new();
+        for o in self.objs.values() {
+            *used.entry(o.key % 3).or_default() += 1;
         }
+        let mut order: Vec<(std::cmp::Reverse<u64>, u8)> = used
+            .into_iter()
+            .map(|(t, n)| (std::cmp::Reverse(n), t))
+            .collect();
+        order.sort();
+        order.into_iter().map(|(_, t)| t).collect()
     }
 
     fn expire_readers(&mut self, id: u64) {
@@ -148,18 +446,27 @@ impl Model {
     fn evict(&mut self, goal: u64) -> u64 {
         let mut planned = 0;
         let mut victims = Vec::new();
-        for &id in &self.lru {
+        let order = if self.isolated {
+            self.tenant_order()
+        } else {
+            Vec::new()
+        };
+        let objs = &self.objs;
+        self.pol.select(&order, &mut |id| {
             if planned >= goal {
-                break;
+                return Verdict::Stop;
             }
-            let o = &self.objs[&id];
+            let o = &objs[&id];
             if o.phase == Phase::Ready && o.readers == 0 && !o.doomed {
                 victims.push(id);
                 planned += OBJ;
+                Verdict::Evict
+            } else {
+                Verdict::Skip
             }
-        }
+        });
         for &id in &victims {
-            self.remove(id);
+            self.remove_as(id, true);
         }
         victims.len() as u64
     }
@@ -169,13 +476,21 @@ fn kind<T>(r: &Result<T, L1Error>) -> Result<(), L1Error> {
     r.as_ref().map(|_| ()).map_err(|e| *e)
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+fn run(ops: Vec<Op>, policy: EvictionPolicyKind) -> Result<(), TestCaseError> {
     let clock = Clock::manual();
     let mut cfg = L1Config::with_capacity(SLOTS * OBJ);
     cfg.write_ttl = Duration::from_secs(WRITE_TTL);
     cfg.read_ttl = Duration::from_secs(READ_TTL);
+    cfg.eviction.policy = policy;
     let l1 = L1Manager::with_clock(cfg, clock.clone());
-    let mut m = Model::default();
+    let mut m = Model {
+        now: 0,
+        next_id: 0,
+        objs: BTreeMap::new(),
+        index: HashMap::new(),
+        pol: reference(policy),
+        isolated: policy == EvictionPolicyKind::IsolatedLru,
+    };
     let keys: Vec<ObjectKey> = (0..12).map(key).collect();
     let mut tickets: Vec<(WriteTicket, u64)> = Vec::new();
     let mut leases: Vec<(ReadLease, u64, u32)> = Vec::new();
@@ -271,7 +586,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         let o = m.objs.get_mut(&id).expect("present");
                         o.phase = Phase::Ready;
                         o.deadline = None;
-                        m.lru.push(id);
+                        let k = o.key;
+                        m.pol.ready(id, k);
                         Ok(())
                     }
                 };
@@ -415,7 +731,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         removed += 1;
                     } else if force {
                         m.index.remove(&o.key);
-                        m.lru.retain(|&x| x != id);
+                        m.pol.remove(id, false);
                         m.objs.get_mut(&id).expect("present").doomed = true;
                     }
                 }
@@ -447,6 +763,26 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
     #[test]
     fn l1_matches_reference_model(ops in prop::collection::vec(op_strategy(), 1..120)) {
-        run(ops)?;
+        run(ops, EvictionPolicyKind::Lru)?;
+    }
+
+    #[test]
+    fn l1_with_arc_matches_reference_arc(ops in prop::collection::vec(op_strategy(), 1..120)) {
+        run(ops, EvictionPolicyKind::Arc)?;
+    }
+
+    #[test]
+    fn l1_with_s3fifo_matches_reference_s3fifo(ops in prop::collection::vec(op_strategy(), 1..120)) {
+        run(ops, EvictionPolicyKind::S3Fifo)?;
+    }
+
+    #[test]
+    fn l1_with_isolated_lru_matches_reference(ops in prop::collection::vec(op_strategy(), 1..120)) {
+        run(ops, EvictionPolicyKind::IsolatedLru)?;
+    }
+
+    #[test]
+    fn l1_with_noop_matches_reference(ops in prop::collection::vec(op_strategy(), 1..120)) {
+        run(ops, EvictionPolicyKind::Noop)?;
     }
 }

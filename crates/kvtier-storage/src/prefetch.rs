@@ -701,7 +701,7 @@ fn reserve_prefix(
         let results = s.l1.reserve_write(&items, true);
         if results
             .iter()
-            .any(|r| matches!(r, Err(L1Error::OutOfMemory)))
+            .any(|r| matches!(r, Err(L1Error::OutOfMemory | L1Error::QuotaExceeded)))
         {
             let tickets: Vec<WriteTicket> = results.into_iter().filter_map(Result::ok).collect();
             s.l1.abort_write(&tickets);

@@ -350,7 +350,8 @@ async fn dispatch(shared: &Arc<Shared>, keys: &[ObjectKey], tasks: &mut JoinSet<
         return;
     }
     let readers = u32::try_from(n_adapters).unwrap_or(u32::MAX);
-    let locked = shared.l1.reserve_read(&fresh, readers);
+    // A copy for write-behind is not a read: it must not count as an access.
+    let locked = shared.l1.reserve_read_quiet(&fresh, readers);
     let mut ok_keys = Vec::with_capacity(fresh.len());
     let mut leases = Vec::with_capacity(fresh.len());
     let mut gone = Vec::new();

@@ -52,7 +52,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_NO_L1_PREFAULT")]
     no_l1_prefault: bool,
 
-    /// L1 eviction policy: LRU or noop (case-insensitive).
+    /// L1 eviction policy: LRU, ARC, IsolatedLRU, S3FIFO or noop (case-insensitive).
     #[arg(long, env = "KVTIER_EVICTION_POLICY", default_value = "LRU")]
     eviction_policy: String,
 

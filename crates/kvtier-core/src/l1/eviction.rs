@@ -1,54 +1,133 @@
-//! Eviction policies for L1.
+//! Eviction policies for L1: LRU, ARC, S3-FIFO, IsolatedLRU and noop.
 //!
-//! A policy only *orders* objects; the L1 manager decides which ones may go (it skips staging,
-//! read-locked and doomed objects, so a locked head never stalls eviction) and how many bytes to
-//! free. Policies are called with the L1 lock held and must do O(1) work per notification and
-//! never call back into L1.
+//! A policy only *orders* objects; the L1 manager decides which ones may go and how many bytes
+//! to free. Rules every policy keeps:
+//! - **The manager has the last word.** [`EvictionPolicy::select`] proposes ids in eviction order
+//!   and the manager answers each with a [`Verdict`]: staging, read-locked and doomed objects are
+//!   `Skip`ped (they stay where they are, so a locked head never stalls eviction), evictable ones
+//!   are `Evict`ed (the manager removes them right after `select` returns and reports each with
+//!   [`Removal::Evicted`]), and `Stop` ends the round once enough bytes are planned.
+//! - **O(1) per notification, no allocation on the hit path** once the per-id tables have grown;
+//!   `select` costs O(victims + skipped + reordered) — S3-FIFO's reinsertions are bounded by the
+//!   3-bit frequency, so a round is at most `4 × resident + 8` steps. Nothing walks every object.
+//! - **Called with the L1 lock held**; a policy never calls back into L1 and has no lock of its
+//!   own, so there is no lock order to get wrong.
+//! - Ghost entries (ARC's B1/B2, S3-FIFO's G) remember *fingerprints* of evicted keys
+//!   ([`EntryMeta::fingerprint`]), never entry ids, because ids are reused; each ghost list is
+//!   bounded by the resident object count.
+//!
+//! Sizes: kvtier's objects are chunks of one size per model, so the adaptive targets (ARC's `p`,
+//! S3-FIFO's 10 % small queue) are kept in objects; the manager still evicts in bytes.
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
+
+use super::list::Lists;
 
 /// Slot index of an object inside the L1 manager.
 pub type EntryId = u32;
 
-/// The ordering side of an eviction algorithm. A later ARC or S3-FIFO implements this too.
-pub trait EvictionPolicy: Send + fmt::Debug {
-    /// Name reported in the status tree (`eviction_policy`).
-    fn name(&self) -> &'static str;
-    /// The object became readable (it is now an eviction candidate).
-    fn on_ready(&mut self, id: EntryId);
-    /// The object was read (locked or released by a reader).
-    fn on_access(&mut self, id: EntryId);
-    /// The object left L1 (evicted, deleted, cleared or discarded).
-    fn on_remove(&mut self, id: EntryId);
-    /// Visits candidates in eviction order (first = evict first) until `visit` returns false.
-    fn visit_candidates(&self, visit: &mut dyn FnMut(EntryId) -> bool);
+/// Index of a tenant (one `cache_salt`) inside the L1 manager.
+pub type TenantId = u32;
+
+/// What a policy learns about an object when it becomes readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryMeta {
+    /// The object's tenant (its `cache_salt`).
+    pub tenant: TenantId,
+    /// A stable 64-bit hash of the object's key (ghost lists remember keys by it).
+    pub fingerprint: u64,
 }
 
-/// Which policy to build, parsed case-insensitively from the CLI (`LRU`, `noop`).
+/// The manager's answer to a proposed victim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Evict it (removed after `select` returns, reported as [`Removal::Evicted`]).
+    Evict,
+    /// Not evictable now (locked, staging, doomed); leave it in place and go on.
+    Skip,
+    /// Enough bytes are planned; end the round.
+    Stop,
+}
+
+/// Why an object left L1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Chosen as an eviction victim (ghost lists remember it).
+    Evicted,
+    /// Deleted, cleared, discarded or freed after its last reader (not remembered).
+    Dropped,
+}
+
+/// The ordering side of an eviction algorithm.
+pub trait EvictionPolicy: Send + fmt::Debug {
+    /// Name reported in the status tree (`eviction_policy`), as LMCache spells it.
+    fn name(&self) -> &'static str;
+    /// The object became readable (it is now an eviction candidate).
+    fn on_ready(&mut self, id: EntryId, meta: EntryMeta);
+    /// The object was read (locked or released by a reader).
+    fn on_access(&mut self, id: EntryId);
+    /// The object left L1.
+    fn on_remove(&mut self, id: EntryId, why: Removal);
+    /// Proposes candidates in eviction order until `visit` says [`Verdict::Stop`] or none are
+    /// left. `tenants` is the order in which to drain tenants; only isolated policies (see
+    /// [`isolated`](Self::isolated)) use it, and the manager passes an empty slice to the others.
+    fn select(&mut self, tenants: &[TenantId], visit: &mut dyn FnMut(EntryId) -> Verdict);
+    /// Whether global eviction drains tenants one at a time in the manager's tenant order.
+    fn isolated(&self) -> bool {
+        false
+    }
+}
+
+/// Which policy to build, parsed case-insensitively from the CLI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum EvictionPolicyKind {
     /// Least recently used (default).
     #[serde(rename = "LRU")]
     Lru,
+    /// Adaptive replacement cache: recency and frequency lists with ghost-driven balance.
+    #[serde(rename = "ARC")]
+    Arc,
+    /// One LRU list per `cache_salt`; global eviction drains tenants over quota first.
+    #[serde(rename = "IsolatedLRU")]
+    IsolatedLru,
+    /// S3-FIFO: small probationary FIFO, main FIFO with reinsertion, ghost FIFO (scan-resistant).
+    #[serde(rename = "S3FIFO")]
+    S3Fifo,
     /// Never evict; stores fail with out-of-memory when L1 is full.
     #[serde(rename = "noop")]
     Noop,
 }
 
 impl EvictionPolicyKind {
+    /// Every policy, in documentation order.
+    pub const ALL: [Self; 5] = [
+        Self::Lru,
+        Self::Arc,
+        Self::IsolatedLru,
+        Self::S3Fifo,
+        Self::Noop,
+    ];
+
     /// Builds a fresh policy instance.
     pub fn build(self) -> Box<dyn EvictionPolicy> {
         match self {
             Self::Lru => Box::new(LruPolicy::default()),
+            Self::Arc => Box::new(ArcPolicy::default()),
+            Self::IsolatedLru => Box::new(IsolatedLruPolicy::default()),
+            Self::S3Fifo => Box::new(S3FifoPolicy::default()),
             Self::Noop => Box::new(NoopPolicy),
         }
     }
 
-    /// The canonical name (`LRU` or `noop`), as LMCache spells it.
+    /// The canonical name, as LMCache spells it (`S3FIFO` is kvtier's own).
     pub fn name(self) -> &'static str {
         match self {
             Self::Lru => "LRU",
+            Self::Arc => "ARC",
+            Self::IsolatedLru => "IsolatedLRU",
+            Self::S3Fifo => "S3FIFO",
             Self::Noop => "noop",
         }
     }
@@ -62,52 +141,46 @@ impl fmt::Display for EvictionPolicyKind {
 
 /// Error for an unknown policy name.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown eviction policy {0:?} (supported: LRU, noop)")]
+#[error("unknown eviction policy {0:?} (supported: LRU, ARC, IsolatedLRU, S3FIFO, noop)")]
 pub struct UnknownPolicy(pub String);
 
 impl FromStr for EvictionPolicyKind {
     type Err = UnknownPolicy;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
+        match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
             "lru" => Ok(Self::Lru),
+            "arc" => Ok(Self::Arc),
+            "isolatedlru" => Ok(Self::IsolatedLru),
+            "s3fifo" => Ok(Self::S3Fifo),
             "noop" | "none" => Ok(Self::Noop),
             _ => Err(UnknownPolicy(s.to_owned())),
         }
     }
 }
 
-const NIL: u32 = u32::MAX;
-
-#[derive(Debug, Clone, Copy)]
-struct Link {
-    prev: u32,
-    next: u32,
-    linked: bool,
+/// Walks one list from its head, asking `visit` about each id. Returns false on `Stop`.
+fn walk(lists: &Lists, list: u32, visit: &mut dyn FnMut(EntryId) -> Verdict) -> bool {
+    let mut cur = lists.head(list);
+    while let Some(id) = cur {
+        // The manager removes victims only after `select`, so `next` stays valid.
+        cur = lists.next(id);
+        if visit(id) == Verdict::Stop {
+            return false;
+        }
+    }
+    true
 }
 
-const UNLINKED: Link = Link {
-    prev: NIL,
-    next: NIL,
-    linked: false,
-};
-
-/// Exact LRU as an intrusive doubly-linked list over entry ids: O(1) per notification, no
-/// hashing, no allocation once the link table has grown to the number of slots.
+/// Exact LRU as an intrusive doubly-linked list over entry ids.
 #[derive(Debug)]
 pub struct LruPolicy {
-    links: Vec<Link>,
-    head: u32,
-    tail: u32,
-    len: usize,
+    lists: Lists,
 }
 
 impl Default for LruPolicy {
     fn default() -> Self {
         Self {
-            links: Vec::new(),
-            head: NIL,
-            tail: NIL,
-            len: 0,
+            lists: Lists::new(1),
         }
     }
 }
@@ -115,52 +188,12 @@ impl Default for LruPolicy {
 impl LruPolicy {
     /// Number of linked candidates.
     pub fn len(&self) -> usize {
-        self.len
+        self.lists.len(0)
     }
 
     /// Whether no candidate is linked.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn unlink(&mut self, id: EntryId) {
-        let Some(l) = self.links.get(id as usize).copied() else {
-            return;
-        };
-        if !l.linked {
-            return;
-        }
-        if l.prev == NIL {
-            self.head = l.next;
-        } else {
-            self.links[l.prev as usize].next = l.next;
-        }
-        if l.next == NIL {
-            self.tail = l.prev;
-        } else {
-            self.links[l.next as usize].prev = l.prev;
-        }
-        self.links[id as usize] = UNLINKED;
-        self.len -= 1;
-    }
-
-    fn push_back(&mut self, id: EntryId) {
-        let idx = id as usize;
-        if idx >= self.links.len() {
-            self.links.resize(idx + 1, UNLINKED);
-        }
-        self.links[idx] = Link {
-            prev: self.tail,
-            next: NIL,
-            linked: true,
-        };
-        if self.tail == NIL {
-            self.head = id;
-        } else {
-            self.links[self.tail as usize].next = id;
-        }
-        self.tail = id;
-        self.len += 1;
+        self.len() == 0
     }
 }
 
@@ -169,29 +202,334 @@ impl EvictionPolicy for LruPolicy {
         "LRU"
     }
 
-    fn on_ready(&mut self, id: EntryId) {
-        self.unlink(id);
-        self.push_back(id);
+    fn on_ready(&mut self, id: EntryId, _meta: EntryMeta) {
+        self.lists.push_back(0, id);
     }
 
     fn on_access(&mut self, id: EntryId) {
-        if self.links.get(id as usize).is_some_and(|l| l.linked) {
-            self.unlink(id);
-            self.push_back(id);
+        self.lists.touch(id);
+    }
+
+    fn on_remove(&mut self, id: EntryId, _why: Removal) {
+        self.lists.unlink(id);
+    }
+
+    fn select(&mut self, _tenants: &[TenantId], visit: &mut dyn FnMut(EntryId) -> Verdict) {
+        walk(&self.lists, 0, visit);
+    }
+}
+
+/// One LRU list per tenant (LMCache's IsolatedLRU). Global eviction drains the tenants in the
+/// order the manager gives (over quota first, see `l1::tenants`), each in LRU order.
+#[derive(Debug, Default)]
+pub struct IsolatedLruPolicy {
+    lists: Lists,
+}
+
+impl EvictionPolicy for IsolatedLruPolicy {
+    fn name(&self) -> &'static str {
+        "IsolatedLRU"
+    }
+
+    fn on_ready(&mut self, id: EntryId, meta: EntryMeta) {
+        self.lists.push_back(meta.tenant, id);
+    }
+
+    fn on_access(&mut self, id: EntryId) {
+        self.lists.touch(id);
+    }
+
+    fn on_remove(&mut self, id: EntryId, _why: Removal) {
+        self.lists.unlink(id);
+    }
+
+    fn select(&mut self, tenants: &[TenantId], visit: &mut dyn FnMut(EntryId) -> Verdict) {
+        for &t in tenants {
+            if !walk(&self.lists, t, visit) {
+                return;
+            }
         }
     }
 
-    fn on_remove(&mut self, id: EntryId) {
-        self.unlink(id);
+    fn isolated(&self) -> bool {
+        true
+    }
+}
+
+/// A bounded FIFO of key fingerprints with O(1) membership and removal: exactly the `bound`
+/// most recently pushed fingerprints that were not taken since. Lazy deletion: a taken or
+/// re-pushed fingerprint leaves a stale queue slot; when stale slots outnumber live ones (plus
+/// a constant) the queue is compacted, so each push costs amortised O(1).
+#[derive(Debug, Default)]
+struct Ghosts {
+    queue: VecDeque<(u64, u64)>,
+    live: HashMap<u64, u64, foldhash::fast::FixedState>,
+    seq: u64,
+}
+
+impl Ghosts {
+    fn len(&self) -> usize {
+        self.live.len()
     }
 
-    fn visit_candidates(&self, visit: &mut dyn FnMut(EntryId) -> bool) {
-        let mut cur = self.head;
-        while cur != NIL {
-            if !visit(cur) {
+    fn push(&mut self, fp: u64, bound: usize) {
+        self.seq += 1;
+        self.live.insert(fp, self.seq);
+        self.queue.push_back((fp, self.seq));
+        self.trim(bound);
+    }
+
+    /// Removes `fp`; whether it was present.
+    fn take(&mut self, fp: u64) -> bool {
+        self.live.remove(&fp).is_some()
+    }
+
+    fn trim(&mut self, bound: usize) {
+        while self.live.len() > bound {
+            let Some((fp, seq)) = self.queue.pop_front() else {
                 return;
+            };
+            if self.live.get(&fp) == Some(&seq) {
+                self.live.remove(&fp);
             }
-            cur = self.links[cur as usize].next;
+        }
+        if self.queue.len() > 2 * self.live.len() + 16 {
+            let live = &self.live;
+            self.queue.retain(|(fp, seq)| live.get(fp) == Some(seq));
+        }
+    }
+}
+
+const T1: u32 = 0;
+const T2: u32 = 1;
+
+/// ARC (Megiddo & Modha, FAST '03) over objects: T1 holds objects seen once, T2 objects seen
+/// again; B1/B2 remember what was evicted from each. A new object whose key is in B1 grows the
+/// recency target `p`, one in B2 shrinks it, and it enters T2; otherwise it enters T1. Victims
+/// come from T1 while its (remaining) length exceeds `p`, else from T2, each in LRU order.
+/// Ghost lists are each bounded by the resident object count.
+#[derive(Debug)]
+pub struct ArcPolicy {
+    lists: Lists,
+    fingerprints: Vec<u64>,
+    b1: Ghosts,
+    b2: Ghosts,
+    p: usize,
+}
+
+impl Default for ArcPolicy {
+    fn default() -> Self {
+        Self {
+            lists: Lists::new(2),
+            fingerprints: Vec::new(),
+            b1: Ghosts::default(),
+            b2: Ghosts::default(),
+            p: 0,
+        }
+    }
+}
+
+impl ArcPolicy {
+    /// The current recency target in objects (tests, status).
+    pub fn target(&self) -> usize {
+        self.p
+    }
+
+    fn resident(&self) -> usize {
+        self.lists.len(T1) + self.lists.len(T2)
+    }
+}
+
+impl EvictionPolicy for ArcPolicy {
+    fn name(&self) -> &'static str {
+        "ARC"
+    }
+
+    fn on_ready(&mut self, id: EntryId, meta: EntryMeta) {
+        let idx = id as usize;
+        if idx >= self.fingerprints.len() {
+            self.fingerprints.resize(idx + 1, 0);
+        }
+        self.fingerprints[idx] = meta.fingerprint;
+        let c = self.resident() + 1;
+        let (l1, l2) = (self.b1.len().max(1), self.b2.len().max(1));
+        if self.b1.take(meta.fingerprint) {
+            self.p = (self.p + (l2 / l1).max(1)).min(c);
+            self.lists.push_back(T2, id);
+        } else if self.b2.take(meta.fingerprint) {
+            self.p = self.p.saturating_sub((l1 / l2).max(1));
+            self.lists.push_back(T2, id);
+        } else {
+            self.lists.push_back(T1, id);
+        }
+    }
+
+    fn on_access(&mut self, id: EntryId) {
+        if self.lists.list_of(id).is_some() {
+            self.lists.push_back(T2, id);
+        }
+    }
+
+    fn on_remove(&mut self, id: EntryId, why: Removal) {
+        let Some(list) = self.lists.unlink(id) else {
+            return;
+        };
+        if why == Removal::Evicted {
+            let fp = self.fingerprints.get(id as usize).copied().unwrap_or(0);
+            let bound = self.resident().max(1);
+            if list == T1 {
+                self.b1.push(fp, bound);
+            } else {
+                self.b2.push(fp, bound);
+            }
+        }
+    }
+
+    fn select(&mut self, _tenants: &[TenantId], visit: &mut dyn FnMut(EntryId) -> Verdict) {
+        let mut t1_left = self.lists.len(T1);
+        let mut c1 = self.lists.head(T1);
+        let mut c2 = self.lists.head(T2);
+        loop {
+            let from_t1 = match (c1, c2) {
+                (None, None) => return,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some(_), Some(_)) => t1_left > self.p,
+            };
+            let cursor = if from_t1 { &mut c1 } else { &mut c2 };
+            let Some(id) = *cursor else { return };
+            *cursor = self.lists.next(id);
+            match visit(id) {
+                Verdict::Stop => return,
+                Verdict::Evict if from_t1 => t1_left -= 1,
+                Verdict::Evict | Verdict::Skip => {}
+            }
+        }
+    }
+}
+
+const SMALL: u32 = 0;
+const MAIN: u32 = 1;
+/// Highest frequency S3-FIFO counts (2 bits).
+const MAX_FREQ: u8 = 3;
+
+/// S3-FIFO (Yang et al., SOSP '23): new objects enter a small FIFO (about 10 % of the resident
+/// objects); an object read at least twice while there (one engine read = lock + release = two
+/// accesses) moves to the main FIFO when it reaches the head, others are evicted and remembered
+/// in a ghost FIFO; a new object whose key is a ghost enters main directly. Main is a FIFO with
+/// reinsertion: a head with frequency > 0 is reinserted with frequency − 1. One-off scans
+/// therefore pass through the small queue without touching main.
+#[derive(Debug)]
+pub struct S3FifoPolicy {
+    lists: Lists,
+    freq: Vec<u8>,
+    fingerprints: Vec<u64>,
+    ghosts: Ghosts,
+}
+
+impl Default for S3FifoPolicy {
+    fn default() -> Self {
+        Self {
+            lists: Lists::new(2),
+            freq: Vec::new(),
+            fingerprints: Vec::new(),
+            ghosts: Ghosts::default(),
+        }
+    }
+}
+
+impl S3FifoPolicy {
+    fn resident(&self) -> usize {
+        self.lists.len(SMALL) + self.lists.len(MAIN)
+    }
+}
+
+impl EvictionPolicy for S3FifoPolicy {
+    fn name(&self) -> &'static str {
+        "S3FIFO"
+    }
+
+    fn on_ready(&mut self, id: EntryId, meta: EntryMeta) {
+        let idx = id as usize;
+        if idx >= self.freq.len() {
+            self.freq.resize(idx + 1, 0);
+            self.fingerprints.resize(idx + 1, 0);
+        }
+        self.freq[idx] = 0;
+        self.fingerprints[idx] = meta.fingerprint;
+        let list = if self.ghosts.take(meta.fingerprint) {
+            MAIN
+        } else {
+            SMALL
+        };
+        self.lists.push_back(list, id);
+    }
+
+    fn on_access(&mut self, id: EntryId) {
+        if self.lists.list_of(id).is_some()
+            && let Some(f) = self.freq.get_mut(id as usize)
+        {
+            *f = (*f + 1).min(MAX_FREQ);
+        }
+    }
+
+    fn on_remove(&mut self, id: EntryId, why: Removal) {
+        let list = self.lists.unlink(id);
+        if why == Removal::Evicted && list == Some(SMALL) {
+            let fp = self.fingerprints.get(id as usize).copied().unwrap_or(0);
+            let bound = self.resident().max(1);
+            self.ghosts.push(fp, bound);
+        }
+    }
+
+    fn select(&mut self, _tenants: &[TenantId], visit: &mut dyn FnMut(EntryId) -> Verdict) {
+        let resident = self.resident();
+        let small_target = resident / 10;
+        let mut small_left = self.lists.len(SMALL);
+        let mut cs = self.lists.head(SMALL);
+        let mut cm = self.lists.head(MAIN);
+        let mut budget = 4 * resident + 8;
+        while budget > 0 {
+            budget -= 1;
+            let from_small = match (cs, cm) {
+                (None, None) => return,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some(_), Some(_)) => small_left > small_target,
+            };
+            if from_small {
+                let Some(id) = cs else { return };
+                cs = self.lists.next(id);
+                if self.freq.get(id as usize).copied().unwrap_or(0) > 1 {
+                    self.freq[id as usize] = 0;
+                    self.lists.push_back(MAIN, id);
+                    small_left -= 1;
+                    if cm.is_none() {
+                        cm = Some(id);
+                    }
+                    continue;
+                }
+                match visit(id) {
+                    Verdict::Stop => return,
+                    Verdict::Evict => small_left -= 1,
+                    Verdict::Skip => {}
+                }
+            } else {
+                let Some(id) = cm else { return };
+                let next = self.lists.next(id);
+                let f = self.freq.get(id as usize).copied().unwrap_or(0);
+                if f > 0 {
+                    self.freq[id as usize] = f - 1;
+                    self.lists.push_back(MAIN, id);
+                    // When `id` was the tail it is the tail again: look at it once more.
+                    cm = next.or(Some(id));
+                    continue;
+                }
+                cm = next;
+                if visit(id) == Verdict::Stop {
+                    return;
+                }
+            }
         }
     }
 }
@@ -204,22 +542,46 @@ impl EvictionPolicy for NoopPolicy {
     fn name(&self) -> &'static str {
         "noop"
     }
-    fn on_ready(&mut self, _id: EntryId) {}
+    fn on_ready(&mut self, _id: EntryId, _meta: EntryMeta) {}
     fn on_access(&mut self, _id: EntryId) {}
-    fn on_remove(&mut self, _id: EntryId) {}
-    fn visit_candidates(&self, _visit: &mut dyn FnMut(EntryId) -> bool) {}
+    fn on_remove(&mut self, _id: EntryId, _why: Removal) {}
+    fn select(&mut self, _tenants: &[TenantId], _visit: &mut dyn FnMut(EntryId) -> Verdict) {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn order(p: &LruPolicy) -> Vec<u32> {
+    fn meta(id: EntryId) -> EntryMeta {
+        EntryMeta {
+            tenant: id % 2,
+            fingerprint: u64::from(id) + 1000,
+        }
+    }
+
+    /// The order `select` proposes when nothing is evicted or stopped.
+    fn order(p: &mut dyn EvictionPolicy, tenants: &[TenantId]) -> Vec<u32> {
         let mut v = Vec::new();
-        p.visit_candidates(&mut |id| {
+        p.select(tenants, &mut |id| {
             v.push(id);
-            true
+            Verdict::Skip
         });
+        v
+    }
+
+    /// Evicts `n` victims; returns them.
+    fn evict(p: &mut dyn EvictionPolicy, n: usize) -> Vec<u32> {
+        let mut v = Vec::new();
+        p.select(&[0, 1], &mut |id| {
+            if v.len() == n {
+                return Verdict::Stop;
+            }
+            v.push(id);
+            Verdict::Evict
+        });
+        for &id in &v {
+            p.on_remove(id, Removal::Evicted);
+        }
         v
     }
 
@@ -227,33 +589,102 @@ mod tests {
     fn lru_orders_by_recency() {
         let mut p = LruPolicy::default();
         for id in [3, 1, 7] {
-            p.on_ready(id);
+            p.on_ready(id, meta(id));
         }
-        assert_eq!(order(&p), vec![3, 1, 7]);
+        assert_eq!(order(&mut p, &[]), vec![3, 1, 7]);
         p.on_access(3);
-        assert_eq!(order(&p), vec![1, 7, 3]);
-        p.on_remove(7);
-        assert_eq!(order(&p), vec![1, 3]);
+        assert_eq!(order(&mut p, &[]), vec![1, 7, 3]);
+        p.on_remove(7, Removal::Dropped);
+        assert_eq!(order(&mut p, &[]), vec![1, 3]);
         p.on_access(42); // unknown id: ignored
-        p.on_remove(42);
-        assert_eq!(order(&p), vec![1, 3]);
+        p.on_remove(42, Removal::Dropped);
+        assert_eq!(order(&mut p, &[]), vec![1, 3]);
         assert_eq!(p.len(), 2);
     }
 
     #[test]
+    fn isolated_lru_drains_tenants_in_the_given_order() {
+        let mut p = IsolatedLruPolicy::default();
+        for id in 0..6 {
+            p.on_ready(id, meta(id));
+        }
+        p.on_access(1);
+        assert_eq!(order(&mut p, &[1, 0]), vec![3, 5, 1, 0, 2, 4]);
+        assert_eq!(order(&mut p, &[0]), vec![0, 2, 4]);
+    }
+
+    #[test]
+    fn arc_protects_reused_objects_from_a_scan() {
+        let mut p = ArcPolicy::default();
+        for id in 0..4 {
+            p.on_ready(id, meta(id));
+            p.on_access(id); // hot: moves to T2
+        }
+        for id in 10..20 {
+            p.on_ready(id, meta(id)); // scan: T1
+        }
+        assert_eq!(evict(&mut p, 10), (10..20).collect::<Vec<_>>());
+        // A ghost hit in B1 (bounded by the 4 resident objects: 16..=19 remain) enlarges the
+        // recency target and lands in T2.
+        p.on_ready(30, meta(19));
+        assert_eq!(p.target(), 1);
+        assert_eq!(order(&mut p, &[]), vec![0, 1, 2, 3, 30]);
+    }
+
+    #[test]
+    fn s3fifo_promotes_reused_and_remembers_ghosts() {
+        let mut p = S3FifoPolicy::default();
+        for id in 0..10 {
+            p.on_ready(id, meta(id));
+        }
+        // Objects 0 and 1 are read (lock + release).
+        for id in [0, 1, 0, 1] {
+            p.on_access(id);
+        }
+        // The small queue's head is promoted (freq 2), the rest are evicted.
+        assert_eq!(evict(&mut p, 3), vec![2, 3, 4]);
+        assert_eq!(order(&mut p, &[]), vec![5, 6, 7, 8, 9, 0, 1]);
+        // A ghost comes back into main.
+        p.on_ready(20, meta(2));
+        assert_eq!(p.lists.list_of(20), Some(MAIN));
+        assert_eq!(p.lists.list_of(9), Some(SMALL));
+    }
+
+    #[test]
+    fn select_terminates_when_everything_is_locked() {
+        for kind in EvictionPolicyKind::ALL {
+            let mut p = kind.build();
+            for id in 0..50 {
+                p.on_ready(id, meta(id));
+                p.on_access(id);
+                p.on_access(id);
+            }
+            let mut seen = 0;
+            p.select(&[0, 1], &mut |_| {
+                seen += 1;
+                Verdict::Skip
+            });
+            assert!(seen <= 50 * 4 + 8, "{kind}: {seen} proposals");
+        }
+    }
+
+    #[test]
     fn policy_names_parse_case_insensitively() {
+        for kind in EvictionPolicyKind::ALL {
+            assert_eq!(kind.name().parse::<EvictionPolicyKind>().ok(), Some(kind));
+            assert_eq!(
+                kind.name()
+                    .to_ascii_lowercase()
+                    .parse::<EvictionPolicyKind>()
+                    .ok(),
+                Some(kind)
+            );
+            assert_eq!(kind.build().name(), kind.name());
+        }
         assert_eq!(
-            "lru".parse::<EvictionPolicyKind>().ok(),
-            Some(EvictionPolicyKind::Lru)
+            "s3-fifo".parse::<EvictionPolicyKind>().ok(),
+            Some(EvictionPolicyKind::S3Fifo)
         );
-        assert_eq!(
-            "LRU".parse::<EvictionPolicyKind>().ok(),
-            Some(EvictionPolicyKind::Lru)
-        );
-        assert_eq!(
-            "NoOp".parse::<EvictionPolicyKind>().ok(),
-            Some(EvictionPolicyKind::Noop)
-        );
-        assert!("arc".parse::<EvictionPolicyKind>().is_err());
+        assert!("lfu".parse::<EvictionPolicyKind>().is_err());
     }
 }

@@ -43,7 +43,10 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::alloc::RangeAllocator;
-use super::eviction::{EntryId, EvictionPolicy, EvictionPolicyKind};
+use super::eviction::{
+    EntryId, EntryMeta, EvictionPolicy, EvictionPolicyKind, Removal, TenantId, Verdict,
+};
+use super::tenants::{Directory, Tenants};
 use crate::key::ObjectKey;
 use crate::status::{StatusNode, StatusReport};
 
@@ -92,6 +95,10 @@ pub enum L1Error {
     /// L1 has no room for the batch even after evicting everything evictable.
     #[error("out of L1 memory")]
     OutOfMemory,
+    /// The key's tenant (`cache_salt`) has no room within its quota even after evicting its own
+    /// unlocked objects.
+    #[error("the cache_salt's L1 quota is exhausted")]
+    QuotaExceeded,
 }
 
 impl L1Error {
@@ -104,6 +111,7 @@ impl L1Error {
             Self::KeyInWrongState => "key_in_wrong_state",
             Self::KeyIsLocked => "key_is_locked",
             Self::OutOfMemory => "out_of_memory",
+            Self::QuotaExceeded => "quota_exceeded",
         }
     }
 }
@@ -132,6 +140,9 @@ pub struct ReadLease {
     id: EntryId,
     generation: u32,
     epoch: u32,
+    /// Whether taking and releasing the lock counts as an access for the eviction policy
+    /// (false for kvtier's own copies: write-behind and prefetch pins).
+    touch: bool,
     /// Where the object's bytes are.
     pub alloc: Allocation,
 }
@@ -276,6 +287,8 @@ crate::metric_set! {
         writes_aborted_total: Counter => "kvtier_l1_writes_aborted",
         /// Keys whose store was rejected because L1 had no room even after eviction.
         oom_keys_total: Counter as "out_of_memory_key_count_total" => "kvtier_l1_oom_keys",
+        /// Keys whose store was rejected because their cache_salt's quota was exhausted.
+        quota_rejected_keys_total: Counter => "kvtier_l1_quota_rejected_keys",
         /// Objects evicted from L1 (background and synchronous).
         evicted_objects_total: Counter as "evicted_object_count_total" => "kvtier_l1_evicted_objects",
         /// Bytes evicted from L1.
@@ -310,6 +323,7 @@ struct Entry {
     deadline: Option<Instant>,
     temporary: bool,
     doomed: bool,
+    tenant: TenantId,
 }
 
 #[derive(Debug, Default)]
@@ -327,6 +341,7 @@ struct Inner {
     alloc: RangeAllocator,
     policy: Box<dyn EvictionPolicy>,
     expiry: BTreeSet<(Instant, EntryId, u32)>,
+    tenants: Tenants,
 }
 
 /// The L1 tier: see the module docs.
@@ -336,6 +351,7 @@ pub struct L1Manager {
     /// Told about publishes and removals, under the lock (see [`L1Listener`]).
     listener: std::sync::OnceLock<std::sync::Arc<dyn super::L1Listener>>,
     counters: L1Counters,
+    directory: Arc<Directory>,
     config: L1Config,
     capacity: u64,
     clock: Clock,
@@ -351,7 +367,9 @@ impl L1Manager {
     pub fn with_clock(config: L1Config, clock: Clock) -> Self {
         let alloc = RangeAllocator::new(config.capacity_bytes, config.align_bytes);
         let capacity = alloc.capacity();
+        let tenants = Tenants::default();
         Self {
+            directory: Arc::clone(tenants.directory()),
             inner: Mutex::new(Inner {
                 index: HashMap::default(),
                 slots: Vec::new(),
@@ -359,6 +377,7 @@ impl L1Manager {
                 alloc,
                 policy: config.eviction.policy.build(),
                 expiry: BTreeSet::new(),
+                tenants,
             }),
             counters: L1Counters::default(),
             listener: std::sync::OnceLock::new(),
@@ -398,6 +417,26 @@ impl L1Manager {
     /// The clock used for TTLs.
     pub fn clock(&self) -> &Clock {
         &self.clock
+    }
+
+    /// The tenants (one per `cache_salt`) as readers see them, without the L1 lock.
+    pub fn tenants(&self) -> &Arc<Directory> {
+        &self.directory
+    }
+
+    /// Sets (`Some(bytes)`) or removes (`None`) the L1 quota of `salt` (`""` = un-salted
+    /// traffic); returns whether a quota existed. A quota below the tenant's usage evicts its
+    /// unlocked objects down to the quota at once (work proportional to the objects evicted).
+    pub fn set_quota(&self, salt: &Arc<str>, limit: Option<u64>) -> bool {
+        let mut inner = self.inner.lock();
+        let (tenant, existed) = inner.tenants.set_limit(salt, limit);
+        if let (Some(t), Some(limit)) = (tenant, limit) {
+            let used = inner.tenants.used(t);
+            if used > limit {
+                self.evict_tenant(&mut inner, t, used - limit);
+            }
+        }
+        existed
     }
 
     /// `(used_bytes, total_bytes)` without taking the lock.
@@ -447,15 +486,26 @@ impl L1Manager {
             new_idx.push(i);
             sizes.push(*len);
         }
+        let mut tenants = resolve_tenants(&mut inner.tenants, items, &new_idx);
+        self.apply_quotas(&mut inner, &mut out, &mut new_idx, &mut sizes, &mut tenants);
         if new_idx.is_empty() {
+            for t in tenants {
+                inner.tenants.retire_if_idle(t);
+            }
             return out;
         }
         let Some(offsets) = self.alloc_batch_evicting(&mut inner, &sizes) else {
             self.counters.oom_keys_total.add(new_idx.len() as u64);
+            for t in tenants {
+                inner.tenants.retire_if_idle(t);
+            }
             return out;
         };
+        // Synchronous eviction may have retired a tenant of this batch (its last object went):
+        // resolve again, which is a map lookup unless it has to re-create the tenant.
+        let tenants = resolve_tenants(&mut inner.tenants, items, &new_idx);
         let deadline = now + self.config.write_ttl;
-        for (&i, offset) in new_idx.iter().zip(offsets) {
+        for ((&i, offset), tenant) in new_idx.iter().zip(offsets).zip(tenants) {
             let (key, len) = &items[i];
             let alloc = Allocation { offset, len: *len };
             let reserved = inner.alloc.reserved_size(*len).unwrap_or(*len);
@@ -469,7 +519,9 @@ impl L1Manager {
                 deadline: Some(deadline),
                 temporary,
                 doomed: false,
+                tenant,
             };
+            inner.tenants.charge(tenant, reserved);
             let (id, generation) = inner.insert(entry);
             inner.expiry.insert((deadline, id, generation));
             self.counters.objects.add(1);
@@ -511,7 +563,7 @@ impl L1Manager {
             .iter()
             .map(|t| {
                 let id = self.publish(&mut inner, t)?;
-                Ok(self.lock_read(&mut inner, id, count, now))
+                Ok(self.lock_read(&mut inner, id, count, now, true))
             })
             .collect()
     }
@@ -526,22 +578,43 @@ impl L1Manager {
                 if inner.entry(id).map(|e| e.phase) != Some(Phase::Staging) {
                     return Err(L1Error::KeyInWrongState);
                 }
-                self.remove_entry(&mut inner, id);
+                self.remove_entry(&mut inner, id, Removal::Dropped);
                 self.counters.writes_aborted_total.add(1);
                 Ok(())
             })
             .collect()
     }
 
-    /// Takes `count` read locks (clamped to 1..=128) on each key.
+    /// Takes `count` read locks (clamped to 1..=128) on each key. Taking and releasing them
+    /// counts as an access for the eviction policy.
     pub fn reserve_read(&self, keys: &[ObjectKey], count: u32) -> Vec<Result<ReadLease, L1Error>> {
+        self.reserve_read_with(keys, count, true)
+    }
+
+    /// [`reserve_read`](Self::reserve_read) for kvtier's own copies (write-behind, prefetch
+    /// pins): the locks protect the bytes but are not accesses, so ARC and S3-FIFO do not take
+    /// every stored object for a reused one.
+    pub fn reserve_read_quiet(
+        &self,
+        keys: &[ObjectKey],
+        count: u32,
+    ) -> Vec<Result<ReadLease, L1Error>> {
+        self.reserve_read_with(keys, count, false)
+    }
+
+    fn reserve_read_with(
+        &self,
+        keys: &[ObjectKey],
+        count: u32,
+        touch: bool,
+    ) -> Vec<Result<ReadLease, L1Error>> {
         let now = self.clock.now();
         let count = count.clamp(1, MAX_READ_LOCKS_PER_CALL);
         let mut inner = self.inner.lock();
         keys.iter()
             .map(|k| {
                 let id = self.readable(&mut inner, k, now)?;
-                Ok(self.lock_read(&mut inner, id, count, now))
+                Ok(self.lock_read(&mut inner, id, count, now, touch))
             })
             .collect()
     }
@@ -576,8 +649,9 @@ impl L1Manager {
                 }
             }
         }
+        self.count_lookup(&inner, keys, &ids);
         ids.into_iter()
-            .map(|id| self.lock_read(&mut inner, id, count, now))
+            .map(|id| self.lock_read(&mut inner, id, count, now, true))
             .collect()
     }
 
@@ -597,7 +671,7 @@ impl L1Manager {
                 if epoch != l.epoch || readers == 0 {
                     return Err(L1Error::KeyInWrongState);
                 }
-                self.unlock_read(&mut inner, id, count);
+                self.unlock_read(&mut inner, id, count, l.touch);
                 Ok(())
             })
             .collect()
@@ -622,7 +696,7 @@ impl L1Manager {
                 if e.phase == Phase::Staging || e.readers > 0 {
                     return Err(L1Error::KeyIsLocked);
                 }
-                self.remove_entry(&mut inner, id);
+                self.remove_entry(&mut inner, id, Removal::Dropped);
                 Ok(())
             })
             .collect()
@@ -646,7 +720,7 @@ impl L1Manager {
                 }
                 let locked = e.phase == Phase::Staging || e.readers > 0;
                 if !locked {
-                    self.remove_entry(&mut inner, id);
+                    self.remove_entry(&mut inner, id, Removal::Dropped);
                     out.removed += 1;
                 } else if force {
                     self.doom(&mut inner, id);
@@ -774,6 +848,18 @@ impl L1Manager {
                 return Err(format!("object {id} expiry queue entry mismatch"));
             }
         }
+        let mut by_tenant: HashMap<TenantId, u64> = HashMap::new();
+        for e in inner.slots.iter().filter_map(|s| s.entry.as_ref()) {
+            *by_tenant.entry(e.tenant).or_default() += e.reserved;
+        }
+        for (&t, &bytes) in &by_tenant {
+            if inner.tenants.used(t) != bytes {
+                return Err(format!(
+                    "tenant {t}: charged {} bytes, recount {bytes}",
+                    inner.tenants.used(t)
+                ));
+            }
+        }
         if inner.index.len() as u64 != objects - doomed {
             return Err("index size differs from live objects".into());
         }
@@ -867,7 +953,7 @@ impl L1Manager {
         }
         if doomed {
             // Force-cleared while being written: the write is void.
-            self.remove_entry(inner, id);
+            self.remove_entry(inner, id, Removal::Dropped);
             return Err(L1Error::KeyNotExist);
         }
         let now = self.clock.now();
@@ -878,21 +964,36 @@ impl L1Manager {
         if let Some(d) = deadline {
             inner.expiry.remove(&(d, id, t.generation));
         }
+        let mut meta = None;
         if let Some(e) = inner.entry_mut(id) {
             e.phase = Phase::Ready;
             e.deadline = None;
             if let Some(l) = self.listener.get() {
                 l.published(&e.key);
             }
+            meta = Some(EntryMeta {
+                tenant: e.tenant,
+                fingerprint: fingerprint(&e.key),
+            });
         }
         self.counters.staging_objects.sub(1);
         self.counters.staging_bytes.sub(reserved);
         self.counters.writes_committed_total.add(1);
-        inner.policy.on_ready(id);
+        if let Some(meta) = meta {
+            inner.policy.on_ready(id, meta);
+            inner.tenants.on_ready(meta.tenant, id);
+        }
         Ok(id)
     }
 
-    fn lock_read(&self, inner: &mut Inner, id: EntryId, count: u32, now: Instant) -> ReadLease {
+    fn lock_read(
+        &self,
+        inner: &mut Inner,
+        id: EntryId,
+        count: u32,
+        now: Instant,
+        touch: bool,
+    ) -> ReadLease {
         // `readable` (or `publish`) already applied any lapsed TTL to this entry.
         let generation = inner.slots[id as usize].generation;
         let deadline = now + self.config.read_ttl;
@@ -913,16 +1014,20 @@ impl L1Manager {
             self.counters.read_locked_objects.add(1);
         }
         self.counters.read_locks_total.add(u64::from(count));
-        inner.policy.on_access(id);
+        if touch {
+            inner.policy.on_access(id);
+            inner.tenants.on_access(id);
+        }
         ReadLease {
             id,
             generation,
             epoch,
+            touch,
             alloc,
         }
     }
 
-    fn unlock_read(&self, inner: &mut Inner, id: EntryId, count: u32) {
+    fn unlock_read(&self, inner: &mut Inner, id: EntryId, count: u32, touch: bool) {
         let generation = inner.slots[id as usize].generation;
         let (now_unlocked, deadline, free_now) = match inner.entry_mut(id) {
             Some(e) => {
@@ -941,11 +1046,14 @@ impl L1Manager {
             }
             self.counters.read_locked_objects.sub(1);
             if free_now {
-                self.remove_entry(inner, id);
+                self.remove_entry(inner, id, Removal::Dropped);
                 return;
             }
         }
-        inner.policy.on_access(id);
+        if touch {
+            inner.policy.on_access(id);
+            inner.tenants.on_access(id);
+        }
     }
 
     fn expire_readers(&self, inner: &mut Inner, id: EntryId) {
@@ -964,13 +1072,13 @@ impl L1Manager {
         self.counters.read_locked_objects.sub(1);
         self.counters.expired_read_locks_total.add(1);
         if free_now {
-            self.remove_entry(inner, id);
+            self.remove_entry(inner, id, Removal::Dropped);
         }
     }
 
     fn discard_expired_staging(&self, inner: &mut Inner, id: EntryId) {
         self.counters.expired_write_locks_total.add(1);
-        self.remove_entry(inner, id);
+        self.remove_entry(inner, id, Removal::Dropped);
     }
 
     fn doom(&self, inner: &mut Inner, id: EntryId) {
@@ -987,12 +1095,13 @@ impl L1Manager {
             None => return,
         };
         inner.index.remove(&key);
-        inner.policy.on_remove(id);
+        inner.policy.on_remove(id, Removal::Dropped);
+        inner.tenants.unlink(id);
         self.counters.doomed_objects.add(1);
     }
 
     /// Removes an entry whatever its state and returns its memory.
-    fn remove_entry(&self, inner: &mut Inner, id: EntryId) {
+    fn remove_entry(&self, inner: &mut Inner, id: EntryId, why: Removal) {
         let slot = &mut inner.slots[id as usize];
         let generation = slot.generation;
         let Some(e) = slot.entry.take() else { return };
@@ -1011,7 +1120,10 @@ impl L1Manager {
                 l.removed(&e.key);
             }
         }
-        inner.policy.on_remove(id);
+        inner.policy.on_remove(id, why);
+        inner
+            .tenants
+            .release(e.tenant, id, e.reserved, why == Removal::Evicted);
         inner.alloc.free(e.alloc.offset, e.alloc.len);
         self.counters.objects.sub(1);
         self.counters.used_bytes.sub(e.reserved);
@@ -1028,36 +1140,141 @@ impl L1Manager {
     }
 
     fn evict_locked(&self, inner: &mut Inner, goal_bytes: u64) -> EvictionOutcome {
+        let order = if inner.policy.isolated() {
+            inner.tenants.isolation_order()
+        } else {
+            Vec::new()
+        };
         let mut victims = Vec::new();
         let mut planned = 0u64;
         {
-            let slots = &inner.slots;
-            inner.policy.visit_candidates(&mut |id| {
-                if planned >= goal_bytes {
-                    return false;
-                }
-                if let Some(Some(e)) = slots.get(id as usize).map(|s| s.entry.as_ref())
-                    && e.phase == Phase::Ready
-                    && e.readers == 0
-                    && !e.doomed
-                {
-                    victims.push(id);
-                    planned += e.reserved;
-                }
-                true
+            let Inner { policy, slots, .. } = inner;
+            policy.select(&order, &mut |id| {
+                verdict(slots, id, goal_bytes, &mut planned, &mut victims)
             });
         }
+        self.remove_victims(inner, victims)
+    }
+
+    /// Evicts up to `goal_bytes` of `tenant`'s own unlocked objects, oldest first.
+    fn evict_tenant(
+        &self,
+        inner: &mut Inner,
+        tenant: TenantId,
+        goal_bytes: u64,
+    ) -> EvictionOutcome {
+        let mut victims = Vec::new();
+        let mut planned = 0u64;
+        {
+            let Inner { tenants, slots, .. } = inner;
+            tenants.walk(tenant, &mut |id| {
+                verdict(slots, id, goal_bytes, &mut planned, &mut victims) != Verdict::Stop
+            });
+        }
+        self.remove_victims(inner, victims)
+    }
+
+    fn remove_victims(&self, inner: &mut Inner, victims: Vec<EntryId>) -> EvictionOutcome {
         let mut out = EvictionOutcome::default();
         for id in victims {
             if let Some(e) = inner.entry(id) {
                 out.bytes += e.reserved;
                 out.objects += 1;
-                self.remove_entry(inner, id);
+                self.remove_entry(inner, id, Removal::Evicted);
             }
         }
         self.counters.evicted_objects_total.add(out.objects);
         self.counters.evicted_bytes_total.add(out.bytes);
         out
+    }
+
+    /// Checks each tenant's share of a reservation against its quota (see `l1::tenants`):
+    /// evicts the tenant's own objects to make room, and refuses the tenant's keys with
+    /// `QuotaExceeded` when that is not enough. Removes refused items from the batch.
+    fn apply_quotas(
+        &self,
+        inner: &mut Inner,
+        out: &mut [Result<WriteTicket, L1Error>],
+        new_idx: &mut Vec<usize>,
+        sizes: &mut Vec<u64>,
+        tenants: &mut Vec<TenantId>,
+    ) {
+        let mut refused: Vec<TenantId> = Vec::new();
+        let mut checked: Vec<TenantId> = Vec::new();
+        for &t in tenants.iter() {
+            if checked.contains(&t) {
+                continue;
+            }
+            checked.push(t);
+            let Some(limit) = inner.tenants.limit(t) else {
+                continue;
+            };
+            let need: u64 = tenants
+                .iter()
+                .zip(sizes.iter())
+                .filter(|(x, _)| **x == t)
+                .map(|(_, &len)| inner.alloc.reserved_size(len).unwrap_or(len))
+                .fold(0u64, u64::saturating_add);
+            let used = inner.tenants.used(t);
+            if used.saturating_add(need) <= limit {
+                continue;
+            }
+            if need <= limit {
+                self.evict_tenant(inner, t, used + need - limit);
+            }
+            if inner.tenants.used(t).saturating_add(need) > limit {
+                refused.push(t);
+            }
+        }
+        if refused.is_empty() {
+            return;
+        }
+        let mut keep = 0;
+        for j in 0..new_idx.len() {
+            let t = tenants[j];
+            if refused.contains(&t) {
+                out[new_idx[j]] = Err(L1Error::QuotaExceeded);
+                self.counters.quota_rejected_keys_total.inc();
+                if let Some(c) = inner.tenants.stats(t) {
+                    c.quota_rejected_keys_total.inc();
+                }
+            } else {
+                new_idx[keep] = new_idx[j];
+                sizes[keep] = sizes[j];
+                tenants[keep] = t;
+                keep += 1;
+            }
+        }
+        new_idx.truncate(keep);
+        sizes.truncate(keep);
+        tenants.truncate(keep);
+        for t in refused {
+            inner.tenants.retire_if_idle(t);
+        }
+    }
+
+    /// Counts a lookup's hits and misses against its keys' tenant.
+    fn count_lookup(&self, inner: &Inner, keys: &[ObjectKey], hits: &[EntryId]) {
+        let hit_tenant = hits
+            .first()
+            .and_then(|&id| inner.entry(id))
+            .map(|e| e.tenant);
+        if let Some(c) = hit_tenant.and_then(|t| inner.tenants.stats(t)) {
+            c.hits_total.add(hits.len() as u64);
+        }
+        let missed = keys.len() - hits.len();
+        if missed == 0 {
+            return;
+        }
+        let salt = &keys[hits.len()].cache_salt;
+        match inner
+            .tenants
+            .find(salt)
+            .and_then(|t| inner.tenants.stats(t))
+        {
+            Some(c) => c.misses_total.add(missed as u64),
+            None => self.directory.retired.misses_total.add(missed as u64),
+        }
     }
 
     /// Allocates the whole batch, evicting synchronously while that can help.
@@ -1088,6 +1305,55 @@ impl L1Manager {
             }
         }
     }
+}
+
+/// The manager's answer for one proposed victim: evictable objects are planned until
+/// `goal_bytes` is reached; staging, read-locked and doomed ones are skipped.
+fn verdict(
+    slots: &[Slot],
+    id: EntryId,
+    goal_bytes: u64,
+    planned: &mut u64,
+    victims: &mut Vec<EntryId>,
+) -> Verdict {
+    if *planned >= goal_bytes {
+        return Verdict::Stop;
+    }
+    match slots.get(id as usize).and_then(|s| s.entry.as_ref()) {
+        Some(e) if e.phase == Phase::Ready && e.readers == 0 && !e.doomed => {
+            victims.push(id);
+            *planned += e.reserved;
+            Verdict::Evict
+        }
+        _ => Verdict::Skip,
+    }
+}
+
+/// The tenant of each item in `new_idx` (created when needed). The keys of one request share
+/// their salt, so each run of equal salts is resolved once.
+fn resolve_tenants(
+    tenants: &mut Tenants,
+    items: &[(ObjectKey, u64)],
+    new_idx: &[usize],
+) -> Vec<TenantId> {
+    let mut out = Vec::with_capacity(new_idx.len());
+    let mut last: Option<(&Arc<str>, TenantId)> = None;
+    for &i in new_idx {
+        let salt = &items[i].0.cache_salt;
+        let t = match last {
+            Some((s, t)) if s == salt => t,
+            _ => tenants.resolve(salt),
+        };
+        last = Some((salt, t));
+        out.push(t);
+    }
+    out
+}
+
+/// A stable hash of a key, for the ghost lists of ARC and S3-FIFO.
+fn fingerprint(key: &ObjectKey) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x6b76_7469_6572_4c31).hash_one(key)
 }
 
 #[cold]
@@ -1152,5 +1418,6 @@ impl StatusReport for L1Manager {
             .field("write_ttl_seconds", self.config.write_ttl.as_secs())
             .field("read_ttl_seconds", self.config.read_ttl.as_secs())
             .field("align_bytes", self.config.align_bytes)
+            .field("tenants", self.directory.status())
     }
 }

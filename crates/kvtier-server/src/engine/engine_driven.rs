@@ -233,7 +233,7 @@ impl EngineDriven {
                     tickets.push(t);
                     ticket_keys.push(k.clone());
                 }
-                Err(L1Error::OutOfMemory) => rejected += 1,
+                Err(L1Error::OutOfMemory | L1Error::QuotaExceeded) => rejected += 1,
                 Err(_) => skipped += 1,
             }
         }

@@ -76,7 +76,7 @@ static ENGINE_GAUGES: [MetricDesc; 4] = [
 
 impl Engine {
     /// Every metric set of the engine: its components' declared sets, then the engine's
-    /// computed gauges (`self`), L1, the eviction controller and its thread, and L2.
+    /// computed gauges (`self`), L1, L1's tenants (top N + `other`), the eviction controller and its thread, and L2.
     pub fn metric_sets(&self) -> Vec<&dyn MetricSet> {
         let cx = self.shared();
         let mut sets: Vec<&dyn MetricSet> = vec![
@@ -88,6 +88,7 @@ impl Engine {
             cx.events.as_ref(),
             self,
             cx.l1.counters(),
+            &**cx.l1.tenants(),
             &cx.evictor,
             cx.evictor.thread(),
         ];

@@ -10,6 +10,7 @@
 //! | GET | `/version` | name, version, LMCache protocol version |
 //! | POST | `/api/clear-cache` | force-clears L1 (LMCache 0.4.1 semantics) |
 //! | POST | `/cache/clear` | `{"tier":"l1"\|"all","force":false}` (body optional; LMCache 0.5.6 semantics) |
+//! | PUT/GET/DELETE, GET | `/quota/{cache_salt}`, `/quota` | per-`cache_salt` L1 quotas (see [`quota`]) |
 //!
 //! Anything else answers a JSON 404 (or 405 for a known path with the wrong method). With a
 //! token configured every route but the health checks and the dashboard's static files (which
@@ -23,6 +24,7 @@
 
 pub mod auth;
 pub mod metrics;
+pub mod quota;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -228,6 +230,7 @@ fn router(source: StatusSource, token: Option<AuthToken>) -> Router {
     });
     Router::new()
         .merge(dashboard)
+        .merge(quota::routes(state.source.clone()))
         .route("/api/status", get(status))
         .route("/status", get(status))
         .route("/api/healthcheck", get(healthcheck))
@@ -259,6 +262,7 @@ async fn guard(State(st): Shared, req: Request, next: Next) -> Response {
         .chain(&crate::dashboard::ROUTES)
         .copied()
         .find(|r| *r == req.uri().path())
+        .or_else(|| quota::route_label(req.uri().path()))
         .unwrap_or("unmatched");
     let allowed = match &st.token {
         None => true,

@@ -255,6 +255,21 @@ pub fn key(
     })
 }
 
+/// [`key`] with a `cache_salt` (tenant).
+pub fn key_salted(
+    model: &str,
+    tokens: &[u32],
+    start: usize,
+    end: usize,
+    worker: Option<u32>,
+    request_id: &str,
+    salt: &str,
+) -> Value {
+    let mut k = key(model, tokens, start, end, worker, request_id);
+    k["cache_salt"] = json!(salt);
+    k
+}
+
 /// Deterministic chunk contents.
 pub fn chunk_bytes(seed: u64, i: usize) -> Vec<u8> {
     (0..OBJ)
@@ -273,7 +288,22 @@ pub fn store(
     seed: u64,
     rid: &str,
 ) -> Vec<u64> {
-    let k = key(model, tokens, 0, tokens.len(), Some(0), rid);
+    store_as(c, server, instance, model, tokens, seed, rid, "")
+}
+
+/// [`store`] as the tenant `salt`.
+#[expect(clippy::too_many_arguments, reason = "test helper mirroring store()")]
+pub fn store_as(
+    c: &mut Client,
+    server: &Server,
+    instance: i64,
+    model: &str,
+    tokens: &[u32],
+    seed: u64,
+    rid: &str,
+    salt: &str,
+) -> Vec<u64> {
+    let k = key_salted(model, tokens, 0, tokens.len(), Some(0), rid, salt);
     let r = c
         .call_json("prepare_store", &[k.clone(), json!(instance)])
         .expect("prepare_store reply");
@@ -303,7 +333,12 @@ pub fn store(
 
 /// lookup + polling query_prefetch_status until it answers an int (nil means pending).
 pub fn lookup(c: &mut Client, model: &str, tokens: &[u32], rid: &str) -> u64 {
-    let k = key(model, tokens, 0, tokens.len(), None, rid);
+    lookup_as(c, model, tokens, rid, "")
+}
+
+/// [`lookup`] as the tenant `salt`.
+pub fn lookup_as(c: &mut Client, model: &str, tokens: &[u32], rid: &str, salt: &str) -> u64 {
+    let k = key_salted(model, tokens, 0, tokens.len(), None, rid, salt);
     assert!(
         c.call_json("lookup", &[k, json!(1)]).is_none(),
         "lookup replies bare"

@@ -356,7 +356,7 @@ impl LmcacheDriven {
                     ticket_keys.push(k.clone());
                     tickets.push(t);
                 }
-                Err(L1Error::OutOfMemory) => rejected += 1,
+                Err(L1Error::OutOfMemory | L1Error::QuotaExceeded) => rejected += 1,
                 Err(_) => skipped += 1,
             }
         }
