@@ -285,6 +285,38 @@ impl Sessions {
         let malformed = |e: &dyn std::fmt::Display| EngineError::Malformed(e.to_string());
         let start = usize::try_from(key.start).map_err(|e| malformed(&e))?;
         let end = usize::try_from(key.end).map_err(|e| malformed(&e))?;
+        self.keys_in(session, key, start, end, worker, now)
+    }
+
+    /// The object keys a `lookup` asks about, with LMCache's lenient span: every whole chunk
+    /// of `token_ids[..min(end, len)]` from chunk 0 (`start` is ignored and a partial tail
+    /// chunk is dropped, as LMCache 0.5.6's lookup does).
+    ///
+    /// # Errors
+    /// [`EngineError::Malformed`] for a bad model name, salt or world size.
+    pub fn lookup_keys(
+        &self,
+        session: &SessionRef,
+        key: &IpcKey,
+        worker: Option<u32>,
+        now: Instant,
+    ) -> Result<Vec<ObjectKey>, EngineError> {
+        let len = key.token_ids.len();
+        let end = usize::try_from(key.end).map_or(len, |e| e.min(len));
+        let cs = self.hasher.chunk_size();
+        self.keys_in(session, key, 0, end - end % cs, worker, now)
+    }
+
+    fn keys_in(
+        &self,
+        session: &SessionRef,
+        key: &IpcKey,
+        start: usize,
+        end: usize,
+        worker: Option<u32>,
+        now: Instant,
+    ) -> Result<Vec<ObjectKey>, EngineError> {
+        let malformed = |e: &dyn std::fmt::Display| EngineError::Malformed(e.to_string());
         let hashes = {
             let mut s = session.lock();
             s.last_used = s.last_used.max(now);

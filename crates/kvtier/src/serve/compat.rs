@@ -68,8 +68,8 @@ pub struct LmcacheArgs {
     #[arg(long, value_name = "N")]
     pub grpc_server_workers: Option<u64>,
 
-    /// No effect: engine block id meaning "absent" (kvtier copies every block it is given;
-    /// absent blocks only occur in sliding-window layouts, which kvtier does not register).
+    /// Engine block id meaning "absent": 0 (LMCache's default, and kvtier's); another value is
+    /// refused.
     #[arg(long, value_name = "ID")]
     pub null_block_id: Option<i64>,
 
@@ -330,6 +330,12 @@ impl LmcacheArgs {
                 "kvtier speaks the ZeroMQ transport only",
             )?;
         }
+        if self.null_block_id.is_some_and(|id| id != 0) {
+            refuse(
+                "--null-block-id",
+                "kvtier's null block id is 0 (LMCache's default)",
+            )?;
+        }
         if self.engine_type.as_deref() == Some("blend") {
             refuse("--engine-type blend", "kvtier has no CacheBlend engine")?;
         }
@@ -447,7 +453,7 @@ impl LmcacheArgs {
             (
                 "--null-block-id",
                 given(&self.null_block_id),
-                "kvtier copies every block it is given; absent blocks only occur in sliding-window layouts, which kvtier does not register",
+                "0 is kvtier's null block id already",
             ),
             (
                 "--engine-type",
