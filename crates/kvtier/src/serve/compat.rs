@@ -301,6 +301,17 @@ pub struct LmcacheArgs {
     /// No effect: kvtier's threads wake on events, not on a notifier period.
     #[arg(long, value_name = "MS")]
     pub periodic_notifier_interval_ms: Option<u64>,
+
+    /// No effect: output format of the `lmcache` CLI's reporting commands (a server prints
+    /// none).
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<String>,
+    /// No effect: the `lmcache` CLI's metrics file (a server writes none).
+    #[arg(long, value_name = "PATH")]
+    pub output: Option<String>,
+    /// No effect: the `lmcache` CLI's quiet mode (use --log to quieten kvtier).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
 }
 
 fn refuse(flag: impl Into<String>, reason: &'static str) -> Result<(), Refused> {
@@ -697,6 +708,11 @@ impl LmcacheArgs {
                 "--l2-store-policy / --l2-prefetch-policy",
                 given(&self.l2_store_policy) || given(&self.l2_prefetch_policy),
                 "`default` is kvtier's behaviour",
+            ),
+            (
+                "--format / --output / --quiet",
+                given(&self.format) || given(&self.output) || self.quiet,
+                "options of the lmcache CLI's reporting commands; a server prints no report (--log sets kvtier's logging)",
             ),
         ];
         notes.extend(
