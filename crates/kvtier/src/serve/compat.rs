@@ -735,7 +735,7 @@ mod tests {
             engine_type: Some("blend".into()),
             ..LmcacheArgs::default()
         };
-        let e = a.resolve().unwrap_err();
+        let e = a.resolve().expect_err("blend is refused");
         assert!(
             e.to_string()
                 .starts_with("--engine-type blend: not supported")
@@ -745,7 +745,7 @@ mod tests {
             enable_tracing: true,
             ..LmcacheArgs::default()
         };
-        let notes = a.resolve().unwrap();
+        let notes = a.resolve().expect("nothing refused");
         let flags: Vec<_> = notes.iter().map(|n| n.flag).collect();
         assert_eq!(flags, ["--p2p-listen-url", "--enable-tracing"]);
     }
