@@ -18,7 +18,7 @@
 //! - Decoding streams over the borrowed frames and allocates only what the decoded values own
 //!   (`token_ids` go straight into a `Vec<u32>`); preallocation is capped by the frame size.
 //! - Range checks are done here, once, on client values: token ids fit in `u32`,
-//!   `1 <= world_size <= 255`, `worker_id < world_size`, `start <= end <= token_ids.len()`,
+//!   `1 <= world_size <= 255`, `worker_id < world_size`, `start <= end`,
 //!   `cache_salt` has at most 128 chars and none of `@ / \ NUL`. Semantic checks that need
 //!   server state (chunk alignment, registered instances) belong to the server.
 //! - Operations kvtier does not implement yet (q-cache, CacheBlend, P2P, KV-event streams,
@@ -56,7 +56,8 @@ pub struct IpcKey {
     pub token_ids: Vec<u32>,
     /// First token of the range being operated on.
     pub start: u64,
-    /// One past the last token of the range; `start <= end <= token_ids.len()`.
+    /// One past the last token of the range; `start <= end` (it may exceed `token_ids.len()`:
+    /// lookups clamp it, transfers refuse it).
     pub end: u64,
     /// Request id (not part of identity).
     pub request_id: String,
@@ -536,13 +537,8 @@ impl IpcKey {
                 format!("worker_id {w} must be < world_size {}", self.world_size),
             ));
         }
-        let len = u64::try_from(self.token_ids.len()).unwrap_or(u64::MAX);
-        if self.end > len {
-            return Err(decode_error(
-                &path.field("end"),
-                format!("end {} exceeds token_ids length {len}", self.end),
-            ));
-        }
+        // `end` beyond the tokens is the server's call (LMCache's lookup clamps it; the
+        // transfer ops refuse it), so it is not checked here.
         if self.start > self.end {
             return Err(decode_error(
                 &path.field("start"),
@@ -838,14 +834,23 @@ fn layout_hints(r: &mut Reader<'_>, path: &Path<'_>) -> Result<Vec<(String, Stri
 
 /// Decodes the payload frames of one request for `op`.
 ///
+/// `end_session` accepts extra trailing frames, which are ignored: newer LMCache clients send
+/// `end_session(request_id, end_info)`, and ending the session is what they ask for. (LMCache
+/// 0.5.6 itself answers nothing to a request with a wrong frame count.)
+///
 /// # Errors
-/// [`ProtoError::Arity`] if `payloads.len() != op.arity()`; otherwise the first decode,
-/// range or trailing-bytes error, with the parameter name as the root of its path.
+/// [`ProtoError::Arity`] if `payloads.len() != op.arity()` (fewer for `end_session`);
+/// otherwise the first decode, range or trailing-bytes error, with the parameter name as the
+/// root of its path.
 pub fn decode_request(op: Op, payloads: &[&[u8]]) -> Result<Request, ProtoError> {
     let arity_error = || ProtoError::Arity {
         op,
         expected: op.arity(),
         got: payloads.len(),
+    };
+    let payloads = match payloads.get(..op.arity()) {
+        Some(declared) if op == Op::EndSession => declared,
+        _ => payloads,
     };
     if payloads.len() != op.arity() {
         return Err(arity_error());

@@ -36,8 +36,12 @@ pub struct RpcSettings {
     pub host: String,
     /// Port the ROUTER binds (0 picks a free one).
     pub port: u16,
-    /// Workers per pool.
+    /// Workers per pool, unless the pool's own setting below is given.
     pub max_workers: usize,
+    /// Workers of the transfer (affinity) pool (`--max-gpu-workers`); `None`: `max_workers`.
+    pub max_transfer_workers: Option<usize>,
+    /// Workers of the normal pool (`--max-cpu-workers`); `None`: `max_workers`.
+    pub max_normal_workers: Option<usize>,
     /// Bound of each pool's queue; a request that finds it full is answered at once with its
     /// failure value and counted (`transport.rejected_busy_total`).
     #[serde(rename = "rpc_queue_capacity")]
@@ -75,6 +79,9 @@ pub struct L1Settings {
     /// saves engines the tmpfs allocation fault on first use of every page).
     #[serde(rename = "l1_prefault")]
     pub prefault: bool,
+    /// Prefault only this many bytes from offset 0 (`--l1-init-size-gb`); `None`: the whole pool.
+    #[serde(rename = "l1_prefault_limit_bytes")]
+    pub prefault_limit: Option<u64>,
     /// Period of the eviction controller (TTL expiry, watermark eviction).
     #[serde(rename = "eviction_interval_seconds", serialize_with = "as_seconds")]
     pub eviction_interval: Duration,
@@ -143,19 +150,28 @@ pub struct ServerConfig {
     pub telemetry: TelemetryConfig,
     /// HTTP admin API (`None` disables it).
     pub http: Option<HttpConfig>,
+    /// Stable identity of this server (`--instance-id`), shown in the status tree and as a label
+    /// of `kvtier_build_info`.
+    pub instance_id: String,
+    /// The run-time log filter behind `GET /loglevel` (set by the binary that installed the
+    /// logger; `None`: the level cannot be changed).
+    #[serde(skip)]
+    pub log_control: Option<std::sync::Arc<dyn crate::http::admin::LogControl>>,
     /// Test-only: mounts `POST /api/debug/fault` on the HTTP API, which makes a component fail
     /// as if it had crashed (see `dashboard`). Never enable it in production.
     pub fault_injection: bool,
 }
 
 impl Default for ServerConfig {
-    /// The defaults of `kvtier serve` (shared-memory name for port 5555, HTTP on loopback:8000).
+    /// The defaults of `kvtier serve` (shared-memory name for port 5555, HTTP on loopback:8080, a fresh instance id).
     fn default() -> Self {
         Self {
             rpc: RpcSettings {
                 host: "127.0.0.1".into(),
                 port: 5555,
                 max_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+                max_transfer_workers: None,
+                max_normal_workers: None,
                 queue_capacity: 4096,
                 drain_timeout: Duration::from_secs(5),
             },
@@ -169,6 +185,7 @@ impl Default for ServerConfig {
                 read_ttl: Duration::from_secs(300),
                 shm_name: "kvtier_l1_5555".into(),
                 prefault: true,
+                prefault_limit: None,
                 eviction_interval: Duration::from_millis(100),
             },
             engine: EngineSettings {
@@ -186,10 +203,40 @@ impl Default for ServerConfig {
                 flush_timeout: Duration::from_secs(10),
             },
             telemetry: TelemetryConfig::default(),
-            http: Some(HttpConfig::local(8000)),
+            http: Some(HttpConfig::local(8080)),
+            instance_id: new_instance_id(),
+            log_control: None,
             fault_injection: false,
         }
     }
+}
+
+/// A random UUID v4 string (LMCache mints one per start when `--instance-id` is not given).
+/// The bits come from std's per-process random hash keys, mixed with the clock and the pid.
+pub fn new_instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    let hi = h.finish();
+    h.write_u64(hi);
+    let lo = h.finish();
+    let v = (u128::from(hi) << 64 | u128::from(lo)) & !(0xf000u128 << 64) & !(0xc0u128 << 56)
+        | (0x4000u128 << 64)
+        | (0x80u128 << 56);
+    let x = format!("{v:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..]
+    )
 }
 
 impl ServerConfig {

@@ -28,14 +28,20 @@ pub struct Prefault {
 }
 
 impl Prefault {
-    /// Starts prefaulting `segment` (or, when `enabled` is false, a task that does nothing, so
-    /// the status tree shape does not depend on the setting).
+    /// Starts prefaulting `segment`, its first `limit` bytes when given (or, when `enabled` is
+    /// false, a task that does nothing, so the status tree shape does not depend on the
+    /// setting).
     ///
     /// # Errors
     /// The OS error when the thread cannot be spawned.
-    pub fn start(segment: Arc<ShmSegment>, enabled: bool) -> std::io::Result<Self> {
+    pub fn start(
+        segment: Arc<ShmSegment>,
+        enabled: bool,
+        limit: Option<u64>,
+    ) -> std::io::Result<Self> {
         let done_bytes = Arc::new(AtomicU64::new(0));
-        let total_bytes = segment.len() as u64;
+        let total_bytes = limit.map_or(segment.len() as u64, |l| l.min(segment.len() as u64));
+        let end = usize::try_from(total_bytes).unwrap_or(segment.len());
         let done = Arc::clone(&done_bytes);
         let thread = PeriodicThread::builder("kvtier-l1-prefault")
             .description("l1 prefault thread")
@@ -45,8 +51,8 @@ impl Prefault {
                 }
                 let t = Instant::now();
                 let mut off = 0usize;
-                while off < segment.len() && !stop.is_stopped() {
-                    let len = PIECE.min(segment.len() - off);
+                while off < end && !stop.is_stopped() {
+                    let len = PIECE.min(end - off);
                     segment.prefault_range(off, len).map_err(|e| {
                         tracing::warn!(error = %e, "l1 prefault stopped; pages will be allocated on first use");
                         e.to_string()

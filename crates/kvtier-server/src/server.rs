@@ -93,8 +93,12 @@ impl Server {
             ShmOptions::default(),
         )?);
         let prefault = Arc::new(
-            Prefault::start(Arc::clone(&segment), config.l1.prefault)
-                .map_err(spawn_err("kvtier-l1-prefault"))?,
+            Prefault::start(
+                Arc::clone(&segment),
+                config.l1.prefault,
+                config.l1.prefault_limit,
+            )
+            .map_err(spawn_err("kvtier-l1-prefault"))?,
         );
         let l1 = Arc::new(L1Manager::new(L1Config {
             capacity_bytes: config.l1.size_bytes,
@@ -159,7 +163,14 @@ impl Server {
         let frontend = Arc::new(ZmqFrontEnd::start(
             TransportConfig {
                 bind: format!("tcp://{host}:{}", config.rpc.port),
-                workers: config.rpc.max_workers,
+                workers: config
+                    .rpc
+                    .max_transfer_workers
+                    .unwrap_or(config.rpc.max_workers),
+                normal_workers: config
+                    .rpc
+                    .max_normal_workers
+                    .unwrap_or(config.rpc.max_workers),
                 queue_capacity: config.rpc.queue_capacity,
                 drain_timeout: config.rpc.drain_timeout,
             },

@@ -86,6 +86,7 @@ impl StatusSource {
         root = root.child("telemetry", p.telemetry.report_status());
         root.field("uptime_seconds", p.started.elapsed().as_secs_f64())
             .field("version", env!("CARGO_PKG_VERSION"))
+            .field("instance_id", p.config.instance_id.as_str())
     }
 
     /// Every metric set of the server, for `/metrics` (the catalog test checks this list

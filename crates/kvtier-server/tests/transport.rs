@@ -65,6 +65,7 @@ fn start(handler: Arc<Scripted>, workers: usize, queue: usize) -> ZmqFrontEnd {
         TransportConfig {
             bind: "tcp://127.0.0.1:0".into(),
             workers,
+            normal_workers: workers,
             queue_capacity: queue,
             drain_timeout: Duration::from_secs(5),
         },

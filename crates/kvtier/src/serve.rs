@@ -1,4 +1,10 @@
 //! `kvtier serve`: flags, validation and the process lifecycle (signals, ordered shutdown).
+//!
+//! Every `lmcache server` 0.5.6 flag is accepted: kvtier's own flags below carry LMCache's names
+//! and defaults, and [`compat`] holds the rest (mapped, accepted without effect, or refused).
+//! A refused or invalid flag exits 2 with a message naming it, like a command-line error.
+
+mod compat;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -6,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use kvtier_server::config::{EngineSettings, L1Settings, L2Settings, RpcSettings};
+use kvtier_server::http::admin::LogControl;
 use kvtier_server::http::{AuthToken, HttpConfig};
 use kvtier_server::{Server, ServerConfig};
 
@@ -78,7 +85,8 @@ pub struct ServeArgs {
     shm_name: Option<String>,
 
     /// Worker threads per pool (one pool for transfers with per-client affinity, one for the
-    /// other operations) [default: number of CPUs].
+    /// other operations; --max-gpu-workers / --max-cpu-workers set each pool) [default: number
+    /// of CPUs].
     #[arg(long, env = "KVTIER_MAX_WORKERS")]
     max_workers: Option<usize>,
 
@@ -118,8 +126,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_HTTP_HOST", default_value = "127.0.0.1")]
     http_host: String,
 
-    /// Port of the HTTP admin API (0 picks a free one).
-    #[arg(long, env = "KVTIER_HTTP_PORT", default_value_t = 8000)]
+    /// Port of the HTTP admin API (0 picks a free one; 8080 like `lmcache server`).
+    #[arg(long, env = "KVTIER_HTTP_PORT", default_value_t = 8080)]
     http_port: u16,
 
     /// Do not start the HTTP admin API.
@@ -170,9 +178,19 @@ pub struct ServeArgs {
     l2_flush_timeout_seconds: f64,
 
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `kvtier_server=debug`); RUST_LOG
-    /// overrides it.
+    /// overrides it. `GET /loglevel` shows it and `POST /loglevel?level=debug` changes it at run
+    /// time.
     #[arg(long, env = "KVTIER_LOG", default_value = "info")]
     log: String,
+
+    #[command(flatten)]
+    lmcache: compat::LmcacheArgs,
+}
+
+/// What `into_config` hands to `run` besides the configuration.
+struct Extras {
+    log: String,
+    notes: Vec<compat::Note>,
 }
 
 /// Token validation for clap (its `Debug` is redacted, so `ServeArgs` is safe to print).
@@ -202,7 +220,8 @@ fn fraction(flag: &str, v: f64) -> anyhow::Result<f64> {
 }
 
 impl ServeArgs {
-    fn into_config(self) -> anyhow::Result<(ServerConfig, String)> {
+    fn into_config(self) -> anyhow::Result<(ServerConfig, Extras)> {
+        let notes = self.lmcache.resolve()?;
         if self.chunk_size == 0 || self.chunk_size > 1 << 20 {
             bail!(
                 "--chunk-size must be between 1 and 1048576 tokens, got {}",
@@ -247,11 +266,22 @@ impl ServeArgs {
                 self.worker_reap_timeout_seconds
             );
         }
-        let workers = match self.max_workers {
-            Some(0) => bail!("--max-workers must be at least 1"),
-            Some(n) if n > 1024 => bail!("--max-workers must be at most 1024, got {n}"),
-            Some(n) => n,
-            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        let pool = |flag: &str, n: Option<usize>| match n {
+            Some(0) => bail!("--{flag} must be at least 1"),
+            Some(n) if n > 1024 => bail!("--{flag} must be at most 1024, got {n}"),
+            n => Ok(n),
+        };
+        let workers = pool("max-workers", self.max_workers)?
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let max_transfer_workers = pool("max-gpu-workers", self.lmcache.max_gpu_workers)?;
+        let max_normal_workers = pool("max-cpu-workers", self.lmcache.max_cpu_workers)?;
+        let instance_id = match self.lmcache.instance_id {
+            Some(id) if id.trim().is_empty() => bail!("--instance-id must not be empty"),
+            Some(id) if id.len() > 256 || id.chars().any(char::is_control) => {
+                bail!("--instance-id must be at most 256 printable characters")
+            }
+            Some(id) => id,
+            None => kvtier_server::config::new_instance_id(),
         };
         let mut l2_adapters = Vec::with_capacity(self.l2_adapter.len());
         for (i, json) in self.l2_adapter.iter().enumerate() {
@@ -274,6 +304,8 @@ impl ServeArgs {
                 host: self.host,
                 port: self.port,
                 max_workers: workers,
+                max_transfer_workers,
+                max_normal_workers,
                 drain_timeout: seconds("drain-timeout-seconds", self.drain_timeout_seconds, true)?,
                 ..defaults.rpc
             },
@@ -290,6 +322,10 @@ impl ServeArgs {
                 read_ttl: seconds("l1-read-ttl-seconds", self.l1_read_ttl_seconds, false)?,
                 shm_name,
                 prefault: !self.no_l1_prefault,
+                prefault_limit: self
+                    .lmcache
+                    .l1_init_size_gb
+                    .map(|g| g.saturating_mul(1 << 30)),
                 ..defaults.l1
             },
             engine: EngineSettings {
@@ -327,35 +363,92 @@ impl ServeArgs {
                 Some(http)
             },
             telemetry: defaults.telemetry,
+            instance_id,
             fault_injection: self.enable_fault_injection,
+            log_control: None,
         };
-        Ok((cfg, self.log))
+        Ok((
+            cfg,
+            Extras {
+                log: self.log,
+                notes,
+            },
+        ))
     }
 }
 
-fn init_logging(filter: &str) -> anyhow::Result<()> {
+type FilterHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// The run-time log filter behind `GET/POST /loglevel`.
+#[derive(Debug)]
+struct ReloadableFilter {
+    handle: FilterHandle,
+    current: parking_lot::Mutex<String>,
+}
+
+impl LogControl for ReloadableFilter {
+    fn current(&self) -> String {
+        self.current.lock().clone()
+    }
+
+    fn set(&self, filter: &str) -> Result<(), String> {
+        let parsed = tracing_subscriber::EnvFilter::try_new(filter)
+            .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
+        self.handle.reload(parsed).map_err(|e| e.to_string())?;
+        *self.current.lock() = filter.to_owned();
+        tracing::info!(filter, "log filter changed");
+        Ok(())
+    }
+}
+
+fn init_logging(filter: &str) -> anyhow::Result<std::sync::Arc<ReloadableFilter>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => v,
         _ => filter.to_owned(),
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+    let parsed = tracing_subscriber::EnvFilter::try_new(&filter)
         .with_context(|| format!("invalid log filter {filter:?}"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(parsed);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(
             std::io::IsTerminal::is_terminal(&std::io::stderr())
                 && std::env::var_os("NO_COLOR").is_none(),
-        )
-        .init();
-    Ok(())
+        );
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(fmt)
+        .try_init()
+        .context("installing the logger")?;
+    Ok(std::sync::Arc::new(ReloadableFilter {
+        handle,
+        current: parking_lot::Mutex::new(filter),
+    }))
 }
 
 /// Runs the server until SIGINT or SIGTERM, then shuts down in order and exits 0.
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let (cfg, log) = args.into_config()?;
-    init_logging(&log)?;
+    let (mut cfg, extras) = match args.into_config() {
+        Ok(v) => v,
+        Err(e) => {
+            // A refused or invalid flag is a command-line error (exit 2, like clap's own).
+            eprintln!("kvtier serve: error: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let control = init_logging(&extras.log)?;
+    cfg.log_control = Some(control);
+    for note in &extras.notes {
+        tracing::info!(
+            flag = note.flag,
+            reason = note.reason,
+            "lmcache flag accepted without effect"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("kvtier-http")

@@ -36,7 +36,7 @@ pub struct StatusArgs {
     #[arg(
         long,
         env = "KVTIER_STATUS_URL",
-        default_value = "http://localhost:8000/api/status"
+        default_value = "http://localhost:8080/api/status"
     )]
     url: String,
 

@@ -67,13 +67,12 @@ fn v041_key_map_decodes_with_defaults() {
         }
     );
 
-    // Verbatim (end = 256 over 3 tokens): rejected, naming the field.
+    // Verbatim (end = 256 over 3 tokens): decoded as sent; lookups clamp `end` to the tokens
+    // (as LMCache does) and transfers refuse it, both in the server.
     let verbatim = unhex(&hex_with_end("cd0100"));
-    let err = IpcKey::decode(&verbatim).expect_err("end > len");
-    assert_eq!(
-        err.to_string(),
-        "key.end: end 256 exceeds token_ids length 3"
-    );
+    let key = IpcKey::decode(&verbatim).expect("end > len decodes");
+    assert_eq!(key.end, 256);
+    assert_eq!(key.range(), 0..3);
 }
 
 fn hex(s: &str) -> String {

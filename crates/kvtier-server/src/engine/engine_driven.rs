@@ -105,13 +105,6 @@ pub struct EngineDriven {
     pending_retrieves: Mutex<HashMap<TransferKey, PendingRetrieve>>,
 }
 
-/// The tokens of `[start, end)` (the span was validated by hashing).
-pub(super) fn range_tokens(key: &IpcKey) -> &[u32] {
-    let start = usize::try_from(key.start).unwrap_or(usize::MAX);
-    let end = usize::try_from(key.end).unwrap_or(usize::MAX);
-    key.token_ids.get(start..end).unwrap_or(&[])
-}
-
 fn worker_of(key: &IpcKey, op: &str) -> Result<u32, EngineError> {
     key.worker_id
         .ok_or_else(|| malformed(format!("{op} needs worker_id")))
@@ -212,6 +205,7 @@ impl EngineDriven {
         let worker = worker_of(key, "prepare_store")?;
         let session = cx.sessions.get_or_create(&key.request_id, now);
         let span = cx.sessions.span(&session, key, Some(worker), now)?;
+        let range_tokens = span.token_ids(key);
         let items: Vec<(ObjectKey, u64)> =
             span.keys.into_iter().map(|k| (k, ctx.object_len)).collect();
         let mut tickets = Vec::new();
@@ -252,7 +246,7 @@ impl EngineDriven {
         cx.events.bind(
             &span.hashes,
             span.parent,
-            range_tokens(key),
+            range_tokens,
             cx.chunk_size,
             chunk_indices
                 .iter()

@@ -1,7 +1,9 @@
 //! Lookups and their results: `lookup`, `query_prefetch_status`, `wait_prefetch_status`,
 //! `free_lookup_locks`, `end_session`.
 //!
-//! `lookup(key with worker_id None)` hashes the range through the request's session, read-locks
+//! `lookup(key with worker_id None)` hashes the whole chunks of `token_ids[..min(end, len)]`
+//! (LMCache's lenient span: `start` is ignored, a partial tail chunk is dropped, `end` beyond
+//! the tokens is clamped) through the request's session, read-locks
 //! in L1 the longest prefix of *whole chunks* present for every rank (`num_kv_readers` locks per
 //! object), records the leases in the session, and, when L2 is configured and the prefix ended
 //! early, submits the rest to the L2 prefetcher. The prefix length is the session's lookup
@@ -46,8 +48,8 @@ fn lock_prefix(
             "lookup with num_kv_readers = 0 (clients older than LMCache 0.5 are not supported)",
         ));
     }
-    let span = cx.sessions.span(session, key, key.worker_id, now)?;
-    let keys = span.keys;
+    let span = cx.sessions.lookup_span(session, key, key.worker_id, now)?;
+    let keys = span.keys.clone();
     let group = if key.worker_id.is_some() {
         1
     } else {
@@ -68,7 +70,7 @@ fn lock_prefix(
         cx.events.bind(
             &span.hashes,
             span.parent,
-            super::engine_driven::range_tokens(key),
+            span.token_ids(key),
             cx.chunk_size,
             (locked / group)..chunks,
         );

@@ -181,6 +181,15 @@ pub struct ChunkSpan {
     pub parent: Option<kvtier_core::hash::ChunkHash>,
     /// The model name, shared.
     pub model: Arc<str>,
+    /// The token offsets the span covers (`token_ids[tokens]`).
+    pub tokens: std::ops::Range<usize>,
+}
+
+impl ChunkSpan {
+    /// The span's tokens in `key`.
+    pub fn token_ids<'k>(&self, key: &'k IpcKey) -> &'k [u32] {
+        key.token_ids.get(self.tokens.clone()).unwrap_or(&[])
+    }
 }
 
 /// A session shared between the table and the requests using it.
@@ -313,6 +322,38 @@ impl Sessions {
         let malformed = |e: &dyn std::fmt::Display| EngineError::Malformed(e.to_string());
         let start = usize::try_from(key.start).map_err(|e| malformed(&e))?;
         let end = usize::try_from(key.end).map_err(|e| malformed(&e))?;
+        self.span_in(session, key, start, end, worker, now)
+    }
+
+    /// The span a `lookup` asks about, with LMCache's lenient rule: every whole chunk of
+    /// `token_ids[..min(end, len)]` from chunk 0 (`start` is ignored and a partial tail chunk
+    /// is dropped, as LMCache 0.5.6's lookup does).
+    ///
+    /// # Errors
+    /// [`EngineError::Malformed`] for a bad model name, salt or world size.
+    pub fn lookup_span(
+        &self,
+        session: &SessionRef,
+        key: &IpcKey,
+        worker: Option<u32>,
+        now: Instant,
+    ) -> Result<ChunkSpan, EngineError> {
+        let len = key.token_ids.len();
+        let end = usize::try_from(key.end).map_or(len, |e| e.min(len));
+        let cs = self.hasher.chunk_size().max(1);
+        self.span_in(session, key, 0, end - end % cs, worker, now)
+    }
+
+    fn span_in(
+        &self,
+        session: &SessionRef,
+        key: &IpcKey,
+        start: usize,
+        end: usize,
+        worker: Option<u32>,
+        now: Instant,
+    ) -> Result<ChunkSpan, EngineError> {
+        let malformed = |e: &dyn std::fmt::Display| EngineError::Malformed(e.to_string());
         let (hashes, parent) = {
             let mut s = session.lock();
             s.last_used = s.last_used.max(now);
@@ -334,6 +375,7 @@ impl Sessions {
             hashes,
             parent,
             model,
+            tokens: start..end,
         })
     }
 

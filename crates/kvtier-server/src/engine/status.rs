@@ -115,6 +115,19 @@ impl MetricSet for Engine {
     }
 }
 
+impl Engine {
+    /// `storage_manager.eviction_controller`: the L1 policy and its thresholds.
+    fn eviction_summary(&self) -> StatusNode {
+        let cfg = self.shared().evictor.report_status();
+        let v = serde_json::to_value(&cfg).unwrap_or_default();
+        let mut node = StatusNode::healthy();
+        for k in ["eviction_policy", "trigger_watermark", "eviction_ratio"] {
+            node = node.field(k, v.get(k).cloned().unwrap_or_default());
+        }
+        node
+    }
+}
+
 impl StatusReport for Engine {
     fn report_status(&self) -> StatusNode {
         let cx = self.shared();
@@ -127,6 +140,9 @@ impl StatusReport for Engine {
         let storage = StatusNode::healthy()
             .child("l1_manager", cx.l1.report_status())
             .child("l1_eviction_controller", cx.evictor.report_status())
+            // Where `lmcache describe kvcache` reads the policy (LMCache's own server names the
+            // node `l1_eviction_controllers`, so that line is empty against LMCache itself).
+            .child("eviction_controller", self.eviction_summary())
             .child("store_controller", store)
             .child("prefetch_controller", prefetch)
             .child_list("l2_adapters", adapters)
@@ -137,8 +153,45 @@ impl StatusReport for Engine {
         let workers = cx.instances.snapshot(now);
         let mut engine_driven_ids = Vec::new();
         let mut meta = BTreeMap::new();
+        // LMCache's `cache_context_meta` (what `lmcache describe kvcache` reads for its model
+        // sections), keyed by instance id: every registration of either transfer mode.
+        let mut context_meta = serde_json::Map::new();
         for w in &workers {
+            if let Some(l) = &w.lmcache_driven {
+                context_meta.insert(
+                    w.instance_id.to_string(),
+                    serde_json::json!({
+                        "model_name": l.model_name(),
+                        "world_size": l.world_size(),
+                        "transfer_mode": "lmcache_driven",
+                        "kv_cache_layout": l.layout_meta(),
+                    }),
+                );
+            }
             let Some(c) = &w.engine_driven else { continue };
+            let per_token = c.object_len / cx.chunk_size.max(1) as u64;
+            context_meta.insert(
+                w.instance_id.to_string(),
+                serde_json::json!({
+                    "model_name": c.info.model_name,
+                    "world_size": c.info.world_size,
+                    "transfer_mode": "engine_driven",
+                    "kv_cache_layout": {
+                        "num_layers": c.info.num_layers,
+                        "cache_size_per_token": per_token,
+                        "kernel_groups": [{
+                            "kernel_group_idx": 0,
+                            "engine_group_idx": 0,
+                            "object_group_idx": 0,
+                            "num_layers": c.info.num_layers,
+                            "tokens_per_block": c.info.block_size,
+                            "dtype": c.info.dtype_str,
+                            "is_mla": c.info.use_mla,
+                            "engine_kv_shape": c.shape,
+                        }],
+                    },
+                }),
+            );
             engine_driven_ids.push(w.instance_id);
             meta.insert(
                 w.instance_id.to_string(),
@@ -187,6 +240,7 @@ impl StatusReport for Engine {
             .field("worker_liveness", json(&worker_liveness))
             .field("registered_non_cuda_instance_ids", engine_driven_ids)
             .field("non_cuda_context_meta", json(&meta))
+            .field("cache_context_meta", context_meta)
             .field("sessions", sessions)
             .field("transfers", transfers)
             .field("kv_events", cx.events.status())

@@ -179,7 +179,14 @@ impl MetricSet for ProcessMetrics<'_> {
             f64::from(u8::from(self.0.status().is_healthy())),
         );
         v.gauge(uptime, &[], self.0.uptime().as_secs_f64());
-        v.gauge(build, &[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+        v.gauge(
+            build,
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("instance_id", self.0.config().instance_id.as_str()),
+            ],
+            1.0,
+        );
     }
 }
 

@@ -9,6 +9,7 @@
 //! | GET | `/config` | the effective configuration, secrets redacted |
 //! | GET | `/version` | name, version, LMCache protocol version |
 //! | POST | `/api/clear-cache` | force-clears L1 (LMCache 0.4.1 semantics) |
+//! | GET, POST, DELETE | LMCache's operator routes (`/loglevel`, `/threads`, `/periodic-threads[-health]`, `/config/adapters`, `/cache/objects`, `/cache/prefetches`) | see [`admin`] |
 //! | POST | `/cache/clear` | `{"tier":"l1"\|"all","force":false}` (body optional; LMCache 0.5.6 semantics) |
 //! | PUT/GET/DELETE, GET | `/quota/{cache_salt}`, `/quota` | per-`cache_salt` L1 quotas (see [`quota`]) |
 //!
@@ -22,6 +23,7 @@
 //! read. Cache clearing is O(objects) under the L1 lock, so it runs on tokio's blocking pool, not
 //! on an async worker.
 
+pub mod admin;
 pub mod auth;
 pub mod metrics;
 pub mod quota;
@@ -222,6 +224,7 @@ type Shared = State<Arc<AppState>>;
 fn router(source: StatusSource, token: Option<AuthToken>) -> Router {
     let stats = Arc::clone(source.http_stats());
     let dashboard = crate::dashboard::routes(source.clone());
+    let admin = admin::routes(source.clone());
     let state = Arc::new(AppState {
         registry: metrics::registry(source.clone()),
         source,
@@ -231,6 +234,7 @@ fn router(source: StatusSource, token: Option<AuthToken>) -> Router {
     Router::new()
         .merge(dashboard)
         .merge(quota::routes(state.source.clone()))
+        .merge(admin)
         .route("/api/status", get(status))
         .route("/status", get(status))
         .route("/api/healthcheck", get(healthcheck))
@@ -260,6 +264,7 @@ async fn guard(State(st): Shared, req: Request, next: Next) -> Response {
     let route = ROUTES
         .iter()
         .chain(&crate::dashboard::ROUTES)
+        .chain(&admin::ROUTES)
         .copied()
         .find(|r| *r == req.uri().path())
         .or_else(|| quota::route_label(req.uri().path()))

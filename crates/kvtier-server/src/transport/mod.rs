@@ -68,8 +68,10 @@ pub trait Handler: Send + Sync + 'static {
 pub struct TransportConfig {
     /// ZeroMQ endpoint to bind, e.g. `tcp://127.0.0.1:5555`.
     pub bind: String,
-    /// Workers in each pool (transfer/affinity pool and normal pool).
+    /// Workers of the transfer (affinity) pool.
     pub workers: usize,
+    /// Workers of the normal pool.
+    pub normal_workers: usize,
     /// Queue capacity of each affinity worker and of the normal pool.
     pub queue_capacity: usize,
     /// How long shutdown waits for in-flight requests.
@@ -225,7 +227,7 @@ impl ZmqFrontEnd {
             workers.push(spawn_worker(format!("kvtier-xfer-{i}"), rx)?);
         }
         let (normal_tx, normal_rx) = bounded::<Job>(cap);
-        for i in 0..n {
+        for i in 0..config.normal_workers.max(1) {
             workers.push(spawn_worker(format!("kvtier-rpc-{i}"), normal_rx.clone())?);
         }
         drop(normal_rx);

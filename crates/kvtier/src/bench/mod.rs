@@ -86,7 +86,7 @@ pub struct BenchArgs {
     #[arg(long)]
     client_populate: bool,
 
-    /// HTTP base URL of the server (e.g. http://127.0.0.1:8000): enables the status workload.
+    /// HTTP base URL of the server (e.g. http://127.0.0.1:8080): enables the status workload.
     #[arg(long)]
     http_url: Option<String>,
 

@@ -132,6 +132,42 @@ impl LmcacheInstance {
     pub fn model_name(&self) -> &str {
         &self.model_name
     }
+
+    /// Tensor-parallel world size of the engine.
+    pub fn world_size(&self) -> u32 {
+        self.world_size
+    }
+
+    /// The registration's KV layout with LMCache's `cache_context_meta.*.kv_cache_layout`
+    /// field names (`None` when the registration was refused).
+    pub fn layout_meta(&self) -> Option<serde_json::Value> {
+        let kv = self.kv.as_ref().ok()?;
+        let g = kv.geometry();
+        let per_token = g.num_layers * g.planes() * g.row_bytes();
+        let shape: Vec<usize> = if g.kv_format.is_mla() {
+            vec![g.num_blocks, g.block_size, g.head_size]
+        } else {
+            vec![2, g.num_blocks, g.block_size, g.num_heads, g.head_size]
+        };
+        Some(serde_json::json!({
+            "num_layers": g.num_layers,
+            "num_blocks": g.num_blocks,
+            "cache_size_per_token": per_token,
+            "kernel_groups": [{
+                "kernel_group_idx": 0,
+                "engine_group_idx": 0,
+                "object_group_idx": 0,
+                "num_layers": g.num_layers,
+                "tokens_per_block": g.block_size,
+                "slots_per_block": g.block_size,
+                "dtype": g.dtype,
+                "is_mla": g.kv_format.is_mla(),
+                "attention_backend": self.engine_type,
+                "engine_kv_shape": g.kv_format.lmcache_name(),
+                "engine_kv_concrete_shape": shape,
+            }],
+        }))
+    }
 }
 
 /// The lmcache_driven path: copy threads and counters. Registrations live in the engine's
@@ -322,6 +358,7 @@ impl LmcacheDriven {
             .ok_or_else(|| malformed("store needs worker_id"))?;
         let session = cx.sessions.get_or_create(&key.request_id, now);
         let span = cx.sessions.span(&session, key, Some(worker), now)?;
+        let range_tokens = span.token_ids(key);
         let keys = span.keys;
         kv.check_blocks(block_ids, keys.len(), None)
             .map_err(|e| fail(e.to_string()))?;
@@ -364,7 +401,7 @@ impl LmcacheDriven {
         cx.events.bind(
             &span.hashes,
             span.parent,
-            super::engine_driven::range_tokens(key),
+            range_tokens,
             cx.chunk_size,
             targets.iter().map(|t| t.index),
         );
