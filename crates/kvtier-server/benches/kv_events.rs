@@ -165,7 +165,7 @@ fn main() {
             for _ in 0..per_phase {
                 cycle(e, i);
                 i = i.wrapping_add(1);
-                if c == 2 && i % 16 == 0 {
+                if c == 2 && i.is_multiple_of(16) {
                     drain(&mut subs[2]);
                 }
             }
