@@ -61,7 +61,7 @@ use crate::backend::{
 use crate::config::{EvictionPolicyName, FsConfig, gib_to_bytes};
 use crate::error::{ConfigError, L2Error};
 use crate::health::{Health, Prober};
-use crate::index::ObjectIndex;
+use crate::index::{ObjectIndex, StorePlan};
 use crate::instrumented::Instrumented;
 use crate::metrics::AdapterEvents;
 
@@ -453,33 +453,21 @@ impl FsBackend {
         if let Err(e) = self.health.gate() {
             return all_err(n, &e);
         }
-        let mut out: Vec<Option<Result<(), L2Error>>> = (0..n).map(|_| None).collect();
-        let mut jobs: Vec<usize> = Vec::new();
-        let mut victims = Vec::new();
-        {
-            let mut ix = self.index.lock();
-            for (i, (k, a)) in keys.iter().zip(src).enumerate() {
-                if ix.contains(k) || keys[..i].contains(k) {
-                    self.events.store_skipped_existing_total.inc();
-                    out[i] = Some(Ok(()));
-                    continue;
-                }
-                match ix.reserve(a.len) {
-                    Ok(v) => {
-                        victims.extend(v);
-                        jobs.push(i);
-                    }
-                    Err(needed) => out[i] = Some(Err(L2Error::CapacityFull { needed })),
-                }
-            }
-        }
-        self.remove_files(victims, true).await;
+        let mut plan = StorePlan::new(
+            &self.index,
+            keys,
+            src,
+            &self.events.store_skipped_existing_total,
+        );
+        self.remove_files(std::mem::take(&mut plan.victims), true)
+            .await;
 
         // Phase 1: copy out of L1 and write + fsync temp files, `num_workers` at a time.
         let mut set: JoinSet<(usize, Result<PathBuf, L2Error>)> = JoinSet::new();
+        let jobs = plan.jobs.clone();
         for &i in &jobs {
             let Ok(permit) = Arc::clone(&self.io).acquire_owned().await else {
-                out[i] = Some(Err(L2Error::Closed));
+                plan.set(i, Err(L2Error::Closed));
                 continue;
             };
             let seq = self.tmp_seq.fetch_add(1, Relaxed);
@@ -513,7 +501,7 @@ impl FsBackend {
         while let Some(joined) = set.join_next().await {
             match joined {
                 Ok((i, Ok(tmp))) => written.push((i, tmp)),
-                Ok((i, Err(e))) => out[i] = Some(Err(e)),
+                Ok((i, Err(e))) => plan.set(i, Err(e)),
                 Err(e) => tracing::error!(error = %e, "fs store task failed"),
             }
         }
@@ -552,7 +540,7 @@ impl FsBackend {
             match published {
                 Ok(results) => {
                     for (i, _, r) in results {
-                        out[i] = Some(r);
+                        plan.set(i, r);
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "fs publish task failed"),
@@ -560,19 +548,7 @@ impl FsBackend {
         }
 
         // Phase 3: index what is durable, release the other reservations.
-        let mut more_victims = Vec::new();
-        let results: KeyResults = out
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(L2Error::Io("store task lost".to_owned()))))
-            .collect();
-        {
-            let mut ix = self.index.lock();
-            for &i in &jobs {
-                let key = results[i].is_ok().then(|| keys[i].clone());
-                ix.finish_reservation(src[i].len, key);
-            }
-            more_victims.extend(ix.watermark_victims());
-        }
+        let (results, more_victims) = plan.finish(&self.index, keys, src);
         for &i in &jobs {
             if let Err(e) = &results[i] {
                 self.store_error(&keys[i], src[i].len, e);

@@ -16,11 +16,17 @@
 //! Not thread-safe by itself: adapters keep it behind a `parking_lot::Mutex` and never hold that
 //! across an `.await` or I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use kvtier_core::key::ObjectKey;
 
+use kvtier_core::l1::Allocation;
+use kvtier_core::metrics::Counter;
+use parking_lot::Mutex;
+
+use crate::backend::KeyResults;
 use crate::config::{EvictionPolicyName, EvictionSettings};
+use crate::error::L2Error;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -280,6 +286,91 @@ impl ObjectIndex {
             .values()
             .filter_map(|k| self.map.get(k).map(|e| (k.clone(), e.len)))
             .collect()
+    }
+}
+
+/// One index-backed store batch, the part every adapter with an [`ObjectIndex`] shares: which
+/// keys to write (keys already held, or repeated earlier in the batch, succeed at once and are
+/// counted in `skipped`), the capacity reserved for them, and the victims to delete first.
+/// Finish it with [`StorePlan::finish`] once the writes are done.
+#[derive(Debug)]
+pub(crate) struct StorePlan {
+    /// Results decided already (skipped keys, capacity refusals); `None` for the jobs.
+    out: Vec<Option<Result<(), L2Error>>>,
+    /// Indices of the keys to write.
+    pub(crate) jobs: Vec<usize>,
+    /// Objects evicted to make room (already out of the index): delete their bytes.
+    pub(crate) victims: Vec<(ObjectKey, u64)>,
+}
+
+impl StorePlan {
+    /// Plans a batch under the index mutex (O(keys), no I/O).
+    pub(crate) fn new(
+        index: &Mutex<ObjectIndex>,
+        keys: &[ObjectKey],
+        src: &[Allocation],
+        skipped: &Counter,
+    ) -> Self {
+        let mut plan = Self {
+            out: (0..keys.len()).map(|_| None).collect(),
+            jobs: Vec::new(),
+            victims: Vec::new(),
+        };
+        let mut seen: HashSet<&ObjectKey> = HashSet::with_capacity(keys.len());
+        let mut ix = index.lock();
+        for (i, (k, a)) in keys.iter().zip(src).enumerate() {
+            if ix.contains(k) || !seen.insert(k) {
+                skipped.inc();
+                plan.out[i] = Some(Ok(()));
+                continue;
+            }
+            match ix.reserve(a.len) {
+                Ok(v) => {
+                    plan.victims.extend(v);
+                    plan.jobs.push(i);
+                }
+                Err(needed) => plan.out[i] = Some(Err(L2Error::CapacityFull { needed })),
+            }
+        }
+        plan
+    }
+
+    /// Records the outcome of key `i` (one of the jobs).
+    pub(crate) fn set(&mut self, i: usize, result: Result<(), L2Error>) {
+        if let Some(slot) = self.out.get_mut(i) {
+            *slot = Some(result);
+        }
+    }
+
+    /// Records the jobs' outcomes, in job order.
+    pub(crate) fn record(&mut self, written: impl IntoIterator<Item = Result<(), L2Error>>) {
+        for (&i, r) in self.jobs.iter().zip(written) {
+            if let Some(slot) = self.out.get_mut(i) {
+                *slot = Some(r);
+            }
+        }
+    }
+
+    /// Indexes what was written, releases the other reservations, and returns every key's
+    /// result with the objects to evict down to the watermark (delete their bytes).
+    pub(crate) fn finish(
+        self,
+        index: &Mutex<ObjectIndex>,
+        keys: &[ObjectKey],
+        src: &[Allocation],
+    ) -> (KeyResults, Vec<(ObjectKey, u64)>) {
+        let results: KeyResults = self
+            .out
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(L2Error::Io("store task lost".to_owned()))))
+            .collect();
+        let mut ix = index.lock();
+        for &i in &self.jobs {
+            let key = results[i].is_ok().then(|| keys[i].clone());
+            ix.finish_reservation(src[i].len, key);
+        }
+        let more = ix.watermark_victims();
+        (results, more)
     }
 }
 

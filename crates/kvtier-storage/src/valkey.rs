@@ -71,7 +71,7 @@ use crate::backend::{
 use crate::config::{EvictionPolicyName, ValkeyConfig, gib_to_bytes};
 use crate::error::{ConfigError, L2Error};
 use crate::health::{Health, Prober};
-use crate::index::ObjectIndex;
+use crate::index::{ObjectIndex, StorePlan};
 use crate::instrumented::Instrumented;
 use crate::metrics::{
     AdapterEvents, Labelled, VALKEY_NODE_LATENCY, ValkeyNodeCounters, ValkeyTopologyEvents,
@@ -1097,44 +1097,23 @@ impl L2Backend for ValkeyBackend {
             if let Err(e) = self.health.gate() {
                 return all_err(n, &e);
             }
-            let mut out: Vec<Option<Result<(), L2Error>>> = (0..n).map(|_| None).collect();
-            let mut jobs = Vec::new();
-            let mut victims = Vec::new();
-            {
-                let mut ix = self.index.lock();
-                for (i, (k, a)) in keys.iter().zip(src).enumerate() {
-                    if ix.contains(k) || keys[..i].contains(k) {
-                        self.events.store_skipped_existing_total.inc();
-                        out[i] = Some(Ok(()));
-                        continue;
-                    }
-                    match ix.reserve(a.len) {
-                        Ok(v) => {
-                            victims.extend(v);
-                            jobs.push(i);
-                        }
-                        Err(needed) => out[i] = Some(Err(L2Error::CapacityFull { needed })),
-                    }
-                }
-            }
-            self.evict(victims).await;
+            let mut plan = StorePlan::new(
+                &self.index,
+                keys,
+                src,
+                &self.events.store_skipped_existing_total,
+            );
+            self.evict(std::mem::take(&mut plan.victims)).await;
             let written = join_all(
-                jobs.iter()
+                plan.jobs
+                    .iter()
                     .map(|&i| self.store_one(&keys[i], segment, src[i])),
             )
             .await;
-            let more = {
-                let mut ix = self.index.lock();
-                for (&i, r) in jobs.iter().zip(written) {
-                    ix.finish_reservation(src[i].len, r.is_ok().then(|| keys[i].clone()));
-                    out[i] = Some(r);
-                }
-                ix.watermark_victims()
-            };
+            plan.record(written);
+            let (results, more) = plan.finish(&self.index, keys, src);
             self.evict(more).await;
-            out.into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(L2Error::Io("store task lost".to_owned()))))
-                .collect()
+            results
         })
     }
 
