@@ -184,6 +184,25 @@ impl Default for LmcacheDriven {
     }
 }
 
+/// Runs one `store`/`retrieve`, counting it and, when it fails, its failure (with a warning
+/// naming the request).
+fn counted(
+    total: &kvtier_core::metrics::Counter,
+    failed: &kvtier_core::metrics::Counter,
+    op: &str,
+    instance_id: i64,
+    key: &IpcKey,
+    run: impl FnOnce() -> Result<(), EngineError>,
+) -> Result<(), EngineError> {
+    total.inc();
+    let result = run();
+    if let Err(e) = &result {
+        failed.inc();
+        tracing::warn!(op, instance_id, request_id = %key.request_id, reason = %e, "lmcache_driven transfer failed");
+    }
+    result
+}
+
 fn usize_of(v: u64) -> Option<usize> {
     usize::try_from(v).ok()
 }
@@ -332,14 +351,14 @@ impl LmcacheDriven {
         block_ids: &[Vec<u64>],
         now: Instant,
     ) -> Result<(), EngineError> {
-        let c = &self.counters;
-        c.stores_total.inc();
-        let result = self.store_inner(cx, key, instance_id, block_ids, now);
-        if let Err(e) = &result {
-            c.stores_failed_total.inc();
-            tracing::warn!(instance_id, request_id = %key.request_id, reason = %e, "lmcache_driven store failed");
-        }
-        result
+        counted(
+            &self.counters.stores_total,
+            &self.counters.stores_failed_total,
+            "store",
+            instance_id,
+            key,
+            || self.store_inner(cx, key, instance_id, block_ids, now),
+        )
     }
 
     fn store_inner(
@@ -469,13 +488,14 @@ impl LmcacheDriven {
         skip_first_n_tokens: u64,
         now: Instant,
     ) -> Result<(), EngineError> {
-        self.counters.retrieves_total.inc();
-        let result = self.retrieve_inner(cx, key, instance_id, block_ids, skip_first_n_tokens, now);
-        if let Err(e) = &result {
-            self.counters.retrieves_failed_total.inc();
-            tracing::warn!(instance_id, request_id = %key.request_id, reason = %e, "lmcache_driven retrieve failed");
-        }
-        result
+        counted(
+            &self.counters.retrieves_total,
+            &self.counters.retrieves_failed_total,
+            "retrieve",
+            instance_id,
+            key,
+            || self.retrieve_inner(cx, key, instance_id, block_ids, skip_first_n_tokens, now),
+        )
     }
 
     fn retrieve_inner(
