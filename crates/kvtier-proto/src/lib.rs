@@ -12,6 +12,8 @@
 //! - [`response`]: response encoders and each op's defined failure reply.
 //! - [`frame`]: multipart framing and stream control frames.
 //! - [`dtype`]: the torch dtype table ([`dtype_itemsize`]).
+//! - [`vllm_events`]: vLLM's KV-event format (`KVEventBatch` of `BlockStored`/`BlockRemoved`/
+//!   `AllBlocksCleared`), written by the router-facing publisher.
 //! - [`error`]: the error type, [`ProtoError`].
 //!
 //! Crate-wide invariants: no input bytes can make any function panic, overflow or allocate more
@@ -26,6 +28,7 @@ pub mod op;
 pub mod reader;
 pub mod request;
 pub mod response;
+pub mod vllm_events;
 
 pub use dtype::dtype_itemsize;
 pub use error::ProtoError;

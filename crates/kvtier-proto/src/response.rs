@@ -83,7 +83,7 @@ impl RegisterEngineDrivenContextResponse {
 
 /// A `Vec<u8>` msgpack writer with infallible methods.
 #[derive(Debug, Default)]
-struct Writer {
+pub(crate) struct Writer {
     buf: ByteBuf,
 }
 
@@ -102,34 +102,38 @@ fn clamp_len(len: usize) -> u32 {
 }
 
 impl Writer {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
-    fn finish(self) -> Vec<u8> {
+    pub(crate) fn finish(self) -> Vec<u8> {
         self.buf.into_vec()
     }
 
-    fn bool(&mut self, v: bool) {
+    pub(crate) fn bool(&mut self, v: bool) {
         match rmp::encode::write_bool(&mut self.buf, v) {
             Ok(()) => {}
             Err(e) => match e {},
         }
     }
 
-    fn int(&mut self, v: i64) {
+    pub(crate) fn int(&mut self, v: i64) {
         infallible(rmp::encode::write_sint(&mut self.buf, v));
     }
 
-    fn uint(&mut self, v: u64) {
+    pub(crate) fn f64(&mut self, v: f64) {
+        infallible(rmp::encode::write_f64(&mut self.buf, v));
+    }
+
+    pub(crate) fn uint(&mut self, v: u64) {
         infallible(rmp::encode::write_uint(&mut self.buf, v));
     }
 
-    fn bytes(&mut self, data: &[u8]) {
+    pub(crate) fn bytes(&mut self, data: &[u8]) {
         self.buf.as_mut_vec().extend_from_slice(data);
     }
 
-    fn str(&mut self, s: &str) {
+    pub(crate) fn str(&mut self, s: &str) {
         let len = clamp_len(s.len());
         infallible(rmp::encode::write_str_len(&mut self.buf, len));
         // Truncation (only past 4 GiB) may split a UTF-8 sequence; still valid framing.
@@ -137,7 +141,7 @@ impl Writer {
         self.bytes(s.as_bytes().get(..n).unwrap_or(s.as_bytes()));
     }
 
-    fn bin(&mut self, data: &[u8]) {
+    pub(crate) fn bin(&mut self, data: &[u8]) {
         let len = clamp_len(data.len());
         infallible(rmp::encode::write_bin_len(&mut self.buf, len));
         let n = usize::try_from(len).unwrap_or(usize::MAX);
@@ -145,31 +149,31 @@ impl Writer {
     }
 
     /// Writes an array header for `items` and returns how many items to write.
-    fn array_len(&mut self, items: usize) -> usize {
+    pub(crate) fn array_len(&mut self, items: usize) -> usize {
         let len = clamp_len(items);
         infallible(rmp::encode::write_array_len(&mut self.buf, len));
         usize::try_from(len).unwrap_or(usize::MAX)
     }
 
-    fn nil(&mut self) {
+    pub(crate) fn nil(&mut self) {
         match rmp::encode::write_nil(&mut self.buf) {
             Ok(()) => {}
             Err(e) => match e {},
         }
     }
 
-    fn map_len(&mut self, entries: u32) {
+    pub(crate) fn map_len(&mut self, entries: u32) {
         infallible(rmp::encode::write_map_len(&mut self.buf, entries));
     }
 
-    fn uint_array(&mut self, values: &[u64]) {
+    pub(crate) fn uint_array(&mut self, values: &[u64]) {
         let n = self.array_len(values.len());
         for &v in values.iter().take(n) {
             self.uint(v);
         }
     }
 
-    fn slot(&mut self, slot: &Slot) {
+    pub(crate) fn slot(&mut self, slot: &Slot) {
         self.map_len(4);
         self.str("offset");
         self.uint(slot.offset);
@@ -181,7 +185,7 @@ impl Writer {
         self.str(&slot.dtype);
     }
 
-    fn slots(&mut self, slots: &[Slot]) {
+    pub(crate) fn slots(&mut self, slots: &[Slot]) {
         let n = self.array_len(slots.len());
         for slot in slots.iter().take(n) {
             self.slot(slot);

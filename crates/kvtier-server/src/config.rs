@@ -114,6 +114,8 @@ pub struct EngineSettings {
     pub housekeeping_interval: Duration,
     /// KV-event records kept for replay (`--kv-event-log-size`; 0 disables KV events).
     pub kv_event_log_size: usize,
+    /// The router-facing KV-event publisher (`--kv-events-publisher`; `None` disables it).
+    pub kv_events_publisher: Option<crate::engine::kv_events::PublisherConfig>,
 }
 
 /// The L2 tier.
@@ -196,6 +198,7 @@ impl Default for ServerConfig {
                 worker_registration_grace: Duration::from_secs(3600),
                 housekeeping_interval: Duration::from_secs(1),
                 kv_event_log_size: 32768,
+                kv_events_publisher: None,
             },
             l2: L2Settings {
                 adapters: Vec::new(),

@@ -2,12 +2,15 @@
 //!
 //! Start order: shared-memory segment (+ background prefault task) → L1 manager → eviction
 //! thread → L2 tier (adapters, store and prefetch controllers; only with `--l2-adapter`) →
-//! engine → housekeeping thread → telemetry sampler → ZeroMQ front end → HTTP API.
+//! engine → KV-event publisher (only with `--kv-events-publisher`; its L2 listener is given to the
+//! L2 tier when that starts) → housekeeping thread → telemetry sampler → ZeroMQ front end → HTTP
+//! API.
 //!
 //! Shutdown runs the reverse: stop RPC intake and drain in-flight requests (bounded) → stop
 //! HTTP → stop the telemetry sampler → stop housekeeping → stop prefault → stop L2 (prefetch,
 //! then write-behind flush with a deadline, then close adapters) → release every client lock
-//! and pending transfer → stop eviction → unmap and unlink the segment (when the last `Arc` of
+//! and pending transfer → let the KV-event publisher send the resulting removals (bounded) and
+//! stop it → stop eviction → unmap and unlink the segment (when the last `Arc` of
 //! it drops).
 
 use std::sync::Arc;
@@ -18,9 +21,10 @@ use kvtier_core::l1::controller::EvictionController;
 use kvtier_core::l1::{EvictionConfig, L1Config, L1Manager};
 use kvtier_core::periodic::PeriodicThread;
 use kvtier_core::shm::{ShmOptions, ShmSegment};
-use kvtier_storage::{L2Tier, L2TierConfig};
+use kvtier_storage::{AdapterConfig, L2Listener, L2Tier, L2TierConfig};
 
 pub use crate::config::ServerConfig;
+use crate::engine::kv_events::{KvEventPublisher, PublisherError, l2_medium_names};
 use crate::engine::{Engine, EngineConfig};
 use crate::http::HttpServer;
 use crate::http::metrics::HttpStats;
@@ -50,6 +54,9 @@ pub enum ServerError {
     /// The L2 tier could not start.
     #[error("l2: {0}")]
     L2(#[from] kvtier_storage::error::ConfigError),
+    /// The KV-event publisher could not start.
+    #[error("kv events: {0}")]
+    KvEvents(#[from] PublisherError),
     /// A thread could not be spawned.
     #[error("spawning {what}: {source}")]
     Spawn {
@@ -126,10 +133,19 @@ impl Server {
             Arc::clone(&segment),
             evictor,
         );
+        let publish = config.engine.kv_events_publisher.clone();
+        if publish.is_some() {
+            engine.kv_events().enable_l2_records(l2_medium_names(
+                config.l2.adapters.iter().map(AdapterConfig::kind),
+            ));
+        }
         if !config.l2.adapters.is_empty() {
             let mut l2_cfg = L2TierConfig {
                 adapters: config.l2.adapters.clone(),
                 flush_timeout: config.l2.flush_timeout,
+                listener: publish
+                    .is_some()
+                    .then(|| Arc::clone(engine.kv_events()) as Arc<dyn L2Listener>),
                 ..L2TierConfig::default()
             };
             l2_cfg.prefetch.max_in_flight = config.l2.prefetch_max_in_flight.max(1);
@@ -137,6 +153,9 @@ impl Server {
             engine = engine.with_l2(L2Tier::start(l2_cfg, l1, Arc::clone(&segment))?);
         }
         let engine = Arc::new(engine);
+        if let Some(cfg) = publish {
+            KvEventPublisher::start(cfg, engine.kv_events(), &config.instance_id)?;
+        }
         let rpc = Arc::new(RpcStats::default());
         let housekeeper = {
             let engine = Arc::clone(&engine);
@@ -259,6 +278,11 @@ impl Server {
         p.prefault.stop();
         p.engine.shutdown_l2();
         p.engine.release_all();
+        if let Some(publisher) = p.engine.kv_events().publisher() {
+            // Routers hear the final removals before the sockets close.
+            publisher.drain(p.engine.kv_events(), Duration::from_millis(500));
+            publisher.stop();
+        }
         p.engine.evictor().stop();
         tracing::info!("shutdown complete; removing the shared-memory segment");
     }

@@ -84,6 +84,9 @@ impl StatusSource {
             root = root.child("http", p.http.report_status());
         }
         root = root.child("telemetry", p.telemetry.report_status());
+        if let Some(publisher) = p.engine.kv_events().publisher() {
+            root = root.child("kv_events_publisher", publisher.status_node());
+        }
         root.field("uptime_seconds", p.started.elapsed().as_secs_f64())
             .field("version", env!("CARGO_PKG_VERSION"))
             .field("instance_id", p.config.instance_id.as_str())
@@ -102,6 +105,9 @@ impl StatusSource {
         sets.push(p.telemetry.thread());
         sets.push(p.prefault.thread());
         sets.push(p.http.as_ref());
+        if let Some(publisher) = engine.kv_events().publisher() {
+            sets.push(publisher.as_ref());
+        }
         sets
     }
 

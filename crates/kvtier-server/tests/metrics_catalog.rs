@@ -1,7 +1,8 @@
 //! The catalog check: every counter the status tree shows and every metric the Grafana
 //! dashboard queries must be exported at `/metrics`.
 //!
-//! A real server (shared-memory L1, one mock L2 adapter, ZeroMQ, HTTP on ephemeral ports) is
+//! A real server (shared-memory L1, one mock L2 adapter, the KV-event publisher, ZeroMQ, HTTP on
+//! ephemeral ports) is
 //! driven through a store, a lookup and a retrieve so counters move, then:
 //! - (a) every numeric leaf of `/api/status` whose key ends in `_total` must match an exposed
 //!   sample name `kvtier_…_<key>`, allowing a unit infix (`evicted_total` matches
@@ -166,7 +167,12 @@ fn status_counters_and_dashboard_queries_are_all_exported() {
         mock_bandwidth_gb: 10.0,
         eviction: None,
     });
-    let server = start(config(vec![mock]), &rt);
+    let mut cfg = config(vec![mock]);
+    // The router-facing publisher too, so its counters are checked.
+    cfg.engine.kv_events_publisher = Some(kvtier_server::engine::kv_events::PublisherConfig::new(
+        "tcp://127.0.0.1:*",
+    ));
+    let server = start(cfg, &rt);
     let addr = server.http_addr().expect("http enabled");
 
     // Move the counters: a store (written behind to L2), a lookup, a retrieve.

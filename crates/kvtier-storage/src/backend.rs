@@ -103,6 +103,12 @@ pub trait L2Backend: Send + Sync + fmt::Debug + 'static {
     /// Space accounting (lock-free or O(1)).
     fn usage(&self) -> Usage;
 
+    /// Starts telling `listener` which objects this adapter holds (see
+    /// [`listener`](crate::listener)). Adapters without an index of their own ignore it.
+    fn set_listener(&self, listener: crate::listener::BoundListener) {
+        let _ = listener;
+    }
+
     /// Connectivity and the last error (from [`health_state`](Self::health_state); an adapter
     /// without one is always connected).
     fn health(&self) -> HealthSnapshot {

@@ -720,6 +720,10 @@ impl L2Backend for FsBackend {
         self.index.lock().usage()
     }
 
+    fn set_listener(&self, listener: crate::listener::BoundListener) {
+        self.index.lock().set_listener(listener);
+    }
+
     fn health_state(&self) -> Option<&Health> {
         Some(&self.health)
     }

@@ -13,6 +13,10 @@
 //!   Choosing victims walks from the head and skips pinned keys, so its cost is the victims plus
 //!   the pinned keys in front of them.
 //!
+//! - Change notifications ([`BoundListener`], optional): `stored` when a key is indexed and was
+//!   not before, `removed` whenever an indexed key leaves (every removal goes through
+//!   [`ObjectIndex::remove`]). Made under the caller's index mutex, so they are in index order.
+//!
 //! Not thread-safe by itself: adapters keep it behind a `parking_lot::Mutex` and never hold that
 //! across an `.await` or I/O.
 
@@ -27,6 +31,7 @@ use parking_lot::Mutex;
 use crate::backend::KeyResults;
 use crate::config::{EvictionPolicyName, EvictionSettings};
 use crate::error::L2Error;
+use crate::listener::BoundListener;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -48,6 +53,7 @@ pub struct ObjectIndex {
     capacity: u64,
     lru: bool,
     watermark: Option<(f64, f64)>,
+    listener: Option<BoundListener>,
 }
 
 impl ObjectIndex {
@@ -69,7 +75,18 @@ impl ObjectIndex {
             capacity,
             lru: policy == EvictionPolicyName::Lru,
             watermark: eviction.map(|e| (e.trigger_watermark, e.eviction_ratio)),
+            listener: None,
         }
+    }
+
+    /// Starts notifying `listener` of changes. The keys already indexed (an index rebuilt from
+    /// disk) are announced first, in eviction order: O(n) once, at start-up, before the adapter
+    /// serves requests.
+    pub fn set_listener(&mut self, listener: BoundListener) {
+        for key in self.order.values() {
+            listener.stored(key);
+        }
+        self.listener = Some(listener);
     }
 
     /// Indexed objects.
@@ -179,6 +196,8 @@ impl ObjectIndex {
         if let Some(old) = self.map.remove(&key) {
             self.order.remove(&old.seq);
             self.used -= old.len;
+        } else if let Some(l) = &self.listener {
+            l.stored(&key);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -192,6 +211,9 @@ impl ObjectIndex {
         let e = self.map.remove(key)?;
         self.order.remove(&e.seq);
         self.used -= e.len;
+        if let Some(l) = &self.listener {
+            l.removed(key);
+        }
         Some(e.len)
     }
 
@@ -390,6 +412,38 @@ mod tests {
             object_group_id: 0,
             cache_salt: Arc::from(""),
         }
+    }
+
+    #[derive(Debug, Default)]
+    struct Log(Mutex<Vec<(char, usize, u8)>>);
+
+    impl crate::listener::L2Listener for Log {
+        fn stored(&self, adapter: usize, key: &ObjectKey) {
+            self.0.lock().push(('+', adapter, key.chunk_hash.as_bytes()[0]));
+        }
+        fn removed(&self, adapter: usize, key: &ObjectKey) {
+            self.0.lock().push(('-', adapter, key.chunk_hash.as_bytes()[0]));
+        }
+    }
+
+    #[test]
+    fn the_listener_hears_existing_keys_new_keys_and_every_removal_once() {
+        let log = Arc::new(Log::default());
+        let mut ix = ObjectIndex::new(30, EvictionPolicyName::Fifo, None);
+        ix.insert(key(0), 10); // e.g. rebuilt from disk before the listener is set
+        ix.set_listener(BoundListener::new(2, Arc::clone(&log) as _));
+        ix.insert(key(1), 10);
+        ix.insert(key(1), 10); // re-indexing a held key is not a new store
+        ix.reserve(10).expect("room");
+        ix.finish_reservation(10, Some(key(2)));
+        let victims = ix.reserve(10).expect("room after eviction");
+        assert_eq!(victims, vec![(key(0), 10)]);
+        ix.remove(&key(1));
+        ix.remove(&key(1)); // not indexed any more: silent
+        assert_eq!(
+            *log.0.lock(),
+            vec![('+', 2, 0), ('+', 2, 1), ('+', 2, 2), ('-', 2, 0), ('-', 2, 1)]
+        );
     }
 
     #[test]

@@ -237,6 +237,10 @@ impl<B: L2Backend> L2Backend for Instrumented<B> {
         })
     }
 
+    fn set_listener(&self, listener: crate::listener::BoundListener) {
+        self.inner.set_listener(listener);
+    }
+
     fn usage(&self) -> Usage {
         self.inner.usage()
     }

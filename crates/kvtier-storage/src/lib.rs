@@ -23,7 +23,8 @@
 //! - [`health`]: per-adapter health (connectivity, last error, fail-fast gate, self-healing
 //!   probe loop with backoff); [`metrics`]: the L2 entries of the observability catalog
 //!   (`metric_set!` declarations, latency histograms, `L2Tier`'s `MetricSet`);
-//!   [`index`]: the capacity/pin/eviction index the adapters share.
+//!   [`index`]: the capacity/pin/eviction index the adapters share; [`listener`]: the index's
+//!   change notifications ([`L2Listener`](listener::L2Listener), for KV events).
 //! - [`task`]: [`BackgroundTask`](task::BackgroundTask), the one helper every background loop
 //!   runs under (named, stoppable, reporting `task_alive`, `rounds`, `last_error`).
 //! - `testsuite` (feature `testsuite`): the conformance suite every backend passes, plus test
@@ -42,6 +43,7 @@ pub mod fs;
 pub mod health;
 pub mod index;
 pub mod instrumented;
+pub mod listener;
 pub mod metrics;
 pub mod mock;
 pub mod prefetch;
@@ -56,4 +58,5 @@ pub mod valkey;
 pub use backend::{L2Backend, Usage};
 pub use config::{AdapterConfig, EvictionSettings, parse_adapter_json};
 pub use error::L2Error;
+pub use listener::L2Listener;
 pub use tier::{L2Tier, L2TierConfig};

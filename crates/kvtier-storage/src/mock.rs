@@ -199,6 +199,10 @@ impl L2Backend for MockBackend {
         self.state.lock().index.usage()
     }
 
+    fn set_listener(&self, listener: crate::listener::BoundListener) {
+        self.state.lock().index.set_listener(listener);
+    }
+
     fn health_state(&self) -> Option<&Health> {
         Some(&self.health)
     }

@@ -593,6 +593,10 @@ impl L2Backend for RespBackend {
         self.index.lock().usage()
     }
 
+    fn set_listener(&self, listener: crate::listener::BoundListener) {
+        self.index.lock().set_listener(listener);
+    }
+
     fn health_state(&self) -> Option<&Health> {
         Some(&self.health)
     }

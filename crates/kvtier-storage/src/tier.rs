@@ -31,6 +31,7 @@ use crate::backend::L2Backend;
 use crate::config::AdapterConfig;
 use crate::error::ConfigError;
 use crate::fs::FsBackend;
+use crate::listener::{BoundListener, L2Listener};
 use crate::metrics::{Labelled, adapter_label};
 use crate::mock::MockBackend;
 use crate::prefetch::{PrefetchConfig, PrefetchController};
@@ -56,6 +57,8 @@ pub struct L2TierConfig {
     pub worker_threads: usize,
     /// Most blocking I/O threads (each adapter also bounds its own concurrency).
     pub max_blocking_threads: usize,
+    /// Told of every adapter's index changes (KV events), if set.
+    pub listener: Option<Arc<dyn L2Listener>>,
 }
 
 impl Default for L2TierConfig {
@@ -67,6 +70,7 @@ impl Default for L2TierConfig {
             flush_timeout: Duration::from_secs(10),
             worker_threads: 2,
             max_blocking_threads: 32,
+            listener: None,
         }
     }
 }
@@ -128,6 +132,9 @@ impl L2Tier {
                 other => other,
             })?;
             tracing::info!(index = i, kind = adapter.kind(), config = ?a, "l2 adapter ready");
+            if let Some(l) = &cfg.listener {
+                adapter.set_listener(BoundListener::new(i, Arc::clone(l)));
+            }
             adapters.push(adapter);
         }
         let handle = runtime.handle().clone();

@@ -5,6 +5,7 @@
 //! A refused or invalid flag exits 2 with a message naming it, like a command-line error.
 
 mod compat;
+mod kv_events;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -184,6 +185,9 @@ pub struct ServeArgs {
     log: String,
 
     #[command(flatten)]
+    kv_events: kv_events::KvEventsArgs,
+
+    #[command(flatten)]
     lmcache: compat::LmcacheArgs,
 }
 
@@ -333,6 +337,7 @@ impl ServeArgs {
                 hash_algorithm,
                 session_ttl: seconds("session-ttl-seconds", self.session_ttl_seconds, false)?,
                 kv_event_log_size: self.kv_event_log_size,
+                kv_events_publisher: self.kv_events.resolve(self.kv_event_log_size)?,
                 worker_reap_timeout: reap,
                 worker_registration_grace: seconds(
                     "worker-registration-grace-seconds",

@@ -30,6 +30,12 @@
 //! batch says `lost=true` and the subscriber must drop what it learned and resynchronise. The
 //! `incarnation` (start time in ns) changes on every restart.
 //!
+//! L2 records (only with a router-facing publisher, [`publisher`]): `stored`/`removed` for what
+//! each L2 adapter's index holds, with the adapter's medium ([`l2_medium_names`]), from the
+//! adapters' [`L2Listener`] notifications. They share the log and its sequence with the L1
+//! records (one order for the publisher) but are never sent to LMCache subscribers, whose
+//! protocol only knows L1 (`"CPU"`). Resident counting is per `(medium, model, chunk hash)`.
+//!
 //! Subscriptions: one per worker instance (a new one closes the old); closed by `cancel`, the
 //! instance's unregistration or reaping, a ping-less silence longer than the reap timeout, and
 //! shutdown. Streaming is done by the transport, one batch per client credit, without a thread
@@ -45,7 +51,12 @@ use kvtier_core::key::ObjectKey;
 use kvtier_core::l1::L1Listener;
 use kvtier_core::metrics::{MetricDesc, MetricKind, MetricSet, MetricUnit, MetricVisitor};
 use kvtier_proto::{KvEventBatch, KvEventKind, KvEventRecord, TokenSpan};
+use kvtier_storage::L2Listener;
 use parking_lot::Mutex;
+
+pub mod publisher;
+
+pub use publisher::{KvEventPublisher, PublisherConfig, PublisherError};
 
 /// The capability `get_experimental` advertises when events are enabled.
 pub const CAPABILITY: &str = "kv_event_stream";
@@ -55,6 +66,9 @@ pub const MEDIUM_CPU: &str = "CPU";
 
 /// Most records a subscriber may ask for per batch (LMCache's bound).
 pub const MAX_EVENTS_PER_BATCH: i64 = 1024;
+
+/// Most media: L1 plus one per L2 adapter (`kvtier_storage::tier::MAX_ADAPTERS`).
+pub const MAX_MEDIA: usize = 1 + 32;
 
 /// Bindings kept for chunks reserved but not yet published (abandoned stores age out first).
 const MAX_BINDINGS: usize = 8192;
@@ -89,7 +103,16 @@ kvtier_core::metric_set! {
     }
 }
 
-static GAUGES: [MetricDesc; 3] = [
+const RECORDS: MetricDesc = MetricDesc {
+    name: "kvtier_kv_events_records",
+    status_key: "records_by_medium",
+    help: "Records appended to the KV-event log, by kind and medium.",
+    unit: MetricUnit::None,
+    kind: MetricKind::Counter,
+};
+
+static DESCRIPTORS: [MetricDesc; 4] = [
+    RECORDS,
     MetricDesc {
         name: "kvtier_kv_events_subscribers",
         status_key: "subscribers",
@@ -107,7 +130,7 @@ static GAUGES: [MetricDesc; 3] = [
     MetricDesc {
         name: "kvtier_kv_events_resident_chunks",
         status_key: "resident_chunks",
-        help: "Distinct (model, chunk) identities announced as stored and not removed.",
+        help: "Distinct (medium, model, chunk) identities announced as stored and not removed.",
         unit: MetricUnit::None,
         kind: MetricKind::Gauge,
     },
@@ -117,6 +140,74 @@ static GAUGES: [MetricDesc; 3] = [
 struct Binding {
     parent: Option<ChunkHash>,
     tokens: TokenSpan,
+}
+
+/// Records appended per medium and kind (`[stored, removed]`), relaxed atomics.
+#[derive(Debug)]
+struct MediumCounts([[std::sync::atomic::AtomicU64; 2]; MAX_MEDIA]);
+
+impl Default for MediumCounts {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| Default::default()))
+    }
+}
+
+impl MediumCounts {
+    fn inc(&self, medium: usize, kind: KvEventKind) {
+        let k = match kind {
+            KvEventKind::Stored => 0,
+            KvEventKind::Removed => 1,
+        };
+        if let Some(c) = self.0.get(medium) {
+            c[k].fetch_add(1, Relaxed);
+        }
+    }
+
+    fn get(&self, medium: usize) -> [u64; 2] {
+        self.0
+            .get(medium)
+            .map_or([0, 0], |c| [c[0].load(Relaxed), c[1].load(Relaxed)])
+    }
+}
+
+/// The media L2 records are announced with, one per adapter in `--l2-adapter` order: `DISK`
+/// (`fs`), `REDIS` (`resp`), `VALKEY` (`valkey`), `MOCK` (`mock`); a kind configured twice gets
+/// `_1`, `_2`, ... from its second adapter on.
+pub fn l2_medium_names<'a>(kinds: impl IntoIterator<Item = &'a str>) -> Vec<&'static str> {
+    let mut seen: HashMap<&'static str, usize> = HashMap::new();
+    kinds
+        .into_iter()
+        .map(|kind| {
+            let base = match kind {
+                "fs" => "DISK",
+                "resp" => "REDIS",
+                "valkey" => "VALKEY",
+                "mock" => "MOCK",
+                _ => "L2",
+            };
+            let n = seen.entry(base).or_insert(0);
+            let name = match *n {
+                0 => base,
+                k => intern(format!("{base}_{k}")),
+            };
+            *n += 1;
+            name
+        })
+        .collect()
+}
+
+/// Interns a medium name. The records carry `&'static str` media (no allocation or refcount per
+/// record); the names are few (at most [`MAX_MEDIA`] distinct ones per configuration), so they
+/// are leaked once each and reused by every later server in the process.
+fn intern(name: String) -> &'static str {
+    static NAMES: OnceLock<Mutex<Vec<&'static str>>> = OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock();
+    if let Some(n) = names.iter().find(|n| **n == name) {
+        return n;
+    }
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    names.push(leaked);
+    leaked
 }
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -132,7 +223,8 @@ struct SubEntry {
 struct State {
     log: VecDeque<KvEventRecord>,
     next_seq: u64,
-    resident: FastMap<(Arc<str>, ChunkHash), u32>,
+    /// Announced identities: `(medium index, model, chunk hash)` → objects holding it.
+    resident: FastMap<(u8, Arc<str>, ChunkHash), u32>,
     bindings: FastMap<ChunkHash, Binding>,
     binding_order: VecDeque<ChunkHash>,
     subscriptions: HashMap<i64, SubEntry>,
@@ -146,7 +238,11 @@ pub struct KvEvents {
     incarnation: u64,
     state: Mutex<State>,
     counters: KvEventCounters,
+    by_medium: MediumCounts,
     waker: OnceLock<Waker>,
+    /// Media of L2 records, by adapter index; set when a publisher wants L2 records.
+    l2_media: OnceLock<Vec<&'static str>>,
+    publisher: OnceLock<Arc<KvEventPublisher>>,
 }
 
 impl KvEvents {
@@ -163,7 +259,10 @@ impl KvEvents {
                 ..State::default()
             }),
             counters: KvEventCounters::default(),
+            by_medium: MediumCounts::default(),
             waker: OnceLock::new(),
+            l2_media: OnceLock::new(),
+            publisher: OnceLock::new(),
         }
     }
 
@@ -193,6 +292,28 @@ impl KvEvents {
         if let Some(w) = self.waker.get() {
             (w.0)();
         }
+    }
+
+    /// Records L2 changes too, announcing adapter `i` with medium `media[i]` (see
+    /// [`l2_medium_names`]). Call once, before the L2 tier starts; later calls are ignored.
+    pub fn enable_l2_records(&self, media: Vec<&'static str>) {
+        let _already = self.l2_media.set(media);
+    }
+
+    /// Attaches the router-facing publisher (once): it is woken on every append and reported
+    /// in the status tree.
+    pub fn attach_publisher(&self, publisher: Arc<KvEventPublisher>) {
+        let _already = self.publisher.set(publisher);
+    }
+
+    /// The attached publisher.
+    pub fn publisher(&self) -> Option<&Arc<KvEventPublisher>> {
+        self.publisher.get()
+    }
+
+    /// The sequence number the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.state.lock().next_seq
     }
 
     /// Remembers the tokens and parent of chunks about to be published (`tokens` holds the
@@ -248,11 +369,12 @@ impl KvEvents {
         }
     }
 
-    fn append(&self, s: &mut State, record: KvEventRecord) {
+    fn append(&self, s: &mut State, medium: usize, record: KvEventRecord) {
         match record.kind {
             KvEventKind::Stored => self.counters.stored_total.inc(),
             KvEventKind::Removed => self.counters.removed_total.inc(),
         }
+        self.by_medium.inc(medium, record.kind);
         s.log.push_back(record);
         s.next_seq += 1;
         while s.log.len() > self.capacity {
@@ -261,6 +383,9 @@ impl KvEvents {
         }
         if !s.subscriptions.is_empty() {
             self.wake();
+        }
+        if let Some(p) = self.publisher.get() {
+            p.wake();
         }
     }
 
@@ -369,7 +494,7 @@ impl KvEvents {
         let mut events = Vec::new();
         for r in s.log.iter().skip(skip) {
             next_cursor = r.seq;
-            if &*r.model_name == model {
+            if r.medium == MEDIUM_CPU && &*r.model_name == model {
                 events.push(r.clone());
                 if events.len() == max {
                     break;
@@ -387,6 +512,20 @@ impl KvEvents {
             lost,
             events,
         }
+    }
+
+    /// Up to `max` records of every model and medium after `cursor` (the publisher's read):
+    /// the records, whether records after `cursor` fell off the log (or `cursor` lies ahead of
+    /// it), and the cursor to resume from.
+    pub fn read_all(&self, cursor: u64, max: usize) -> (Vec<KvEventRecord>, bool, u64) {
+        let s = self.state.lock();
+        let last = s.next_seq - 1;
+        let first = s.log.front().map_or(last + 1, |r| r.seq);
+        let lost = cursor + 1 < first || cursor > last;
+        let skip = usize::try_from((cursor + 1).saturating_sub(first)).unwrap_or(usize::MAX);
+        let records: Vec<KvEventRecord> = s.log.iter().skip(skip).take(max).cloned().collect();
+        let next = records.last().map_or(cursor.min(last), |r| r.seq);
+        (records, lost, next)
     }
 
     fn cancel(&self, instance_id: i64, id: u64) {
@@ -424,35 +563,54 @@ impl KvEvents {
         m.insert("subscribers".into(), subscribers.into());
         m.insert("resident_chunks".into(), resident.into());
         m.extend(kvtier_core::metrics::status_fields(&self.counters));
+        let mut media = serde_json::Map::new();
+        for (i, name) in self.media().enumerate() {
+            let [stored, removed] = self.by_medium.get(i);
+            media.insert(
+                name.to_owned(),
+                serde_json::json!({"stored": stored, "removed": removed}),
+            );
+        }
+        m.insert(RECORDS.status_key.into(), media.into());
         m
     }
 }
 
-impl L1Listener for KvEvents {
-    fn published(&self, key: &ObjectKey) {
+impl KvEvents {
+    /// Every medium's name, by medium index (0 = L1).
+    fn media(&self) -> impl Iterator<Item = &'static str> + '_ {
+        std::iter::once(MEDIUM_CPU).chain(self.l2_media.get().into_iter().flatten().copied())
+    }
+
+    /// A copy of `key` now lives in medium `medium`: announces its identity if it is new there.
+    /// `bound` says whether to take the tokens and parent from the store path's binding (L1).
+    fn stored_in(&self, medium: usize, name: &'static str, key: &ObjectKey, bound: bool) {
+        let Ok(m) = u8::try_from(medium) else { return };
         let mut s = self.state.lock();
         let n = s
             .resident
-            .entry((Arc::clone(&key.model_name), key.chunk_hash))
+            .entry((m, Arc::clone(&key.model_name), key.chunk_hash))
             .or_insert(0);
         *n += 1;
         if *n > 1 {
             return;
         }
-        let (parent, tokens) = match s.bindings.remove(&key.chunk_hash) {
-            Some(b) => (b.parent, b.tokens),
-            None => {
+        let (parent, tokens) = match bound.then(|| s.bindings.remove(&key.chunk_hash)) {
+            Some(Some(b)) => (b.parent, b.tokens),
+            Some(None) => {
                 self.counters.unbound_stores_total.inc();
                 (None, TokenSpan::default())
             }
+            None => (None, TokenSpan::default()),
         };
         let seq = s.next_seq;
         self.append(
             &mut s,
+            medium,
             KvEventRecord {
                 seq,
                 kind: KvEventKind::Stored,
-                medium: MEDIUM_CPU,
+                medium: name,
                 model_name: Arc::clone(&key.model_name),
                 block_hashes: vec![*key.chunk_hash.as_bytes()],
                 parent_block_hash: parent.map(|p| *p.as_bytes()),
@@ -461,9 +619,11 @@ impl L1Listener for KvEvents {
         );
     }
 
-    fn removed(&self, key: &ObjectKey) {
+    /// A copy of `key` left medium `medium`: announces the removal when it was the last one.
+    fn removed_from(&self, medium: usize, name: &'static str, key: &ObjectKey) {
+        let Ok(m) = u8::try_from(medium) else { return };
         let mut s = self.state.lock();
-        let id = (Arc::clone(&key.model_name), key.chunk_hash);
+        let id = (m, Arc::clone(&key.model_name), key.chunk_hash);
         match s.resident.get_mut(&id) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -477,22 +637,51 @@ impl L1Listener for KvEvents {
         let seq = s.next_seq;
         self.append(
             &mut s,
+            medium,
             KvEventRecord {
                 seq,
                 kind: KvEventKind::Removed,
-                medium: MEDIUM_CPU,
-                model_name: id.0,
+                medium: name,
+                model_name: id.1,
                 block_hashes: vec![*key.chunk_hash.as_bytes()],
                 parent_block_hash: None,
                 token_ids: TokenSpan::default(),
             },
         );
     }
+
+    fn l2_medium(&self, adapter: usize) -> Option<&'static str> {
+        self.l2_media.get()?.get(adapter).copied()
+    }
+}
+
+impl L1Listener for KvEvents {
+    fn published(&self, key: &ObjectKey) {
+        self.stored_in(0, MEDIUM_CPU, key, true);
+    }
+
+    fn removed(&self, key: &ObjectKey) {
+        self.removed_from(0, MEDIUM_CPU, key);
+    }
+}
+
+impl L2Listener for KvEvents {
+    fn stored(&self, adapter: usize, key: &ObjectKey) {
+        if let Some(name) = self.l2_medium(adapter) {
+            self.stored_in(adapter + 1, name, key, false);
+        }
+    }
+
+    fn removed(&self, adapter: usize, key: &ObjectKey) {
+        if let Some(name) = self.l2_medium(adapter) {
+            self.removed_from(adapter + 1, name, key);
+        }
+    }
 }
 
 impl MetricSet for KvEvents {
     fn descriptors(&self) -> &'static [MetricDesc] {
-        &GAUGES
+        &DESCRIPTORS
     }
 
     fn visit(&self, v: &mut dyn MetricVisitor) {
@@ -500,10 +689,15 @@ impl MetricSet for KvEvents {
             let s = self.state.lock();
             (s.subscriptions.len(), s.log.len(), s.resident.len())
         };
-        let [subscribers, log_depth, resident_chunks] = &GAUGES;
+        let [records, subscribers, log_depth, resident_chunks] = &DESCRIPTORS;
         v.gauge(subscribers, &[], subs as f64);
         v.gauge(log_depth, &[], depth as f64);
         v.gauge(resident_chunks, &[], resident as f64);
+        for (i, medium) in self.media().enumerate() {
+            let [stored, removed] = self.by_medium.get(i);
+            v.counter(records, &[("kind", "stored"), ("medium", medium)], stored);
+            v.counter(records, &[("kind", "removed"), ("medium", medium)], removed);
+        }
     }
 }
 
