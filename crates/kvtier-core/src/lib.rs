@@ -6,11 +6,13 @@
 //! - [`shm`]: the named POSIX shared-memory segment that backs L1 and that engines map.
 //! - [`l1`]: the L1 manager (object state machine, allocator, TTL locks) and eviction policies.
 //! - [`metrics`]: the observability catalog (counters, gauges, the latency histogram).
+//! - [`inflight`]: start times of operations in flight (the oldest age turns stuck work unhealthy).
 //! - [`periodic`]: the one runner for background threads (periodic rounds or a one-shot task,
 //!   prompt stop, panic capture, liveness in the status tree).
 //! - [`status`]: the composable status tree every component reports into.
 
 pub mod hash;
+pub mod inflight;
 pub mod key;
 pub mod l1;
 pub mod metrics;

@@ -27,6 +27,8 @@
 //!   kept as `last_error`, and the loop goes on. A round that *panics* is caught
 //!   (`catch_unwind`), logged, kept as `last_error`, and ends the thread: the closure may have
 //!   left its state half-updated, so it is never called again and the status turns unhealthy.
+//! - An [`essential`](PeriodicBuilder::essential) thread's death also makes the tree not live
+//!   (the liveness probe fails, see [`crate::status`]).
 //! - `thread_alive` is cleared by a guard when the thread exits, however it exits.
 //! - Health: the node is unhealthy (reason `"<description> is not running"`) when the thread is
 //!   not running and was neither stopped on purpose nor, for a one-shot task, finished by
@@ -128,6 +130,7 @@ struct Signal {
 struct Shared {
     name: String,
     description: String,
+    essential: bool,
     /// `None` for a one-shot task.
     interval: Option<Duration>,
     signal: Mutex<Signal>,
@@ -191,9 +194,17 @@ pub struct PeriodicBuilder {
     name: String,
     interval: Duration,
     description: Option<String>,
+    essential: bool,
 }
 
 impl PeriodicBuilder {
+    /// The process does not work without this thread: its death makes the status tree not live
+    /// ([`StatusNode::require_live`]), so a liveness probe restarts the process.
+    pub fn essential(mut self) -> Self {
+        self.essential = true;
+        self
+    }
+
     /// Time between rounds (default 1 s; raised to [`MIN_INTERVAL`]).
     pub fn interval(mut self, interval: Duration) -> Self {
         self.interval = interval;
@@ -214,6 +225,7 @@ impl PeriodicBuilder {
         Arc::new(Shared {
             name: self.name,
             description,
+            essential: self.essential,
             interval,
             signal: Mutex::new(Signal::default()),
             cv: Condvar::new(),
@@ -285,6 +297,7 @@ impl PeriodicThread {
             name: name.into(),
             interval: Duration::from_secs(1),
             description: None,
+            essential: false,
         }
     }
 
@@ -417,12 +430,13 @@ impl PeriodicThread {
     /// described in the module doc. Owners append their own fields.
     pub fn status_node(&self) -> StatusNode {
         let alive = self.is_alive();
-        StatusNode::healthy()
-            .require(
-                self.is_healthy(),
-                format!("{} is not running", self.shared.description),
-            )
-            .field("thread_alive", alive)
+        let reason = format!("{} is not running", self.shared.description);
+        let node = if self.shared.essential {
+            StatusNode::healthy().require_live(self.is_healthy(), reason)
+        } else {
+            StatusNode::healthy().require(self.is_healthy(), reason)
+        };
+        node.field("thread_alive", alive)
             .field("thread_name", &self.shared.name)
             .field("rounds_total", self.rounds())
             .field("round_errors_total", self.round_errors())

@@ -9,6 +9,12 @@
 //! (only when unhealthy), then the fields in insertion order. Field names follow LMCache where
 //! LMCache has the field, so LMCache's status tooling can read a kvtier tree.
 //!
+//! Liveness vs readiness: a node is *unhealthy* when it cannot serve well (readiness: an
+//! orchestrator should stop sending it traffic); it is also *not live* when the process no longer
+//! works and only a restart helps (a dead poll, eviction or housekeeping thread). Components mark
+//! the latter with [`StatusNode::require_live`]; [`StatusNode::is_live`] is false when any node
+//! of the tree says so. A not-live node is always unhealthy too.
+//!
 //! Reports must be cheap: they are built from counters and snapshots, never by iterating cache
 //! objects under a lock.
 
@@ -34,6 +40,8 @@ enum Field {
 #[derive(Debug, Clone, Default)]
 pub struct StatusNode {
     own_reason: Option<String>,
+    /// The own reason means the process does not work (see the module docs).
+    fatal: bool,
     unhealthy_children: Vec<String>,
     fields: Vec<(String, Field)>,
 }
@@ -62,6 +70,25 @@ impl StatusNode {
             });
         }
         self
+    }
+
+    /// Like [`require`](Self::require), and a failed `condition` also makes the tree not live.
+    pub fn require_live(self, condition: bool, reason: impl Into<String>) -> Self {
+        let mut node = self.require(condition, reason);
+        node.fatal |= !condition;
+        node
+    }
+
+    /// Whether no node of the tree says the process does not work.
+    pub fn is_live(&self) -> bool {
+        self.not_live_paths("").is_empty()
+    }
+
+    /// The nodes that make the tree not live, as `(dotted.path, reason)`.
+    pub fn not_live_paths(&self, root: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        self.collect(root, &mut out, true);
+        out
     }
 
     /// Adds a scalar (or any serialisable) field. Values that fail to serialise become `null`.
@@ -137,26 +164,29 @@ impl StatusNode {
     /// `root` names the node itself in the paths.
     pub fn unhealthy_paths(&self, root: &str) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        self.collect_unhealthy(root, &mut out);
+        self.collect(root, &mut out, false);
         out
     }
 
-    fn collect_unhealthy(&self, path: &str, out: &mut Vec<(String, String)>) {
-        if let Some(r) = &self.own_reason {
+    /// Collects own reasons depth first (`fatal_only`: only the not-live ones).
+    fn collect(&self, path: &str, out: &mut Vec<(String, String)>, fatal_only: bool) {
+        if let Some(r) = &self.own_reason
+            && (self.fatal || !fatal_only)
+        {
             out.push((path.to_owned(), r.clone()));
         }
         for (key, f) in &self.fields {
             match f {
                 Field::Value(_) => {}
-                Field::Node(n) => n.collect_unhealthy(&join(path, key), out),
+                Field::Node(n) => n.collect(&join(path, key), out, fatal_only),
                 Field::List(l) => {
                     for (i, n) in l.iter().enumerate() {
-                        n.collect_unhealthy(&format!("{}[{i}]", join(path, key)), out);
+                        n.collect(&format!("{}[{i}]", join(path, key)), out, fatal_only);
                     }
                 }
                 Field::Map(m) => {
                     for (name, n) in m {
-                        n.collect_unhealthy(&join(&join(path, key), name), out);
+                        n.collect(&join(&join(path, key), name), out, fatal_only);
                     }
                 }
             }
@@ -212,6 +242,24 @@ impl Serialize for OrderedNodes<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn liveness_is_only_lost_to_require_live() {
+        let busy = StatusNode::healthy().require(false, "oldest store in flight 41.2 s");
+        let root = StatusNode::healthy().child("l2", busy);
+        assert!(!root.is_healthy() && root.is_live());
+        let dead = StatusNode::healthy().require_live(false, "housekeeping thread is not running");
+        let root = root.child_list("threads", vec![dead]);
+        assert!(!root.is_live());
+        assert_eq!(
+            root.not_live_paths("engine"),
+            vec![(
+                "engine.threads[0]".to_owned(),
+                "housekeeping thread is not running".to_owned()
+            )]
+        );
+        assert_eq!(root.unhealthy_paths("engine").len(), 2);
+    }
 
     #[test]
     fn health_propagates_and_reasons_name_the_path() {

@@ -25,6 +25,13 @@ pub(crate) fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::
     s.serialize_f64(d.as_secs_f64())
 }
 
+fn as_opt_seconds<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
+}
+
 fn policy_name<S: serde::Serializer>(p: &EvictionPolicyKind, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(p.name())
 }
@@ -130,6 +137,10 @@ pub struct L2Settings {
     /// How long shutdown waits for the write-behind queue to drain.
     #[serde(rename = "l2_flush_timeout_seconds", serialize_with = "as_seconds")]
     pub flush_timeout: Duration,
+    /// Age past which an L2 operation in flight makes its adapter unhealthy (`None`: per
+    /// adapter, see `kvtier_storage::tier::L2TierConfig::stuck_after`).
+    #[serde(rename = "l2_stuck_op_seconds", serialize_with = "as_opt_seconds")]
+    pub stuck_after: Option<Duration>,
 }
 
 /// Everything `kvtier serve` can be told.
@@ -204,6 +215,7 @@ impl Default for ServerConfig {
                 adapters: Vec::new(),
                 prefetch_max_in_flight: 8,
                 flush_timeout: Duration::from_secs(10),
+                stuck_after: None,
             },
             telemetry: TelemetryConfig::default(),
             http: Some(HttpConfig::local(8080)),

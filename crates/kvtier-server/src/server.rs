@@ -143,6 +143,7 @@ impl Server {
             let mut l2_cfg = L2TierConfig {
                 adapters: config.l2.adapters.clone(),
                 flush_timeout: config.l2.flush_timeout,
+                stuck_after: config.l2.stuck_after,
                 listener: publish
                     .is_some()
                     .then(|| Arc::clone(engine.kv_events()) as Arc<dyn L2Listener>),
@@ -161,6 +162,7 @@ impl Server {
             let engine = Arc::clone(&engine);
             Arc::new(
                 PeriodicThread::builder("kvtier-housekeep")
+                    .essential()
                     .interval(config.engine.housekeeping_interval)
                     .description("housekeeping thread")
                     .spawn(move || {

@@ -109,6 +109,12 @@ pub trait L2Backend: Send + Sync + fmt::Debug + 'static {
         let _ = listener;
     }
 
+    /// Sets the age past which an operation in flight makes the adapter unhealthy (the
+    /// [`Instrumented`](crate::instrumented::Instrumented) decorator implements it).
+    fn set_stuck_after(&self, after: std::time::Duration) {
+        let _ = after;
+    }
+
     /// Connectivity and the last error (from [`health_state`](Self::health_state); an adapter
     /// without one is always connected).
     fn health(&self) -> HealthSnapshot {

@@ -419,10 +419,14 @@ mod tests {
 
     impl crate::listener::L2Listener for Log {
         fn stored(&self, adapter: usize, key: &ObjectKey) {
-            self.0.lock().push(('+', adapter, key.chunk_hash.as_bytes()[0]));
+            self.0
+                .lock()
+                .push(('+', adapter, key.chunk_hash.as_bytes()[0]));
         }
         fn removed(&self, adapter: usize, key: &ObjectKey) {
-            self.0.lock().push(('-', adapter, key.chunk_hash.as_bytes()[0]));
+            self.0
+                .lock()
+                .push(('-', adapter, key.chunk_hash.as_bytes()[0]));
         }
     }
 
@@ -442,7 +446,13 @@ mod tests {
         ix.remove(&key(1)); // not indexed any more: silent
         assert_eq!(
             *log.0.lock(),
-            vec![('+', 2, 0), ('+', 2, 1), ('+', 2, 2), ('-', 2, 0), ('-', 2, 1)]
+            vec![
+                ('+', 2, 0),
+                ('+', 2, 1),
+                ('+', 2, 2),
+                ('-', 2, 0),
+                ('-', 2, 1)
+            ]
         );
     }
 

@@ -14,6 +14,11 @@
 //!   (its [`Health`] counters) and `ops` (the stats above plus the adapter's [`AdapterEvents`]).
 //! - **Metrics**: [`L2Backend::visit_metrics`] visits the adapter's gauges and events plus the
 //!   stats above.
+//! - **Stuck work**: every call is registered in flight ([`InFlight`]) while it runs; the status
+//!   shows, per operation, how many are in flight and the age of the oldest, and the node is
+//!   unhealthy ("oldest store in flight 41.2 s") while that age exceeds the stuck threshold
+//!   ([`L2Backend::set_stuck_after`], default [`DEFAULT_STUCK_AFTER`]): a hung server or a frozen
+//!   disk that never answers is reported, not just one that answers with errors.
 //! - **Health probe**: [`Instrumented::start_probe`] runs the adapter's probe loop (when it is a
 //!   [`Prober`]) and `close` stops it before the adapter closes.
 //!
@@ -21,10 +26,11 @@
 //! relaxed atomics, the probe handle is set once); it never changes an adapter's per-key results.
 
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use kvtier_core::inflight::InFlight;
 use kvtier_core::key::ObjectKey;
 use kvtier_core::l1::Allocation;
 use kvtier_core::metrics::MetricVisitor;
@@ -36,6 +42,13 @@ use crate::error::L2Error;
 use crate::health::{Health, HealthSnapshot, ProbeLoop, Prober, spawn_probe_loop};
 use crate::metrics::{AdapterEvents, AdapterStats, HealthCounters};
 
+/// Age past which an operation in flight makes the adapter unhealthy, unless the tier sets
+/// another threshold.
+pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(30);
+
+/// The operations tracked in flight, in status order.
+const OP_KINDS: [&str; 4] = ["lookup", "load", "store", "delete"];
+
 /// An adapter with intake checks, accounting, status and probe loop. See the module docs.
 #[derive(Debug)]
 pub struct Instrumented<B> {
@@ -43,6 +56,9 @@ pub struct Instrumented<B> {
     stats: AdapterStats,
     closed: AtomicBool,
     probe: OnceLock<ProbeLoop>,
+    /// In flight, by [`OP_KINDS`] index.
+    in_flight: [InFlight; 4],
+    stuck_after_ms: AtomicU64,
 }
 
 impl<B: L2Backend> Instrumented<B> {
@@ -53,7 +69,43 @@ impl<B: L2Backend> Instrumented<B> {
             stats: AdapterStats::default(),
             closed: AtomicBool::new(false),
             probe: OnceLock::new(),
+            in_flight: Default::default(),
+            stuck_after_ms: AtomicU64::new(millis(DEFAULT_STUCK_AFTER)),
         }
+    }
+
+    /// The in-flight node and whether nothing is stuck: per operation `{in_flight,
+    /// oldest_seconds}`, plus the reason naming the oldest stuck operation.
+    fn in_flight_status(&self) -> (serde_json::Value, Option<String>) {
+        let now = Instant::now();
+        let limit = Duration::from_millis(self.stuck_after_ms.load(Relaxed));
+        let mut out = serde_json::Map::new();
+        let mut worst: Option<(&str, Duration)> = None;
+        for (name, f) in OP_KINDS.iter().zip(&self.in_flight) {
+            let (n, oldest) = f.snapshot(now);
+            out.insert(
+                (*name).to_owned(),
+                serde_json::json!({
+                    "in_flight": n,
+                    "oldest_seconds": oldest.map_or(0.0, |d| d.as_secs_f64()),
+                }),
+            );
+            if let Some(age) = oldest
+                && age > limit
+                && worst.is_none_or(|(_, w)| age > w)
+            {
+                worst = Some((name, age));
+            }
+        }
+        out.insert("stuck_after_seconds".into(), limit.as_secs_f64().into());
+        let reason = worst.map(|(name, age)| {
+            format!(
+                "oldest {name} in flight {:.1} s (stuck after {:.1} s)",
+                age.as_secs_f64(),
+                limit.as_secs_f64()
+            )
+        });
+        (out.into(), reason)
     }
 
     /// The wrapped adapter.
@@ -91,6 +143,7 @@ impl<B: L2Backend> Instrumented<B> {
             Op::Load => &self.stats.load,
             Op::Store => &self.stats.store,
         };
+        let _in_flight = self.in_flight[op as usize + 1].start();
         let t = Instant::now();
         let n = keys.len() as u64;
         if let Err(e) = self
@@ -126,10 +179,15 @@ impl<B: L2Backend + Prober> Instrumented<B> {
     }
 }
 
+/// Loads and stores (the discriminant + 1 is the [`OP_KINDS`] index).
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    Load,
-    Store,
+    Load = 0,
+    Store = 1,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Successful objects and their bytes.
@@ -181,6 +239,7 @@ impl<B: L2Backend> L2Backend for Instrumented<B> {
         keys: &'a [ObjectKey],
     ) -> BoxFuture<'a, Result<Vec<Option<u64>>, L2Error>> {
         Box::pin(async move {
+            let _in_flight = self.in_flight[0].start();
             let t = Instant::now();
             let r = match self.check_open() {
                 Ok(()) => self.inner.lookup_and_pin(keys).await,
@@ -221,6 +280,7 @@ impl<B: L2Backend> L2Backend for Instrumented<B> {
 
     fn delete<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, Result<u64, L2Error>> {
         Box::pin(async move {
+            let _in_flight = self.in_flight[3].start();
             let t = Instant::now();
             let r = match self.check_open() {
                 Ok(()) => self.inner.delete(keys).await,
@@ -239,6 +299,10 @@ impl<B: L2Backend> L2Backend for Instrumented<B> {
 
     fn set_listener(&self, listener: crate::listener::BoundListener) {
         self.inner.set_listener(listener);
+    }
+
+    fn set_stuck_after(&self, after: Duration) {
+        self.stuck_after_ms.store(millis(after), Relaxed);
     }
 
     fn usage(&self) -> Usage {
@@ -279,8 +343,14 @@ impl<B: L2Backend> L2Backend for Instrumented<B> {
             Some(h) => h.counters_json(),
             None => kvtier_core::metrics::status_fields(&HealthCounters::default()).into(),
         };
+        let (in_flight, stuck) = self.in_flight_status();
+        let node = match stuck {
+            Some(reason) => node.require(false, reason),
+            None => node,
+        };
         node.field("errors", errors)
             .field("ops", self.stats.to_json(self.inner.events()))
+            .field("in_flight", in_flight)
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

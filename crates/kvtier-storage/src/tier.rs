@@ -59,6 +59,10 @@ pub struct L2TierConfig {
     pub max_blocking_threads: usize,
     /// Told of every adapter's index changes (KV events), if set.
     pub listener: Option<Arc<dyn L2Listener>>,
+    /// Age past which an operation in flight makes its adapter unhealthy; `None`: the
+    /// adapter's request timeout plus 5 s (`valkey`), else
+    /// [`DEFAULT_STUCK_AFTER`](crate::instrumented::DEFAULT_STUCK_AFTER).
+    pub stuck_after: Option<Duration>,
 }
 
 impl Default for L2TierConfig {
@@ -71,6 +75,7 @@ impl Default for L2TierConfig {
             worker_threads: 2,
             max_blocking_threads: 32,
             listener: None,
+            stuck_after: None,
         }
     }
 }
@@ -105,6 +110,16 @@ pub fn open_adapter(
     })
 }
 
+/// The stuck threshold of an adapter without an explicit one (see [`L2TierConfig::stuck_after`]).
+fn default_stuck_after(cfg: &AdapterConfig) -> Duration {
+    match cfg {
+        AdapterConfig::Valkey(v) if v.request_timeout.is_finite() && v.request_timeout > 0.0 => {
+            Duration::from_secs_f64(v.request_timeout.min(3600.0)) + Duration::from_secs(5)
+        }
+        _ => crate::instrumented::DEFAULT_STUCK_AFTER,
+    }
+}
+
 impl L2Tier {
     /// Starts the tier. Blocking (opens adapters); must not be called from async code.
     pub fn start(
@@ -132,6 +147,7 @@ impl L2Tier {
                 other => other,
             })?;
             tracing::info!(index = i, kind = adapter.kind(), config = ?a, "l2 adapter ready");
+            adapter.set_stuck_after(cfg.stuck_after.unwrap_or_else(|| default_stuck_after(a)));
             if let Some(l) = &cfg.listener {
                 adapter.set_listener(BoundListener::new(i, Arc::clone(l)));
             }

@@ -178,6 +178,13 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_L2_FLUSH_TIMEOUT_SECONDS", default_value_t = 10.0)]
     l2_flush_timeout_seconds: f64,
 
+    /// Seconds an L2 operation (lookup, load, store, delete) may stay in flight before its
+    /// adapter is reported unhealthy ("oldest store in flight 41.2 s"): a hung Redis or a frozen
+    /// disk that never answers [default: the adapter's request_timeout + 5 s for valkey, else
+    /// 30].
+    #[arg(long, env = "KVTIER_L2_STUCK_OP_SECONDS")]
+    l2_stuck_op_seconds: Option<f64>,
+
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `kvtier_server=debug`); RUST_LOG
     /// overrides it. `GET /loglevel` shows it and `POST /loglevel?level=debug` changes it at run
     /// time.
@@ -354,6 +361,10 @@ impl ServeArgs {
                     self.l2_flush_timeout_seconds,
                     true,
                 )?,
+                stuck_after: self
+                    .l2_stuck_op_seconds
+                    .map(|v| seconds("l2-stuck-op-seconds", v, false))
+                    .transpose()?,
             },
             http: if self.no_http {
                 None

@@ -33,6 +33,7 @@ impl EvictionController {
         let triggered = Arc::new(AtomicU64::new(0));
         let (t_l1, t_triggered) = (Arc::clone(&l1), Arc::clone(&triggered));
         let thread = PeriodicThread::builder("kvtier-l1-evict")
+            .essential()
             .interval(interval)
             .description("eviction thread")
             .spawn(move || {

@@ -355,6 +355,8 @@ pub struct L1Manager {
     config: L1Config,
     capacity: u64,
     clock: Clock,
+    /// Stores refused for lack of room (status health).
+    pressure: super::pressure::StorePressure,
 }
 
 impl L1Manager {
@@ -383,6 +385,7 @@ impl L1Manager {
             listener: std::sync::OnceLock::new(),
             config,
             capacity,
+            pressure: super::pressure::StorePressure::new(clock.now()),
             clock,
         }
     }
@@ -496,11 +499,13 @@ impl L1Manager {
         }
         let Some(offsets) = self.alloc_batch_evicting(&mut inner, &sizes) else {
             self.counters.oom_keys_total.add(new_idx.len() as u64);
+            self.pressure.refused(new_idx.len() as u64, now);
             for t in tenants {
                 inner.tenants.retire_if_idle(t);
             }
             return out;
         };
+        self.pressure.accepted();
         // Synchronous eviction may have retired a tenant of this batch (its last object went):
         // resolve again, which is a map lookup unless it has to re-create the tenant.
         let tenants = resolve_tenants(&mut inner.tenants, items, &new_idx);
@@ -1405,8 +1410,27 @@ impl StatusReport for L1Manager {
         } else {
             used as f64 / total as f64
         };
-        StatusNode::healthy()
-            .fields(crate::metrics::status_fields(c))
+        let starved = self.pressure.starved(self.clock.now());
+        let node = match starved {
+            Some(s) => StatusNode::unhealthy(format!(
+                "L1 has refused every store for {:.1} s ({} keys) for lack of room: {} of {} \
+                 objects read-locked, {} staging ({} bytes), {} bytes used of {}",
+                s.for_seconds,
+                s.refused_keys,
+                c.read_locked_objects.get(),
+                c.objects.get(),
+                c.staging_objects.get(),
+                c.staging_bytes.get(),
+                used,
+                total,
+            )),
+            None => StatusNode::healthy(),
+        };
+        node.fields(crate::metrics::status_fields(c))
+            .field(
+                "store_starved_seconds",
+                starved.map_or(0.0, |s| s.for_seconds),
+            )
             .field("staging_object_count", c.staging_objects.get())
             .field("memory_total_bytes", total)
             .field("memory_configured_bytes", self.config.capacity_bytes)

@@ -14,6 +14,7 @@ pub mod eviction;
 mod list;
 pub mod listener;
 pub mod manager;
+pub mod pressure;
 pub mod tenants;
 
 pub use eviction::{EvictionPolicy, EvictionPolicyKind};

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | GET | `/` | the web dashboard (see [`crate::dashboard`], which also serves `/api/timeseries`) |
 //! | GET | `/api/status`, `/status` | the whole status tree (JSON) |
-//! | GET | `/api/healthcheck`, `/healthcheck` | 200 `{"status":"healthy"}` only when the tree is healthy, else 503 with the unhealthy paths and reasons; never needs the token |
+//! | GET | `/api/healthcheck`, `/healthcheck` | readiness (default, `?probe=ready`): 200 `{"status":"healthy"}` only when the tree is healthy, else 503 with the unhealthy paths and reasons; liveness (`?probe=live`): 200 unless a node says the process no longer works (a dead poll, eviction or housekeeping thread), else 503 with those paths; never needs the token |
 //! | GET | `/metrics` | Prometheus / OpenMetrics text (see [`metrics`]) |
 //! | GET | `/config` | the effective configuration, secrets redacted |
 //! | GET | `/version` | name, version, LMCache protocol version |
@@ -34,7 +34,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -310,8 +310,37 @@ async fn status(State(s): Shared) -> Response {
     }
 }
 
-async fn healthcheck(State(s): Shared) -> Response {
+/// `?probe=` of the health check.
+#[derive(Debug, Deserialize)]
+struct Probe {
+    probe: Option<String>,
+}
+
+async fn healthcheck(State(s): Shared, Query(q): Query<Probe>) -> Response {
     let tree = s.source.status();
+    match q.probe.as_deref() {
+        None | Some("ready") => {}
+        Some("live") => {
+            let dead = tree.not_live_paths("engine");
+            if dead.is_empty() {
+                return json_response(StatusCode::OK, &json!({"status": "live"}));
+            }
+            let paths: Vec<serde_json::Value> = dead
+                .into_iter()
+                .map(|(path, reason)| json!({"path": path, "reason": reason}))
+                .collect();
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "not_live", "not_live": paths}),
+            );
+        }
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("probe={other:?}: expected \"live\" or \"ready\""),
+            );
+        }
+    }
     if tree.is_healthy() {
         return json_response(StatusCode::OK, &json!({"status": "healthy"}));
     }

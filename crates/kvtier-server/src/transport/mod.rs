@@ -582,7 +582,7 @@ impl StatusReport for ZmqFrontEnd {
         let s = &self.stats;
         let alive = self.alive.load(Relaxed) || self.stop.load(Relaxed);
         StatusNode::healthy()
-            .require(alive, "zeromq poll thread is not running")
+            .require_live(alive, "zeromq poll thread is not running")
             .field("endpoint", &self.endpoint)
             .field("thread_alive", self.alive.load(Relaxed))
             .field("workers_per_pool", self.config.workers.max(1))
