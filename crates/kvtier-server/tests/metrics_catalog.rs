@@ -8,7 +8,9 @@
 //!   sample name `kvtier_…_<key>`, allowing a unit infix (`evicted_total` matches
 //!   `kvtier_x_evicted_bytes_total`);
 //! - (b) every `kvtier_*` identifier in the dashboard's queries must be an exposed sample name
-//!   (`_bucket`/`_sum`/`_count` of a histogram count as its family).
+//!   (`_bucket`/`_sum`/`_count` of a histogram count as its family);
+//! - (c) so must every `kvtier_*` identifier of the Prometheus alert rules
+//!   (`deploy/prometheus/kvtier-alerts.yml`).
 //!
 //! All misses are collected and reported in one assertion message.
 
@@ -31,6 +33,11 @@ const UNIT_INFIXES: [&str; 2] = ["bytes", "seconds"];
 const DASHBOARD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../deploy/grafana/kvtier.json"
+);
+
+const ALERTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../deploy/prometheus/kvtier-alerts.yml"
 );
 
 fn get_text(addr: std::net::SocketAddr, path: &str) -> String {
@@ -289,6 +296,26 @@ fn status_counters_and_dashboard_queries_are_all_exported() {
             }
         }
     }
+
+    // (c) Alert rules: every `kvtier_*` name in an `expr:` line (multi-line `>` expressions
+    // included: every line of the file that is not a comment or an annotation is scanned).
+    let rules = std::fs::read_to_string(ALERTS).expect("alert rules are readable");
+    let mut rule_names = 0;
+    for line in rules.lines().map(str::trim) {
+        if line.starts_with('#')
+            || line.starts_with("summary:")
+            || line.starts_with("description:")
+        {
+            continue;
+        }
+        for name in metric_names(line) {
+            rule_names += 1;
+            if !dashboard_name_exported(&name, &e) {
+                dashboard_misses.insert(format!("{name} (alert rules)"));
+            }
+        }
+    }
+    assert!(rule_names >= 10, "too few metrics in the alert rules");
 
     server.shutdown();
     assert!(

@@ -324,6 +324,11 @@ impl<B: L2Backend> L2Backend for Instrumented<B> {
     fn visit_metrics(&self, v: &mut dyn MetricVisitor) {
         self.inner.visit_metrics(v);
         self.stats.visit(v);
+        let now = Instant::now();
+        for (op, f) in OP_KINDS.iter().zip(&self.in_flight) {
+            let age = f.oldest(now).map_or(0.0, |d| d.as_secs_f64());
+            v.gauge(&crate::metrics::OLDEST_IN_FLIGHT, &[("op", op)], age);
+        }
     }
 
     fn report_status(&self) -> StatusNode {

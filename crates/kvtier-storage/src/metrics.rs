@@ -236,6 +236,15 @@ pub static OP_LATENCY: MetricDesc = MetricDesc {
     kind: MetricKind::Histogram,
 };
 
+/// Age of the oldest call of an operation in flight (labelled `adapter`, `op`; 0 when none).
+pub static OLDEST_IN_FLIGHT: MetricDesc = MetricDesc {
+    name: "kvtier_l2_adapter_oldest_in_flight",
+    status_key: "oldest_seconds",
+    help: "Age of the oldest adapter call of this operation still in flight (0 when none).",
+    unit: MetricUnit::Seconds,
+    kind: MetricKind::Gauge,
+};
+
 /// Values of the `op` label, in status-tree order.
 pub const OP_NAMES: [&str; 4] = ["store", "load", "lookup", "delete"];
 
@@ -256,6 +265,7 @@ pub fn descriptors() -> &'static [MetricDesc] {
             UsageGauges::DESCRIPTORS,
             OpCounters::DESCRIPTORS,
             std::slice::from_ref(&OP_LATENCY),
+            std::slice::from_ref(&OLDEST_IN_FLIGHT),
             LookupCounters::DESCRIPTORS,
             AdapterEvents::DESCRIPTORS,
             HealthCounters::DESCRIPTORS,

@@ -442,6 +442,11 @@ impl L1Manager {
         existed
     }
 
+    /// Whether L1 refuses every store for lack of room (see [`super::pressure`]); lock-free.
+    pub fn store_starved(&self) -> Option<super::pressure::Starved> {
+        self.pressure.starved(self.clock.now())
+    }
+
     /// `(used_bytes, total_bytes)` without taking the lock.
     pub fn usage(&self) -> (u64, u64) {
         (self.counters.used_bytes.get(), self.capacity)
@@ -1410,7 +1415,7 @@ impl StatusReport for L1Manager {
         } else {
             used as f64 / total as f64
         };
-        let starved = self.pressure.starved(self.clock.now());
+        let starved = self.store_starved();
         let node = match starved {
             Some(s) => StatusNode::unhealthy(format!(
                 "L1 has refused every store for {:.1} s ({} keys) for lack of room: {} of {} \

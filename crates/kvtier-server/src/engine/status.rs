@@ -43,7 +43,7 @@ struct WorkerLivenessStatus {
 }
 
 /// Gauges computed at read time (not atomics of a set).
-static ENGINE_GAUGES: [MetricDesc; 4] = [
+static ENGINE_GAUGES: [MetricDesc; 5] = [
     MetricDesc {
         name: "kvtier_engine_pending_stores",
         status_key: "pending_stores",
@@ -63,6 +63,13 @@ static ENGINE_GAUGES: [MetricDesc; 4] = [
         status_key: "memory_total_bytes",
         help: "Usable L1 pool size.",
         unit: MetricUnit::Bytes,
+        kind: MetricKind::Gauge,
+    },
+    MetricDesc {
+        name: "kvtier_l1_store_starved",
+        status_key: "store_starved_seconds",
+        help: "How long L1 has refused every store for lack of room (0 when it is not).",
+        unit: MetricUnit::Seconds,
         kind: MetricKind::Gauge,
     },
     MetricDesc {
@@ -107,10 +114,12 @@ impl MetricSet for Engine {
     /// The computed gauges only; the components' sets are listed by [`Engine::metric_sets`].
     fn visit(&self, v: &mut dyn MetricVisitor) {
         let (stores, retrieves) = self.engine_driven().pending_counts();
-        let [pending_stores, pending_retrieves, capacity, registered] = &ENGINE_GAUGES;
+        let [pending_stores, pending_retrieves, capacity, starved, registered] = &ENGINE_GAUGES;
         v.gauge(pending_stores, &[], stores as f64);
         v.gauge(pending_retrieves, &[], retrieves as f64);
         v.gauge(capacity, &[], self.shared().l1.capacity_bytes() as f64);
+        let l1 = &self.shared().l1;
+        v.gauge(starved, &[], l1.store_starved().map_or(0.0, |s| s.for_seconds));
         v.gauge(registered, &[], self.shared().instances.len() as f64);
     }
 }
