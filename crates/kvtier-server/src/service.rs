@@ -15,9 +15,10 @@ use std::time::Instant;
 use kvtier_proto::{Op, Response, Scheduling, decode_request};
 
 use crate::engine::kv_events::{StreamPoll, Subscription, Waker};
+use crate::engine::lookup::PrefetchWait;
 use crate::engine::{Engine, EngineError};
 use crate::stats::{Outcome, RpcStats};
-use crate::transport::{Handler, ReplyStream, StreamItem, StreamWaker};
+use crate::transport::{DeferredReply, Handler, ReplyStream, StreamItem, StreamWaker};
 
 /// Largest payload (all frames) of an op that may run inline on the poll thread: a 64 KiB key
 /// carries about 16k tokens, which hash in well under 100 µs.
@@ -77,8 +78,8 @@ impl Service {
 impl Handler for Service {
     /// Besides the SYNC ops, the bookkeeping ops whose work is bounded by their (small) payload
     /// and never waits: lookups (hash + L1 prefix lock, or an L2 submission), result queries,
-    /// lock releases, pings. `wait_prefetch_status` (it blocks), `clear` (walks L1) and transfers
-    /// (they copy) always go to the pools.
+    /// lock releases, pings. `clear` (walks L1) and transfers (they copy) go to the pools;
+    /// `wait_prefetch_status` goes to neither: it is deferred ([`Handler::defer`]).
     fn run_inline(&self, op: Op, payloads: &[Vec<u8>]) -> bool {
         match op.scheduling() {
             Scheduling::Sync => true,
@@ -101,6 +102,27 @@ impl Handler for Service {
         let (reply, outcome) = self.call(op, payloads);
         self.rpc.record(op, outcome, t.elapsed());
         reply
+    }
+
+    /// `wait_prefetch_status` waits on the poll thread's deferred table instead of a pool
+    /// worker (a request that does not decode is answered like any other).
+    fn defer(&self, op: Op, payloads: &[&[u8]]) -> Option<Box<dyn DeferredReply>> {
+        if op != Op::WaitPrefetchStatus {
+            return None;
+        }
+        let t = Instant::now();
+        match decode_request(op, payloads) {
+            Ok(kvtier_proto::Request::WaitPrefetchStatus {
+                request_id,
+                timeout,
+            }) => Some(Box::new(WaitReply {
+                wait: self.engine.start_prefetch_wait(request_id, timeout),
+                engine: Arc::clone(&self.engine),
+                rpc: Arc::clone(&self.rpc),
+                started: t,
+            })),
+            _ => None,
+        }
     }
 
     /// `subscribe_kv_events`: decodes, opens the engine's subscription and wraps it. A request
@@ -136,6 +158,9 @@ impl Handler for Service {
     }
 
     fn attach_waker(&self, waker: StreamWaker) {
+        let prefetch_waker = waker.clone();
+        self.engine
+            .set_prefetch_waker(Arc::new(move || prefetch_waker.wake()));
         self.engine
             .kv_events()
             .set_waker(Waker(std::sync::Arc::new(move || waker.wake())));
@@ -161,5 +186,28 @@ impl ReplyStream for KvEventStream {
 
     fn cancel(&mut self) {
         self.0.cancel();
+    }
+}
+
+/// A `wait_prefetch_status` held by the transport: answered with the lookup's result once the
+/// prefetch is done, or nil at its deadline; counted in the RPC stats when answered.
+#[derive(Debug)]
+struct WaitReply {
+    wait: PrefetchWait,
+    engine: Arc<Engine>,
+    rpc: Arc<RpcStats>,
+    started: Instant,
+}
+
+impl DeferredReply for WaitReply {
+    fn poll(&mut self, force: bool) -> Option<Option<Vec<u8>>> {
+        let answer = self.engine.poll_prefetch_wait(&self.wait, force)?;
+        self.rpc
+            .record(Op::WaitPrefetchStatus, Outcome::Ok, self.started.elapsed());
+        Some(Response::PrefixHits(answer).encode())
+    }
+
+    fn deadline(&self) -> Instant {
+        self.wait.deadline()
     }
 }

@@ -302,9 +302,7 @@ fn status_counters_and_dashboard_queries_are_all_exported() {
     let rules = std::fs::read_to_string(ALERTS).expect("alert rules are readable");
     let mut rule_names = 0;
     for line in rules.lines().map(str::trim) {
-        if line.starts_with('#')
-            || line.starts_with("summary:")
-            || line.starts_with("description:")
+        if line.starts_with('#') || line.starts_with("summary:") || line.starts_with("description:")
         {
             continue;
         }

@@ -129,6 +129,16 @@ pub enum Take {
     Unknown,
 }
 
+/// The completion hook (a closure; shown as its presence only).
+#[derive(Clone)]
+struct OnDone(Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for OnDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnDone")
+    }
+}
+
 #[derive(Debug, Default)]
 struct Results {
     live: HashSet<u64>,
@@ -145,6 +155,8 @@ struct Shared {
     tx: Mutex<Option<mpsc::Sender<(u64, PrefetchRequest)>>>,
     results: Mutex<Results>,
     done_cv: Condvar,
+    /// Called after every completion (wakes waiters that do not block on `done_cv`).
+    on_done: std::sync::OnceLock<OnDone>,
     next_id: AtomicU64,
     stopping: AtomicBool,
     c: PrefetchCounters,
@@ -192,6 +204,7 @@ impl PrefetchController {
             tx: Mutex::new(Some(tx)),
             results: Mutex::new(Results::default()),
             done_cv: Condvar::new(),
+            on_done: std::sync::OnceLock::new(),
             next_id: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
             c: PrefetchCounters::default(),
@@ -285,6 +298,19 @@ impl PrefetchController {
         }
     }
 
+    /// Whether `id` is done (or unknown), without blocking or taking the result.
+    pub fn is_done(&self, id: u64) -> bool {
+        let r = self.shared.results.lock();
+        r.done.contains_key(&id) || !r.live.contains(&id)
+    }
+
+    /// Sets the hook called after every completion (once; later calls are ignored). It runs on
+    /// the runtime's threads with no lock held, so it must be cheap and non-blocking (an
+    /// eventfd write).
+    pub fn set_on_done(&self, f: Arc<dyn Fn() + Send + Sync>) {
+        let _already = self.shared.on_done.set(OnDone(f));
+    }
+
     /// Gives up on `id`: its result (now or when it completes) is released.
     pub fn cancel(&self, id: u64) {
         let s = &self.shared;
@@ -334,7 +360,7 @@ impl PrefetchController {
         for res in &left {
             release(s, res);
         }
-        s.done_cv.notify_all();
+        notify_done(s);
     }
 
     /// LMCache's `prefetch_controller` node plus kvtier's counters.
@@ -397,7 +423,15 @@ fn finish(s: &Shared, id: u64, res: PrefetchResult) {
         s.c.cancelled_total.add(1);
         release(s, &res);
     }
+    notify_done(s);
+}
+
+/// Wakes blocked waiters and the completion hook.
+fn notify_done(s: &Shared) {
     s.done_cv.notify_all();
+    if let Some(f) = s.on_done.get() {
+        (f.0)();
+    }
 }
 
 fn expire_results(s: &Shared) {

@@ -132,18 +132,39 @@ impl L2Link {
         taken
     }
 
-    /// Waits up to `timeout` seconds (capped at [`MAX_PREFETCH_WAIT`]) for `job`; whether it
-    /// finished. Holds no lock while waiting.
-    pub fn wait(&self, job: u64, timeout: f64) -> bool {
-        let Some(tier) = &self.tier else { return true };
-        let wait = if timeout.is_finite() && timeout > 0.0 {
+    /// Whether `job` finished (never blocks).
+    pub fn is_done(&self, job: u64) -> bool {
+        self.tier.as_ref().is_none_or(|t| t.prefetch().is_done(job))
+    }
+
+    /// Counts a `wait_prefetch_status` that timed out.
+    pub fn count_wait_timeout(&self) {
+        self.counters.wait_timeouts_total.inc();
+    }
+
+    /// Calls `wake` after every prefetch completion (see `PrefetchController::set_on_done`).
+    pub fn set_waker(&self, wake: std::sync::Arc<dyn Fn() + Send + Sync>) {
+        if let Some(t) = &self.tier {
+            t.prefetch().set_on_done(wake);
+        }
+    }
+
+    /// The longest a `wait_prefetch_status` waits for `timeout` seconds as sent.
+    pub fn wait_bound(timeout: f64) -> Duration {
+        if timeout.is_finite() && timeout > 0.0 {
             Duration::try_from_secs_f64(timeout)
                 .unwrap_or(MAX_PREFETCH_WAIT)
                 .min(MAX_PREFETCH_WAIT)
         } else {
             Duration::ZERO
-        };
-        let done = tier.prefetch().wait(job, wait);
+        }
+    }
+
+    /// Waits up to `timeout` seconds (capped at [`MAX_PREFETCH_WAIT`]) for `job`; whether it
+    /// finished. Holds no lock while waiting.
+    pub fn wait(&self, job: u64, timeout: f64) -> bool {
+        let Some(tier) = &self.tier else { return true };
+        let done = tier.prefetch().wait(job, Self::wait_bound(timeout));
         if !done {
             self.counters.wait_timeouts_total.inc();
         }

@@ -13,7 +13,9 @@
 //! expiry treat them alike.
 //!
 //! Every function here is bounded by the request's size (no wait except `wait`, which holds no
-//! lock while it waits), so the service may run them inline on the poll thread.
+//! lock while it waits), so the service may run them inline on the poll thread. The transport
+//! does not use `wait` on its threads: it keeps a [`PrefetchWait`] per waiting request and polls
+//! it when a prefetch completes or its deadline passes, so any number of waiters hold no thread.
 
 use std::time::Instant;
 
@@ -127,6 +129,50 @@ pub(super) fn wait(cx: &Shared, request_id: &str, timeout: f64) -> Option<u64> {
         return None;
     }
     query(cx, request_id)
+}
+
+/// A `wait_prefetch_status` that waits without a thread: the transport keeps it and polls it
+/// when a prefetch completes (the L2 link's waker) or its deadline passes.
+#[derive(Debug)]
+pub struct PrefetchWait {
+    request_id: String,
+    job: Option<u64>,
+    deadline: Instant,
+}
+
+impl PrefetchWait {
+    /// Starts waiting for `request_id`'s pending L2 job, if any, for at most `timeout` seconds
+    /// (capped like [`wait`]).
+    pub(super) fn new(cx: &Shared, request_id: String, timeout: f64, now: Instant) -> Self {
+        let job = cx
+            .sessions
+            .get(&request_id)
+            .and_then(|s| cx.sessions.prefetch(&s).pending_job());
+        Self {
+            request_id,
+            job,
+            deadline: now + super::l2::L2Link::wait_bound(timeout),
+        }
+    }
+
+    /// When the wait ends at the latest.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// The answer once there is one: `Some(result)` when the job is done (or there is none),
+    /// `Some(None)` at the deadline, `None` while still waiting. `force` answers now.
+    pub(super) fn poll(&self, cx: &Shared, now: Instant, force: bool) -> Option<Option<u64>> {
+        let done = self.job.is_none_or(|job| cx.l2.is_done(job));
+        if done {
+            return Some(query(cx, &self.request_id));
+        }
+        if force || now >= self.deadline {
+            cx.l2.count_wait_timeout();
+            return Some(None);
+        }
+        None
+    }
 }
 
 /// `free_lookup_locks`: releases the session's locks on the range.

@@ -37,7 +37,7 @@ pub mod session;
 pub mod status;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvtier_core::hash::TokenHasher;
 use kvtier_core::l1::controller::EvictionController;
@@ -123,6 +123,8 @@ kvtier_core::metric_set! {
         block_allocation_records_total: Counter => "kvtier_engine_block_allocation_records",
         /// Engine workers removed by the liveness reaper.
         reaped_instances_total: Counter => "kvtier_engine_instances_reaped",
+        /// `wait_prefetch_status` requests waited for without a thread.
+        prefetch_waits_total: Counter => "kvtier_engine_prefetch_waits",
     }
 }
 
@@ -370,6 +372,22 @@ impl Engine {
             )),
             Request::Unsupported { op, .. } => Err(EngineError::Unsupported(op.name())),
         }
+    }
+
+    /// Starts a `wait_prefetch_status` that holds no thread (see [`lookup::PrefetchWait`]).
+    pub fn start_prefetch_wait(&self, request_id: String, timeout: f64) -> lookup::PrefetchWait {
+        self.cx.counters.prefetch_waits_total.inc();
+        lookup::PrefetchWait::new(&self.cx, request_id, timeout, Instant::now())
+    }
+
+    /// Polls a waiting `wait_prefetch_status`: `Some(answer)` once it has one (`force`: now).
+    pub fn poll_prefetch_wait(&self, w: &lookup::PrefetchWait, force: bool) -> Option<Option<u64>> {
+        w.poll(&self.cx, Instant::now(), force)
+    }
+
+    /// Calls `wake` whenever an L2 prefetch completes (the transport polls its waiters then).
+    pub fn set_prefetch_waker(&self, wake: Arc<dyn Fn() + Send + Sync>) {
+        self.cx.l2.set_waker(wake);
     }
 
     /// Opens a `subscribe_kv_events` stream (LMCache 0.5.6 semantics, see [`kv_events`]).

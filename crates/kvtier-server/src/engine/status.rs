@@ -114,12 +114,22 @@ impl MetricSet for Engine {
     /// The computed gauges only; the components' sets are listed by [`Engine::metric_sets`].
     fn visit(&self, v: &mut dyn MetricVisitor) {
         let (stores, retrieves) = self.engine_driven().pending_counts();
-        let [pending_stores, pending_retrieves, capacity, starved, registered] = &ENGINE_GAUGES;
+        let [
+            pending_stores,
+            pending_retrieves,
+            capacity,
+            starved,
+            registered,
+        ] = &ENGINE_GAUGES;
         v.gauge(pending_stores, &[], stores as f64);
         v.gauge(pending_retrieves, &[], retrieves as f64);
         v.gauge(capacity, &[], self.shared().l1.capacity_bytes() as f64);
         let l1 = &self.shared().l1;
-        v.gauge(starved, &[], l1.store_starved().map_or(0.0, |s| s.for_seconds));
+        v.gauge(
+            starved,
+            &[],
+            l1.store_starved().map_or(0.0, |s| s.for_seconds),
+        );
         v.gauge(registered, &[], self.shared().instances.len() as f64);
     }
 }

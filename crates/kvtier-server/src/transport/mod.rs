@@ -20,6 +20,9 @@
 //!   operation's failure value and counted (`rejected_busy`), so the poll thread never blocks.
 //! - Every request whose frames carry an identity, a uid and an op gets exactly one reply; only
 //!   messages too short to address a reply are dropped (and counted).
+//! - Requests that wait (`wait_prefetch_status`) hold no thread: the handler turns them into
+//!   deferred replies ([`Handler::defer`], [`deferred`]) that the poll thread answers when their
+//!   source wakes it or their deadline passes.
 //! - Shutdown: stop reading the socket, wait for in-flight requests up to the drain timeout while
 //!   still sending their replies, then close the socket and join the workers.
 
@@ -32,8 +35,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, unbounded};
 
+mod deferred;
 mod stream;
 
+use deferred::Deferreds;
+pub use deferred::{DeferredReply, MAX_DEFERRED};
 use kvtier_core::status::{StatusNode, StatusReport};
 use kvtier_proto::{Op, RequestFrames, Scheduling, decode_op};
 use parking_lot::Mutex;
@@ -59,7 +65,15 @@ pub trait Handler: Send + Sync + 'static {
         None
     }
 
-    /// Receives, once at start, the waker its stream sources call when a stream has news.
+    /// Turns a request whose answer may take long (a wait) into a reply the poll thread sends
+    /// later, without a thread waiting for it; `None`: handle it as usual. Called on the poll
+    /// thread, so it must not block. Default: nothing is deferred.
+    fn defer(&self, _op: Op, _payloads: &[&[u8]]) -> Option<Box<dyn DeferredReply>> {
+        None
+    }
+
+    /// Receives, once at start, the waker its stream sources (and deferred replies' sources)
+    /// call when a stream has news.
     fn attach_waker(&self, _waker: StreamWaker) {}
 }
 
@@ -126,6 +140,10 @@ kvtier_core::metric_set! {
         stream_items: Counter as "stream_items_total" => "kvtier_transport_stream_items",
         /// Streams ended at once because MAX_STREAMS were open.
         streams_refused: Counter as "streams_refused_total" => "kvtier_transport_streams_refused",
+        /// Replies waiting on the poll thread without a worker (wait_prefetch_status).
+        deferred: Gauge as "deferred_replies" => "kvtier_transport_deferred_replies",
+        /// Deferrable requests answered at once because MAX_DEFERRED were waiting.
+        deferred_full: Counter as "deferred_full_total" => "kvtier_transport_deferred_full",
     }
 }
 
@@ -251,6 +269,7 @@ impl ZmqFrontEnd {
             drain_timeout: config.drain_timeout,
             hasher: foldhash_state(),
             streams: Streams::default(),
+            deferreds: Deferreds::default(),
             streams_dirty,
         };
         let poll_thread = std::thread::Builder::new()
@@ -372,6 +391,7 @@ struct PollLoop {
     hasher: foldhash::fast::FixedState,
     streams: Streams,
     streams_dirty: Arc<AtomicBool>,
+    deferreds: Deferreds,
 }
 
 impl PollLoop {
@@ -384,7 +404,11 @@ impl PollLoop {
                     self.socket.as_poll_item(zmq::POLLIN),
                     zmq::PollItem::from_fd(self.wake_fd.as_raw_fd(), zmq::POLLIN),
                 ];
-                match zmq::poll(&mut items, 100) {
+                let timeout = self
+                    .deferreds
+                    .next_timeout(Instant::now())
+                    .map_or(100, |d| d.as_millis().clamp(1, 100) as i64);
+                match zmq::poll(&mut items, timeout) {
                     Ok(_) => (items[0].is_readable(), items[1].is_readable()),
                     Err(zmq::Error::EINTR) => (false, false),
                     Err(e) => {
@@ -397,14 +421,18 @@ impl PollLoop {
                 let _drained = rustix::io::read(&*self.wake_fd, &mut buf);
             }
             self.flush_replies();
-            if self.streams_dirty.swap(false, Relaxed) {
+            let dirty = self.streams_dirty.swap(false, Relaxed);
+            let stopping = self.stop.load(Relaxed);
+            {
                 let (socket, stats) = (&self.socket, &*self.stats);
-                self.streams.poll_all(
-                    &mut |i, u, o, b| send_reply(socket, stats, i, u, o, b),
-                    stats,
-                );
+                let mut send = |i, u, o, b| send_reply(socket, stats, i, u, o, b);
+                if dirty {
+                    self.streams.poll_all(&mut send, stats);
+                }
+                // Waiters answer when their source woke us, at their deadline, or at shutdown.
+                self.deferreds.poll(dirty, stopping, &mut send, stats);
             }
-            if drain_deadline.is_none() && self.stop.load(Relaxed) {
+            if drain_deadline.is_none() && stopping {
                 let deadline = Instant::now() + self.drain_timeout;
                 tracing::info!(in_flight = self.stats.in_flight.get(), "front end draining");
                 drain_deadline = Some(deadline);
@@ -532,6 +560,27 @@ impl PollLoop {
                 (identity, uid),
                 op_frame,
                 stream,
+                &mut |i, u, o, b| send_reply(socket, stats, i, u, o, b),
+                stats,
+            );
+            return;
+        }
+        let deferred = {
+            let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+            self.handler.defer(op, &slices)
+        };
+        if let Some(mut reply) = deferred {
+            if self.deferreds.is_full() {
+                self.stats.deferred_full.inc();
+                let body = reply.poll(true).unwrap_or(None);
+                let _delivered = self.send(identity, uid, op_frame, body);
+                return;
+            }
+            let (socket, stats) = (&self.socket, &*self.stats);
+            self.deferreds.add(
+                (identity, uid),
+                op_frame,
+                reply,
                 &mut |i, u, o, b| send_reply(socket, stats, i, u, o, b),
                 stats,
             );
