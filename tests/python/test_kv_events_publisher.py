@@ -235,6 +235,33 @@ def test_l1_and_l2_changes_are_published_in_vllm_format_and_replayable(rng: np.r
         stop_and_check(srv)
 
 
+def test_objects_already_on_disk_at_start_are_announced(rng: np.random.Generator) -> None:
+    base = tempfile.mkdtemp(prefix="kvtier-pub-fs-restart-")
+    fs = json.dumps({"type": "fs", "base_path": base})
+    first = start_server(["--l2-adapter", fs])
+    try:
+        with first.client() as w:
+            ctx = EngineContext(w, new_iid(), MODEL, num_layers=2, hidden_dim_size=64)
+            ctx.store(fresh_tokens(rng, 512), 0, 512, ctx.random_chunks(rng, 2))
+            ctx.close()
+        deadline = time.monotonic() + 20
+        while first.status()["storage_manager"]["l2_adapters"][0]["stored_object_count"] < 2:
+            assert time.monotonic() < deadline, "write-behind did not finish"
+            time.sleep(0.05)
+    finally:
+        stop_and_check(first)
+    srv, pub, rep = publisher_server(["--l2-adapter", fs])
+    sub = Sub(pub, rep)
+    try:
+        # Announced while the server started, before anyone subscribed: the replay has them.
+        events = [e for _, p in sub.replay(0) for e in DEC.decode(p).events]
+        disk = of(events, BlockStored, "DISK")
+        assert len(disk) == 2 and all(e.token_ids == [] and e.block_size == 0 for e in disk), events
+    finally:
+        sub.close()
+        stop_and_check(srv)
+
+
 def test_a_subscriber_that_missed_batches_recovers_them_through_replay(rng: np.random.Generator) -> None:
     srv, pub, rep = publisher_server()
     try:

@@ -163,7 +163,7 @@ pub struct KvEventPublisher {
 
 impl KvEventPublisher {
     /// Binds the sockets, starts the thread and attaches the publisher to `events` (whose
-    /// appends then wake it). It publishes what is appended from now on.
+    /// appends then wake it). It publishes the whole log, from its first record.
     ///
     /// # Errors
     /// [`PublisherError`] naming the flag and endpoint that failed.
@@ -215,8 +215,9 @@ impl KvEventPublisher {
             gauges: Gauges::default(),
             thread: OnceLock::new(),
         });
-        let cursor = events.next_seq().saturating_sub(1);
-        this.gauges.cursor.store(cursor, Relaxed);
+        // From the start of the log: what L2 adapters announced while they opened (an index
+        // rebuilt from disk) precedes the publisher.
+        let cursor = 0;
         let mut pump = Pump {
             _ctx: ctx,
             publish,
