@@ -97,6 +97,9 @@ pub struct EngineSettings {
     /// Session idle TTL.
     #[serde(rename = "session_ttl_seconds", serialize_with = "as_seconds")]
     pub session_ttl: Duration,
+    /// Most live sessions (`--max-sessions`); creating one more evicts the least recently used
+    /// idle session.
+    pub max_sessions: usize,
     /// Reap an engine worker this long after its last ping (0 disables).
     #[serde(rename = "worker_reap_timeout_seconds", serialize_with = "as_seconds")]
     pub worker_reap_timeout: Duration,
@@ -157,6 +160,11 @@ pub struct ServerConfig {
     /// logger; `None`: the level cannot be changed).
     #[serde(skip)]
     pub log_control: Option<std::sync::Arc<dyn crate::http::admin::LogControl>>,
+    /// Gives freed heap memory back to the OS after large releases (sessions expired in bulk,
+    /// `clear`); set by the binary, which knows its allocator (see
+    /// [`crate::engine::MemoryRelease`]). `None`: freed memory stays with the allocator.
+    #[serde(skip)]
+    pub release_memory: Option<fn()>,
     /// Test-only: mounts `POST /api/debug/fault` on the HTTP API, which makes a component fail
     /// as if it had crashed (see `dashboard`). Never enable it in production.
     pub fault_injection: bool,
@@ -192,6 +200,7 @@ impl Default for ServerConfig {
                 chunk_size: 256,
                 hash_algorithm: HashAlgorithm::Blake3,
                 session_ttl: Duration::from_secs(600),
+                max_sessions: crate::engine::session::DEFAULT_MAX_SESSIONS,
                 worker_reap_timeout: Duration::from_secs(120),
                 worker_registration_grace: Duration::from_secs(3600),
                 housekeeping_interval: Duration::from_secs(1),
@@ -206,6 +215,7 @@ impl Default for ServerConfig {
             http: Some(HttpConfig::local(8080)),
             instance_id: new_instance_id(),
             log_control: None,
+            release_memory: None,
             fault_injection: false,
         }
     }

@@ -117,6 +117,7 @@ impl Server {
             EngineConfig {
                 chunk_size: config.engine.chunk_size,
                 session_ttl: config.engine.session_ttl,
+                max_sessions: config.engine.max_sessions,
                 worker_reap_timeout: config.engine.worker_reap_timeout,
                 worker_registration_grace: config.engine.worker_registration_grace,
                 kv_event_log_size: config.engine.kv_event_log_size,
@@ -136,7 +137,7 @@ impl Server {
             l2_cfg.prefetch.result_ttl = config.l1.read_ttl;
             engine = engine.with_l2(L2Tier::start(l2_cfg, l1, Arc::clone(&segment))?);
         }
-        let engine = Arc::new(engine);
+        let engine = Arc::new(engine.with_memory_release(config.release_memory));
         let rpc = Arc::new(RpcStats::default());
         let housekeeper = {
             let engine = Arc::clone(&engine);

@@ -95,6 +95,15 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_SESSION_TTL_SECONDS", default_value_t = 600.0)]
     session_ttl_seconds: f64,
 
+    /// Most request sessions kept at once (one per request id between its first lookup or
+    /// store and its end_session or TTL). Creating one more evicts the least recently used idle
+    /// session, releasing its lookup locks (counted as sessions evicted_total). A session costs
+    /// under 1 KiB plus 48 bytes per 256-token chunk of its request, so the default bounds the
+    /// table to about 64 MB for ordinary requests; it should exceed the requests the engines
+    /// keep in flight (running + waiting) by a wide margin.
+    #[arg(long, env = "KVTIER_MAX_SESSIONS", default_value_t = kvtier_server::engine::session::DEFAULT_MAX_SESSIONS)]
+    max_sessions: usize,
+
     /// KV-event records kept for replay to `subscribe_kv_events` subscribers (LMCache's flag;
     /// KV-aware routers learn what the host cache holds from them). 0 disables KV events.
     #[arg(long, env = "KVTIER_KV_EVENT_LOG_SIZE", default_value_t = 32768)]
@@ -295,6 +304,12 @@ impl ServeArgs {
                 self.l2_prefetch_max_in_flight
             );
         }
+        if !(1..=1 << 24).contains(&self.max_sessions) {
+            bail!(
+                "--max-sessions must be between 1 and 16777216, got {}",
+                self.max_sessions
+            );
+        }
         let shm_name = self
             .shm_name
             .unwrap_or_else(|| format!("kvtier_l1_{}", self.port));
@@ -332,6 +347,7 @@ impl ServeArgs {
                 chunk_size: self.chunk_size,
                 hash_algorithm,
                 session_ttl: seconds("session-ttl-seconds", self.session_ttl_seconds, false)?,
+                max_sessions: self.max_sessions,
                 kv_event_log_size: self.kv_event_log_size,
                 worker_reap_timeout: reap,
                 worker_registration_grace: seconds(
@@ -366,6 +382,7 @@ impl ServeArgs {
             instance_id,
             fault_injection: self.enable_fault_injection,
             log_control: None,
+            release_memory: Some(release_memory),
         };
         Ok((
             cfg,
@@ -374,6 +391,19 @@ impl ServeArgs {
                 notes,
             },
         ))
+    }
+}
+
+/// Gives freed heap memory back to the OS: the calling thread's empty mimalloc pages and every
+/// arena's purgeable pages (`mi_collect(true)`; mimalloc is this binary's global allocator), and
+/// the free pages of glibc's arenas, where libzmq allocates message buffers (`malloc_trim(0)`).
+/// Run by the server after large releases (see `kvtier_server::engine::MemoryRelease`).
+fn release_memory() {
+    // SAFETY: neither function has preconditions: each walks its allocator's own free lists
+    // under the allocator's locks and may be called from any thread at any time.
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+        libc::malloc_trim(0);
     }
 }
 

@@ -61,6 +61,17 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Receives, once at start, the waker its stream sources call when a stream has news.
     fn attach_waker(&self, _waker: StreamWaker) {}
+
+    /// A counter the handler bumps when freed memory should be given back to the OS; the poll
+    /// thread calls [`release_memory`](Self::release_memory) once per new value, when it has
+    /// been idle for a poll interval (100 ms). Default: never.
+    fn memory_epoch(&self) -> u64 {
+        0
+    }
+
+    /// Gives the poll thread's freed memory back to the OS (see
+    /// [`memory_epoch`](Self::memory_epoch)).
+    fn release_memory(&self) {}
 }
 
 /// Front-end settings.
@@ -252,6 +263,7 @@ impl ZmqFrontEnd {
             hasher: foldhash_state(),
             streams: Streams::default(),
             streams_dirty,
+            memory_epoch: 0,
         };
         let poll_thread = std::thread::Builder::new()
             .name("kvtier-zmq".into())
@@ -372,6 +384,8 @@ struct PollLoop {
     hasher: foldhash::fast::FixedState,
     streams: Streams,
     streams_dirty: Arc<AtomicBool>,
+    /// The handler's memory epoch this thread last released memory at.
+    memory_epoch: u64,
 }
 
 impl PollLoop {
@@ -385,6 +399,15 @@ impl PollLoop {
                     zmq::PollItem::from_fd(self.wake_fd.as_raw_fd(), zmq::POLLIN),
                 ];
                 match zmq::poll(&mut items, 100) {
+                    Ok(0) => {
+                        // Idle for a whole interval: a good moment for deferred memory release.
+                        let epoch = self.handler.memory_epoch();
+                        if epoch != self.memory_epoch {
+                            self.memory_epoch = epoch;
+                            self.handler.release_memory();
+                        }
+                        (false, false)
+                    }
                     Ok(_) => (items[0].is_readable(), items[1].is_readable()),
                     Err(zmq::Error::EINTR) => (false, false),
                     Err(e) => {
