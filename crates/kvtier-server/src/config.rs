@@ -49,6 +49,9 @@ pub struct RpcSettings {
     /// How long shutdown waits for in-flight requests.
     #[serde(rename = "drain_timeout_seconds", serialize_with = "as_seconds")]
     pub drain_timeout: Duration,
+    /// Largest frame, and largest sum of a request's frames, the front end accepts
+    /// (`--max-message-bytes`; see `transport` for what happens above it).
+    pub max_message_bytes: usize,
 }
 
 /// The L1 tier: the shared-memory pool, its locks and its eviction.
@@ -182,6 +185,7 @@ impl Default for ServerConfig {
                 max_normal_workers: None,
                 queue_capacity: 4096,
                 drain_timeout: Duration::from_secs(5),
+                max_message_bytes: crate::transport::DEFAULT_MAX_MESSAGE_BYTES,
             },
             l1: L1Settings {
                 size_bytes: 1 << 30,

@@ -164,6 +164,7 @@ impl Server {
         let frontend = Arc::new(ZmqFrontEnd::start(
             TransportConfig {
                 bind: format!("tcp://{host}:{}", config.rpc.port),
+                max_message_bytes: config.rpc.max_message_bytes,
                 workers: config
                     .rpc
                     .max_transfer_workers

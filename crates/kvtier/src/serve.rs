@@ -25,6 +25,15 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_HOST", default_value = "127.0.0.1")]
     host: String,
 
+    /// Largest RPC message accepted, in bytes. A single frame larger than this makes the server
+    /// drop the sender's connection before reading it (no reply; counted in
+    /// `transport.peer_disconnects_total`); a request whose frames together exceed it is
+    /// answered at once with its failure value (`transport.oversized_rejected_total`). The
+    /// default, 64 MiB, is far above what LMCache clients send (a lookup of a 10M-token context
+    /// is about 50 MB).
+    #[arg(long, env = "KVTIER_MAX_MESSAGE_BYTES", default_value_t = kvtier_server::transport::DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+
     /// Port of the ZeroMQ RPC socket (LMCache clients connect to tcp://HOST:PORT).
     #[arg(long, env = "KVTIER_PORT", default_value_t = 5555)]
     port: u16,
@@ -304,6 +313,12 @@ impl ServeArgs {
                 self.l2_prefetch_max_in_flight
             );
         }
+        if !(4096..=1 << 30).contains(&self.max_message_bytes) {
+            bail!(
+                "--max-message-bytes must be between 4096 and 1073741824, got {}",
+                self.max_message_bytes
+            );
+        }
         if !(1..=1 << 24).contains(&self.max_sessions) {
             bail!(
                 "--max-sessions must be between 1 and 16777216, got {}",
@@ -322,6 +337,7 @@ impl ServeArgs {
                 max_transfer_workers,
                 max_normal_workers,
                 drain_timeout: seconds("drain-timeout-seconds", self.drain_timeout_seconds, true)?,
+                max_message_bytes: self.max_message_bytes,
                 ..defaults.rpc
             },
             l1: L1Settings {

@@ -20,6 +20,16 @@
 //!   operation's failure value and counted (`rejected_busy`), so the poll thread never blocks.
 //! - Every request whose frames carry an identity, a uid and an op gets exactly one reply; only
 //!   messages too short to address a reply are dropped (and counted).
+//! - Message size (`--max-message-bytes`, default [`DEFAULT_MAX_MESSAGE_BYTES`]): libzmq's
+//!   `ZMQ_MAXMSGSIZE` is set to the limit, so a *frame* larger than it makes libzmq close that
+//!   peer's connection as soon as the frame's length header arrives, before allocating anything
+//!   for it; the request is never seen and gets no reply (the client's libzmq reconnects). A
+//!   request whose frames are each within the limit but *together* exceed it is answered at
+//!   once with its operation's failure value, unread (`oversized_rejected_total`). libzmq
+//!   reports a dropped connection like any other disconnect (a socket-monitor
+//!   `DISCONNECTED` event without a reason), so such drops are counted in
+//!   `peer_disconnects_total` together with peers that left; `connections_accepted_total`
+//!   counts the other side.
 //! - Shutdown: stop reading the socket, wait for in-flight requests up to the drain timeout while
 //!   still sending their replies, then close the socket and join the workers.
 
@@ -74,11 +84,18 @@ pub trait Handler: Send + Sync + 'static {
     fn release_memory(&self) {}
 }
 
+/// Default of `--max-message-bytes`: 64 MiB, far above the largest request an LMCache 0.5.6
+/// client sends (a lookup or store of a 10M-token context is about 50 MB of msgpack token ids;
+/// registrations and block lists are kilobytes; kvtier refuses pickled KV data).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// Front-end settings.
 #[derive(Debug, Clone)]
 pub struct TransportConfig {
     /// ZeroMQ endpoint to bind, e.g. `tcp://127.0.0.1:5555`.
     pub bind: String,
+    /// Largest frame, and largest sum of a request's frames, accepted (`--max-message-bytes`).
+    pub max_message_bytes: usize,
     /// Workers of the transfer (affinity) pool.
     pub workers: usize,
     /// Workers of the normal pool.
@@ -137,6 +154,14 @@ kvtier_core::metric_set! {
         stream_items: Counter as "stream_items_total" => "kvtier_transport_stream_items",
         /// Streams ended at once because MAX_STREAMS were open.
         streams_refused: Counter as "streams_refused_total" => "kvtier_transport_streams_refused",
+        /// Requests whose frames together exceed --max-message-bytes (answered with the op's
+        /// failure value, unread).
+        oversized: Counter as "oversized_rejected_total" => "kvtier_transport_oversized_rejected",
+        /// TCP connections accepted (socket monitor).
+        accepted: Counter as "connections_accepted_total" => "kvtier_transport_connections_accepted",
+        /// Peer connections closed: the peer left, or libzmq dropped it for a frame over
+        /// --max-message-bytes or a protocol error (socket monitor; libzmq gives no reason).
+        disconnects: Counter as "peer_disconnects_total" => "kvtier_transport_peer_disconnects",
     }
 }
 
@@ -168,6 +193,9 @@ pub struct ZmqFrontEnd {
     endpoint: String,
 }
 
+/// Socket-monitor endpoint of the ROUTER (per context).
+const MONITOR_ENDPOINT: &str = "inproc://kvtier-router-monitor";
+
 fn wake(fd: &OwnedFd) {
     // A full eventfd counter still wakes the poller, so a failed write is harmless.
     let _written = rustix::io::write(fd, &1u64.to_ne_bytes());
@@ -186,6 +214,19 @@ impl ZmqFrontEnd {
         };
         let ctx = zmq::Context::new();
         let socket = ctx.socket(zmq::ROUTER).map_err(|e| zerr("socket", e))?;
+        socket
+            .set_maxmsgsize(i64::try_from(config.max_message_bytes).unwrap_or(i64::MAX))
+            .map_err(|e| zerr("setsockopt", e))?;
+        socket
+            .monitor(
+                MONITOR_ENDPOINT,
+                (zmq_sys_event::ACCEPTED | zmq_sys_event::DISCONNECTED) as i32,
+            )
+            .map_err(|e| zerr("monitor", e))?;
+        let monitor = ctx.socket(zmq::PAIR).map_err(|e| zerr("socket", e))?;
+        monitor
+            .connect(MONITOR_ENDPOINT)
+            .map_err(|e| zerr("connect monitor", e))?;
         socket
             .set_router_mandatory(true)
             .map_err(|e| zerr("setsockopt", e))?;
@@ -250,6 +291,7 @@ impl ZmqFrontEnd {
         });
         let poll = PollLoop {
             socket,
+            monitor,
             _ctx: ctx,
             handler,
             affinity_tx,
@@ -264,6 +306,7 @@ impl ZmqFrontEnd {
             streams: Streams::default(),
             streams_dirty,
             memory_epoch: 0,
+            max_message_bytes: config.max_message_bytes,
         };
         let poll_thread = std::thread::Builder::new()
             .name("kvtier-zmq".into())
@@ -371,6 +414,8 @@ fn send_reply(
 
 struct PollLoop {
     socket: zmq::Socket,
+    /// PAIR end of the ROUTER's socket monitor (connections accepted and closed).
+    monitor: zmq::Socket,
     _ctx: zmq::Context,
     handler: Arc<dyn Handler>,
     affinity_tx: Vec<Sender<Job>>,
@@ -386,6 +431,13 @@ struct PollLoop {
     streams_dirty: Arc<AtomicBool>,
     /// The handler's memory epoch this thread last released memory at.
     memory_epoch: u64,
+    max_message_bytes: usize,
+}
+
+/// The socket-monitor events the front end counts (libzmq's `ZMQ_EVENT_*` values).
+mod zmq_sys_event {
+    pub const ACCEPTED: u16 = 0x0020;
+    pub const DISCONNECTED: u16 = 0x0200;
 }
 
 impl PollLoop {
@@ -393,10 +445,11 @@ impl PollLoop {
         let mut drain_deadline: Option<Instant> = None;
         let mut buf = [0u8; 8];
         loop {
-            let (sock_ready, wake_ready) = {
+            let (sock_ready, wake_ready, monitor_ready) = {
                 let mut items = [
                     self.socket.as_poll_item(zmq::POLLIN),
                     zmq::PollItem::from_fd(self.wake_fd.as_raw_fd(), zmq::POLLIN),
+                    self.monitor.as_poll_item(zmq::POLLIN),
                 ];
                 match zmq::poll(&mut items, 100) {
                     Ok(0) => {
@@ -406,10 +459,14 @@ impl PollLoop {
                             self.memory_epoch = epoch;
                             self.handler.release_memory();
                         }
-                        (false, false)
+                        (false, false, false)
                     }
-                    Ok(_) => (items[0].is_readable(), items[1].is_readable()),
-                    Err(zmq::Error::EINTR) => (false, false),
+                    Ok(_) => (
+                        items[0].is_readable(),
+                        items[1].is_readable(),
+                        items[2].is_readable(),
+                    ),
+                    Err(zmq::Error::EINTR) => (false, false, false),
                     Err(e) => {
                         tracing::error!(error = %e, "zmq_poll failed; front end stopping");
                         break;
@@ -418,6 +475,9 @@ impl PollLoop {
             };
             if wake_ready {
                 let _drained = rustix::io::read(&*self.wake_fd, &mut buf);
+            }
+            if monitor_ready {
+                self.read_monitor();
             }
             self.flush_replies();
             if self.streams_dirty.swap(false, Relaxed) {
@@ -476,6 +536,24 @@ impl PollLoop {
         send_reply(&self.socket, &self.stats, identity, uid, op_frame, body)
     }
 
+    /// Counts the socket-monitor events queued (`[event u16 | value u32, endpoint]`).
+    fn read_monitor(&mut self) {
+        for _ in 0..1024 {
+            let Ok(frames) = self.monitor.recv_multipart(zmq::DONTWAIT) else {
+                return;
+            };
+            let event = frames
+                .first()
+                .and_then(|f| f.get(..2))
+                .map(|b| u16::from_ne_bytes([b[0], b[1]]));
+            match event {
+                Some(zmq_sys_event::ACCEPTED) => self.stats.accepted.inc(),
+                Some(zmq_sys_event::DISCONNECTED) => self.stats.disconnects.inc(),
+                _ => {}
+            }
+        }
+    }
+
     fn read_requests(&mut self) {
         // Bounded batch so replies keep flowing under a flood of requests.
         for _ in 0..256 {
@@ -488,9 +566,42 @@ impl PollLoop {
                 }
             };
             self.stats.received.inc();
+            if frames.iter().map(Vec::len).sum::<usize>() > self.max_message_bytes {
+                self.reject_oversized(&frames);
+                continue;
+            }
             self.dispatch(frames);
             self.flush_replies();
         }
+    }
+
+    /// Answers a request whose frames together exceed the limit with its op's failure value
+    /// (a bare reply for an unknown op), without decoding its payload.
+    fn reject_oversized(&mut self, frames: &[Vec<u8>]) {
+        self.stats.oversized.inc();
+        let slices: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        let Ok(parsed) = RequestFrames::parse(&slices) else {
+            self.stats.too_few_frames.inc();
+            return;
+        };
+        let size: usize = frames.iter().map(Vec::len).sum();
+        tracing::warn!(
+            size,
+            limit = self.max_message_bytes,
+            "request larger than --max-message-bytes; answered with its failure value"
+        );
+        if parsed.is_control() {
+            return;
+        }
+        let body = decode_op(parsed.op_frame)
+            .ok()
+            .and_then(kvtier_proto::Op::failure_reply);
+        let _delivered = self.send(
+            parsed.identity.to_vec(),
+            parsed.uid.to_vec(),
+            parsed.op_frame.to_vec(),
+            body,
+        );
     }
 
     fn dispatch(&mut self, frames: Vec<Vec<u8>>) {
@@ -610,6 +721,7 @@ impl StatusReport for ZmqFrontEnd {
             .field("thread_alive", self.alive.load(Relaxed))
             .field("workers_per_pool", self.config.workers.max(1))
             .field("queue_capacity", self.config.queue_capacity)
+            .field("max_message_bytes", self.config.max_message_bytes)
             .fields(kvtier_core::metrics::status_fields(s.as_ref()))
     }
 }
