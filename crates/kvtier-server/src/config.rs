@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::http::HttpConfig;
 use crate::telemetry::TelemetryConfig;
+use crate::transport::access::Cidr;
 
 pub(crate) fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
@@ -52,6 +53,9 @@ pub struct RpcSettings {
     /// Largest frame, and largest sum of a request's frames, the front end accepts
     /// (`--max-message-bytes`; see `transport` for what happens above it).
     pub max_message_bytes: usize,
+    /// Networks whose peers may connect (`--rpc-allow`); empty: every peer that reaches the port.
+    #[serde(rename = "rpc_allow")]
+    pub allow: Vec<Cidr>,
 }
 
 /// The L1 tier: the shared-memory pool, its locks and its eviction.
@@ -186,6 +190,7 @@ impl Default for ServerConfig {
                 queue_capacity: 4096,
                 drain_timeout: Duration::from_secs(5),
                 max_message_bytes: crate::transport::DEFAULT_MAX_MESSAGE_BYTES,
+                allow: Vec::new(),
             },
             l1: L1Settings {
                 size_bytes: 1 << 30,

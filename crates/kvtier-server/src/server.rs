@@ -2,9 +2,11 @@
 //!
 //! Start order: shared-memory segment (+ background prefault task) → L1 manager → eviction
 //! thread → L2 tier (adapters, store and prefetch controllers; only with `--l2-adapter`) →
-//! engine → housekeeping thread → telemetry sampler → ZeroMQ front end → HTTP API.
+//! engine → housekeeping thread → telemetry sampler → ZeroMQ front end (ZAP handler first with
+//! `--rpc-allow`, then the ROUTER) → HTTP API.
 //!
-//! Shutdown runs the reverse: stop RPC intake and drain in-flight requests (bounded) → stop
+//! Shutdown runs the reverse: stop RPC intake and drain in-flight requests (bounded), close the
+//! ROUTER, then stop the ZAP handler → stop
 //! HTTP → stop the telemetry sampler → stop housekeeping → stop prefault → stop L2 (prefetch,
 //! then write-behind flush with a deadline, then close adapters) → release every client lock
 //! and pending transfer → stop eviction → unmap and unlink the segment (when the last `Arc` of
@@ -164,6 +166,8 @@ impl Server {
         let frontend = Arc::new(ZmqFrontEnd::start(
             TransportConfig {
                 bind: format!("tcp://{host}:{}", config.rpc.port),
+                host: config.rpc.host.clone(),
+                allow: config.rpc.allow.clone(),
                 max_message_bytes: config.rpc.max_message_bytes,
                 workers: config
                     .rpc

@@ -63,6 +63,8 @@ impl Handler for Scripted {
 fn config(workers: usize, queue: usize) -> TransportConfig {
     TransportConfig {
         bind: "tcp://127.0.0.1:0".into(),
+        host: "127.0.0.1".into(),
+        allow: Vec::new(),
         max_message_bytes: kvtier_server::transport::DEFAULT_MAX_MESSAGE_BYTES,
         workers,
         normal_workers: workers,
@@ -281,5 +283,36 @@ fn oversized_messages_are_dropped_or_answered_and_counted() {
     big.set_rcvtimeo(5_000).expect("rcvtimeo");
     send(&big, 4, Op::GetChunkSize, &[]);
     assert_eq!(recv(&big)[2], mp_int(256));
+    fe.shutdown();
+}
+
+#[test]
+fn rpc_allow_refuses_other_peers_during_the_handshake() {
+    use kvtier_server::transport::access::parse_allow_list;
+    let mut cfg = config(1, 16);
+    cfg.allow = parse_allow_list("10.0.0.0/8").expect("cidr");
+    let fe = ZmqFrontEnd::start(cfg, Arc::new(Scripted::default())).expect("starts");
+    let ctx = zmq::Context::new();
+    let c = dealer(&ctx, fe.endpoint());
+    c.set_rcvtimeo(1_000).expect("rcvtimeo");
+    send(&c, 1, Op::GetChunkSize, &[]);
+    assert!(c.recv_multipart(0).is_err(), "a refused peer gets no reply");
+    let access = fe.access();
+    assert!(access.stats().refused.get() >= 1);
+    assert_eq!(access.stats().allowed.get(), 0);
+    let node = serde_json::to_value(access.status_node()).expect("json");
+    assert_eq!(node["last_refused_peer"], "127.0.0.1", "{node}");
+    assert_eq!(node["zap_handler"]["thread_alive"], true, "{node}");
+    fe.shutdown();
+    assert!(!access.thread().expect("zap thread").is_alive());
+
+    let mut cfg = config(1, 16);
+    cfg.allow = parse_allow_list("10.0.0.0/8,127.0.0.0/8").expect("cidr");
+    let fe = ZmqFrontEnd::start(cfg, Arc::new(Scripted::default())).expect("starts");
+    let c = dealer(&ctx, fe.endpoint());
+    send(&c, 1, Op::GetChunkSize, &[]);
+    assert_eq!(recv(&c)[2], mp_int(256));
+    assert_eq!(fe.access().stats().allowed.get(), 1);
+    assert_eq!(fe.access().stats().refused.get(), 0);
     fe.shutdown();
 }

@@ -21,9 +21,26 @@ use kvtier_server::{Server, ServerConfig};
 #[derive(Debug, Args)]
 #[command(next_line_help = false)]
 pub struct ServeArgs {
-    /// Address the ZeroMQ RPC socket binds ("localhost" means 127.0.0.1).
+    /// Address the ZeroMQ RPC socket binds ("localhost" means 127.0.0.1). The RPC protocol has
+    /// no authentication: any peer that reaches the port can clear the cache, fill it with
+    /// reservations and make the server map /dev/shm segments. A non-loopback address (e.g.
+    /// 0.0.0.0) is accepted, as by `lmcache server`, but without --rpc-allow the server logs a
+    /// warning at start and /api/status reports `transport.access.open_to_any_peer: true`.
     #[arg(long, env = "KVTIER_HOST", default_value = "127.0.0.1")]
     host: String,
+
+    /// Only peers in these networks may connect to the RPC port, e.g. `--rpc-allow
+    /// 10.0.0.0/8,127.0.0.1` (comma-separated, repeatable; IPv4 or IPv6; a bare address is one
+    /// host). Enforced during the ZeroMQ handshake by a ZAP handler, so LMCache clients need no
+    /// change; a refused peer gets no reply and is counted
+    /// (`transport.access.peers_refused_total`). Default: no filter.
+    #[arg(
+        long,
+        env = "KVTIER_RPC_ALLOW",
+        value_name = "CIDR[,CIDR...]",
+        value_parser = parse_allow
+    )]
+    rpc_allow: Vec<Vec<kvtier_server::transport::access::Cidr>>,
 
     /// Largest RPC message accepted, in bytes. A single frame larger than this makes the server
     /// drop the sender's connection before reading it (no reply; counted in
@@ -211,6 +228,14 @@ struct Extras {
     notes: Vec<compat::Note>,
 }
 
+/// `--rpc-allow` for clap: one value, comma-separated networks.
+fn parse_allow(
+    s: &str,
+) -> Result<Vec<kvtier_server::transport::access::Cidr>, kvtier_server::transport::access::CidrError>
+{
+    kvtier_server::transport::access::parse_allow_list(s)
+}
+
 /// Token validation for clap (its `Debug` is redacted, so `ServeArgs` is safe to print).
 fn parse_token(s: &str) -> Result<AuthToken, kvtier_server::http::HttpConfigError> {
     AuthToken::new(s)
@@ -338,6 +363,7 @@ impl ServeArgs {
                 max_normal_workers,
                 drain_timeout: seconds("drain-timeout-seconds", self.drain_timeout_seconds, true)?,
                 max_message_bytes: self.max_message_bytes,
+                allow: self.rpc_allow.into_iter().flatten().collect(),
                 ..defaults.rpc
             },
             l1: L1Settings {

@@ -30,6 +30,9 @@
 //!   `DISCONNECTED` event without a reason), so such drops are counted in
 //!   `peer_disconnects_total` together with peers that left; `connections_accepted_total`
 //!   counts the other side.
+//! - Who may connect ([`access`]): a non-loopback `--host` without `--rpc-allow` is reported as
+//!   open to any peer (a WARN at start, `transport.access.open_to_any_peer`); `--rpc-allow`
+//!   installs a ZAP handler that refuses other peers during the handshake.
 //! - Shutdown: stop reading the socket, wait for in-flight requests up to the drain timeout while
 //!   still sending their replies, then close the socket and join the workers.
 
@@ -42,8 +45,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, unbounded};
 
+pub mod access;
 mod stream;
 
+use access::{Access, Cidr};
 use kvtier_core::status::{StatusNode, StatusReport};
 use kvtier_proto::{Op, RequestFrames, Scheduling, decode_op};
 use parking_lot::Mutex;
@@ -94,6 +99,10 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub struct TransportConfig {
     /// ZeroMQ endpoint to bind, e.g. `tcp://127.0.0.1:5555`.
     pub bind: String,
+    /// The host part of `bind` as configured (`--host`), for the exposure rule.
+    pub host: String,
+    /// Networks whose peers may connect (`--rpc-allow`); empty: no filter.
+    pub allow: Vec<Cidr>,
     /// Largest frame, and largest sum of a request's frames, accepted (`--max-message-bytes`).
     pub max_message_bytes: usize,
     /// Workers of the transfer (affinity) pool.
@@ -119,6 +128,9 @@ pub enum TransportError {
         /// libzmq's error.
         source: zmq::Error,
     },
+    /// The peer filter (`--rpc-allow`) could not start.
+    #[error(transparent)]
+    Access(#[from] access::AccessError),
     /// A system call failed.
     #[error("{op} failed: {source}")]
     Io {
@@ -183,6 +195,8 @@ struct Outgoing {
 /// The running front end.
 #[derive(Debug)]
 pub struct ZmqFrontEnd {
+    /// Declared first: stopped (ZAP socket closed) before the context below terminates.
+    access: Arc<Access>,
     stop: Arc<AtomicBool>,
     wake: Arc<OwnedFd>,
     stats: Arc<TransportStats>,
@@ -191,6 +205,18 @@ pub struct ZmqFrontEnd {
     alive: Arc<AtomicBool>,
     config: TransportConfig,
     endpoint: String,
+    /// Keeps the context alive until every socket of it (the ZAP socket too) is closed:
+    /// dropping the last handle terminates it, which waits for them.
+    _ctx: ContextHandle,
+}
+
+/// A handle on the front end's ZeroMQ context (`zmq::Context` has no `Debug`).
+struct ContextHandle(#[expect(dead_code, reason = "held for its drop order only")] zmq::Context);
+
+impl std::fmt::Debug for ContextHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("zmq::Context")
+    }
 }
 
 /// Socket-monitor endpoint of the ROUTER (per context).
@@ -213,7 +239,12 @@ impl ZmqFrontEnd {
             source,
         };
         let ctx = zmq::Context::new();
+        // The ZAP handler is bound before the ROUTER can accept anyone.
+        let access = Arc::new(Access::start(&ctx, &config.host, config.allow.clone())?);
         let socket = ctx.socket(zmq::ROUTER).map_err(|e| zerr("socket", e))?;
+        access
+            .configure(&socket)
+            .map_err(|e| zerr("setsockopt", e))?;
         socket
             .set_maxmsgsize(i64::try_from(config.max_message_bytes).unwrap_or(i64::MAX))
             .map_err(|e| zerr("setsockopt", e))?;
@@ -292,7 +323,7 @@ impl ZmqFrontEnd {
         let poll = PollLoop {
             socket,
             monitor,
-            _ctx: ctx,
+            _ctx: ctx.clone(),
             handler,
             affinity_tx,
             normal_tx,
@@ -317,6 +348,7 @@ impl ZmqFrontEnd {
             })?;
         tracing::info!(%endpoint, workers = n, "zeromq front end listening");
         Ok(Self {
+            access,
             stop,
             wake: wake_fd,
             stats,
@@ -325,6 +357,7 @@ impl ZmqFrontEnd {
             alive,
             config,
             endpoint,
+            _ctx: ContextHandle(ctx),
         })
     }
 
@@ -338,14 +371,21 @@ impl ZmqFrontEnd {
         &self.stats
     }
 
-    /// Stops intake, drains in-flight requests (bounded by the drain timeout), closes the socket
-    /// and joins every thread. Idempotent.
+    /// The peer-access rule (exposure, `--rpc-allow`).
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
+    /// Stops intake, drains in-flight requests (bounded by the drain timeout), closes the socket,
+    /// then stops the ZAP handler and joins every thread. Idempotent.
     pub fn shutdown(&self) {
         self.stop.store(true, Relaxed);
         wake(&self.wake);
         if let Some(h) = self.poll_thread.lock().take() {
             let _joined = h.join();
         }
+        // The ROUTER is closed now: no handshake can need the ZAP handler any more.
+        self.access.stop();
         // The poll thread owned the job senders; with them gone the workers finish and exit.
         for h in self.workers.lock().drain(..) {
             let _joined = h.join();
@@ -723,5 +763,6 @@ impl StatusReport for ZmqFrontEnd {
             .field("queue_capacity", self.config.queue_capacity)
             .field("max_message_bytes", self.config.max_message_bytes)
             .fields(kvtier_core::metrics::status_fields(s.as_ref()))
+            .child("access", self.access.status_node())
     }
 }
