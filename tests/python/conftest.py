@@ -122,12 +122,14 @@ def spawn_server(extra: list[str] | None = None, shm_name: str | None = None) ->
     """Start a server process (no readiness wait)."""
     port, http_port = free_port(), free_port()
     shm = shm_name or new_shm_name()
+    extra = list(extra or [])
     args = [
         kvtier_bin(), "serve",
-        "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
+        "--port", str(port), "--http-port", str(http_port),
         "--shm-name", shm, "--chunk-size", "256",
     ]
-    extra = list(extra or [])
+    if "--host" not in extra:
+        args += ["--host", "127.0.0.1"]
     for flag, default in (("--eviction-policy", "LRU"), ("--max-workers", "2"), ("--l1-size-gb", str(L1_SIZE_GB))):
         if flag not in extra:
             args += [flag, default]

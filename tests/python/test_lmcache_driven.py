@@ -67,6 +67,12 @@ def uniq(tag: str) -> str:
     return f"kvtier_lmd_{tag}_{os.getpid()}_{next(_seq)}"
 
 
+def lmcache_shm_name() -> str:
+    """A segment name of LMCache's form (/lmcache_kv_<pid>_<n>, the only one registration maps),
+    unique to this process."""
+    return f"lmcache_kv_{os.getpid()}_{700_000 + next(_seq)}"
+
+
 # --------------------------------------------------------------------------------------------
 # Wire types (LMCache 0.5.6 shapes; msgspec encodes Structs as maps in declaration order)
 # --------------------------------------------------------------------------------------------
@@ -361,7 +367,7 @@ class Segment:
     """A file in /dev/shm mapped into this process (the engine owns it and unlinks it)."""
 
     def __init__(self, nbytes: int):
-        self.name = uniq("kv")
+        self.name = lmcache_shm_name()
         self.path = f"/dev/shm/{self.name}"
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
@@ -688,8 +694,8 @@ def test_refused_registrations_are_reported_and_harmless(lmd_server: Server, cli
         "npu": ([other_ext("npu")], '"npu"'),
         "rank4": ([fused], "rank-4"),
         "too_small": ([small] + good.wrappers[1:], "needs"),
-        "missing": ([cpu_shm_ext("/" + uniq("absent"), 4096, "float16", (NB, BS, HS), (BS * HS, HS, 1), 0)], "shm_open"),
-        "l1_pool": ([cpu_shm_ext(lmd_server.shm_name, 4096, "float16", (4, 16, 32), (512, 32, 1), 0)], "L1 pool"),
+        "missing": ([cpu_shm_ext("/" + lmcache_shm_name(), 4096, "float16", (NB, BS, HS), (BS * HS, HS, 1), 0)], "shm_open"),
+        "l1_pool": ([cpu_shm_ext(lmd_server.shm_name, 4096, "float16", (4, 16, 32), (512, 32, 1), 0)], "is refused"),
         "bad_hint": (good.wrappers, "kv_layout"),
         "sliding_window": (good.wrappers, "sliding-window"),
     }

@@ -420,7 +420,9 @@ impl TokenHasher {
 ///
 /// Memory: 48 bytes per cached chunk (32-byte hash + 16-byte fingerprint) instead of the
 /// chunk's tokens (1 KiB for 256 tokens), which matters because a session lives until
-/// `end_session` or its TTL.
+/// `end_session` or its TTL. The message buffer blake3 needs is allocated per call, not kept,
+/// and when the cached prefix shrinks to a quarter of the vectors' capacity they are shrunk,
+/// so an idle cache holds about 48 bytes per chunk of its *current* token list.
 ///
 /// Invariants: `fingerprints.len() == hashes.len()`, and `hashes` equals
 /// `TokenHasher::hash_chunks` of the tokens the fingerprints were taken from, for the chunk
@@ -433,7 +435,6 @@ pub struct ChunkHashCache {
     chunk_size: usize,
     fingerprints: Vec<u128>,
     hashes: Vec<ChunkHash>,
-    scratch: Vec<u8>,
     hashed_chunks_total: u64,
     seeds: FingerprintSeeds,
 }
@@ -502,14 +503,18 @@ impl ChunkHashCache {
         if keep < comparable {
             self.hashes.truncate(keep);
             self.fingerprints.truncate(keep);
+            if self.hashes.capacity() > 64 && keep < self.hashes.capacity() / 4 {
+                self.hashes.shrink_to(needed);
+                self.fingerprints.shrink_to(needed);
+            }
         }
 
         let have = self.hashes.len();
         if have < needed {
             let prefix = self.hashes.last().copied().unwrap_or(NONE_HASH);
             let new_tokens = &tokens[have * cs..needed * cs];
-            let hashed =
-                hasher.extend_chain(prefix, new_tokens, &mut self.hashes, &mut self.scratch);
+            let mut scratch = Vec::new();
+            let hashed = hasher.extend_chain(prefix, new_tokens, &mut self.hashes, &mut scratch);
             let seeds = &self.seeds;
             self.fingerprints
                 .extend(new_tokens.chunks_exact(cs).map(|c| seeds.fingerprint(c)));
@@ -534,10 +539,17 @@ impl ChunkHashCache {
         self.hashed_chunks_total
     }
 
-    /// Drops every cached fingerprint and hash (the invocation counter is kept).
+    /// Drops every cached fingerprint and hash and their memory (the invocation counter is
+    /// kept).
     pub fn clear(&mut self) {
-        self.fingerprints.clear();
-        self.hashes.clear();
+        self.fingerprints = Vec::new();
+        self.hashes = Vec::new();
+    }
+
+    /// Bytes this cache holds on the heap (its vectors' capacity).
+    pub fn heap_bytes(&self) -> usize {
+        self.hashes.capacity() * std::mem::size_of::<ChunkHash>()
+            + self.fingerprints.capacity() * std::mem::size_of::<u128>()
     }
 }
 
@@ -552,6 +564,22 @@ mod tests {
 
     fn hexes(hashes: &[ChunkHash]) -> Vec<String> {
         hashes.iter().map(ChunkHash::to_hex).collect()
+    }
+
+    #[test]
+    fn a_cache_gives_memory_back_when_its_token_list_shrinks() {
+        let h = hasher(4);
+        let long: Vec<u32> = (0..4000).collect();
+        let mut cache = ChunkHashCache::new();
+        cache.hashes(&h, &long, 0, 4000).expect("aligned");
+        assert!(cache.heap_bytes() >= 1000 * 48);
+        // Another token list from chunk 0: the cache keeps what it needs, not the old capacity.
+        let short: Vec<u32> = (7..15).collect();
+        let got = cache.hashes(&h, &short, 0, 8).expect("aligned").to_vec();
+        assert_eq!(got, h.hash_chunks(&short));
+        assert!(cache.heap_bytes() < 1000 * 48 / 4, "{}", cache.heap_bytes());
+        cache.clear();
+        assert_eq!(cache.heap_bytes(), 0);
     }
 
     #[test]

@@ -48,6 +48,7 @@ fn engine(log: usize) -> Engine {
         EngineConfig {
             chunk_size: CHUNK,
             session_ttl: Duration::from_secs(600),
+            max_sessions: kvtier_server::engine::session::DEFAULT_MAX_SESSIONS,
             worker_reap_timeout: Duration::ZERO,
             worker_registration_grace: Duration::from_secs(3600),
             kv_event_log_size: log,

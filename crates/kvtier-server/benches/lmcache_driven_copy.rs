@@ -50,10 +50,10 @@ impl Drop for Engine {
 }
 
 fn engine(hnd: bool) -> Engine {
-    engine_named(hnd, "")
+    engine_named(hnd)
 }
 
-fn engine_named(hnd: bool, tag: &str) -> Engine {
+fn engine_named(hnd: bool) -> Engine {
     let shape: Vec<u64> = if hnd {
         vec![2, NB as u64, NH as u64, BS as u64, HS as u64]
     } else {
@@ -67,11 +67,10 @@ fn engine_named(hnd: bool, tag: &str) -> Engine {
     let mut names = Vec::new();
     let mut wrappers = Vec::new();
     for l in 0..LAYERS {
-        let name = format!(
-            "kvtier_bench_lmd_{}_{}{tag}_{l}",
-            std::process::id(),
-            u8::from(hnd)
-        );
+        // LMCache's name form (the only one registration accepts): /lmcache_kv_<pid>_<n>.
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("lmcache_kv_{}_{seq}", std::process::id());
         let data: Vec<u8> = (0..nbytes as usize)
             .map(|i| (i.wrapping_mul(31) ^ l) as u8)
             .collect();

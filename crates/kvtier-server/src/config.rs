@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::http::HttpConfig;
 use crate::telemetry::TelemetryConfig;
+use crate::transport::access::Cidr;
 
 pub(crate) fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
@@ -56,6 +57,12 @@ pub struct RpcSettings {
     /// How long shutdown waits for in-flight requests.
     #[serde(rename = "drain_timeout_seconds", serialize_with = "as_seconds")]
     pub drain_timeout: Duration,
+    /// Largest frame, and largest sum of a request's frames, the front end accepts
+    /// (`--max-message-bytes`; see `transport` for what happens above it).
+    pub max_message_bytes: usize,
+    /// Networks whose peers may connect (`--rpc-allow`); empty: every peer that reaches the port.
+    #[serde(rename = "rpc_allow")]
+    pub allow: Vec<Cidr>,
 }
 
 /// The L1 tier: the shared-memory pool, its locks and its eviction.
@@ -104,6 +111,9 @@ pub struct EngineSettings {
     /// Session idle TTL.
     #[serde(rename = "session_ttl_seconds", serialize_with = "as_seconds")]
     pub session_ttl: Duration,
+    /// Most live sessions (`--max-sessions`); creating one more evicts the least recently used
+    /// idle session.
+    pub max_sessions: usize,
     /// Reap an engine worker this long after its last ping (0 disables).
     #[serde(rename = "worker_reap_timeout_seconds", serialize_with = "as_seconds")]
     pub worker_reap_timeout: Duration,
@@ -170,6 +180,11 @@ pub struct ServerConfig {
     /// logger; `None`: the level cannot be changed).
     #[serde(skip)]
     pub log_control: Option<std::sync::Arc<dyn crate::http::admin::LogControl>>,
+    /// Gives freed heap memory back to the OS after large releases (sessions expired in bulk,
+    /// `clear`); set by the binary, which knows its allocator (see
+    /// [`crate::engine::MemoryRelease`]). `None`: freed memory stays with the allocator.
+    #[serde(skip)]
+    pub release_memory: Option<fn()>,
     /// Test-only: mounts `POST /api/debug/fault` on the HTTP API, which makes a component fail
     /// as if it had crashed (see `dashboard`). Never enable it in production.
     pub fault_injection: bool,
@@ -187,6 +202,8 @@ impl Default for ServerConfig {
                 max_normal_workers: None,
                 queue_capacity: 4096,
                 drain_timeout: Duration::from_secs(5),
+                max_message_bytes: crate::transport::DEFAULT_MAX_MESSAGE_BYTES,
+                allow: Vec::new(),
             },
             l1: L1Settings {
                 size_bytes: 1 << 30,
@@ -205,6 +222,7 @@ impl Default for ServerConfig {
                 chunk_size: 256,
                 hash_algorithm: HashAlgorithm::Blake3,
                 session_ttl: Duration::from_secs(600),
+                max_sessions: crate::engine::session::DEFAULT_MAX_SESSIONS,
                 worker_reap_timeout: Duration::from_secs(120),
                 worker_registration_grace: Duration::from_secs(3600),
                 housekeeping_interval: Duration::from_secs(1),
@@ -221,6 +239,7 @@ impl Default for ServerConfig {
             http: Some(HttpConfig::local(8080)),
             instance_id: new_instance_id(),
             log_control: None,
+            release_memory: None,
             fault_injection: false,
         }
     }

@@ -3,10 +3,11 @@
 //! Start order: shared-memory segment (+ background prefault task) → L1 manager → eviction
 //! thread → L2 tier (adapters, store and prefetch controllers; only with `--l2-adapter`) →
 //! engine → KV-event publisher (only with `--kv-events-publisher`; its L2 listener is given to the
-//! L2 tier when that starts) → housekeeping thread → telemetry sampler → ZeroMQ front end → HTTP
-//! API.
+//! L2 tier when that starts) → housekeeping thread → telemetry sampler → ZeroMQ front end (ZAP
+//! handler first with `--rpc-allow`, then the ROUTER) → HTTP API.
 //!
-//! Shutdown runs the reverse: stop RPC intake and drain in-flight requests (bounded) → stop
+//! Shutdown runs the reverse: stop RPC intake and drain in-flight requests (bounded), close the
+//! ROUTER, then stop the ZAP handler → stop
 //! HTTP → stop the telemetry sampler → stop housekeeping → stop prefault → stop L2 (prefetch,
 //! then write-behind flush with a deadline, then close adapters) → release every client lock
 //! and pending transfer → let the KV-event publisher send the resulting removals (bounded) and
@@ -124,6 +125,7 @@ impl Server {
             EngineConfig {
                 chunk_size: config.engine.chunk_size,
                 session_ttl: config.engine.session_ttl,
+                max_sessions: config.engine.max_sessions,
                 worker_reap_timeout: config.engine.worker_reap_timeout,
                 worker_registration_grace: config.engine.worker_registration_grace,
                 kv_event_log_size: config.engine.kv_event_log_size,
@@ -153,7 +155,7 @@ impl Server {
             l2_cfg.prefetch.result_ttl = config.l1.read_ttl;
             engine = engine.with_l2(L2Tier::start(l2_cfg, l1, Arc::clone(&segment))?);
         }
-        let engine = Arc::new(engine);
+        let engine = Arc::new(engine.with_memory_release(config.release_memory));
         if let Some(cfg) = publish {
             KvEventPublisher::start(cfg, engine.kv_events(), &config.instance_id)?;
         }
@@ -184,6 +186,9 @@ impl Server {
         let frontend = Arc::new(ZmqFrontEnd::start(
             TransportConfig {
                 bind: format!("tcp://{host}:{}", config.rpc.port),
+                host: config.rpc.host.clone(),
+                allow: config.rpc.allow.clone(),
+                max_message_bytes: config.rpc.max_message_bytes,
                 workers: config
                     .rpc
                     .max_transfer_workers

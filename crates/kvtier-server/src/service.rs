@@ -97,6 +97,14 @@ impl Handler for Service {
         }
     }
 
+    fn memory_epoch(&self) -> u64 {
+        self.engine.memory().epoch()
+    }
+
+    fn release_memory(&self) {
+        self.engine.memory().run();
+    }
+
     fn handle(&self, op: Op, payloads: &[&[u8]]) -> Option<Vec<u8>> {
         let t = Instant::now();
         let (reply, outcome) = self.call(op, payloads);

@@ -100,6 +100,10 @@ impl StatusSource {
         let mut sets: Vec<&dyn MetricSet> = vec![p.rpc.as_ref()];
         sets.extend(engine.metric_sets());
         sets.push(p.frontend.stats());
+        sets.push(p.frontend.access().stats());
+        if let Some(zap) = p.frontend.access().thread() {
+            sets.push(zap);
+        }
         sets.push(p.housekeeper.as_ref());
         sets.push(p.telemetry.as_ref());
         sets.push(p.telemetry.thread());

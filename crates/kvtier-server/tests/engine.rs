@@ -39,6 +39,7 @@ fn fixture() -> Fixture {
         EngineConfig {
             chunk_size: 256,
             session_ttl: Duration::from_secs(600),
+            max_sessions: kvtier_server::engine::session::DEFAULT_MAX_SESSIONS,
             worker_reap_timeout: Duration::from_secs(120),
             worker_registration_grace: Duration::from_secs(3600),
             kv_event_log_size: 1024,

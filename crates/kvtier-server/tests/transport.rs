@@ -60,18 +60,29 @@ impl Handler for Scripted {
     }
 }
 
+fn config(workers: usize, queue: usize) -> TransportConfig {
+    TransportConfig {
+        bind: "tcp://127.0.0.1:0".into(),
+        host: "127.0.0.1".into(),
+        allow: Vec::new(),
+        max_message_bytes: kvtier_server::transport::DEFAULT_MAX_MESSAGE_BYTES,
+        workers,
+        normal_workers: workers,
+        queue_capacity: queue,
+        drain_timeout: Duration::from_secs(5),
+    }
+}
+
 fn start(handler: Arc<Scripted>, workers: usize, queue: usize) -> ZmqFrontEnd {
-    ZmqFrontEnd::start(
-        TransportConfig {
-            bind: "tcp://127.0.0.1:0".into(),
-            workers,
-            normal_workers: workers,
-            queue_capacity: queue,
-            drain_timeout: Duration::from_secs(5),
-        },
-        handler,
-    )
-    .expect("front end starts")
+    ZmqFrontEnd::start(config(workers, queue), handler).expect("front end starts")
+}
+
+fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn dealer(ctx: &zmq::Context, endpoint: &str) -> zmq::Socket {
@@ -219,4 +230,89 @@ fn shutdown_drains_in_flight_requests() {
     );
     stopper.join().expect("shutdown thread");
     assert_eq!(fe.stats().in_flight.get(), 0);
+}
+
+#[test]
+fn oversized_messages_are_dropped_or_answered_and_counted() {
+    let mut cfg = config(1, 16);
+    cfg.max_message_bytes = 1 << 20;
+    let handler = Arc::new(Scripted::default());
+    let fe = ZmqFrontEnd::start(cfg, Arc::clone(&handler) as Arc<dyn Handler>).expect("starts");
+    let ctx = zmq::Context::new();
+    let good = dealer(&ctx, fe.endpoint());
+    send(&good, 1, Op::GetChunkSize, &[]);
+    assert_eq!(recv(&good)[2], mp_int(256));
+    let stats = fe.stats();
+    wait_for("the connection counted", || stats.accepted.get() >= 1);
+
+    // Frames within the limit that together exceed it: answered with the failure value, unread.
+    let big = dealer(&ctx, fe.endpoint());
+    let handled = handler.handled.load(Relaxed);
+    big.send_multipart(
+        [
+            vec![7u8; 700 << 10],
+            mp_str("get_chunk_size"),
+            vec![0; 400 << 10],
+        ],
+        0,
+    )
+    .expect("send");
+    let reply = recv(&big);
+    assert_eq!(reply[1], mp_str("get_chunk_size"));
+    assert_eq!(reply[2], mp_int(0), "get_chunk_size's failure value");
+    assert_eq!(stats.oversized.get(), 1);
+    assert_eq!(
+        handler.handled.load(Relaxed),
+        handled,
+        "never handed to the handler"
+    );
+
+    // One frame over the limit: libzmq drops the sender's connection before allocating it.
+    let disconnects = stats.disconnects.get();
+    big.send_multipart([mp_int(2), mp_str("noop"), vec![0; 8 << 20]], 0)
+        .expect("send");
+    big.set_rcvtimeo(500).expect("rcvtimeo");
+    assert!(
+        big.recv_multipart(0).is_err(),
+        "no reply to a dropped frame"
+    );
+    wait_for("the drop counted", || stats.disconnects.get() > disconnects);
+    // Everyone else is unaffected, and the dropped client's libzmq reconnects.
+    send(&good, 3, Op::GetChunkSize, &[]);
+    assert_eq!(recv(&good)[2], mp_int(256));
+    big.set_rcvtimeo(5_000).expect("rcvtimeo");
+    send(&big, 4, Op::GetChunkSize, &[]);
+    assert_eq!(recv(&big)[2], mp_int(256));
+    fe.shutdown();
+}
+
+#[test]
+fn rpc_allow_refuses_other_peers_during_the_handshake() {
+    use kvtier_server::transport::access::parse_allow_list;
+    let mut cfg = config(1, 16);
+    cfg.allow = parse_allow_list("10.0.0.0/8").expect("cidr");
+    let fe = ZmqFrontEnd::start(cfg, Arc::new(Scripted::default())).expect("starts");
+    let ctx = zmq::Context::new();
+    let c = dealer(&ctx, fe.endpoint());
+    c.set_rcvtimeo(1_000).expect("rcvtimeo");
+    send(&c, 1, Op::GetChunkSize, &[]);
+    assert!(c.recv_multipart(0).is_err(), "a refused peer gets no reply");
+    let access = fe.access();
+    assert!(access.stats().refused.get() >= 1);
+    assert_eq!(access.stats().allowed.get(), 0);
+    let node = serde_json::to_value(access.status_node()).expect("json");
+    assert_eq!(node["last_refused_peer"], "127.0.0.1", "{node}");
+    assert_eq!(node["zap_handler"]["thread_alive"], true, "{node}");
+    fe.shutdown();
+    assert!(!access.thread().expect("zap thread").is_alive());
+
+    let mut cfg = config(1, 16);
+    cfg.allow = parse_allow_list("10.0.0.0/8,127.0.0.0/8").expect("cidr");
+    let fe = ZmqFrontEnd::start(cfg, Arc::new(Scripted::default())).expect("starts");
+    let c = dealer(&ctx, fe.endpoint());
+    send(&c, 1, Op::GetChunkSize, &[]);
+    assert_eq!(recv(&c)[2], mp_int(256));
+    assert_eq!(fe.access().stats().allowed.get(), 1);
+    assert_eq!(fe.access().stats().refused.get(), 0);
+    fe.shutdown();
 }

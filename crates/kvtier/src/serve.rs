@@ -22,9 +22,35 @@ use kvtier_server::{Server, ServerConfig};
 #[derive(Debug, Args)]
 #[command(next_line_help = false)]
 pub struct ServeArgs {
-    /// Address the ZeroMQ RPC socket binds ("localhost" means 127.0.0.1).
+    /// Address the ZeroMQ RPC socket binds ("localhost" means 127.0.0.1). The RPC protocol has
+    /// no authentication: any peer that reaches the port can clear the cache, fill it with
+    /// reservations and make the server map /dev/shm segments. A non-loopback address (e.g.
+    /// 0.0.0.0) is accepted, as by `lmcache server`, but without --rpc-allow the server logs a
+    /// warning at start and /api/status reports `transport.access.open_to_any_peer: true`.
     #[arg(long, env = "KVTIER_HOST", default_value = "127.0.0.1")]
     host: String,
+
+    /// Only peers in these networks may connect to the RPC port, e.g. `--rpc-allow
+    /// 10.0.0.0/8,127.0.0.1` (comma-separated, repeatable; IPv4 or IPv6; a bare address is one
+    /// host). Enforced during the ZeroMQ handshake by a ZAP handler, so LMCache clients need no
+    /// change; a refused peer gets no reply and is counted
+    /// (`transport.access.peers_refused_total`). Default: no filter.
+    #[arg(
+        long,
+        env = "KVTIER_RPC_ALLOW",
+        value_name = "CIDR[,CIDR...]",
+        value_parser = parse_allow
+    )]
+    rpc_allow: Vec<Vec<kvtier_server::transport::access::Cidr>>,
+
+    /// Largest RPC message accepted, in bytes. A single frame larger than this makes the server
+    /// drop the sender's connection before reading it (no reply; counted in
+    /// `transport.peer_disconnects_total`); a request whose frames together exceed it is
+    /// answered at once with its failure value (`transport.oversized_rejected_total`). The
+    /// default, 64 MiB, is far above what LMCache clients send (a lookup of a 10M-token context
+    /// is about 50 MB).
+    #[arg(long, env = "KVTIER_MAX_MESSAGE_BYTES", default_value_t = kvtier_server::transport::DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
 
     /// Port of the ZeroMQ RPC socket (LMCache clients connect to tcp://HOST:PORT).
     #[arg(long, env = "KVTIER_PORT", default_value_t = 5555)]
@@ -95,6 +121,15 @@ pub struct ServeArgs {
     /// end_session.
     #[arg(long, env = "KVTIER_SESSION_TTL_SECONDS", default_value_t = 600.0)]
     session_ttl_seconds: f64,
+
+    /// Most request sessions kept at once (one per request id between its first lookup or
+    /// store and its end_session or TTL). Creating one more evicts the least recently used idle
+    /// session, releasing its lookup locks (counted as sessions evicted_total). A session costs
+    /// under 1 KiB plus 48 bytes per 256-token chunk of its request, so the default bounds the
+    /// table to about 64 MB for ordinary requests; it should exceed the requests the engines
+    /// keep in flight (running + waiting) by a wide margin.
+    #[arg(long, env = "KVTIER_MAX_SESSIONS", default_value_t = kvtier_server::engine::session::DEFAULT_MAX_SESSIONS)]
+    max_sessions: usize,
 
     /// KV-event records kept for replay to `subscribe_kv_events` subscribers (LMCache's flag;
     /// KV-aware routers learn what the host cache holds from them). 0 disables KV events.
@@ -204,6 +239,14 @@ struct Extras {
     notes: Vec<compat::Note>,
 }
 
+/// `--rpc-allow` for clap: one value, comma-separated networks.
+fn parse_allow(
+    s: &str,
+) -> Result<Vec<kvtier_server::transport::access::Cidr>, kvtier_server::transport::access::CidrError>
+{
+    kvtier_server::transport::access::parse_allow_list(s)
+}
+
 /// Token validation for clap (its `Debug` is redacted, so `ServeArgs` is safe to print).
 fn parse_token(s: &str) -> Result<AuthToken, kvtier_server::http::HttpConfigError> {
     AuthToken::new(s)
@@ -306,6 +349,18 @@ impl ServeArgs {
                 self.l2_prefetch_max_in_flight
             );
         }
+        if !(4096..=1 << 30).contains(&self.max_message_bytes) {
+            bail!(
+                "--max-message-bytes must be between 4096 and 1073741824, got {}",
+                self.max_message_bytes
+            );
+        }
+        if !(1..=1 << 24).contains(&self.max_sessions) {
+            bail!(
+                "--max-sessions must be between 1 and 16777216, got {}",
+                self.max_sessions
+            );
+        }
         let shm_name = self
             .shm_name
             .unwrap_or_else(|| format!("kvtier_l1_{}", self.port));
@@ -318,6 +373,8 @@ impl ServeArgs {
                 max_transfer_workers,
                 max_normal_workers,
                 drain_timeout: seconds("drain-timeout-seconds", self.drain_timeout_seconds, true)?,
+                max_message_bytes: self.max_message_bytes,
+                allow: self.rpc_allow.into_iter().flatten().collect(),
                 ..defaults.rpc
             },
             l1: L1Settings {
@@ -343,6 +400,7 @@ impl ServeArgs {
                 chunk_size: self.chunk_size,
                 hash_algorithm,
                 session_ttl: seconds("session-ttl-seconds", self.session_ttl_seconds, false)?,
+                max_sessions: self.max_sessions,
                 kv_event_log_size: self.kv_event_log_size,
                 kv_events_publisher: self.kv_events.resolve(self.kv_event_log_size)?,
                 worker_reap_timeout: reap,
@@ -382,6 +440,7 @@ impl ServeArgs {
             instance_id,
             fault_injection: self.enable_fault_injection,
             log_control: None,
+            release_memory: Some(release_memory),
         };
         Ok((
             cfg,
@@ -390,6 +449,19 @@ impl ServeArgs {
                 notes,
             },
         ))
+    }
+}
+
+/// Gives freed heap memory back to the OS: the calling thread's empty mimalloc pages and every
+/// arena's purgeable pages (`mi_collect(true)`; mimalloc is this binary's global allocator), and
+/// the free pages of glibc's arenas, where libzmq allocates message buffers (`malloc_trim(0)`).
+/// Run by the server after large releases (see `kvtier_server::engine::MemoryRelease`).
+fn release_memory() {
+    // SAFETY: neither function has preconditions: each walks its allocator's own free lists
+    // under the allocator's locks and may be called from any thread at any time.
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+        libc::malloc_trim(0);
     }
 }
 

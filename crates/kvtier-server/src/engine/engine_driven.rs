@@ -203,7 +203,7 @@ impl EngineDriven {
     ) -> Result<Response, EngineError> {
         let ctx = context(cx, instance_id, now)?;
         let worker = worker_of(key, "prepare_store")?;
-        let session = cx.sessions.get_or_create(&key.request_id, now);
+        let session = cx.session(&key.request_id, now);
         let span = cx.sessions.span(&session, key, Some(worker), now)?;
         let range_tokens = span.token_ids(key);
         let items: Vec<(ObjectKey, u64)> =

@@ -29,7 +29,7 @@ use super::{EngineError, Shared, malformed};
 /// the session's result becomes a definite 0 (the client polls for it).
 pub(super) fn lookup(cx: &Shared, key: &IpcKey, now: Instant) -> Result<(), EngineError> {
     cx.counters.lookups_total.inc();
-    let session = cx.sessions.get_or_create(&key.request_id, now);
+    let session = cx.session(&key.request_id, now);
     let (next, result) = match lock_prefix(cx, key, &session, now) {
         Ok(next) => (next, Ok(())),
         Err(e) => (PrefetchState::Done(0), Err(e)),

@@ -37,6 +37,7 @@ pub mod session;
 pub mod status;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use kvtier_core::hash::TokenHasher;
@@ -61,6 +62,8 @@ pub struct EngineConfig {
     pub chunk_size: usize,
     /// Session idle TTL.
     pub session_ttl: Duration,
+    /// Most live sessions; creating one more evicts the least recently used idle one.
+    pub max_sessions: usize,
     /// An engine instance silent for this long after a ping is unregistered (0 disables).
     pub worker_reap_timeout: Duration,
     /// Grace period before the first ping.
@@ -151,12 +154,64 @@ pub struct Shared {
     pub events: Arc<KvEvents>,
 }
 
+impl Shared {
+    /// The session of `request_id`, created if missing; when that evicted another session
+    /// (the table was full), its pending L2 prefetch is cancelled here.
+    pub fn session(&self, request_id: &str, now: std::time::Instant) -> session::SessionRef {
+        let (session, evicted) = self.sessions.get_or_create(request_id, now);
+        if let Some(prefetch) = evicted {
+            self.l2.discard(prefetch);
+        }
+        session
+    }
+}
+
+/// Gives freed heap memory back to the operating system after large releases (sessions
+/// expired in bulk, `clear`).
+///
+/// Allocators keep freed pages for reuse: mimalloc (the binary's global allocator) returns a
+/// thread's empty pages only when that thread collects, and glibc's `malloc` (libzmq's message
+/// buffers) keeps freed chunks in its arenas until `malloc_trim`. The binary installs the hook
+/// ([`Engine::with_memory_release`]) because only it knows its allocator. The thread that freed
+/// the memory runs the hook at once and bumps the epoch; the ZeroMQ poll thread, which
+/// allocates most request state, runs it once when it next finds itself idle
+/// ([`MemoryRelease::epoch`], polled by the transport). Never on a request.
+#[derive(Debug, Default)]
+pub struct MemoryRelease {
+    hook: Option<fn()>,
+    epoch: AtomicU64,
+}
+
+impl MemoryRelease {
+    /// Runs the hook on this thread and asks the request threads to run it when idle.
+    pub fn release(&self) {
+        if self.hook.is_some() {
+            self.run();
+            self.epoch.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Runs the hook on this thread (nothing without one).
+    pub fn run(&self) {
+        if let Some(hook) = self.hook {
+            hook();
+        }
+    }
+
+    /// Bumped by every [`release`](Self::release): an idle thread that last ran the hook at
+    /// another epoch runs it again.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Relaxed)
+    }
+}
+
 /// The engine. Cheap to share (`Arc<Engine>`); every method takes `&self`.
 #[derive(Debug)]
 pub struct Engine {
     cx: Shared,
     engine_driven: EngineDriven,
     lmcache_driven: LmcacheDriven,
+    memory: MemoryRelease,
 }
 
 /// A component named by [`Engine::inject_fault`] does not exist or cannot be faulted.
@@ -180,7 +235,7 @@ impl Engine {
         Self {
             cx: Shared {
                 chunk_size: cfg.chunk_size,
-                sessions: Sessions::new(cfg.session_ttl, hasher, Arc::clone(&l1)),
+                sessions: Sessions::new(cfg.session_ttl, cfg.max_sessions, hasher, Arc::clone(&l1)),
                 instances: Instances::new(Liveness {
                     reap_timeout: cfg.worker_reap_timeout,
                     registration_grace: cfg.worker_registration_grace,
@@ -194,7 +249,19 @@ impl Engine {
             },
             engine_driven: EngineDriven::default(),
             lmcache_driven: LmcacheDriven::new(),
+            memory: MemoryRelease::default(),
         }
+    }
+
+    /// Installs the hook that gives freed heap memory back to the OS (see [`MemoryRelease`]).
+    pub fn with_memory_release(mut self, hook: Option<fn()>) -> Self {
+        self.memory.hook = hook;
+        self
+    }
+
+    /// The memory-release hook and its epoch.
+    pub fn memory(&self) -> &MemoryRelease {
+        &self.memory
     }
 
     /// Attaches the L2 tier (write-behind and prefetch). Call before serving.
@@ -427,6 +494,9 @@ impl Engine {
     /// the L1 lock: call it off latency-sensitive threads.
     pub fn clear(&self, force: bool) -> ClearOutcome {
         let out = self.cx.l1.clear(force);
+        if out.removed > 0 {
+            self.memory.release();
+        }
         tracing::info!(
             force,
             removed = out.removed,
@@ -489,8 +559,10 @@ impl Engine {
     pub fn housekeeping(&self) {
         let cx = &self.cx;
         let now = cx.l1.clock().now();
+        let mut shrunk = false;
         loop {
-            let expired = cx.sessions.expire(now);
+            let (expired, table_shrunk) = cx.sessions.expire(now);
+            shrunk |= table_shrunk;
             let n = expired.len();
             for (request_id, locks, prefetch) in expired {
                 cx.l2.discard(prefetch);
@@ -501,6 +573,9 @@ impl Engine {
             if n < session::EXPIRY_BATCH {
                 break;
             }
+        }
+        if shrunk {
+            self.memory.release();
         }
         for (iid, removed) in cx.instances.reap(now) {
             tracing::warn!(

@@ -14,17 +14,33 @@
 //! Every lock the engine takes on behalf of a request is owned by exactly one session record
 //! or one pending retrieve; locks replaced or released here go back to L1 in this module only.
 //!
-//! Expiry: sessions are swept by deadline, not by scanning: the table keeps a min-heap of
-//! `(deadline, serial)` entries written at creation; a sweep pops the due ones (at most
-//! [`EXPIRY_BATCH`] per call), re-queues those used since, and removes the rest. Touching a
-//! session on the request path updates only its own `last_used`.
+//! Expiry: sessions are swept by deadline, not by scanning: the table keeps every live session
+//! exactly once in an ordered map keyed by `(deadline, serial)` (the deadline written when the
+//! entry was last placed); a sweep takes the due ones (at most [`EXPIRY_BATCH`] per call),
+//! re-places those used since, and removes the rest. Touching a session on the request path
+//! updates only its own `last_used`, so a recorded deadline is a lower bound of the real one.
+//!
+//! Bound: at most `max_sessions` live sessions (`--max-sessions`). Creating one more evicts the
+//! least recently used *idle* session (its mutex free), releasing its locks like an expiry
+//! (counted in `evicted_total`). Because recorded deadlines are lower bounds, the first entry
+//! whose recorded deadline is still its real one is the exact LRU; finding it re-places at most
+//! [`EVICTION_SCAN`] entries, and when none qualifies in that many the oldest idle one seen is
+//! evicted. Only sessions in use at that very moment can push the count past the cap.
+//!
+//! Memory: per session, the request-id string once (shared by both maps), the hash cache
+//! (48 bytes per chunk of its current token list, shrunk when the list shrinks) and one record
+//! per object it holds locks on (bounded by L1's object count). The table's maps are shrunk
+//! by the housekeeping sweep when they fall below a quarter of their capacity, and a session
+//! retired while a request still holds a reference to it takes no new locks (they go straight
+//! back to L1), so no path leaks a lock into a session that is gone.
 //!
 //! Lock order: table mutex → session mutex (only `try_lock` while the table is held) → L1. The
 //! session mutex may be held while calling into L1 or the L2 prefetch results; L1 releases of
-//! replaced locks happen after the session mutex is dropped.
+//! replaced locks happen after the session mutex is dropped. The table mutex is held for
+//! O(log n) work per request; the O(n) map shrink runs only in the housekeeping sweep, after
+//! at least three quarters of the entries it sizes for are gone (amortised O(1) per removal).
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +55,18 @@ use super::EngineError;
 
 /// Most expired sessions one [`Sessions::expire`] call removes (bounds the table lock hold).
 pub const EXPIRY_BATCH: usize = 1024;
+
+/// Most entries one eviction looks at to find the least recently used idle session.
+pub const EVICTION_SCAN: usize = 64;
+
+/// Default of `--max-sessions`.
+pub const DEFAULT_MAX_SESSIONS: usize = 65_536;
+
+/// The table's maps are not shrunk below this many entries of capacity.
+const MIN_TABLE_CAPACITY: usize = 1024;
+
+/// Longest session TTL used for deadlines (larger settings behave like this one).
+const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Read locks held on one object on behalf of a session.
 #[derive(Debug, Clone, Copy)]
@@ -103,12 +131,15 @@ pub struct Session {
     locks: HashMap<ObjectKey, HeldLock>,
     prefetch: PrefetchState,
     last_used: Instant,
-    serial: u64,
+    /// Removed from the table (ended, expired, evicted or shut down): a request that still
+    /// holds a reference records nothing more in it.
+    retired: bool,
 }
 
 impl Session {
     /// Records `leases` (one per key, `readers` locks each); returns the locks they replace (a
-    /// previous lease on the same key that expired or whose object was replaced).
+    /// previous lease on the same key that expired or whose object was replaced), or, for a
+    /// retired session, the new locks themselves, for the caller to release.
     fn record(
         &mut self,
         keys: impl IntoIterator<Item = ObjectKey>,
@@ -116,6 +147,13 @@ impl Session {
         readers: u32,
     ) -> Vec<HeldLock> {
         let mut stale = Vec::new();
+        if self.retired {
+            stale.extend(leases.into_iter().map(|lease| HeldLock {
+                lease,
+                remaining: readers,
+            }));
+            return stale;
+        }
         for (k, lease) in keys.into_iter().zip(leases) {
             let fresh = HeldLock {
                 lease,
@@ -166,7 +204,16 @@ impl Session {
                 }
             }
         }
+        self.shrink_locks();
         Ok(leases)
+    }
+
+    /// Gives the lock map's memory back once it holds under a quarter of its capacity (O(len)
+    /// under this session's mutex only, amortised over the removals that emptied it).
+    fn shrink_locks(&mut self) {
+        if self.locks.capacity() > 64 && self.locks.len() < self.locks.capacity() / 4 {
+            self.locks.shrink_to(self.locks.len() * 2);
+        }
     }
 }
 
@@ -206,17 +253,102 @@ kvtier_core::metric_set! {
         ended_total: Counter => "kvtier_sessions_ended",
         /// Sessions removed by the idle TTL.
         expired_total: Counter => "kvtier_sessions_expired",
+        /// Idle sessions removed (least recently used first) to stay within --max-sessions.
+        evicted_total: Counter => "kvtier_sessions_evicted",
         /// Lookup lock records released by end_session, expiry or free_lookup_locks.
         locks_released_total: Counter => "kvtier_sessions_locks_released",
     }
 }
 
+/// A session's place in the expiry order: `(deadline, serial)`, unique per session.
+type Due = (Instant, u64);
+
+#[derive(Debug)]
+struct Slot {
+    session: SessionRef,
+    due: Due,
+}
+
 #[derive(Debug, Default)]
 struct Table {
-    map: HashMap<String, SessionRef>,
-    /// `(deadline, serial, request id)`: at least one entry per live session.
-    expiry: BinaryHeap<Reverse<(Instant, u64, String)>>,
+    map: HashMap<Arc<str>, Slot>,
+    /// Every live session exactly once, at `map[id].due`.
+    order: BTreeMap<Due, Arc<str>>,
     next_serial: u64,
+}
+
+/// What the table decided about the first entry of its order.
+enum Verdict {
+    /// Remove it: idle and not used since its recorded deadline was written.
+    Remove,
+    /// Place it again at this deadline.
+    Requeue(Instant),
+}
+
+impl Table {
+    /// Removes `id` from both maps.
+    fn remove(&mut self, id: &str) -> Option<SessionRef> {
+        let slot = self.map.remove(id)?;
+        self.order.remove(&slot.due);
+        Some(slot.session)
+    }
+
+    /// Moves `id` (whose entry at `due` was taken out of `order`) to `deadline`.
+    fn requeue(&mut self, id: Arc<str>, due: Due, deadline: Instant) {
+        let next = (deadline, due.1);
+        if let Some(slot) = self.map.get_mut(&id) {
+            slot.due = next;
+            self.order.insert(next, id);
+        }
+    }
+
+    /// Removes the least recently used idle session (see the module docs); `None` when every
+    /// entry looked at was in use.
+    fn evict_lru(&mut self, ttl: Duration) -> Option<(Arc<str>, SessionRef)> {
+        let mut busy: Vec<(Due, Arc<str>)> = Vec::new();
+        let mut oldest_idle: Option<(Instant, Arc<str>)> = None;
+        let mut victim = None;
+        for _ in 0..EVICTION_SCAN {
+            let Some((due, id)) = self.order.pop_first() else {
+                break;
+            };
+            let Some(session) = self.map.get(&id).map(|s| Arc::clone(&s.session)) else {
+                continue;
+            };
+            let Some(g) = session.try_lock() else {
+                busy.push((due, id));
+                continue;
+            };
+            let deadline = g.last_used + ttl;
+            if deadline <= due.0 {
+                victim = Some(id);
+                break;
+            }
+            if oldest_idle.as_ref().is_none_or(|(t, _)| g.last_used < *t) {
+                oldest_idle = Some((g.last_used, Arc::clone(&id)));
+            }
+            drop(g);
+            self.requeue(id, due, deadline);
+        }
+        for (due, id) in busy {
+            self.order.insert(due, id);
+        }
+        let id = victim.or_else(|| oldest_idle.map(|(_, id)| id))?;
+        let session = self.remove(&id)?;
+        Some((id, session))
+    }
+
+    /// Shrinks the map once it uses under a quarter of its capacity (the ordered map frees
+    /// its nodes as entries go); whether it did.
+    fn shrink(&mut self) -> bool {
+        let cap = self.map.capacity();
+        let shrink = cap > MIN_TABLE_CAPACITY && self.map.len() < cap / 4;
+        if shrink {
+            self.map
+                .shrink_to((self.map.len() * 2).max(MIN_TABLE_CAPACITY));
+        }
+        shrink
+    }
 }
 
 /// The session table and the one place that moves lookup locks.
@@ -224,18 +356,25 @@ struct Table {
 pub struct Sessions {
     table: Mutex<Table>,
     ttl: Duration,
+    max_sessions: usize,
     hasher: TokenHasher,
     l1: Arc<L1Manager>,
     metrics: SessionMetrics,
 }
 
 impl Sessions {
-    /// An empty table whose sessions expire after `ttl` without use, hashing with `hasher` and
-    /// releasing locks to `l1`.
-    pub fn new(ttl: Duration, hasher: TokenHasher, l1: Arc<L1Manager>) -> Self {
+    /// An empty table of at most `max_sessions` (at least 1) sessions that expire after `ttl`
+    /// without use, hashing with `hasher` and releasing locks to `l1`.
+    pub fn new(
+        ttl: Duration,
+        max_sessions: usize,
+        hasher: TokenHasher,
+        l1: Arc<L1Manager>,
+    ) -> Self {
         Self {
             table: Mutex::new(Table::default()),
-            ttl,
+            ttl: ttl.min(MAX_TTL),
+            max_sessions: max_sessions.max(1),
             hasher,
             l1,
             metrics: SessionMetrics::default(),
@@ -257,17 +396,33 @@ impl Sessions {
         &self.metrics
     }
 
+    /// The most live sessions (`--max-sessions`).
+    pub fn max_sessions(&self) -> usize {
+        self.max_sessions
+    }
+
     /// Number of live sessions (lock-free).
     pub fn active_count(&self) -> u64 {
         self.metrics.active.get()
     }
 
-    /// The session of `request_id`, created if missing.
-    pub fn get_or_create(&self, request_id: &str, now: Instant) -> SessionRef {
+    /// The session of `request_id`, created if missing. When the table is full, creating one
+    /// evicts the least recently used idle session first: its locks are released here and
+    /// its lookup state is returned (the caller cancels a pending L2 job).
+    pub fn get_or_create(
+        &self,
+        request_id: &str,
+        now: Instant,
+    ) -> (SessionRef, Option<PrefetchState>) {
         let mut t = self.table.lock();
         if let Some(s) = t.map.get(request_id) {
-            return Arc::clone(s);
+            return (Arc::clone(&s.session), None);
         }
+        let evicted = if t.map.len() >= self.max_sessions {
+            t.evict_lru(self.ttl)
+        } else {
+            None
+        };
         let serial = t.next_serial;
         t.next_serial += 1;
         let s = Arc::new(Mutex::new(Session {
@@ -275,20 +430,38 @@ impl Sessions {
             locks: HashMap::new(),
             prefetch: PrefetchState::Idle,
             last_used: now,
-            serial,
+            retired: false,
         }));
-        t.map.insert(request_id.to_owned(), Arc::clone(&s));
-        t.expiry
-            .push(Reverse((now + self.ttl, serial, request_id.to_owned())));
+        let id: Arc<str> = Arc::from(request_id);
+        let due = (now + self.ttl, serial);
+        t.order.insert(due, Arc::clone(&id));
+        t.map.insert(
+            id,
+            Slot {
+                session: Arc::clone(&s),
+                due,
+            },
+        );
         drop(t);
         self.metrics.created_total.inc();
         self.metrics.active.add(1);
-        s
+        let evicted = evicted.map(|(id, victim)| {
+            self.metrics.active.sub(1);
+            self.metrics.evicted_total.inc();
+            let (locks, prefetch) = self.retire(&victim);
+            tracing::debug!(request_id = %id, locks, "session table full; evicted the least recently used idle session");
+            prefetch
+        });
+        (s, evicted)
     }
 
     /// The session of `request_id`, if it exists.
     pub fn get(&self, request_id: &str) -> Option<SessionRef> {
-        self.table.lock().map.get(request_id).cloned()
+        self.table
+            .lock()
+            .map
+            .get(request_id)
+            .map(|s| Arc::clone(&s.session))
     }
 
     /// Hashes `[start, end)` of `key` through `session`'s cache (refreshing its TTL) and
@@ -412,15 +585,21 @@ impl Sessions {
     pub fn release_keys(&self, session: &SessionRef, keys: &[ObjectKey]) {
         let held: Vec<HeldLock> = {
             let mut s = session.lock();
-            keys.iter().filter_map(|k| s.locks.remove(k)).collect()
+            let held = keys.iter().filter_map(|k| s.locks.remove(k)).collect();
+            s.shrink_locks();
+            held
         };
         self.release(&held);
     }
 
     /// Replaces the session's lookup state, returning the previous one (whose pending L2 job
-    /// the caller cancels).
+    /// the caller cancels). A retired session keeps none: `next` itself comes back.
     pub fn replace_prefetch(&self, session: &SessionRef, next: PrefetchState) -> PrefetchState {
-        std::mem::replace(&mut session.lock().prefetch, next)
+        let mut s = session.lock();
+        if s.retired {
+            return next;
+        }
+        std::mem::replace(&mut s.prefetch, next)
     }
 
     /// The session's lookup state (a copy).
@@ -439,7 +618,7 @@ impl Sessions {
         let (stale, r) = {
             let mut s = session.lock();
             let (next, loaded, r) = f(s.prefetch);
-            s.prefetch = next;
+            s.prefetch = if s.retired { PrefetchState::Idle } else { next };
             let stale = match loaded {
                 Some(l) => s.record(l.keys, l.leases, l.readers),
                 None => Vec::new(),
@@ -453,62 +632,71 @@ impl Sessions {
     /// Ends the session of `request_id`: releases every lock it holds and returns its lookup
     /// state (the caller cancels a pending L2 job). `None` if there was no such session.
     pub fn end(&self, request_id: &str) -> Option<PrefetchState> {
-        let s = self.table.lock().map.remove(request_id)?;
+        let s = self.table.lock().remove(request_id)?;
         self.metrics.active.sub(1);
         self.metrics.ended_total.inc();
         Some(self.retire(&s).1)
     }
 
-    /// Removes up to [`EXPIRY_BATCH`] sessions idle for longer than the TTL, releasing their
+    /// Removes up to [`EXPIRY_BATCH`] sessions idle for at least the TTL, releasing their
     /// locks; returns `(request id, locks released, lookup state)` of each. A session in use
-    /// right now (its mutex held) is looked at again a second later.
-    pub fn expire(&self, now: Instant) -> Vec<(String, usize, PrefetchState)> {
+    /// right now (its mutex held) is looked at again a second later. Then shrinks the table's
+    /// maps if they hold under a quarter of their capacity; the flag says whether it did.
+    pub fn expire(&self, now: Instant) -> (Vec<(Arc<str>, usize, PrefetchState)>, bool) {
         let mut removed = Vec::new();
-        {
+        let shrunk = {
             let mut t = self.table.lock();
-            while removed.len() < EXPIRY_BATCH {
-                let due = matches!(t.expiry.peek(), Some(Reverse((d, _, _))) if *d <= now);
-                if !due {
+            // Each entry is looked at once per call: a re-placed one is due after `now`.
+            for _ in 0..2 * EXPIRY_BATCH {
+                if removed.len() >= EXPIRY_BATCH {
                     break;
                 }
-                let Some(Reverse((_, serial, id))) = t.expiry.pop() else {
+                let due = match t.order.first_key_value() {
+                    Some((due, _)) if due.0 <= now => *due,
+                    _ => break,
+                };
+                let Some((_, id)) = t.order.pop_first() else {
                     break;
                 };
-                let Some(s) = t.map.get(&id).cloned() else {
+                let Some(s) = t.map.get(&id).map(|s| Arc::clone(&s.session)) else {
                     continue;
                 };
-                let requeue = match s.try_lock() {
-                    Some(g) if g.serial != serial => continue,
-                    Some(g) if now.saturating_duration_since(g.last_used) > self.ttl => None,
-                    Some(g) => Some(g.last_used + self.ttl),
-                    None => Some(now + Duration::from_secs(1)),
+                let verdict = match s.try_lock() {
+                    Some(g) if now >= g.last_used + self.ttl => Verdict::Remove,
+                    Some(g) => Verdict::Requeue(g.last_used + self.ttl),
+                    None => Verdict::Requeue(now + Duration::from_secs(1)),
                 };
-                match requeue {
-                    Some(deadline) => t.expiry.push(Reverse((deadline.max(now), serial, id))),
-                    None => {
+                match verdict {
+                    Verdict::Requeue(deadline) => t.requeue(id, due, deadline),
+                    Verdict::Remove => {
                         t.map.remove(&id);
                         removed.push((id, s));
                     }
                 }
             }
-        }
+            t.shrink()
+        };
         self.metrics.active.sub(removed.len() as u64);
         self.metrics.expired_total.add(removed.len() as u64);
-        removed
+        let removed = removed
             .into_iter()
             .map(|(id, s)| {
                 let (locks, prefetch) = self.retire(&s);
                 (id, locks, prefetch)
             })
-            .collect()
+            .collect();
+        (removed, shrunk)
     }
 
     /// Removes every session (shutdown), releasing their locks; returns their lookup states.
     pub fn end_all(&self) -> Vec<PrefetchState> {
         let all: Vec<SessionRef> = {
             let mut t = self.table.lock();
-            t.expiry.clear();
-            t.map.drain().map(|(_, s)| s).collect()
+            t.order.clear();
+            std::mem::take(&mut t.map)
+                .into_values()
+                .map(|s| s.session)
+                .collect()
         };
         self.metrics.active.sub(all.len() as u64);
         all.iter().map(|s| self.retire(s).1).collect()
@@ -518,7 +706,9 @@ impl Sessions {
     fn retire(&self, session: &SessionRef) -> (usize, PrefetchState) {
         let (held, prefetch) = {
             let mut s = session.lock();
-            let held: Vec<HeldLock> = s.locks.drain().map(|(_, l)| l).collect();
+            s.retired = true;
+            s.hashes.clear();
+            let held: Vec<HeldLock> = std::mem::take(&mut s.locks).into_values().collect();
             (held, std::mem::take(&mut s.prefetch))
         };
         self.release(&held);
@@ -579,8 +769,14 @@ mod tests {
             eviction: EvictionConfig::default(),
         }));
         let hasher = TokenHasher::new(4, HashAlgorithm::default()).expect("hasher");
-        let s = Sessions::new(Duration::from_secs(10), hasher, Arc::clone(&l1));
+        let s = Sessions::new(Duration::from_secs(10), 4, hasher, Arc::clone(&l1));
         (l1, s)
+    }
+
+    impl Sessions {
+        fn expire_ids(&self, now: Instant) -> Vec<(Arc<str>, usize, PrefetchState)> {
+            self.expire(now).0
+        }
     }
 
     fn key(i: u8) -> ObjectKey {
@@ -607,7 +803,7 @@ mod tests {
         let (l1, s) = fixture();
         let now = l1.clock().now();
         let (a, b) = (key(1), key(2));
-        let sess = s.get_or_create("r", now);
+        let sess = s.get_or_create("r", now).0;
         let (la, lb) = (stored(&l1, &a), stored(&l1, &b));
         s.record(&sess, [a.clone(), b.clone()], [la, lb], 2);
         // `a` twice and `b` once: 2 locks on `a` are available.
@@ -636,7 +832,7 @@ mod tests {
         let (l1, s) = fixture();
         let now = l1.clock().now();
         let a = key(3);
-        let sess = s.get_or_create("r", now);
+        let sess = s.get_or_create("r", now).0;
         s.record(&sess, [a.clone()], [stored(&l1, &a)], 1);
         assert!(matches!(
             s.take(&sess, std::slice::from_ref(&a), 8192),
@@ -652,20 +848,17 @@ mod tests {
         let (l1, s) = fixture();
         let t0 = l1.clock().now();
         s.get_or_create("old", t0);
-        let used = s.get_or_create("used", t0);
-        assert!(s.expire(t0 + Duration::from_secs(5)).is_empty());
+        let used = s.get_or_create("used", t0).0;
+        assert!(s.expire_ids(t0 + Duration::from_secs(5)).is_empty());
         used.lock().last_used = t0 + Duration::from_secs(8);
-        let gone = s.expire(t0 + Duration::from_secs(11));
-        assert_eq!(
-            gone.iter().map(|g| g.0.as_str()).collect::<Vec<_>>(),
-            ["old"]
-        );
+        let gone = s.expire_ids(t0 + Duration::from_secs(11));
+        assert_eq!(gone.iter().map(|g| &*g.0).collect::<Vec<_>>(), ["old"]);
         assert_eq!(s.active_count(), 1);
         // Held right now: looked at again later, not removed.
         let guard = used.lock();
-        assert!(s.expire(t0 + Duration::from_secs(30)).is_empty());
+        assert!(s.expire_ids(t0 + Duration::from_secs(30)).is_empty());
         drop(guard);
-        let gone = s.expire(t0 + Duration::from_secs(32));
+        let gone = s.expire_ids(t0 + Duration::from_secs(32));
         assert_eq!(gone.len(), 1);
         assert_eq!(s.active_count(), 0);
         assert_eq!(s.metrics().expired_total.get(), 2);
@@ -678,7 +871,79 @@ mod tests {
         s.get_or_create("r", t0);
         s.end("r");
         s.get_or_create("r", t0 + Duration::from_secs(9));
-        assert!(s.expire(t0 + Duration::from_secs(11)).is_empty());
-        assert_eq!(s.expire(t0 + Duration::from_secs(20)).len(), 1);
+        assert!(s.expire_ids(t0 + Duration::from_secs(11)).is_empty());
+        assert_eq!(s.expire_ids(t0 + Duration::from_secs(20)).len(), 1);
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_least_recently_used_idle_session() {
+        let (l1, s) = fixture();
+        let t0 = l1.clock().now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let a = s.get_or_create("a", at(0)).0;
+        s.get_or_create("b", at(1));
+        s.get_or_create("c", at(2));
+        s.get_or_create("d", at(3));
+        // `a` is the oldest but was used since; `b` holds a lock on an object.
+        a.lock().last_used = at(4);
+        let k = key(9);
+        let b = s.get("b").expect("b");
+        s.record(&b, [k.clone()], [stored(&l1, &k)], 2);
+        assert_eq!(l1.counters().read_locked_objects.get(), 1);
+        let (_, evicted) = s.get_or_create("e", at(5));
+        assert_eq!(evicted, Some(PrefetchState::Idle));
+        assert!(s.get("b").is_none(), "b was the least recently used");
+        assert_eq!(
+            l1.counters().read_locked_objects.get(),
+            0,
+            "its lock went back"
+        );
+        // In use right now: never evicted; the next oldest idle one goes instead.
+        let c = s.get("c").expect("c");
+        let guard = c.lock();
+        let (_, evicted) = s.get_or_create("f", at(6));
+        drop(guard);
+        assert!(evicted.is_some());
+        assert!(s.get("c").is_some() && s.get("d").is_none());
+        assert_eq!(s.active_count(), 4);
+        assert_eq!(s.metrics().evicted_total.get(), 2);
+        // A request still holding the evicted session records nothing into it.
+        let k2 = key(10);
+        s.record(&b, [k2.clone()], [stored(&l1, &k2)], 2);
+        assert_eq!(l1.counters().read_locked_objects.get(), 0);
+        assert_eq!(
+            s.replace_prefetch(&b, PrefetchState::Done(3)),
+            PrefetchState::Done(3)
+        );
+        l1.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn the_table_gives_memory_back_after_expiry() {
+        let (l1, _) = fixture();
+        let hasher = TokenHasher::new(4, HashAlgorithm::default()).expect("hasher");
+        let s = Sessions::new(Duration::from_secs(10), 100_000, hasher, Arc::clone(&l1));
+        let t0 = l1.clock().now();
+        for i in 0..20_000 {
+            s.get_or_create(&format!("r{i}"), t0);
+        }
+        let full = s.table.lock().map.capacity();
+        assert!(full >= 20_000);
+        let mut gone = 0;
+        loop {
+            let n = s.expire_ids(t0 + Duration::from_secs(11)).len();
+            gone += n;
+            if n < EXPIRY_BATCH {
+                break;
+            }
+        }
+        assert_eq!(gone, 20_000);
+        let t = s.table.lock();
+        assert!(t.order.is_empty());
+        assert!(
+            t.map.capacity() <= 2 * MIN_TABLE_CAPACITY,
+            "{}",
+            t.map.capacity()
+        );
     }
 }

@@ -239,6 +239,7 @@ impl StatusReport for Engine {
 
         let mut sessions = status_fields(cx.sessions.metrics());
         sessions.insert("ttl_seconds".into(), cx.sessions.ttl().as_secs_f64().into());
+        sessions.insert("max_sessions".into(), cx.sessions.max_sessions().into());
         let (pending_stores, pending_retrieves) = self.engine_driven().pending_counts();
         let mut transfers = serde_json::Map::new();
         transfers.insert("pending_stores".into(), pending_stores.into());

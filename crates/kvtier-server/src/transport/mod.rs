@@ -23,6 +23,19 @@
 //! - Requests that wait (`wait_prefetch_status`) hold no thread: the handler turns them into
 //!   deferred replies ([`Handler::defer`], [`deferred`]) that the poll thread answers when their
 //!   source wakes it or their deadline passes.
+//! - Message size (`--max-message-bytes`, default [`DEFAULT_MAX_MESSAGE_BYTES`]): libzmq's
+//!   `ZMQ_MAXMSGSIZE` is set to the limit, so a *frame* larger than it makes libzmq close that
+//!   peer's connection as soon as the frame's length header arrives, before allocating anything
+//!   for it; the request is never seen and gets no reply (the client's libzmq reconnects). A
+//!   request whose frames are each within the limit but *together* exceed it is answered at
+//!   once with its operation's failure value, unread (`oversized_rejected_total`). libzmq
+//!   reports a dropped connection like any other disconnect (a socket-monitor
+//!   `DISCONNECTED` event without a reason), so such drops are counted in
+//!   `peer_disconnects_total` together with peers that left; `connections_accepted_total`
+//!   counts the other side.
+//! - Who may connect ([`access`]): a non-loopback `--host` without `--rpc-allow` is reported as
+//!   open to any peer (a WARN at start, `transport.access.open_to_any_peer`); `--rpc-allow`
+//!   installs a ZAP handler that refuses other peers during the handshake.
 //! - Shutdown: stop reading the socket, wait for in-flight requests up to the drain timeout while
 //!   still sending their replies, then close the socket and join the workers.
 
@@ -35,9 +48,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, unbounded};
 
+pub mod access;
 mod deferred;
 mod stream;
 
+use access::{Access, Cidr};
 use deferred::Deferreds;
 pub use deferred::{DeferredReply, MAX_DEFERRED};
 use kvtier_core::status::{StatusNode, StatusReport};
@@ -75,13 +90,35 @@ pub trait Handler: Send + Sync + 'static {
     /// Receives, once at start, the waker its stream sources (and deferred replies' sources)
     /// call when a stream has news.
     fn attach_waker(&self, _waker: StreamWaker) {}
+
+    /// A counter the handler bumps when freed memory should be given back to the OS; the poll
+    /// thread calls [`release_memory`](Self::release_memory) once per new value, when it has
+    /// been idle for a poll interval (100 ms). Default: never.
+    fn memory_epoch(&self) -> u64 {
+        0
+    }
+
+    /// Gives the poll thread's freed memory back to the OS (see
+    /// [`memory_epoch`](Self::memory_epoch)).
+    fn release_memory(&self) {}
 }
+
+/// Default of `--max-message-bytes`: 64 MiB, far above the largest request an LMCache 0.5.6
+/// client sends (a lookup or store of a 10M-token context is about 50 MB of msgpack token ids;
+/// registrations and block lists are kilobytes; kvtier refuses pickled KV data).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Front-end settings.
 #[derive(Debug, Clone)]
 pub struct TransportConfig {
     /// ZeroMQ endpoint to bind, e.g. `tcp://127.0.0.1:5555`.
     pub bind: String,
+    /// The host part of `bind` as configured (`--host`), for the exposure rule.
+    pub host: String,
+    /// Networks whose peers may connect (`--rpc-allow`); empty: no filter.
+    pub allow: Vec<Cidr>,
+    /// Largest frame, and largest sum of a request's frames, accepted (`--max-message-bytes`).
+    pub max_message_bytes: usize,
     /// Workers of the transfer (affinity) pool.
     pub workers: usize,
     /// Workers of the normal pool.
@@ -105,6 +142,9 @@ pub enum TransportError {
         /// libzmq's error.
         source: zmq::Error,
     },
+    /// The peer filter (`--rpc-allow`) could not start.
+    #[error(transparent)]
+    Access(#[from] access::AccessError),
     /// A system call failed.
     #[error("{op} failed: {source}")]
     Io {
@@ -144,6 +184,14 @@ kvtier_core::metric_set! {
         deferred: Gauge as "deferred_replies" => "kvtier_transport_deferred_replies",
         /// Deferrable requests answered at once because MAX_DEFERRED were waiting.
         deferred_full: Counter as "deferred_full_total" => "kvtier_transport_deferred_full",
+        /// Requests whose frames together exceed --max-message-bytes (answered with the op's
+        /// failure value, unread).
+        oversized: Counter as "oversized_rejected_total" => "kvtier_transport_oversized_rejected",
+        /// TCP connections accepted (socket monitor).
+        accepted: Counter as "connections_accepted_total" => "kvtier_transport_connections_accepted",
+        /// Peer connections closed: the peer left, or libzmq dropped it for a frame over
+        /// --max-message-bytes or a protocol error (socket monitor; libzmq gives no reason).
+        disconnects: Counter as "peer_disconnects_total" => "kvtier_transport_peer_disconnects",
     }
 }
 
@@ -165,6 +213,8 @@ struct Outgoing {
 /// The running front end.
 #[derive(Debug)]
 pub struct ZmqFrontEnd {
+    /// Declared first: stopped (ZAP socket closed) before the context below terminates.
+    access: Arc<Access>,
     stop: Arc<AtomicBool>,
     wake: Arc<OwnedFd>,
     stats: Arc<TransportStats>,
@@ -173,7 +223,22 @@ pub struct ZmqFrontEnd {
     alive: Arc<AtomicBool>,
     config: TransportConfig,
     endpoint: String,
+    /// Keeps the context alive until every socket of it (the ZAP socket too) is closed:
+    /// dropping the last handle terminates it, which waits for them.
+    _ctx: ContextHandle,
 }
+
+/// A handle on the front end's ZeroMQ context (`zmq::Context` has no `Debug`).
+struct ContextHandle(#[expect(dead_code, reason = "held for its drop order only")] zmq::Context);
+
+impl std::fmt::Debug for ContextHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("zmq::Context")
+    }
+}
+
+/// Socket-monitor endpoint of the ROUTER (per context).
+const MONITOR_ENDPOINT: &str = "inproc://kvtier-router-monitor";
 
 fn wake(fd: &OwnedFd) {
     // A full eventfd counter still wakes the poller, so a failed write is harmless.
@@ -192,7 +257,25 @@ impl ZmqFrontEnd {
             source,
         };
         let ctx = zmq::Context::new();
+        // The ZAP handler is bound before the ROUTER can accept anyone.
+        let access = Arc::new(Access::start(&ctx, &config.host, config.allow.clone())?);
         let socket = ctx.socket(zmq::ROUTER).map_err(|e| zerr("socket", e))?;
+        access
+            .configure(&socket)
+            .map_err(|e| zerr("setsockopt", e))?;
+        socket
+            .set_maxmsgsize(i64::try_from(config.max_message_bytes).unwrap_or(i64::MAX))
+            .map_err(|e| zerr("setsockopt", e))?;
+        socket
+            .monitor(
+                MONITOR_ENDPOINT,
+                (zmq_sys_event::ACCEPTED | zmq_sys_event::DISCONNECTED) as i32,
+            )
+            .map_err(|e| zerr("monitor", e))?;
+        let monitor = ctx.socket(zmq::PAIR).map_err(|e| zerr("socket", e))?;
+        monitor
+            .connect(MONITOR_ENDPOINT)
+            .map_err(|e| zerr("connect monitor", e))?;
         socket
             .set_router_mandatory(true)
             .map_err(|e| zerr("setsockopt", e))?;
@@ -257,7 +340,8 @@ impl ZmqFrontEnd {
         });
         let poll = PollLoop {
             socket,
-            _ctx: ctx,
+            monitor,
+            _ctx: ctx.clone(),
             handler,
             affinity_tx,
             normal_tx,
@@ -271,6 +355,8 @@ impl ZmqFrontEnd {
             streams: Streams::default(),
             deferreds: Deferreds::default(),
             streams_dirty,
+            memory_epoch: 0,
+            max_message_bytes: config.max_message_bytes,
         };
         let poll_thread = std::thread::Builder::new()
             .name("kvtier-zmq".into())
@@ -281,6 +367,7 @@ impl ZmqFrontEnd {
             })?;
         tracing::info!(%endpoint, workers = n, "zeromq front end listening");
         Ok(Self {
+            access,
             stop,
             wake: wake_fd,
             stats,
@@ -289,6 +376,7 @@ impl ZmqFrontEnd {
             alive,
             config,
             endpoint,
+            _ctx: ContextHandle(ctx),
         })
     }
 
@@ -302,14 +390,21 @@ impl ZmqFrontEnd {
         &self.stats
     }
 
-    /// Stops intake, drains in-flight requests (bounded by the drain timeout), closes the socket
-    /// and joins every thread. Idempotent.
+    /// The peer-access rule (exposure, `--rpc-allow`).
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
+    /// Stops intake, drains in-flight requests (bounded by the drain timeout), closes the socket,
+    /// then stops the ZAP handler and joins every thread. Idempotent.
     pub fn shutdown(&self) {
         self.stop.store(true, Relaxed);
         wake(&self.wake);
         if let Some(h) = self.poll_thread.lock().take() {
             let _joined = h.join();
         }
+        // The ROUTER is closed now: no handshake can need the ZAP handler any more.
+        self.access.stop();
         // The poll thread owned the job senders; with them gone the workers finish and exit.
         for h in self.workers.lock().drain(..) {
             let _joined = h.join();
@@ -378,6 +473,8 @@ fn send_reply(
 
 struct PollLoop {
     socket: zmq::Socket,
+    /// PAIR end of the ROUTER's socket monitor (connections accepted and closed).
+    monitor: zmq::Socket,
     _ctx: zmq::Context,
     handler: Arc<dyn Handler>,
     affinity_tx: Vec<Sender<Job>>,
@@ -392,6 +489,15 @@ struct PollLoop {
     streams: Streams,
     streams_dirty: Arc<AtomicBool>,
     deferreds: Deferreds,
+    /// The handler's memory epoch this thread last released memory at.
+    memory_epoch: u64,
+    max_message_bytes: usize,
+}
+
+/// The socket-monitor events the front end counts (libzmq's `ZMQ_EVENT_*` values).
+mod zmq_sys_event {
+    pub const ACCEPTED: u16 = 0x0020;
+    pub const DISCONNECTED: u16 = 0x0200;
 }
 
 impl PollLoop {
@@ -399,18 +505,32 @@ impl PollLoop {
         let mut drain_deadline: Option<Instant> = None;
         let mut buf = [0u8; 8];
         loop {
-            let (sock_ready, wake_ready) = {
+            let (sock_ready, wake_ready, monitor_ready) = {
                 let mut items = [
                     self.socket.as_poll_item(zmq::POLLIN),
                     zmq::PollItem::from_fd(self.wake_fd.as_raw_fd(), zmq::POLLIN),
+                    self.monitor.as_poll_item(zmq::POLLIN),
                 ];
                 let timeout = self
                     .deferreds
                     .next_timeout(Instant::now())
                     .map_or(100, |d| d.as_millis().clamp(1, 100) as i64);
                 match zmq::poll(&mut items, timeout) {
-                    Ok(_) => (items[0].is_readable(), items[1].is_readable()),
-                    Err(zmq::Error::EINTR) => (false, false),
+                    Ok(0) => {
+                        // Idle for a whole interval: a good moment for deferred memory release.
+                        let epoch = self.handler.memory_epoch();
+                        if epoch != self.memory_epoch {
+                            self.memory_epoch = epoch;
+                            self.handler.release_memory();
+                        }
+                        (false, false, false)
+                    }
+                    Ok(_) => (
+                        items[0].is_readable(),
+                        items[1].is_readable(),
+                        items[2].is_readable(),
+                    ),
+                    Err(zmq::Error::EINTR) => (false, false, false),
                     Err(e) => {
                         tracing::error!(error = %e, "zmq_poll failed; front end stopping");
                         break;
@@ -419,6 +539,9 @@ impl PollLoop {
             };
             if wake_ready {
                 let _drained = rustix::io::read(&*self.wake_fd, &mut buf);
+            }
+            if monitor_ready {
+                self.read_monitor();
             }
             self.flush_replies();
             let dirty = self.streams_dirty.swap(false, Relaxed);
@@ -481,6 +604,24 @@ impl PollLoop {
         send_reply(&self.socket, &self.stats, identity, uid, op_frame, body)
     }
 
+    /// Counts the socket-monitor events queued (`[event u16 | value u32, endpoint]`).
+    fn read_monitor(&mut self) {
+        for _ in 0..1024 {
+            let Ok(frames) = self.monitor.recv_multipart(zmq::DONTWAIT) else {
+                return;
+            };
+            let event = frames
+                .first()
+                .and_then(|f| f.get(..2))
+                .map(|b| u16::from_ne_bytes([b[0], b[1]]));
+            match event {
+                Some(zmq_sys_event::ACCEPTED) => self.stats.accepted.inc(),
+                Some(zmq_sys_event::DISCONNECTED) => self.stats.disconnects.inc(),
+                _ => {}
+            }
+        }
+    }
+
     fn read_requests(&mut self) {
         // Bounded batch so replies keep flowing under a flood of requests.
         for _ in 0..256 {
@@ -493,9 +634,42 @@ impl PollLoop {
                 }
             };
             self.stats.received.inc();
+            if frames.iter().map(Vec::len).sum::<usize>() > self.max_message_bytes {
+                self.reject_oversized(&frames);
+                continue;
+            }
             self.dispatch(frames);
             self.flush_replies();
         }
+    }
+
+    /// Answers a request whose frames together exceed the limit with its op's failure value
+    /// (a bare reply for an unknown op), without decoding its payload.
+    fn reject_oversized(&mut self, frames: &[Vec<u8>]) {
+        self.stats.oversized.inc();
+        let slices: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        let Ok(parsed) = RequestFrames::parse(&slices) else {
+            self.stats.too_few_frames.inc();
+            return;
+        };
+        let size: usize = frames.iter().map(Vec::len).sum();
+        tracing::warn!(
+            size,
+            limit = self.max_message_bytes,
+            "request larger than --max-message-bytes; answered with its failure value"
+        );
+        if parsed.is_control() {
+            return;
+        }
+        let body = decode_op(parsed.op_frame)
+            .ok()
+            .and_then(kvtier_proto::Op::failure_reply);
+        let _delivered = self.send(
+            parsed.identity.to_vec(),
+            parsed.uid.to_vec(),
+            parsed.op_frame.to_vec(),
+            body,
+        );
     }
 
     fn dispatch(&mut self, frames: Vec<Vec<u8>>) {
@@ -636,6 +810,8 @@ impl StatusReport for ZmqFrontEnd {
             .field("thread_alive", self.alive.load(Relaxed))
             .field("workers_per_pool", self.config.workers.max(1))
             .field("queue_capacity", self.config.queue_capacity)
+            .field("max_message_bytes", self.config.max_message_bytes)
             .fields(kvtier_core::metrics::status_fields(s.as_ref()))
+            .child("access", self.access.status_node())
     }
 }

@@ -532,10 +532,11 @@ mod tests {
     struct ShmFile(String);
     impl ShmFile {
         fn new(data: &[u8]) -> Self {
+            // LMCache's name form (the only one registration accepts); unique to this process.
             let name = format!(
-                "kvtier_ut_lmd_{}_{}",
+                "lmcache_kv_{}_{}",
                 std::process::id(),
-                SEQ.fetch_add(1, Relaxed)
+                800_000 + SEQ.fetch_add(1, Relaxed)
             );
             std::fs::write(format!("/dev/shm/{name}"), data).expect("write segment");
             Self(name)

@@ -5,8 +5,10 @@
 //! the name (the server never unlinks it) and may write the pages at any time, so this module
 //! never forms Rust references over the mapping: the copy kernels use raw pointers only.
 //!
-//! Opening is defensive because the name comes from a client: it must be a single path
-//! component under `/dev/shm` (one leading `/` allowed), is opened `O_NOFOLLOW | O_NONBLOCK`
+//! Opening is defensive because the name comes from a client: it must be a name LMCache's
+//! client creates (see [`check_lmcache_name`]: `/lmcache_kv_<pid>_<n>`), so a peer cannot make
+//! the server map and write any other `/dev/shm` file; it is a single path component under
+//! `/dev/shm` (one leading `/` allowed), is opened `O_NOFOLLOW | O_NONBLOCK`
 //! (no symlinks, no FIFOs), must be a regular file at least as large as the descriptor's
 //! `nbytes`, and must not be the server's own L1 segment. The mapping covers exactly `nbytes`.
 //!
@@ -70,6 +72,15 @@ pub enum MapError {
         /// Bytes claimed by the descriptor.
         nbytes: u64,
     },
+    /// The name is not one LMCache's client gives a `cpu_shm` segment.
+    #[error(
+        "shared-memory name {name:?} is refused: LMCache clients name their cpu_shm segments \
+         /lmcache_kv_<pid>_<n>, and kvtier maps no other segment"
+    )]
+    NotLmcacheName {
+        /// The name as sent (truncated).
+        name: String,
+    },
     /// The name is the server's own L1 pool.
     #[error("shared-memory segment {name:?} is the server's own L1 pool")]
     IsL1Pool {
@@ -97,6 +108,33 @@ fn bare_name(name: &str) -> Result<&str, MapError> {
             why: "invalid shared-memory name",
         },
     })
+}
+
+/// The prefix of every `cpu_shm` segment name LMCache 0.5.6 creates, without the leading `/`.
+pub const LMCACHE_SHM_PREFIX: &str = "lmcache_kv_";
+
+/// Accepts only the names LMCache 0.5.6's client gives the segments it registers:
+/// `CpuShmTensorWrapper.SHM_NAME_PREFIX` (`/lmcache_kv_`) followed by `<pid>_<n>`, a process id
+/// and a per-process counter in decimal (`migrate_to_shm_and_wrap` in
+/// `lmcache/v1/platform/devices/cpu/shm.py`). `name` is already stripped of its leading `/`.
+///
+/// # Errors
+/// [`MapError::NotLmcacheName`] naming the input.
+pub fn check_lmcache_name(name: &str) -> Result<(), MapError> {
+    let digits = |s: &str, max: usize| {
+        !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_digit())
+    };
+    let ok = name
+        .strip_prefix(LMCACHE_SHM_PREFIX)
+        .and_then(|rest| rest.split_once('_'))
+        .is_some_and(|(pid, n)| digits(pid, 10) && digits(n, 20));
+    if ok {
+        Ok(())
+    } else {
+        Err(MapError::NotLmcacheName {
+            name: name.chars().take(256).collect(),
+        })
+    }
 }
 
 /// The file identity of the shared-memory segment `name`, if it exists.
@@ -145,6 +183,7 @@ impl EngineSegment {
     /// [`MapError`] describing the first check that failed.
     pub fn open(name: &str, nbytes: u64, forbidden: Option<FileId>) -> Result<Self, MapError> {
         let bare = bare_name(name)?;
+        check_lmcache_name(bare)?;
         let sys = |op, source| MapError::Sys {
             op,
             name: bare.to_owned(),
@@ -245,11 +284,13 @@ mod tests {
 
     static SEQ: AtomicU32 = AtomicU32::new(0);
 
-    fn unique(tag: &str) -> String {
+    /// A name of LMCache's form, unique to this process (LMCache's own counter starts at 0 in
+    /// the engine's process, whose pid is not ours).
+    fn unique() -> String {
         format!(
-            "kvtier_ut_map_{tag}_{}_{}",
+            "lmcache_kv_{}_{}",
             std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
+            900_000 + SEQ.fetch_add(1, Ordering::Relaxed)
         )
     }
 
@@ -280,7 +321,7 @@ mod tests {
 
     #[test]
     fn maps_shared_pages_and_unmaps_on_drop() {
-        let name = unique("rw");
+        let name = unique();
         let _owned = create(&name, 8192);
         let a = EngineSegment::open(&format!("/{name}"), 8192, None).expect("map a");
         let b = EngineSegment::open(&name, 4096, None).expect("map b");
@@ -299,7 +340,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_names_sizes_and_the_l1_pool() {
-        let name = unique("bad");
+        let name = unique();
         let _owned = create(&name, 4096);
         assert!(matches!(
             EngineSegment::open(&name, 4097, None),
@@ -323,8 +364,27 @@ mod tests {
                 "{bad:?}"
             );
         }
+        // Real files that are not LMCache segments are never opened.
+        let other = format!("kvtier_ut_map_{}", std::process::id());
+        let _other = create(&other, 4096);
+        for bad in [
+            other.as_str(),
+            "lmcache_kv_",
+            "lmcache_kv_12",
+            "lmcache_kv_12_",
+            "lmcache_kv__3",
+            "lmcache_kv_1x_3",
+            "lmcache_kv_1_2_3",
+            "lmcache_l1_pool_x",
+            "kvtier_l1_5555",
+        ] {
+            let e = EngineSegment::open(bad, 4096, None).expect_err(bad);
+            assert!(matches!(e, MapError::NotLmcacheName { .. }), "{bad:?}: {e}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+        assert!(check_lmcache_name("lmcache_kv_4242_0").is_ok());
         assert!(matches!(
-            EngineSegment::open(&unique("missing"), 1, None),
+            EngineSegment::open(&unique(), 1, None),
             Err(MapError::Sys {
                 op: "shm_open",
                 source: Errno::NOENT,

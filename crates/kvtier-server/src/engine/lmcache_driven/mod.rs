@@ -375,7 +375,7 @@ impl LmcacheDriven {
         let worker = key
             .worker_id
             .ok_or_else(|| malformed("store needs worker_id"))?;
-        let session = cx.sessions.get_or_create(&key.request_id, now);
+        let session = cx.session(&key.request_id, now);
         let span = cx.sessions.span(&session, key, Some(worker), now)?;
         let range_tokens = span.token_ids(key);
         let keys = span.keys;
