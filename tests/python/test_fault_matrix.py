@@ -306,11 +306,10 @@ def test_full_disk_is_reported_and_recovers_when_space_returns(rng: np.random.Ge
             tokens = fresh_tokens(rng, 2 * 256)
             ctx.store(tokens, 0, 512, ctx.random_chunks(rng, 2))
             wait_for(lambda: ready(srv), 10, "ready")
-            with open(ballast, "wb") as f:  # fill the filesystem
+            with open(ballast, "wb", buffering=0) as f:  # fill the filesystem (unbuffered: close cannot fail)
                 try:
                     while True:
                         f.write(b"\0" * (1 << 16))
-                        f.flush()
                 except OSError:
                     pass
             t0 = time.monotonic()
@@ -354,6 +353,67 @@ def test_a_dead_eviction_thread_fails_liveness(rng: np.random.Generator) -> None
             ctx.close()
         record("dead eviction thread (crash injected)", "engine.storage_manager.l1_eviction_controller",
                detect, "liveness 503: the orchestrator restarts the process", 0.0)
+    finally:
+        stop_and_check(srv)
+
+
+def test_a_stalled_eviction_thread_is_reported_until_its_round_ends(rng: np.random.Generator) -> None:
+    srv = start_server(["--enable-fault-injection"])
+    try:
+        with srv.client() as c:
+            ctx = engine(srv, c)
+            tokens = fresh_tokens(rng, 256)
+            ctx.store(tokens, 0, 256, ctx.random_chunks(rng, 1))
+            t0 = time.monotonic()
+            req = urllib.request.Request(
+                f"{srv.http_url}/api/debug/fault",
+                data=b'{"component":"l1_eviction_controller","stall_seconds":8}',
+                headers={"Content-Type": "application/json"}, method="POST",
+            )
+            with urllib.request.urlopen(req, timeout=5) as r:
+                assert r.status == 200
+            # The eviction thread's stall threshold is 30 rounds of 100 ms, at least 5 s.
+            wait_for(lambda: unready_because(srv, "l1_eviction_controller", "stalled"), 10, "stall reported")
+            detect = time.monotonic() - t0
+            assert probe(srv, "live").code == 200  # a stalled round may still end
+            assert serves(srv, ctx, tokens, 1)
+            wait_for(lambda: ready(srv), 15, "ready once the round ends")
+            recover = time.monotonic() - t0 - 8.0
+            record("stalled eviction thread (a round hung for 8 s)", "engine.storage_manager.l1_eviction_controller",
+                   detect, "the round ends", max(recover, 0.0))
+            ctx.close()
+    finally:
+        stop_and_check(srv)
+
+
+def test_a_dead_engine_is_reaped_and_its_reservations_released(rng: np.random.Generator) -> None:
+    # A dead engine is not the server's fault: readiness stays 200 (taking the server out of
+    # service because one client died would hurt every other client). The status names it by
+    # counting the reaping, and what the engine held is released.
+    srv = start_server(["--worker-reap-timeout-seconds", "30"])
+    try:
+        with srv.client() as c, srv.client() as other:
+            ctx = engine(srv, c)
+            alive = engine(srv, other)
+            assert c.ping(ctx.instance_id) is True
+            tokens = fresh_tokens(rng, 512)
+            c.prepare_store(ctx.key(tokens, 0, 512, "dying"), ctx.instance_id)  # never committed
+            assert srv.l1()["write_locked_count"] == 2
+            t0 = time.monotonic()  # the engine stops pinging here
+            mine = fresh_tokens(rng, 256)
+            deadline = time.monotonic() + 45
+            while srv.status()["worker_liveness"]["reaped_instances_total"] < 1:
+                assert time.monotonic() < deadline, "the dead engine was not reaped"
+                assert other.ping(alive.instance_id) is True
+                time.sleep(0.5)
+            detect = time.monotonic() - t0
+            assert srv.l1()["write_locked_count"] == 0
+            assert ready(srv)
+            alive.store(mine, 0, 256, alive.random_chunks(rng, 1))
+            assert serves(srv, alive, mine, 1)
+            record("dead engine (stops pinging; reap timeout 30 s)", "engine.worker_liveness",
+                   detect, "reaped: its reservations are released; readiness stays 200", 0.0)
+            alive.close()
     finally:
         stop_and_check(srv)
 

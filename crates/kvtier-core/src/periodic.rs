@@ -27,6 +27,9 @@
 //!   kept as `last_error`, and the loop goes on. A round that *panics* is caught
 //!   (`catch_unwind`), logged, kept as `last_error`, and ends the thread: the closure may have
 //!   left its state half-updated, so it is never called again and the status turns unhealthy.
+//! - A round running longer than its [`stall_after`](PeriodicBuilder::stall_after) (default 30
+//!   intervals, at least 5 s) makes the node unhealthy ("... is stalled: its round has been
+//!   running for 12.3 s") until it ends; `current_round_seconds` shows the age.
 //! - An [`essential`](PeriodicBuilder::essential) thread's death also makes the tree not live
 //!   (the liveness probe fails, see [`crate::status`]).
 //! - `thread_alive` is cleared by a guard when the thread exits, however it exits.
@@ -141,6 +144,13 @@ struct Shared {
     crashed: AtomicBool,
     finished: AtomicBool,
     inject_crash: AtomicBool,
+    /// Test-only: milliseconds the next round sleeps before it runs (a stall).
+    inject_stall_ms: AtomicU64,
+    /// Start of the round in progress (nanoseconds since `epoch`; 0 when idle).
+    round_started: AtomicU64,
+    epoch: Instant,
+    /// A round running longer than this is reported as stalled (`None`: never).
+    stall_after: Option<Duration>,
     rounds: AtomicU64,
     round_errors: AtomicU64,
     last_round_nanos: AtomicU64,
@@ -195,6 +205,7 @@ pub struct PeriodicBuilder {
     interval: Duration,
     description: Option<String>,
     essential: bool,
+    stall_after: Option<Duration>,
 }
 
 impl PeriodicBuilder {
@@ -202,6 +213,14 @@ impl PeriodicBuilder {
     /// ([`StatusNode::require_live`]), so a liveness probe restarts the process.
     pub fn essential(mut self) -> Self {
         self.essential = true;
+        self
+    }
+
+    /// A round running longer than this is reported as stalled (unhealthy, not a liveness
+    /// failure: a stalled round may finish). Default: 30 intervals, at least 5 s. One-shot tasks
+    /// are never stalled.
+    pub fn stall_after(mut self, after: Duration) -> Self {
+        self.stall_after = Some(after);
         self
     }
 
@@ -234,6 +253,13 @@ impl PeriodicBuilder {
             crashed: AtomicBool::new(false),
             finished: AtomicBool::new(false),
             inject_crash: AtomicBool::new(false),
+            inject_stall_ms: AtomicU64::new(0),
+            round_started: AtomicU64::new(0),
+            epoch: Instant::now(),
+            stall_after: interval.map(|i| {
+                self.stall_after
+                    .unwrap_or_else(|| (i * 30).max(Duration::from_secs(5)))
+            }),
             rounds: AtomicU64::new(0),
             round_errors: AtomicU64::new(0),
             last_round_nanos: AtomicU64::new(0),
@@ -298,6 +324,7 @@ impl PeriodicThread {
             interval: Duration::from_secs(1),
             description: None,
             essential: false,
+            stall_after: None,
         }
     }
 
@@ -405,6 +432,24 @@ impl PeriodicThread {
         self.wake();
     }
 
+    /// Fault injection for tests of health reporting: the next round first sleeps `for_`, as if
+    /// it were stuck (woken at once).
+    #[doc(hidden)]
+    pub fn inject_stall(&self, for_: Duration) {
+        let ms = u64::try_from(for_.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.shared.inject_stall_ms.store(ms, Relaxed);
+        self.wake();
+    }
+
+    /// How long the round in progress has been running (`None` when idle).
+    pub fn current_round_age(&self) -> Option<Duration> {
+        let started = self.shared.round_started.load(Relaxed);
+        (started != 0).then(|| {
+            Instant::now()
+                .saturating_duration_since(self.shared.epoch + Duration::from_nanos(started))
+        })
+    }
+
     /// Signals the thread to stop and joins it. Prompt: a thread waiting for its next round
     /// leaves at once; a round in progress is waited for. Idempotent.
     pub fn stop(&self) {
@@ -436,6 +481,22 @@ impl PeriodicThread {
         } else {
             StatusNode::healthy().require(self.is_healthy(), reason)
         };
+        let age = self.current_round_age();
+        let stalled = match (age, self.shared.stall_after) {
+            (Some(age), Some(limit)) if age > limit => Some(age),
+            _ => None,
+        };
+        let node = match stalled {
+            Some(age) => node.require(
+                false,
+                format!(
+                    "{} is stalled: its round has been running for {:.1} s",
+                    self.shared.description,
+                    age.as_secs_f64()
+                ),
+            ),
+            None => node,
+        };
         node.field("thread_alive", alive)
             .field("thread_name", &self.shared.name)
             .field("rounds_total", self.rounds())
@@ -445,6 +506,10 @@ impl PeriodicThread {
                 self.last_round_duration().as_secs_f64(),
             )
             .field("last_error", self.last_error())
+            .field(
+                "current_round_seconds",
+                age.map_or(0.0, |d| d.as_secs_f64()),
+            )
     }
 }
 
@@ -496,7 +561,20 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 /// outcome. Returns `false` when it panicked (the thread must end).
 fn run_round(shared: &Shared, round: impl FnOnce() -> RoundResult) -> bool {
     let t = Instant::now();
+    let started = u64::try_from(t.saturating_duration_since(shared.epoch).as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    shared.round_started.store(started, Relaxed);
+    let stall = shared.inject_stall_ms.swap(0, Relaxed);
+    if stall > 0 {
+        tracing::warn!(thread = %shared.name, stall_ms = stall, "stalling on injected fault");
+        let until = t + Duration::from_millis(stall);
+        while Instant::now() < until && !shared.stop_requested.load(Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     let out = catch_unwind(AssertUnwindSafe(round));
+    shared.round_started.store(0, Relaxed);
     let nanos = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
     shared.last_round_nanos.store(nanos, Relaxed);
     shared.rounds.fetch_add(1, Relaxed);

@@ -7,7 +7,7 @@
 //! | GET | `/`, `/dashboard` | the dashboard page |
 //! | GET | `/dashboard/app.js`, `/dashboard/style.css` | its script and style sheet |
 //! | GET | `/api/timeseries[?since=SEQ]` | the telemetry ring ([`crate::telemetry::TimeSeries`]): samples newer than `SEQ` |
-//! | POST | `/api/debug/fault` | **test-only**, mounted only with `ServerConfig::fault_injection` (`kvtier serve --enable-fault-injection`, a hidden flag): `{"component":"l1_eviction_controller"}` (the default) stops that component as if it had crashed, so its status node turns unhealthy |
+//! | POST | `/api/debug/fault` | **test-only**, mounted only with `ServerConfig::fault_injection` (`kvtier serve --enable-fault-injection`, a hidden flag): `{"component":"l1_eviction_controller"}` (the default) stops that component as if it had crashed, so its status node turns unhealthy; with `"stall_seconds": S` its next round hangs for S seconds instead |
 //!
 //! The page reads `/api/status` (the same tree `kvtier status` shows) and `/api/timeseries`
 //! every 2 s. The static files ([`STATIC_ROUTES`]) carry no data; every figure comes from the
@@ -21,6 +21,7 @@
 //! `Cache-Control: no-cache` (a new binary's page is picked up at once).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -138,6 +139,9 @@ async fn timeseries(
 struct FaultBody {
     #[serde(default = "default_component")]
     component: String,
+    /// Seconds the component's next round hangs instead of crashing it.
+    #[serde(default)]
+    stall_seconds: Option<f64>,
 }
 
 fn default_component() -> String {
@@ -150,8 +154,15 @@ async fn fault(
     State(source): State<StatusSource>,
     body: Option<axum::Json<FaultBody>>,
 ) -> Response {
-    let component = body.map_or_else(default_component, |axum::Json(b)| b.component);
-    match source.engine().inject_fault(&component) {
+    let (component, stall) = match body {
+        Some(axum::Json(b)) => (b.component, b.stall_seconds),
+        None => (default_component(), None),
+    };
+    let stall = match stall.map(Duration::try_from_secs_f64).transpose() {
+        Ok(s) => s,
+        Err(e) => return bad_request(format!("stall_seconds: {e}")),
+    };
+    match source.engine().inject_fault(&component, stall) {
         Ok(()) => axum::Json(json!({"status": "ok", "injected": component})).into_response(),
         Err(e) => bad_request(e.to_string()),
     }

@@ -507,16 +507,24 @@ impl Engine {
         out
     }
 
-    /// Test-only fault injection: makes `component` fail the way a crash would, so health
-    /// reporting can be checked end to end.
+    /// Test-only fault injection: makes `component` fail the way a crash would (`stall`:
+    /// `None`), or makes its next round hang for `stall`, so health reporting can be checked
+    /// end to end.
     ///
     /// # Errors
     /// [`UnknownComponent`] for a component that cannot be faulted.
-    pub fn inject_fault(&self, component: &str) -> Result<(), UnknownComponent> {
+    pub fn inject_fault(
+        &self,
+        component: &str,
+        stall: Option<Duration>,
+    ) -> Result<(), UnknownComponent> {
         match component {
             "l1_eviction_controller" => {
-                tracing::warn!(component, "fault injected on request (test-only)");
-                self.cx.evictor.inject_crash();
+                tracing::warn!(component, ?stall, "fault injected on request (test-only)");
+                match stall {
+                    Some(d) => self.cx.evictor.thread().inject_stall(d),
+                    None => self.cx.evictor.inject_crash(),
+                }
                 Ok(())
             }
             other => Err(UnknownComponent(other.to_owned())),
