@@ -14,7 +14,9 @@
 //!   own, so there is no lock order to get wrong.
 //! - Ghost entries (ARC's B1/B2, S3-FIFO's G) remember *fingerprints* of evicted keys
 //!   ([`EntryMeta::fingerprint`]), never entry ids, because ids are reused; each ghost list is
-//!   bounded by the resident object count.
+//!   a window of its last `resident` pushes (see `l1::ghost` for the table and its
+//!   approximations). A policy keeps no copy of the fingerprint: the manager passes the
+//!   object's [`EntryMeta`] to `on_ready` and again to `on_remove`.
 //!
 //! Sizes: kvtier's objects are chunks of one size per model, so the adaptive targets (ARC's `p`,
 //! S3-FIFO's 10 % small queue) are kept in objects; the manager still evicts in bytes.
@@ -68,8 +70,9 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     fn on_ready(&mut self, id: EntryId, meta: EntryMeta);
     /// The object was read (locked or released by a reader).
     fn on_access(&mut self, id: EntryId);
-    /// The object left L1.
-    fn on_remove(&mut self, id: EntryId, why: Removal);
+    /// The object left L1. `meta` is what [`on_ready`](Self::on_ready) was given (its
+    /// fingerprint is 0 for an object that never became readable).
+    fn on_remove(&mut self, id: EntryId, meta: EntryMeta, why: Removal);
     /// Proposes candidates in eviction order until `visit` says [`Verdict::Stop`] or none are
     /// left. `tenants` is the order in which to drain tenants; only isolated policies (see
     /// [`isolated`](Self::isolated)) use it, and the manager passes an empty slice to the others.
@@ -210,7 +213,7 @@ impl EvictionPolicy for LruPolicy {
         self.lists.touch(id);
     }
 
-    fn on_remove(&mut self, id: EntryId, _why: Removal) {
+    fn on_remove(&mut self, id: EntryId, _meta: EntryMeta, _why: Removal) {
         self.lists.unlink(id);
     }
 
@@ -239,7 +242,7 @@ impl EvictionPolicy for IsolatedLruPolicy {
         self.lists.touch(id);
     }
 
-    fn on_remove(&mut self, id: EntryId, _why: Removal) {
+    fn on_remove(&mut self, id: EntryId, _meta: EntryMeta, _why: Removal) {
         self.lists.unlink(id);
     }
 
@@ -267,8 +270,6 @@ const T2: u32 = 1;
 #[derive(Debug)]
 pub struct ArcPolicy {
     lists: Lists,
-    /// Per id: the ghost key of its fingerprint.
-    keys: Vec<u32>,
     b1: GhostList<true>,
     b2: GhostList<true>,
     p: usize,
@@ -278,7 +279,6 @@ impl Default for ArcPolicy {
     fn default() -> Self {
         Self {
             lists: Lists::new(2),
-            keys: Vec::new(),
             b1: GhostList::default(),
             b2: GhostList::default(),
             p: 0,
@@ -304,7 +304,6 @@ impl EvictionPolicy for ArcPolicy {
 
     fn on_ready(&mut self, id: EntryId, meta: EntryMeta) {
         let fp = ghost_key(meta.fingerprint);
-        set_grow(&mut self.keys, id, fp);
         // The ghost lengths in the `p` updates are those before the hit was taken out.
         let list = if self.b1.take(fp) {
             let (l1, l2) = (self.b1.len() + 1, self.b2.len().max(1));
@@ -326,12 +325,12 @@ impl EvictionPolicy for ArcPolicy {
         }
     }
 
-    fn on_remove(&mut self, id: EntryId, why: Removal) {
+    fn on_remove(&mut self, id: EntryId, meta: EntryMeta, why: Removal) {
         let Some(list) = self.lists.unlink(id) else {
             return;
         };
         if why == Removal::Evicted {
-            let fp = self.keys.get(id as usize).copied().unwrap_or(0);
+            let fp = ghost_key(meta.fingerprint);
             let bound = self.resident();
             if list == T1 {
                 self.b1.push(fp, bound);
@@ -404,8 +403,6 @@ const LINKED: u8 = 0x80;
 #[derive(Debug)]
 pub struct S3FifoPolicy {
     lists: Lists,
-    /// Per id: the ghost key of its fingerprint.
-    keys: Vec<u32>,
     /// Per id: the frequency (low 2 bits) and [`LINKED`].
     freq: Vec<u8>,
     ghost: GhostList<false>,
@@ -415,7 +412,6 @@ impl Default for S3FifoPolicy {
     fn default() -> Self {
         Self {
             lists: Lists::new(2),
-            keys: Vec::new(),
             freq: Vec::new(),
             ghost: GhostList::default(),
         }
@@ -436,7 +432,6 @@ impl EvictionPolicy for S3FifoPolicy {
     fn on_ready(&mut self, id: EntryId, meta: EntryMeta) {
         set_grow(&mut self.freq, id, LINKED);
         let fp = ghost_key(meta.fingerprint);
-        set_grow(&mut self.keys, id, fp);
         let list = if self.ghost.take(fp) { MAIN } else { SMALL };
         self.lists.push_back(list, id);
     }
@@ -449,14 +444,14 @@ impl EvictionPolicy for S3FifoPolicy {
         }
     }
 
-    fn on_remove(&mut self, id: EntryId, why: Removal) {
+    fn on_remove(&mut self, id: EntryId, meta: EntryMeta, why: Removal) {
         if let Some(f) = self.freq.get_mut(id as usize) {
             *f = 0;
         }
         let list = self.lists.unlink(id);
         if why == Removal::Evicted && list == Some(SMALL) {
-            let fp = self.keys.get(id as usize).copied().unwrap_or(0);
-            self.ghost.push(fp, self.resident());
+            self.ghost
+                .push(ghost_key(meta.fingerprint), self.resident());
         }
     }
 
@@ -525,7 +520,7 @@ impl EvictionPolicy for NoopPolicy {
     }
     fn on_ready(&mut self, _id: EntryId, _meta: EntryMeta) {}
     fn on_access(&mut self, _id: EntryId) {}
-    fn on_remove(&mut self, _id: EntryId, _why: Removal) {}
+    fn on_remove(&mut self, _id: EntryId, _meta: EntryMeta, _why: Removal) {}
     fn select(&mut self, _tenants: &[TenantId], _visit: &mut dyn FnMut(EntryId) -> Verdict) {}
 }
 
@@ -561,7 +556,7 @@ mod tests {
             Verdict::Evict
         });
         for &id in &v {
-            p.on_remove(id, Removal::Evicted);
+            p.on_remove(id, meta(id), Removal::Evicted);
         }
         v
     }
@@ -575,10 +570,10 @@ mod tests {
         assert_eq!(order(&mut p, &[]), vec![3, 1, 7]);
         p.on_access(3);
         assert_eq!(order(&mut p, &[]), vec![1, 7, 3]);
-        p.on_remove(7, Removal::Dropped);
+        p.on_remove(7, meta(7), Removal::Dropped);
         assert_eq!(order(&mut p, &[]), vec![1, 3]);
         p.on_access(42); // unknown id: ignored
-        p.on_remove(42, Removal::Dropped);
+        p.on_remove(42, meta(42), Removal::Dropped);
         assert_eq!(order(&mut p, &[]), vec![1, 3]);
         assert_eq!(p.len(), 2);
     }
