@@ -94,7 +94,7 @@ pub(crate) struct GhostList<const COUNT: bool> {
     /// Live entries (`COUNT` only).
     live: usize,
     /// Live entries per quantum, a ring indexed by `quantum % RING` (`COUNT` only).
-    counts: Vec<u32>,
+    counts: Option<Box<[u32; RING]>>,
 }
 
 impl<const COUNT: bool> Default for GhostList<COUNT> {
@@ -109,7 +109,7 @@ impl<const COUNT: bool> Default for GhostList<COUNT> {
             newest: 0,
             width: 0,
             live: 0,
-            counts: Vec::new(),
+            counts: None,
         }
     }
 }
@@ -128,14 +128,13 @@ impl<const COUNT: bool> GhostList<COUNT> {
         slot & TAG_MASK != 0 && self.newest.wrapping_sub(slot) & TIME_MASK < self.width
     }
 
-    /// Forgets one live entry whose slot is `slot`.
+    /// Forgets `n` (0 or 1) live entries whose slot is `slot`.
     #[inline(always)]
-    fn forget(&mut self, slot: u32) {
-        if COUNT {
-            if let Some(c) = self.counts.get_mut(slot as usize % RING) {
-                *c = c.saturating_sub(1);
-            }
-            self.live = self.live.saturating_sub(1);
+    fn forget(&mut self, slot: u32, n: u32) {
+        if COUNT && let Some(counts) = &mut self.counts {
+            let c = &mut counts[slot as usize & (RING - 1)];
+            *c = c.saturating_sub(n);
+            self.live = self.live.saturating_sub(n as usize);
         }
     }
 
@@ -164,7 +163,7 @@ impl<const COUNT: bool> GhostList<COUNT> {
         let mut nb = b;
         nb[k..].copy_from_slice(&rest[k..]);
         self.table[i] = nb;
-        self.forget(b[k]);
+        self.forget(b[k], 1);
         true
     }
 
@@ -185,22 +184,19 @@ impl<const COUNT: bool> GhostList<COUNT> {
         // (empty, expired, or the bucket's oldest live entry) falls out.
         self.table[i] = [tag(fp) | (q as u32 & TIME_MASK), s0, s1, s2];
         if COUNT && self.is_live(out) {
-            self.forget(out);
+            self.forget(out, 1);
         }
         self.next += 1;
         let floor = self.floor.max(self.next.saturating_sub(bound as u64));
         let (from, to) = (self.floor >> self.shift, floor >> self.shift);
-        if COUNT {
+        if COUNT && let Some(counts) = &mut self.counts {
             // Expire every quantum that falls wholly before the new floor (at most one ring's
             // worth: a window spans fewer quanta than the ring), then count the new entry.
             for old in from..to.min(from + RING as u64) {
-                if let Some(c) = self.counts.get_mut(old as usize % RING) {
-                    self.live = self.live.saturating_sub(std::mem::take(c) as usize);
-                }
+                let c = std::mem::take(&mut counts[old as usize & (RING - 1)]);
+                self.live = self.live.saturating_sub(c as usize);
             }
-            if let Some(c) = self.counts.get_mut(q as usize % RING) {
-                *c += 1;
-            }
+            counts[q as usize & (RING - 1)] += 1;
             self.live += 1;
         }
         self.floor = floor;
@@ -224,7 +220,7 @@ impl<const COUNT: bool> GhostList<COUNT> {
         self.width = 0;
         self.live = 0;
         if COUNT {
-            self.counts = vec![0; RING];
+            self.counts = vec![0; RING].into_boxed_slice().try_into().ok();
         }
     }
 }
