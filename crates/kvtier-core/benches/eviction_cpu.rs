@@ -9,7 +9,8 @@
 //!   reads of recent chunks). Policies evict different objects, so the reads hit different
 //!   sets; read it as "no policy makes L1 slow", not as a like-for-like ratio.
 //!
-//! Run: `cargo bench -p kvtier-core --bench eviction_cpu`
+//! Run: `cargo bench -p kvtier-core --bench eviction_cpu`. On a shared, loaded machine run the
+//! built binary under `chrt -f 50 … --bench` instead (docs/performance.md).
 
 use std::hint::black_box;
 use std::sync::Arc;
