@@ -41,19 +41,37 @@ fn remove_from(v: &mut Vec<u64>, id: u64) -> bool {
     v.len() != before
 }
 
-/// Ghost FIFO: the `bound` most recent keys pushed and not taken since.
-fn ghost_push(g: &mut VecDeque<u8>, key: u8, bound: usize) {
-    g.retain(|&k| k != key);
-    g.push_back(key);
-    while g.len() > bound {
-        g.pop_front();
-    }
+/// Ghost FIFO (the contract of `kvtier_core::l1::ghost`): the keys pushed by the list's last
+/// `bound` pushes (`bound` given at each push; the window never widens again), minus those taken
+/// since. A push adds a copy and a take removes the newest one (the policies only push a key
+/// that is absent: it is taken whenever its object becomes ready again).
+#[derive(Debug, Default)]
+struct RefGhost {
+    /// (key, push time), oldest first.
+    q: VecDeque<(u8, u64)>,
+    next: u64,
+    floor: u64,
 }
 
-fn ghost_take(g: &mut VecDeque<u8>, key: u8) -> bool {
-    let before = g.len();
-    g.retain(|&k| k != key);
-    g.len() != before
+impl RefGhost {
+    fn push(&mut self, key: u8, bound: usize) {
+        self.q.push_back((key, self.next));
+        self.next += 1;
+        self.floor = self
+            .floor
+            .max(self.next.saturating_sub(bound.max(1) as u64));
+        let floor = self.floor;
+        self.q.retain(|&(_, t)| t >= floor);
+    }
+
+    fn take(&mut self, key: u8) -> bool {
+        let newest = self.q.iter().rposition(|&(k, _)| k == key);
+        newest.and_then(|i| self.q.remove(i)).is_some()
+    }
+
+    fn len(&self) -> usize {
+        self.q.len()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -126,8 +144,8 @@ impl RefPolicy for RefIsolated {
 struct RefArc {
     t1: Vec<u64>,
     t2: Vec<u64>,
-    b1: VecDeque<u8>,
-    b2: VecDeque<u8>,
+    b1: RefGhost,
+    b2: RefGhost,
     p: usize,
     keys: HashMap<u64, u8>,
 }
@@ -137,10 +155,10 @@ impl RefPolicy for RefArc {
         self.keys.insert(id, key);
         let c = self.t1.len() + self.t2.len() + 1;
         let (l1, l2) = (self.b1.len().max(1), self.b2.len().max(1));
-        if ghost_take(&mut self.b1, key) {
+        if self.b1.take(key) {
             self.p = (self.p + (l2 / l1).max(1)).min(c);
             self.t2.push(id);
-        } else if ghost_take(&mut self.b2, key) {
+        } else if self.b2.take(key) {
             self.p = self.p.saturating_sub((l1 / l2).max(1));
             self.t2.push(id);
         } else {
@@ -158,7 +176,7 @@ impl RefPolicy for RefArc {
         if evicted && (in_t1 || in_t2) {
             let bound = (self.t1.len() + self.t2.len()).max(1);
             let key = self.keys[&id];
-            ghost_push(if in_t1 { &mut self.b1 } else { &mut self.b2 }, key, bound);
+            if in_t1 { &mut self.b1 } else { &mut self.b2 }.push(key, bound);
         }
     }
     fn select(&mut self, _tenants: &[u8], visit: &mut dyn FnMut(u64) -> Verdict) {
@@ -192,7 +210,7 @@ struct RefS3Fifo {
     small: Vec<u64>,
     main: Vec<u64>,
     freq: HashMap<u64, u8>,
-    ghost: VecDeque<u8>,
+    ghost: RefGhost,
     keys: HashMap<u64, u8>,
 }
 
@@ -212,7 +230,7 @@ impl RefPolicy for RefS3Fifo {
     fn ready(&mut self, id: u64, key: u8) {
         self.keys.insert(id, key);
         self.freq.insert(id, 0);
-        if ghost_take(&mut self.ghost, key) {
+        if self.ghost.take(key) {
             self.main.push(id);
         } else {
             self.small.push(id);
@@ -230,7 +248,7 @@ impl RefPolicy for RefS3Fifo {
         if evicted && in_small {
             let bound = (self.small.len() + self.main.len()).max(1);
             let key = self.keys[&id];
-            ghost_push(&mut self.ghost, key, bound);
+            self.ghost.push(key, bound);
         }
     }
     fn select(&mut self, _tenants: &[u8], visit: &mut dyn FnMut(u64) -> Verdict) {

@@ -14,15 +14,17 @@
 //!   own, so there is no lock order to get wrong.
 //! - Ghost entries (ARC's B1/B2, S3-FIFO's G) remember *fingerprints* of evicted keys
 //!   ([`EntryMeta::fingerprint`]), never entry ids, because ids are reused; each ghost list is
-//!   bounded by the resident object count.
+//!   a window of its last `resident` pushes (see `l1::ghost` for the table and its
+//!   approximations). A policy keeps no copy of the fingerprint: the manager passes the
+//!   object's [`EntryMeta`] to `on_ready` and again to `on_remove`.
 //!
 //! Sizes: kvtier's objects are chunks of one size per model, so the adaptive targets (ARC's `p`,
 //! S3-FIFO's 10 % small queue) are kept in objects; the manager still evicts in bytes.
 
-use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 
+use super::ghost::{GhostList, ghost_key};
 use super::list::Lists;
 
 /// Slot index of an object inside the L1 manager.
@@ -68,8 +70,9 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     fn on_ready(&mut self, id: EntryId, meta: EntryMeta);
     /// The object was read (locked or released by a reader).
     fn on_access(&mut self, id: EntryId);
-    /// The object left L1.
-    fn on_remove(&mut self, id: EntryId, why: Removal);
+    /// The object left L1. `meta` is what [`on_ready`](Self::on_ready) was given (its
+    /// fingerprint is 0 for an object that never became readable).
+    fn on_remove(&mut self, id: EntryId, meta: EntryMeta, why: Removal);
     /// Proposes candidates in eviction order until `visit` says [`Verdict::Stop`] or none are
     /// left. `tenants` is the order in which to drain tenants; only isolated policies (see
     /// [`isolated`](Self::isolated)) use it, and the manager passes an empty slice to the others.
@@ -210,7 +213,7 @@ impl EvictionPolicy for LruPolicy {
         self.lists.touch(id);
     }
 
-    fn on_remove(&mut self, id: EntryId, _why: Removal) {
+    fn on_remove(&mut self, id: EntryId, _meta: EntryMeta, _why: Removal) {
         self.lists.unlink(id);
     }
 
@@ -239,7 +242,7 @@ impl EvictionPolicy for IsolatedLruPolicy {
         self.lists.touch(id);
     }
 
-    fn on_remove(&mut self, id: EntryId, _why: Removal) {
+    fn on_remove(&mut self, id: EntryId, _meta: EntryMeta, _why: Removal) {
         self.lists.unlink(id);
     }
 
@@ -256,50 +259,6 @@ impl EvictionPolicy for IsolatedLruPolicy {
     }
 }
 
-/// A bounded FIFO of key fingerprints with O(1) membership and removal: exactly the `bound`
-/// most recently pushed fingerprints that were not taken since. Lazy deletion: a taken or
-/// re-pushed fingerprint leaves a stale queue slot; when stale slots outnumber live ones (plus
-/// a constant) the queue is compacted, so each push costs amortised O(1).
-#[derive(Debug, Default)]
-struct Ghosts {
-    queue: VecDeque<(u64, u64)>,
-    live: HashMap<u64, u64, foldhash::fast::FixedState>,
-    seq: u64,
-}
-
-impl Ghosts {
-    fn len(&self) -> usize {
-        self.live.len()
-    }
-
-    fn push(&mut self, fp: u64, bound: usize) {
-        self.seq += 1;
-        self.live.insert(fp, self.seq);
-        self.queue.push_back((fp, self.seq));
-        self.trim(bound);
-    }
-
-    /// Removes `fp`; whether it was present.
-    fn take(&mut self, fp: u64) -> bool {
-        self.live.remove(&fp).is_some()
-    }
-
-    fn trim(&mut self, bound: usize) {
-        while self.live.len() > bound {
-            let Some((fp, seq)) = self.queue.pop_front() else {
-                return;
-            };
-            if self.live.get(&fp) == Some(&seq) {
-                self.live.remove(&fp);
-            }
-        }
-        if self.queue.len() > 2 * self.live.len() + 16 {
-            let live = &self.live;
-            self.queue.retain(|(fp, seq)| live.get(fp) == Some(seq));
-        }
-    }
-}
-
 const T1: u32 = 0;
 const T2: u32 = 1;
 
@@ -311,9 +270,8 @@ const T2: u32 = 1;
 #[derive(Debug)]
 pub struct ArcPolicy {
     lists: Lists,
-    fingerprints: Vec<u64>,
-    b1: Ghosts,
-    b2: Ghosts,
+    b1: GhostList<true>,
+    b2: GhostList<true>,
     p: usize,
 }
 
@@ -321,9 +279,8 @@ impl Default for ArcPolicy {
     fn default() -> Self {
         Self {
             lists: Lists::new(2),
-            fingerprints: Vec::new(),
-            b1: Ghosts::default(),
-            b2: Ghosts::default(),
+            b1: GhostList::default(),
+            b2: GhostList::default(),
             p: 0,
         }
     }
@@ -346,22 +303,20 @@ impl EvictionPolicy for ArcPolicy {
     }
 
     fn on_ready(&mut self, id: EntryId, meta: EntryMeta) {
-        let idx = id as usize;
-        if idx >= self.fingerprints.len() {
-            self.fingerprints.resize(idx + 1, 0);
-        }
-        self.fingerprints[idx] = meta.fingerprint;
-        let c = self.resident() + 1;
-        let (l1, l2) = (self.b1.len().max(1), self.b2.len().max(1));
-        if self.b1.take(meta.fingerprint) {
-            self.p = (self.p + (l2 / l1).max(1)).min(c);
-            self.lists.push_back(T2, id);
-        } else if self.b2.take(meta.fingerprint) {
+        let fp = ghost_key(meta.fingerprint);
+        // The ghost lengths in the `p` updates are those before the hit was taken out.
+        let list = if self.b1.take(fp) {
+            let (l1, l2) = (self.b1.len() + 1, self.b2.len().max(1));
+            self.p = (self.p + (l2 / l1).max(1)).min(self.resident() + 1);
+            T2
+        } else if self.b2.take(fp) {
+            let (l1, l2) = (self.b1.len().max(1), self.b2.len() + 1);
             self.p = self.p.saturating_sub((l1 / l2).max(1));
-            self.lists.push_back(T2, id);
+            T2
         } else {
-            self.lists.push_back(T1, id);
-        }
+            T1
+        };
+        self.lists.push_back(list, id);
     }
 
     fn on_access(&mut self, id: EntryId) {
@@ -370,13 +325,13 @@ impl EvictionPolicy for ArcPolicy {
         }
     }
 
-    fn on_remove(&mut self, id: EntryId, why: Removal) {
+    fn on_remove(&mut self, id: EntryId, meta: EntryMeta, why: Removal) {
         let Some(list) = self.lists.unlink(id) else {
             return;
         };
         if why == Removal::Evicted {
-            let fp = self.fingerprints.get(id as usize).copied().unwrap_or(0);
-            let bound = self.resident().max(1);
+            let fp = ghost_key(meta.fingerprint);
+            let bound = self.resident();
             if list == T1 {
                 self.b1.push(fp, bound);
             } else {
@@ -386,32 +341,58 @@ impl EvictionPolicy for ArcPolicy {
     }
 
     fn select(&mut self, _tenants: &[TenantId], visit: &mut dyn FnMut(EntryId) -> Verdict) {
+        // T1 while its remaining length exceeds `p` (or T2 is empty); then T2, whose walk does
+        // not change T1's length; then the rest of T1.
         let mut t1_left = self.lists.len(T1);
         let mut c1 = self.lists.head(T1);
-        let mut c2 = self.lists.head(T2);
-        loop {
-            let from_t1 = match (c1, c2) {
-                (None, None) => return,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (Some(_), Some(_)) => t1_left > self.p,
-            };
-            let cursor = if from_t1 { &mut c1 } else { &mut c2 };
-            let Some(id) = *cursor else { return };
-            *cursor = self.lists.next(id);
+        let t2_empty = self.lists.head(T2).is_none();
+        while let Some(id) = c1 {
+            if t1_left <= self.p && !t2_empty {
+                break;
+            }
+            c1 = self.lists.next(id);
             match visit(id) {
                 Verdict::Stop => return,
-                Verdict::Evict if from_t1 => t1_left -= 1,
-                Verdict::Evict | Verdict::Skip => {}
+                Verdict::Evict => t1_left -= 1,
+                Verdict::Skip => {}
+            }
+        }
+        if walk(&self.lists, T2, visit) {
+            while let Some(id) = c1 {
+                c1 = self.lists.next(id);
+                if visit(id) == Verdict::Stop {
+                    return;
+                }
             }
         }
     }
+}
+
+/// Stores `value` at `id`, growing `v` with zeros first when needed.
+#[inline(always)]
+fn set_grow<T: Copy + Default>(v: &mut Vec<T>, id: EntryId, value: T) {
+    let idx = id as usize;
+    if idx >= v.len() {
+        grow(v, idx);
+    }
+    if let Some(slot) = v.get_mut(idx) {
+        *slot = value;
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn grow<T: Copy + Default>(v: &mut Vec<T>, idx: usize) {
+    v.resize(idx + 1, T::default());
 }
 
 const SMALL: u32 = 0;
 const MAIN: u32 = 1;
 /// Highest frequency S3-FIFO counts (2 bits).
 const MAX_FREQ: u8 = 3;
+/// Flag in an object's frequency byte: it is in SMALL or MAIN (so `on_access` need not look at
+/// the lists).
+const LINKED: u8 = 0x80;
 
 /// S3-FIFO (Yang et al., SOSP '23): new objects enter a small FIFO (about 10 % of the resident
 /// objects); an object read at least twice while there (one engine read = lock + release = two
@@ -422,9 +403,9 @@ const MAX_FREQ: u8 = 3;
 #[derive(Debug)]
 pub struct S3FifoPolicy {
     lists: Lists,
+    /// Per id: the frequency (low 2 bits) and [`LINKED`].
     freq: Vec<u8>,
-    fingerprints: Vec<u64>,
-    ghosts: Ghosts,
+    ghost: GhostList<false>,
 }
 
 impl Default for S3FifoPolicy {
@@ -432,8 +413,7 @@ impl Default for S3FifoPolicy {
         Self {
             lists: Lists::new(2),
             freq: Vec::new(),
-            fingerprints: Vec::new(),
-            ghosts: Ghosts::default(),
+            ghost: GhostList::default(),
         }
     }
 }
@@ -450,35 +430,28 @@ impl EvictionPolicy for S3FifoPolicy {
     }
 
     fn on_ready(&mut self, id: EntryId, meta: EntryMeta) {
-        let idx = id as usize;
-        if idx >= self.freq.len() {
-            self.freq.resize(idx + 1, 0);
-            self.fingerprints.resize(idx + 1, 0);
-        }
-        self.freq[idx] = 0;
-        self.fingerprints[idx] = meta.fingerprint;
-        let list = if self.ghosts.take(meta.fingerprint) {
-            MAIN
-        } else {
-            SMALL
-        };
+        set_grow(&mut self.freq, id, LINKED);
+        let fp = ghost_key(meta.fingerprint);
+        let list = if self.ghost.take(fp) { MAIN } else { SMALL };
         self.lists.push_back(list, id);
     }
 
     fn on_access(&mut self, id: EntryId) {
-        if self.lists.list_of(id).is_some()
-            && let Some(f) = self.freq.get_mut(id as usize)
+        if let Some(f) = self.freq.get_mut(id as usize)
+            && *f & LINKED != 0
         {
-            *f = (*f + 1).min(MAX_FREQ);
+            *f = (*f + 1).min(LINKED | MAX_FREQ);
         }
     }
 
-    fn on_remove(&mut self, id: EntryId, why: Removal) {
+    fn on_remove(&mut self, id: EntryId, meta: EntryMeta, why: Removal) {
+        if let Some(f) = self.freq.get_mut(id as usize) {
+            *f = 0;
+        }
         let list = self.lists.unlink(id);
         if why == Removal::Evicted && list == Some(SMALL) {
-            let fp = self.fingerprints.get(id as usize).copied().unwrap_or(0);
-            let bound = self.resident().max(1);
-            self.ghosts.push(fp, bound);
+            self.ghost
+                .push(ghost_key(meta.fingerprint), self.resident());
         }
     }
 
@@ -500,8 +473,10 @@ impl EvictionPolicy for S3FifoPolicy {
             if from_small {
                 let Some(id) = cs else { return };
                 cs = self.lists.next(id);
-                if self.freq.get(id as usize).copied().unwrap_or(0) > 1 {
-                    self.freq[id as usize] = 0;
+                if let Some(f) = self.freq.get_mut(id as usize)
+                    && *f & MAX_FREQ > 1
+                {
+                    *f = LINKED;
                     self.lists.push_back(MAIN, id);
                     small_left -= 1;
                     if cm.is_none() {
@@ -517,9 +492,10 @@ impl EvictionPolicy for S3FifoPolicy {
             } else {
                 let Some(id) = cm else { return };
                 let next = self.lists.next(id);
-                let f = self.freq.get(id as usize).copied().unwrap_or(0);
-                if f > 0 {
-                    self.freq[id as usize] = f - 1;
+                if let Some(f) = self.freq.get_mut(id as usize)
+                    && *f & MAX_FREQ > 0
+                {
+                    *f -= 1;
                     self.lists.push_back(MAIN, id);
                     // When `id` was the tail it is the tail again: look at it once more.
                     cm = next.or(Some(id));
@@ -544,7 +520,7 @@ impl EvictionPolicy for NoopPolicy {
     }
     fn on_ready(&mut self, _id: EntryId, _meta: EntryMeta) {}
     fn on_access(&mut self, _id: EntryId) {}
-    fn on_remove(&mut self, _id: EntryId, _why: Removal) {}
+    fn on_remove(&mut self, _id: EntryId, _meta: EntryMeta, _why: Removal) {}
     fn select(&mut self, _tenants: &[TenantId], _visit: &mut dyn FnMut(EntryId) -> Verdict) {}
 }
 
@@ -580,7 +556,7 @@ mod tests {
             Verdict::Evict
         });
         for &id in &v {
-            p.on_remove(id, Removal::Evicted);
+            p.on_remove(id, meta(id), Removal::Evicted);
         }
         v
     }
@@ -594,10 +570,10 @@ mod tests {
         assert_eq!(order(&mut p, &[]), vec![3, 1, 7]);
         p.on_access(3);
         assert_eq!(order(&mut p, &[]), vec![1, 7, 3]);
-        p.on_remove(7, Removal::Dropped);
+        p.on_remove(7, meta(7), Removal::Dropped);
         assert_eq!(order(&mut p, &[]), vec![1, 3]);
         p.on_access(42); // unknown id: ignored
-        p.on_remove(42, Removal::Dropped);
+        p.on_remove(42, meta(42), Removal::Dropped);
         assert_eq!(order(&mut p, &[]), vec![1, 3]);
         assert_eq!(p.len(), 2);
     }

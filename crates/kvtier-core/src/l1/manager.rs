@@ -324,6 +324,9 @@ struct Entry {
     temporary: bool,
     doomed: bool,
     tenant: TenantId,
+    /// [`fingerprint`] of `key`, set when the entry becomes readable (0 while staging); the
+    /// policy gets it back at removal, so it keeps no copy of its own.
+    fingerprint: u64,
 }
 
 #[derive(Debug, Default)]
@@ -530,6 +533,7 @@ impl L1Manager {
                 temporary,
                 doomed: false,
                 tenant,
+                fingerprint: 0,
             };
             inner.tenants.charge(tenant, reserved);
             let (id, generation) = inner.insert(entry);
@@ -981,10 +985,8 @@ impl L1Manager {
             if let Some(l) = self.listener.get() {
                 l.published(&e.key);
             }
-            meta = Some(EntryMeta {
-                tenant: e.tenant,
-                fingerprint: fingerprint(&e.key),
-            });
+            e.fingerprint = fingerprint(&e.key);
+            meta = Some(e.meta());
         }
         self.counters.staging_objects.sub(1);
         self.counters.staging_bytes.sub(reserved);
@@ -1092,7 +1094,7 @@ impl L1Manager {
     }
 
     fn doom(&self, inner: &mut Inner, id: EntryId) {
-        let key = match inner.entry_mut(id) {
+        let (key, meta) = match inner.entry_mut(id) {
             Some(e) => {
                 e.doomed = true;
                 if e.phase == Phase::Ready
@@ -1100,12 +1102,12 @@ impl L1Manager {
                 {
                     l.removed(&e.key);
                 }
-                e.key.clone()
+                (e.key.clone(), e.meta())
             }
             None => return,
         };
         inner.index.remove(&key);
-        inner.policy.on_remove(id, Removal::Dropped);
+        inner.policy.on_remove(id, meta, Removal::Dropped);
         inner.tenants.unlink(id);
         self.counters.doomed_objects.add(1);
     }
@@ -1130,7 +1132,7 @@ impl L1Manager {
                 l.removed(&e.key);
             }
         }
-        inner.policy.on_remove(id, why);
+        inner.policy.on_remove(id, e.meta(), why);
         inner
             .tenants
             .release(e.tenant, id, e.reserved, why == Removal::Evicted);
@@ -1364,6 +1366,16 @@ fn resolve_tenants(
 fn fingerprint(key: &ObjectKey) -> u64 {
     use std::hash::BuildHasher;
     foldhash::fast::FixedState::with_seed(0x6b76_7469_6572_4c31).hash_one(key)
+}
+
+impl Entry {
+    /// What the eviction policy is told about this entry.
+    fn meta(&self) -> EntryMeta {
+        EntryMeta {
+            tenant: self.tenant,
+            fingerprint: self.fingerprint,
+        }
+    }
 }
 
 #[cold]

@@ -11,6 +11,7 @@
 pub mod alloc;
 pub mod controller;
 pub mod eviction;
+mod ghost;
 mod list;
 pub mod listener;
 pub mod manager;
