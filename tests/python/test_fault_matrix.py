@@ -186,29 +186,39 @@ def resp_server(port: int, extra: list[str] | None = None) -> Server:
     return start_server(["--l2-adapter", adapter, "--l2-stuck-op-seconds", "1"] + (extra or []))
 
 
+def l2_fault_row(srv: Server, rng: np.random.Generator, *, fault: str, inject: Callable[[], None],
+                 reason: str, detect_within: float, remove: Callable[[], None], recovery: str,
+                 recover_within: float) -> None:
+    """One L2 row: chunks cached and written behind, then `inject`; a store whose write-behind
+    meets the fault; readiness names an L2 adapter (with `reason` in its reason) while L1 keeps
+    serving; then `remove` and readiness comes back."""
+    with srv.client() as c:
+        ctx = engine(srv, c)
+        tokens = fresh_tokens(rng, 2 * 256)
+        ctx.store(tokens, 0, 512, ctx.random_chunks(rng, 2))
+        wait_for(lambda: ready(srv), 10, "ready before the fault")
+        t0 = time.monotonic()
+        inject()
+        ctx.store(fresh_tokens(rng, 256), 0, 256, ctx.random_chunks(rng, 1))  # meets the fault behind
+        wait_for(lambda: unready_because(srv, "l2_adapters", reason), detect_within, f"{fault} reported")
+        detect = time.monotonic() - t0
+        assert probe(srv, "live").code == 200
+        assert serves(srv, ctx, tokens, 2)
+        t1 = time.monotonic()
+        remove()
+        wait_for(lambda: ready(srv), recover_within, f"ready after: {recovery}")
+        record(fault, "engine.storage_manager.l2_adapters[0]", detect, recovery, time.monotonic() - t1)
+        ctx.close()
+
+
 def test_hung_redis_is_stuck_work_and_recovers_when_it_answers(rng: np.random.Generator) -> None:
     redis = Redis()
     srv = resp_server(redis.port)
     try:
-        with srv.client() as c:
-            ctx = engine(srv, c)
-            tokens = fresh_tokens(rng, 2 * 256)
-            ctx.store(tokens, 0, 512, ctx.random_chunks(rng, 2))
-            wait_for(lambda: ready(srv), 10, "ready with redis")
-            redis.signal(signal.SIGSTOP)
-            t0 = time.monotonic()
-            other = fresh_tokens(rng, 256)
-            ctx.store(other, 0, 256, ctx.random_chunks(rng, 1))  # its write-behind hangs
-            wait_for(lambda: unready_because(srv, "l2_adapters", "in flight"), 10, "stuck store reported")
-            detect = time.monotonic() - t0
-            assert probe(srv, "live").code == 200
-            assert serves(srv, ctx, tokens, 2)
-            t1 = time.monotonic()
-            redis.signal(signal.SIGCONT)
-            wait_for(lambda: ready(srv), 30, "ready after redis answers")
-            record("L2 hung (redis-server stopped with SIGSTOP)", "engine.storage_manager.l2_adapters[0]",
-                   detect, "redis answers again", time.monotonic() - t1)
-            ctx.close()
+        l2_fault_row(srv, rng, fault="L2 hung (redis-server stopped with SIGSTOP)",
+                     inject=lambda: redis.signal(signal.SIGSTOP), reason="in flight", detect_within=10,
+                     remove=lambda: redis.signal(signal.SIGCONT), recovery="redis answers again",
+                     recover_within=30)
     finally:
         redis.close()
         stop_and_check(srv)
@@ -218,24 +228,8 @@ def test_redis_down_is_reported_and_recovers_when_it_is_back(rng: np.random.Gene
     redis = Redis()
     srv = resp_server(redis.port)
     try:
-        with srv.client() as c:
-            ctx = engine(srv, c)
-            tokens = fresh_tokens(rng, 2 * 256)
-            ctx.store(tokens, 0, 512, ctx.random_chunks(rng, 2))
-            wait_for(lambda: ready(srv), 10, "ready with redis")
-            redis.kill()
-            t0 = time.monotonic()
-            ctx.store(fresh_tokens(rng, 256), 0, 256, ctx.random_chunks(rng, 1))  # fails behind
-            wait_for(lambda: unready_because(srv, "l2_adapters", ""), 30, "L2 down reported")
-            detect = time.monotonic() - t0
-            assert probe(srv, "live").code == 200
-            assert serves(srv, ctx, tokens, 2)
-            t1 = time.monotonic()
-            redis.start()
-            wait_for(lambda: ready(srv), 60, "ready after redis restarts")
-            record("L2 down (redis-server killed)", "engine.storage_manager.l2_adapters[0]",
-                   detect, "redis is back", time.monotonic() - t1)
-            ctx.close()
+        l2_fault_row(srv, rng, fault="L2 down (redis-server killed)", inject=redis.kill, reason="",
+                     detect_within=30, remove=redis.start, recovery="redis is back", recover_within=60)
     finally:
         redis.close()
         stop_and_check(srv)
@@ -272,24 +266,10 @@ def test_frozen_disk_is_stuck_work_and_recovers_when_thawed(rng: np.random.Gener
     mnt, cleanup = mount("ext4")
     srv = fs_server(mnt)
     try:
-        with srv.client() as c:
-            ctx = engine(srv, c)
-            tokens = fresh_tokens(rng, 2 * 256)
-            ctx.store(tokens, 0, 512, ctx.random_chunks(rng, 2))
-            wait_for(lambda: ready(srv), 10, "ready")
-            subprocess.run(["fsfreeze", "-f", mnt], check=True)
-            t0 = time.monotonic()
-            ctx.store(fresh_tokens(rng, 256), 0, 256, ctx.random_chunks(rng, 1))
-            wait_for(lambda: unready_because(srv, "l2_adapters", "in flight"), 15, "frozen disk reported")
-            detect = time.monotonic() - t0
-            assert probe(srv, "live").code == 200
-            assert serves(srv, ctx, tokens, 2)
-            t1 = time.monotonic()
-            subprocess.run(["fsfreeze", "-u", mnt], check=True)
-            wait_for(lambda: ready(srv), 30, "ready after thaw")
-            record("disk frozen (fsfreeze on the fs adapter's filesystem)", "engine.storage_manager.l2_adapters[0]",
-                   detect, "the filesystem is thawed", time.monotonic() - t1)
-            ctx.close()
+        l2_fault_row(srv, rng, fault="disk frozen (fsfreeze on the fs adapter's filesystem)",
+                     inject=lambda: subprocess.run(["fsfreeze", "-f", mnt], check=True), reason="in flight",
+                     detect_within=15, remove=lambda: subprocess.run(["fsfreeze", "-u", mnt], check=True),
+                     recovery="the filesystem is thawed", recover_within=30)
     finally:
         subprocess.run(["fsfreeze", "-u", mnt], capture_output=True)
         stop_and_check(srv)
@@ -299,31 +279,19 @@ def test_frozen_disk_is_stuck_work_and_recovers_when_thawed(rng: np.random.Gener
 def test_full_disk_is_reported_and_recovers_when_space_returns(rng: np.random.Generator) -> None:
     mnt, cleanup = mount("full")
     ballast = os.path.join(mnt, "ballast")
+
+    def fill() -> None:
+        with open(ballast, "wb", buffering=0) as f:  # unbuffered: close cannot fail
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 16))
+            except OSError:
+                pass
+
     srv = fs_server(mnt)
     try:
-        with srv.client() as c:
-            ctx = engine(srv, c)
-            tokens = fresh_tokens(rng, 2 * 256)
-            ctx.store(tokens, 0, 512, ctx.random_chunks(rng, 2))
-            wait_for(lambda: ready(srv), 10, "ready")
-            with open(ballast, "wb", buffering=0) as f:  # fill the filesystem (unbuffered: close cannot fail)
-                try:
-                    while True:
-                        f.write(b"\0" * (1 << 16))
-                except OSError:
-                    pass
-            t0 = time.monotonic()
-            ctx.store(fresh_tokens(rng, 256), 0, 256, ctx.random_chunks(rng, 1))
-            wait_for(lambda: unready_because(srv, "l2_adapters", ""), 15, "full disk reported")
-            detect = time.monotonic() - t0
-            assert probe(srv, "live").code == 200
-            assert serves(srv, ctx, tokens, 2)
-            t1 = time.monotonic()
-            os.unlink(ballast)
-            wait_for(lambda: ready(srv), 60, "ready after space returns")
-            record("disk full (tmpfs filled)", "engine.storage_manager.l2_adapters[0]",
-                   detect, "space is freed", time.monotonic() - t1)
-            ctx.close()
+        l2_fault_row(srv, rng, fault="disk full (tmpfs filled)", inject=fill, reason="", detect_within=15,
+                     remove=lambda: os.unlink(ballast), recovery="space is freed", recover_within=60)
     finally:
         stop_and_check(srv)
         cleanup()
