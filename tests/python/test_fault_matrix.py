@@ -131,6 +131,16 @@ class Redis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def inject_fault(srv: Server, body: dict) -> None:
+    """POST /api/debug/fault (servers started with --enable-fault-injection)."""
+    req = urllib.request.Request(
+        f"{srv.http_url}/api/debug/fault", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 200
+
+
 def engine(srv: Server, c, layers: int = 2, hidden: int = 64) -> EngineContext:
     return EngineContext(c, new_iid(), MODEL, num_layers=layers, hidden_dim_size=hidden)
 
@@ -306,12 +316,7 @@ def test_a_dead_eviction_thread_fails_liveness(rng: np.random.Generator) -> None
             ctx.store(tokens, 0, 256, ctx.random_chunks(rng, 1))
             assert probe(srv, "live").code == 200
             t0 = time.monotonic()
-            req = urllib.request.Request(
-                f"{srv.http_url}/api/debug/fault", data=b'{"component":"l1_eviction_controller"}',
-                headers={"Content-Type": "application/json"}, method="POST",
-            )
-            with urllib.request.urlopen(req, timeout=5) as r:
-                assert r.status == 200
+            inject_fault(srv, {"component": "l1_eviction_controller"})
             wait_for(lambda: probe(srv, "live").code == 503, 5, "not live")
             detect = time.monotonic() - t0
             body = probe(srv, "live").body
@@ -333,13 +338,7 @@ def test_a_stalled_eviction_thread_is_reported_until_its_round_ends(rng: np.rand
             tokens = fresh_tokens(rng, 256)
             ctx.store(tokens, 0, 256, ctx.random_chunks(rng, 1))
             t0 = time.monotonic()
-            req = urllib.request.Request(
-                f"{srv.http_url}/api/debug/fault",
-                data=b'{"component":"l1_eviction_controller","stall_seconds":8}',
-                headers={"Content-Type": "application/json"}, method="POST",
-            )
-            with urllib.request.urlopen(req, timeout=5) as r:
-                assert r.status == 200
+            inject_fault(srv, {"component": "l1_eviction_controller", "stall_seconds": 8})
             # The eviction thread's stall threshold is 30 rounds of 100 ms, at least 5 s.
             wait_for(lambda: unready_because(srv, "l1_eviction_controller", "stalled"), 10, "stall reported")
             detect = time.monotonic() - t0

@@ -603,20 +603,10 @@ impl KvEvents {
             }
             None => (None, TokenSpan::default()),
         };
-        let seq = s.next_seq;
-        self.append(
-            &mut s,
-            medium,
-            KvEventRecord {
-                seq,
-                kind: KvEventKind::Stored,
-                medium: name,
-                model_name: Arc::clone(&key.model_name),
-                block_hashes: vec![*key.chunk_hash.as_bytes()],
-                parent_block_hash: parent.map(|p| *p.as_bytes()),
-                token_ids: tokens,
-            },
-        );
+        let mut record = new_record(&s, KvEventKind::Stored, name, key);
+        record.parent_block_hash = parent.map(|p| *p.as_bytes());
+        record.token_ids = tokens;
+        self.append(&mut s, medium, record);
     }
 
     /// A copy of `key` left medium `medium`: announces the removal when it was the last one.
@@ -634,24 +624,30 @@ impl KvEvents {
             }
             None => return,
         }
-        let seq = s.next_seq;
-        self.append(
-            &mut s,
-            medium,
-            KvEventRecord {
-                seq,
-                kind: KvEventKind::Removed,
-                medium: name,
-                model_name: id.1,
-                block_hashes: vec![*key.chunk_hash.as_bytes()],
-                parent_block_hash: None,
-                token_ids: TokenSpan::default(),
-            },
-        );
+        let record = new_record(&s, KvEventKind::Removed, name, key);
+        self.append(&mut s, medium, record);
     }
 
     fn l2_medium(&self, adapter: usize) -> Option<&'static str> {
         self.l2_media.get()?.get(adapter).copied()
+    }
+}
+
+/// The record of one chunk with the log's next sequence number (no parent, no tokens).
+fn new_record(
+    s: &State,
+    kind: KvEventKind,
+    medium: &'static str,
+    key: &ObjectKey,
+) -> KvEventRecord {
+    KvEventRecord {
+        seq: s.next_seq,
+        kind,
+        medium,
+        model_name: Arc::clone(&key.model_name),
+        block_hashes: vec![*key.chunk_hash.as_bytes()],
+        parent_block_hash: None,
+        token_ids: TokenSpan::default(),
     }
 }
 
