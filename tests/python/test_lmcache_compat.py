@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, free_port, kvtier_bin, new_shm_name, new_iid, fresh_tokens
-from kvclient import EngineContext, KVClient, NoReply, make_key
+from kvclient import EngineContext, KVClient, NoReply, make_key, store_context
 
 TELEMETRY_OFF = {"LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1", "LMCACHE_DISABLE_BANNER": "1",
                  "CUDA_VISIBLE_DEVICES": ""}
@@ -281,7 +281,9 @@ def target() -> Iterator[Target]:
     kind = os.environ.get("KVTIER_WIRE_TARGET", "kvtier")
     port, http_port, shm = free_port(), free_port(), new_shm_name()
     common = ["--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port), "--l1-size-gb", "0.25",
-              "--eviction-policy", "LRU", "--chunk-size", "256", "--shm-name", shm]
+              "--eviction-policy", "LRU", "--chunk-size", "256", "--shm-name", shm,
+              # short, for the late-writer row; every other row commits at once
+              "--l1-write-ttl-seconds", str(WRITE_TTL)]
     fd, log = tempfile.mkstemp(prefix=f"{kind}-wire-", suffix=".log")
     if kind == "lmcache":
         args = [str(lmcache_venv() / "bin" / "lmcache"), "server", *common, "--supported-transfer-mode", "auto"]
@@ -324,6 +326,7 @@ def expect(target: Target, *, lmcache: Any, kvtier: Any) -> Any:
 
 
 NO_REPLY = "no reply"
+WRITE_TTL = 2
 
 
 def answer(f: Any) -> Any:
@@ -438,6 +441,41 @@ def test_other_ops_with_extra_frames(wctx: EngineContext, target: Target, op: st
         assert r == NO_REPLY
     else:  # the op's failure reply ("OK" for noop, 0 for query_prefetch_status)
         assert r.payload == {"noop": b"\xa2OK", "query_prefetch_status": b"\x00"}[op]
+
+
+def test_late_commit_after_the_write_ttl(wctx: EngineContext, rng: np.random.Generator, target: Target):
+    """A prepares a store and stalls past the write TTL; B stores the same chunks; A then writes its
+    old slots and commits. LMCache hands A's memory to B and answers A true, so lookups serve B's
+    keys with A's bytes; kvtier keeps A's memory quarantined and answers A false."""
+    b = EngineContext(KVClient(target.url, timeout=5), new_iid(), wctx.model, num_layers=2, hidden_dim_size=64,
+                      dtype_str="float16")
+    try:
+        tokens = fresh_tokens(rng, 768)
+        key_a = wctx.key(tokens, 0, 768, "late-a")
+        slots_a = store_context(wctx.client.prepare_store(key_a, wctx.instance_id)).slots
+        time.sleep(WRITE_TTL + 1.5)
+        data_b = b.random_chunks(rng, 3)
+        key_b = b.key(tokens, 0, 768, "late-b")
+        prep_b = store_context(b.client.prepare_store(key_b, b.instance_id))
+        assert prep_b.chunk_indices == [0, 1, 2]  # both: A's keys are free again
+        for s, d in zip(prep_b.slots, data_b):
+            b.pool.write(s, d)
+        assert b.client.commit_store(key_b, b.instance_id) is True
+        for s in slots_a:
+            wctx.pool.write(s, b"\xa5" * s.length)
+        late = wctx.client.commit_store(key_a, wctx.instance_id)
+        assert lookup(b, tokens, 768, "late-r") == 3
+        got = b.retrieve(tokens, 0, 768, "late-r")
+        b.client.end_session("late-r")
+        shared = {s.offset for s in slots_a} & {s.offset for s in prep_b.slots}
+        if target.kind == "lmcache":
+            assert late is True
+            assert not shared or got != data_b  # B got A's memory: A's late bytes under B's keys
+        else:
+            assert late is False and not shared and got == data_b
+    finally:
+        b.close()
+        b.client.close()
 
 
 # --- LMCache's CLI tools as conformance clients ------------------------------------------------------

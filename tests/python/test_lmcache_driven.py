@@ -816,3 +816,132 @@ def test_checksums_endpoint(lmd_server: Server, cli: Client, rng, layout: str, d
     finally:
         cli.call("unregister_kv_cache", iid)
         kv.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Engine segments shrunk, unlinked or replaced under the server (issue #13, finding 1)
+# --------------------------------------------------------------------------------------------
+
+
+def truncate_segment(seg: Segment, size: int = 0) -> None:
+    """The engine shrinks its own segment through its fd (what a buggy or hostile client can do).
+    The test must not touch that segment's pages afterwards: it would get SIGBUS itself."""
+    fd = os.open(seg.path, os.O_RDWR)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def test_a_truncated_segment_fails_its_instance_not_the_server(lmd_server: Server, cli: Client, rng) -> None:
+    bad, good, fresh = make_kv("flash_nhd", rng), make_kv("flash_hnd", rng), make_kv("flash_nhd", rng)
+    a, b = new_iid(), new_iid()
+    other = lmd_server.client()
+    try:
+        register_lmd(cli, bad, a)
+        register_lmd(other, good, b)
+        # Stored before the truncation: these objects must come through it intact.
+        toks = tokens(rng, 2 * CHUNK)
+        blocks = pick_blocks(rng, 2 * BPC)
+        want = [bad.gather(blocks[i * BPC:(i + 1) * BPC]) for i in range(2)]
+        rid = uniq("req")
+        assert cli.store(key(toks, rid, 0, 2 * CHUNK), a, [blocks]) == (STUB, True)
+        cli.call("end_session", rid)
+        before = lmd_server.lmd()["counters"]
+
+        victim = bad.segments[LAYERS - 1]  # the last layer: the copy reaches it after the others
+        truncate_segment(victim)
+
+        # store: the defined failure reply, the server alive, nothing published.
+        toks2 = tokens(rng, 2 * CHUNK)
+        rid2 = uniq("req")
+        assert cli.store(key(toks2, rid2, 0, 2 * CHUNK), a, [blocks]) == (STUB, False)
+        assert lmd_server.proc.poll() is None, f"server died:\n{lmd_server.log()[-3000:]}"
+        assert cli.lookup(key(toks2, rid2, 0, 2 * CHUNK, worker=None)) == 0
+        cli.call("end_session", rid2)
+        # retrieve into the truncated engine: fails too.
+        rid3 = uniq("req")
+        assert cli.lookup(key(toks, rid3, 0, 2 * CHUNK, worker=None)) == 2
+        assert cli.retrieve(key(toks, rid3, 0, 2 * CHUNK), a, [blocks]) == (STUB, False)
+        cli.call("end_session", rid3)
+
+        # The instance is unhealthy with the reason; the failures are counted.
+        st = lmd_server.status()
+        ctxs = st["lmcache_driven"]["contexts"]
+        assert ctxs[str(a)]["is_healthy"] is False, ctxs[str(a)]
+        assert "truncated" in ctxs[str(a)]["unhealthy_reason"] and victim.name in ctxs[str(a)]["unhealthy_reason"]
+        assert ctxs[str(b)]["is_healthy"] is True
+        assert st["is_healthy"] is False and st["lmcache_driven"]["faulted_instances"] == 1
+        c = st["lmcache_driven"]["counters"]
+        assert c["segment_faults_total"] == before["segment_faults_total"] + 2
+        assert c["stores_failed_total"] == before["stores_failed_total"] + 1
+        assert c["retrieves_failed_total"] == before["retrieves_failed_total"] + 1
+        assert "truncated" in lmd_server.log()
+        # Not ready (a client's instance is broken), but live: nothing to restart.
+        assert lmd_server.http("GET", "/api/healthcheck")[0] == 503
+        assert lmd_server.http("GET", "/api/healthcheck?probe=live")[0] == 200
+
+        # L1 is intact and the other client unaffected: the chunks stored before the fault come
+        # back byte-exact through the other instance, and its own round trip works.
+        rid4 = uniq("req")
+        assert other.lookup(key(toks, rid4, 0, 2 * CHUNK, worker=None)) == 2
+        dst = pick_blocks(rng, 2 * BPC)
+        assert other.retrieve(key(toks, rid4, 0, 2 * CHUNK), b, [dst]) == (STUB, True)
+        assert [good.gather(dst[i * BPC:(i + 1) * BPC]) for i in range(2)] == want
+        other.call("end_session", rid4)
+        toks5, src = tokens(rng, CHUNK), pick_blocks(rng, BPC)
+        own = good.gather(src)
+        rid5 = uniq("req")
+        assert other.store(key(toks5, rid5, 0, CHUNK), b, [src]) == (STUB, True)
+        assert other.lookup(key(toks5, rid5, 0, CHUNK, worker=None)) == 1
+        dst5 = [x for x in pick_blocks(rng, NB - 1) if x not in src][:BPC]
+        assert other.retrieve(key(toks5, rid5, 0, CHUNK), b, [dst5]) == (STUB, True)
+        assert good.gather(dst5) == own
+        other.call("end_session", rid5)
+
+        # Recovery: the engine registers again with good memory; the old mapping goes.
+        register_lmd(cli, fresh, a)
+        assert not mapped(lmd_server, victim)
+        st = lmd_server.status()
+        assert st["lmcache_driven"]["contexts"][str(a)]["is_healthy"] is True
+        assert st["is_healthy"], st.get("unhealthy_reason")
+        assert lmd_server.http("GET", "/api/healthcheck")[0] == 200
+        toks6, src6 = tokens(rng, CHUNK), pick_blocks(rng, BPC)
+        rid6 = uniq("req")
+        assert cli.store(key(toks6, rid6, 0, CHUNK), a, [src6]) == (STUB, True)
+        assert cli.lookup(key(toks6, rid6, 0, CHUNK, worker=None)) == 1
+        cli.call("end_session", rid6)
+        assert cli.call("unregister_kv_cache", a) is None
+        assert other.call("unregister_kv_cache", b) is None
+    finally:
+        for kv in (bad, good, fresh):
+            kv.close()
+
+
+def test_unlinked_or_replaced_segments_keep_serving_the_registered_memory(lmd_server: Server, cli: Client, rng) -> None:
+    kv = make_kv("flash_nhd", rng)
+    iid = new_iid()
+    register_lmd(cli, kv, iid)
+    try:
+        kv.segments[0].unlink()
+        # Replaced: a new, empty file under the old name.
+        kv.segments[1].unlink()
+        os.close(os.open(kv.segments[1].path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+        # The server's mapping keeps the inode the engine registered (and still writes).
+        toks, src = tokens(rng, 2 * CHUNK), pick_blocks(rng, 2 * BPC)
+        want = [kv.gather(src[i * BPC:(i + 1) * BPC]) for i in range(2)]
+        rid = uniq("req")
+        assert cli.store(key(toks, rid, 0, 2 * CHUNK), iid, [src]) == (STUB, True)
+        assert cli.lookup(key(toks, rid, 0, 2 * CHUNK, worker=None)) == 2
+        dst = [x for x in pick_blocks(rng, NB - 1) if x not in src][:2 * BPC]
+        assert cli.retrieve(key(toks, rid, 0, 2 * CHUNK), iid, [dst]) == (STUB, True)
+        assert [kv.gather(dst[i * BPC:(i + 1) * BPC]) for i in range(2)] == want
+        cli.call("end_session", rid)
+        assert lmd_server.lmd()["contexts"][str(iid)]["is_healthy"] is True
+        # A new registration maps by name: the unlinked segment is refused, naming the reason.
+        register_lmd(cli, kv, iid)
+        ctx = lmd_server.lmd()["contexts"][str(iid)]
+        assert ctx["state"] == "refused" and "shm_open" in ctx["reason"], ctx
+        assert cli.call("unregister_kv_cache", iid) is None
+    finally:
+        kv.close()

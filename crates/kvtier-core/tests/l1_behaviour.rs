@@ -49,19 +49,141 @@ fn staging_objects_are_invisible_and_expired_writes_never_become_readable() {
 }
 
 #[test]
-fn background_sweep_discards_abandoned_staging_objects() {
+fn background_sweep_quarantines_abandoned_staging_objects() {
     let (l1, clock) = manager(16);
-    let _t = l1
+    let t = l1
         .reserve_write(&[(key(1), PAGE)], false)
         .remove(0)
         .expect("reserved");
     assert_eq!(l1.counters().staging_objects.get(), 1);
     clock.advance(Duration::from_secs(600));
     assert_eq!(l1.expire_locks(), 1);
-    assert_eq!(l1.counters().staging_objects.get(), 0);
-    assert_eq!(l1.usage().0, 0);
-    // The key is writable again.
-    assert!(l1.reserve_write(&[(key(1), PAGE)], false)[0].is_ok());
+    let c = l1.counters();
+    assert_eq!(c.staging_objects.get(), 0);
+    assert_eq!(c.quarantined_objects.get(), 1);
+    assert_eq!(c.quarantined_bytes.get(), PAGE);
+    // The key is writable again, but the memory is still held for the late writer.
+    assert_eq!(l1.usage().0, PAGE);
+    assert!(l1.holds_any(&[t]));
+    let t2 = l1
+        .reserve_write(&[(key(1), PAGE)], false)
+        .remove(0)
+        .expect("writable again");
+    assert_ne!(t2.alloc.offset, t.alloc.offset);
+    // The writer's abort frees it.
+    assert_eq!(l1.abort_write(&[t])[0], Err(L1Error::KeyNotExist));
+    assert!(!l1.holds_any(&[t]));
+    assert_eq!(c.quarantined_objects.get(), 0);
+    assert_eq!(c.quarantine_released_total.get(), 1);
+    assert_eq!(l1.usage().0, PAGE);
+    l1.check_invariants().expect("invariants");
+}
+
+/// Issue #13 finding 8: writer A's reservation lapses, writer B stores the same key and
+/// publishes, A comes back. B must not have been handed A's memory, and A's late commit must
+/// fail without touching B's object.
+#[test]
+fn a_late_writer_never_shares_memory_with_the_next_writer_of_its_key() {
+    let (l1, clock) = manager(16);
+    let a = l1
+        .reserve_write(&[(key(1), PAGE)], false)
+        .remove(0)
+        .expect("A reserved");
+    clock.advance(Duration::from_secs(601));
+    // No background round ran: B's reservation is what notices A's lapse.
+    let b = l1
+        .reserve_write(&[(key(1), PAGE)], false)
+        .remove(0)
+        .expect("B reserved");
+    assert_ne!(b.alloc.offset, a.alloc.offset, "B was handed A's memory");
+    assert_eq!(l1.finish_write(&[b])[0], Ok(()));
+    // More stores while A is away never get A's range either.
+    for n in 2..16 {
+        let t = l1
+            .reserve_write(&[(key(n), PAGE)], false)
+            .remove(0)
+            .expect("reserved");
+        assert_ne!(t.alloc.offset, a.alloc.offset, "store {n} got A's memory");
+        l1.finish_write(&[t])[0].expect("published");
+    }
+    // A's late commit answers KeyNotExist and frees A's range; B's object is untouched.
+    assert_eq!(l1.finish_write(&[a])[0], Err(L1Error::KeyNotExist));
+    let lease = l1.reserve_read(&[key(1)], 1).remove(0).expect("B readable");
+    assert_eq!(lease.alloc, b.alloc);
+    let c = l1.counters();
+    assert_eq!(c.quarantine_released_total.get(), 1);
+    assert_eq!(c.quarantine_forced_reuses_total.get(), 0);
+    assert_eq!(c.quarantined_bytes.get(), 0);
+    l1.check_invariants().expect("invariants");
+}
+
+#[test]
+fn the_quarantine_budget_frees_the_oldest_reservations_first() {
+    let clock = Clock::manual();
+    let mut cfg = L1Config::with_capacity(8 * PAGE);
+    cfg.quarantine_budget_bytes = 2 * PAGE;
+    let l1 = L1Manager::with_clock(cfg, clock.clone());
+    let tickets: Vec<_> = l1
+        .reserve_write(&[(key(1), PAGE), (key(2), PAGE), (key(3), PAGE)], false)
+        .into_iter()
+        .map(|r| r.expect("reserved"))
+        .collect();
+    clock.advance(Duration::from_secs(601));
+    assert_eq!(l1.expire_locks(), 3);
+    let c = l1.counters();
+    assert_eq!(c.quarantined_objects.get(), 2);
+    assert_eq!(c.quarantined_bytes.get(), 2 * PAGE);
+    assert_eq!(c.quarantine_forced_reuses_total.get(), 1);
+    assert!(!l1.holds_any(&tickets[..1]), "the oldest is released first");
+    assert!(l1.holds_any(&tickets[1..2]) && l1.holds_any(&tickets[2..]));
+    // The forced reuse is the only range a new store can get among the three.
+    for n in 10..15 {
+        let t = l1
+            .reserve_write(&[(key(n), PAGE)], false)
+            .remove(0)
+            .expect("reserved");
+        assert!(
+            tickets[1..]
+                .iter()
+                .all(|q| q.alloc.offset != t.alloc.offset)
+        );
+    }
+    // A forced clear does not touch the quarantine; a doomed staging object that lapses joins it.
+    let d = l1
+        .reserve_write(&[(key(20), PAGE)], false)
+        .remove(0)
+        .expect("reserved");
+    assert_eq!(l1.clear(true).doomed, 6);
+    assert_eq!(c.quarantined_objects.get(), 2);
+    clock.advance(Duration::from_secs(601));
+    l1.expire_locks();
+    assert_eq!(c.doomed_objects.get(), 0);
+    assert_eq!(c.quarantined_objects.get(), 2);
+    assert!(
+        l1.holds_any(&[d]),
+        "the newest reservation stays quarantined"
+    );
+    l1.check_invariants().expect("invariants");
+
+    // Budget 0: LMCache's timing (freed at expiry), counted as forced reuse.
+    let mut cfg = L1Config::with_capacity(8 * PAGE);
+    cfg.quarantine_budget_bytes = 0;
+    let l1 = L1Manager::with_clock(cfg, clock.clone());
+    let a = l1
+        .reserve_write(&[(key(1), PAGE)], false)
+        .remove(0)
+        .expect("reserved");
+    clock.advance(Duration::from_secs(601));
+    let b = l1
+        .reserve_write(&[(key(1), PAGE)], false)
+        .remove(0)
+        .expect("reserved");
+    assert_eq!(b.alloc.offset, a.alloc.offset);
+    assert_eq!(l1.counters().quarantine_forced_reuses_total.get(), 1);
+    // The late commit still fails.
+    assert_eq!(l1.finish_write(&[a])[0], Err(L1Error::KeyNotExist));
+    assert_eq!(l1.finish_write(&[b])[0], Ok(()));
+    l1.check_invariants().expect("invariants");
 }
 
 #[test]
@@ -383,8 +505,13 @@ fn mass_expiry_is_applied_across_several_lock_batches() {
     assert!(l1.reserve_write(&items, false).iter().all(Result::is_ok));
     clock.advance(Duration::from_secs(601));
     assert_eq!(l1.expire_locks(), n as u64);
-    assert_eq!(l1.counters().staging_objects.get(), 0);
-    assert_eq!(l1.usage().0, 0);
+    let c = l1.counters();
+    assert_eq!(c.staging_objects.get(), 0);
+    // The quarantine keeps its budget (a tenth of the pool) and lets the oldest go.
+    let budget = l1.config().quarantine_budget_bytes / PAGE;
+    assert_eq!(c.quarantined_objects.get(), budget);
+    assert_eq!(c.quarantine_forced_reuses_total.get(), n as u64 - budget);
+    assert_eq!(l1.usage().0, budget * PAGE);
     assert_eq!(l1.expire_locks(), 0);
     l1.check_invariants().expect("invariants");
 }

@@ -316,6 +316,8 @@ const OBJ: u64 = 4096;
 const SLOTS: u64 = 8;
 const WRITE_TTL: u64 = 10;
 const READ_TTL: u64 = 5;
+/// Quarantine budget in objects.
+const QUARANTINE: u64 = 2;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -357,6 +359,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 enum Phase {
     Staging,
     Ready,
+    Quarantined,
 }
 
 #[derive(Debug, Clone)]
@@ -380,6 +383,8 @@ struct Model {
     index: HashMap<u8, u64>,
     pol: Box<dyn RefPolicy>,
     isolated: bool,
+    /// Quarantined objects freed by the budget.
+    forced: u64,
 }
 
 impl Model {
@@ -390,6 +395,7 @@ impl Model {
     fn remove_as(&mut self, id: u64, evicted: bool) {
         if let Some(o) = self.objs.remove(&id)
             && !o.doomed
+            && o.phase != Phase::Quarantined
         {
             self.index.remove(&o.key);
         }
@@ -402,6 +408,32 @@ impl Model {
 
     fn touch(&mut self, id: u64) {
         self.pol.access(id);
+    }
+
+    fn quarantined(&self) -> Vec<u64> {
+        self.objs
+            .iter()
+            .filter(|(_, o)| o.phase == Phase::Quarantined)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// A staging object's write TTL lapsed: its key goes, its memory stays quarantined; over
+    /// the budget, the oldest reservations (lowest ids) are freed.
+    fn expire_staging(&mut self, id: u64) {
+        let o = self.objs.get_mut(&id).expect("model object");
+        let (key, doomed) = (o.key, o.doomed);
+        o.phase = Phase::Quarantined;
+        o.doomed = false;
+        o.deadline = None;
+        if !doomed {
+            self.index.remove(&key);
+        }
+        let q = self.quarantined();
+        for &victim in q.iter().take(q.len().saturating_sub(QUARANTINE as usize)) {
+            self.remove(victim);
+            self.forced += 1;
+        }
     }
 
     /// IsolatedLRU's drain order without quotas: tenants by bytes held (every object, staging
@@ -435,10 +467,11 @@ impl Model {
         let lapsed = o.deadline.is_some_and(|d| d <= self.now);
         match o.phase {
             Phase::Staging if lapsed => {
-                self.remove(id);
+                self.expire_staging(id);
                 Err(L1Error::KeyNotExist)
             }
             Phase::Staging => Err(L1Error::KeyNotReadable),
+            Phase::Quarantined => Err(L1Error::KeyNotExist),
             Phase::Ready => {
                 if o.readers > 0 && lapsed {
                     self.expire_readers(id);
@@ -499,6 +532,7 @@ fn run(ops: Vec<Op>, policy: EvictionPolicyKind) -> Result<(), TestCaseError> {
     let mut cfg = L1Config::with_capacity(SLOTS * OBJ);
     cfg.write_ttl = Duration::from_secs(WRITE_TTL);
     cfg.read_ttl = Duration::from_secs(READ_TTL);
+    cfg.quarantine_budget_bytes = QUARANTINE * OBJ;
     cfg.eviction.policy = policy;
     let l1 = L1Manager::with_clock(cfg, clock.clone());
     let mut m = Model {
@@ -508,6 +542,7 @@ fn run(ops: Vec<Op>, policy: EvictionPolicyKind) -> Result<(), TestCaseError> {
         index: HashMap::new(),
         pol: reference(policy),
         isolated: policy == EvictionPolicyKind::IsolatedLru,
+        forced: 0,
     };
     let keys: Vec<ObjectKey> = (0..12).map(key).collect();
     let mut tickets: Vec<(WriteTicket, u64)> = Vec::new();
@@ -528,7 +563,7 @@ fn run(ops: Vec<Op>, policy: EvictionPolicyKind) -> Result<(), TestCaseError> {
                     if let Some(&id) = m.index.get(&k) {
                         let o = &m.objs[&id];
                         if o.phase == Phase::Staging && o.deadline.is_some_and(|d| d <= m.now) {
-                            m.remove(id);
+                            m.expire_staging(id);
                         } else {
                             expect.push(Err(L1Error::KeyNotWritable));
                             continue;
@@ -590,6 +625,11 @@ fn run(ops: Vec<Op>, policy: EvictionPolicyKind) -> Result<(), TestCaseError> {
                 let (t, id) = tickets[i % tickets.len()];
                 let expect = match m.objs.get(&id) {
                     None => Err(L1Error::KeyNotExist),
+                    // The writer is back after its TTL: freed, and its write is void.
+                    Some(o) if o.phase == Phase::Quarantined => {
+                        m.remove(id);
+                        Err(L1Error::KeyNotExist)
+                    }
                     Some(o) if o.phase != Phase::Staging => Err(L1Error::KeyInWrongState),
                     Some(o) if matches!(op, Op::AbortWrite(_)) => {
                         let _ = o;
@@ -729,7 +769,7 @@ fn run(ops: Vec<Op>, policy: EvictionPolicyKind) -> Result<(), TestCaseError> {
                     .collect();
                 for id in lapsed {
                     if m.objs[&id].phase == Phase::Staging {
-                        m.remove(id);
+                        m.expire_staging(id);
                     } else {
                         m.expire_readers(id);
                     }
@@ -741,7 +781,7 @@ fn run(ops: Vec<Op>, policy: EvictionPolicyKind) -> Result<(), TestCaseError> {
                 let mut removed = 0;
                 for id in ids {
                     let o = m.objs[&id].clone();
-                    if o.doomed {
+                    if o.doomed || o.phase == Phase::Quarantined {
                         continue;
                     }
                     if o.phase == Phase::Ready && o.readers == 0 {
@@ -767,11 +807,16 @@ fn run(ops: Vec<Op>, policy: EvictionPolicyKind) -> Result<(), TestCaseError> {
         }
         let c = l1.counters();
         prop_assert_eq!(c.objects.get(), m.objs.len() as u64);
+        prop_assert_eq!(c.quarantined_objects.get(), m.quarantined().len() as u64);
+        prop_assert_eq!(c.quarantine_forced_reuses_total.get(), m.forced);
     }
-    // Drain: releasing everything and clearing must return every byte.
+    // Drain: releasing everything and clearing must return every byte (the quarantine only
+    // once the writers' tickets come back).
     l1.clear(true);
     clock.advance(Duration::from_secs(WRITE_TTL + READ_TTL + 1));
     l1.expire_locks();
+    let all: Vec<WriteTicket> = tickets.iter().map(|&(t, _)| t).collect();
+    l1.abort_write(&all);
     l1.check_invariants().map_err(TestCaseError::fail)?;
     prop_assert_eq!(l1.usage().0, 0);
     Ok(())

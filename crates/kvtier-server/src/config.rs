@@ -84,6 +84,10 @@ pub struct L1Settings {
     /// Write-lock TTL.
     #[serde(rename = "l1_write_ttl_seconds", serialize_with = "as_seconds")]
     pub write_ttl: Duration,
+    /// Fraction of the pool that store reservations past their write TTL may hold until their
+    /// writer returns (the quarantine, `kvtier_core::l1::manager`); 0 frees them at expiry.
+    #[serde(rename = "l1_write_quarantine_fraction")]
+    pub write_quarantine_fraction: f64,
     /// Read-lock TTL.
     #[serde(rename = "l1_read_ttl_seconds", serialize_with = "as_seconds")]
     pub read_ttl: Duration,
@@ -212,6 +216,7 @@ impl Default for ServerConfig {
                 eviction_trigger_watermark: 0.8,
                 eviction_ratio: 0.2,
                 write_ttl: Duration::from_secs(600),
+                write_quarantine_fraction: 0.1,
                 read_ttl: Duration::from_secs(300),
                 shm_name: "kvtier_l1_5555".into(),
                 prefault: true,

@@ -108,8 +108,10 @@ impl Server {
             )
             .map_err(spawn_err("kvtier-l1-prefault"))?,
         );
+        let quarantine = config.l1.write_quarantine_fraction.clamp(0.0, 1.0);
         let l1 = Arc::new(L1Manager::new(L1Config {
             capacity_bytes: config.l1.size_bytes,
+            quarantine_budget_bytes: (config.l1.size_bytes as f64 * quarantine) as u64,
             align_bytes: config.l1.align_bytes,
             write_ttl: config.l1.write_ttl,
             read_ttl: config.l1.read_ttl,

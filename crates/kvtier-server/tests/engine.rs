@@ -263,6 +263,118 @@ fn abandoned_retrieves_and_stores_are_swept_after_their_ttl() {
     f.engine.l1().check_invariants().expect("invariants");
 }
 
+fn prepare_offsets(e: &Engine, iid: i64, request_id: &str, chunks: u64) -> Vec<u64> {
+    match e
+        .handle(Request::PrepareStore {
+            key: key(request_id, Some(0), chunks),
+            instance_id: iid,
+        })
+        .expect("prepared")
+    {
+        Response::PrepareStore { slots, .. } => slots.iter().map(|s| s.offset).collect(),
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+fn commit(e: &Engine, iid: i64, request_id: &str, chunks: u64) -> Result<Response, EngineError> {
+    e.handle(Request::CommitStore {
+        key: key(request_id, Some(0), chunks),
+        instance_id: iid,
+        data: Vec::new(),
+    })
+}
+
+/// Issue #13 finding 8 at the engine level: a store prepared and never committed keeps its
+/// memory past its write TTL and the housekeeping sweep, so the next writer of the same chunks
+/// gets other offsets; the late commit fails and frees it; an unregistered instance's
+/// quarantine is freed at once; a forced reuse lets the sweep drop the pending store.
+#[test]
+fn an_expired_store_is_quarantined_until_its_writer_or_instance_returns() {
+    let f = fixture();
+    let l1 = Arc::clone(f.engine.l1());
+    let c = l1.counters();
+    for iid in 1..=3 {
+        register(&f.engine, iid);
+    }
+    let a = prepare_offsets(&f.engine, 1, "a", 2);
+    f.clock.advance(Duration::from_secs(601));
+    l1.expire_locks();
+    f.engine.housekeeping();
+    assert_eq!(c.quarantined_objects.get(), 2);
+    assert_eq!(
+        f.engine.engine_driven().pending_counts().0,
+        1,
+        "swept too early"
+    );
+    // B: same chunks, other memory.
+    let b = prepare_offsets(&f.engine, 2, "b", 2);
+    assert_eq!(b.len(), 2);
+    assert!(
+        b.iter().all(|o| !a.contains(o)),
+        "B {b:?} got A's memory {a:?}"
+    );
+    commit(&f.engine, 2, "b", 2).expect("B commits");
+    // A's late commit: a failure, and its memory is free again.
+    assert!(matches!(
+        commit(&f.engine, 1, "a", 2),
+        Err(EngineError::Failed(_))
+    ));
+    assert_eq!(c.quarantined_objects.get(), 0);
+    assert_eq!(c.quarantine_released_total.get(), 2);
+    assert_eq!(lookup(&f.engine, "r", 2), vec![2]);
+
+    // C lapses too, then unregisters: its reservation is freed with it.
+    assert_eq!(
+        prepare_offsets(&f.engine, 3, "c", 3).len(),
+        1,
+        "chunks 0-1 are B's"
+    );
+    f.clock.advance(Duration::from_secs(601));
+    l1.expire_locks();
+    assert_eq!(c.quarantined_objects.get(), 1);
+    f.engine
+        .handle(Request::UnregisterKvCacheEngineDrivenContext { instance_id: 3 })
+        .expect("unregistered");
+    assert_eq!(c.quarantined_objects.get(), 0);
+    assert_eq!(f.engine.engine_driven().pending_counts().0, 0);
+
+    // Over the budget (a tenth of L1: 51 objects of 128 KiB) the oldest reservations go first,
+    // and a pending store with none left is swept.
+    let other_tokens = |rid: &str, first: u32, chunks: u32| IpcKey {
+        token_ids: (first..first + chunks * 256).collect(),
+        end: u64::from(chunks) * 256,
+        ..key(rid, Some(0), 0)
+    };
+    for (rid, first, chunks) in [("old", 1_000_000, 1), ("big", 2_000_000, 60)] {
+        f.engine
+            .handle(Request::PrepareStore {
+                key: other_tokens(rid, first, chunks),
+                instance_id: 1,
+            })
+            .expect("prepared");
+    }
+    f.clock.advance(Duration::from_secs(601));
+    l1.expire_locks();
+    assert_eq!(c.quarantined_objects.get(), 51);
+    assert_eq!(c.quarantine_forced_reuses_total.get(), 10);
+    f.engine.housekeeping();
+    assert_eq!(
+        f.engine.engine_driven().pending_counts().0,
+        1,
+        "the old store (nothing left) is swept, the big one (51 held) is kept"
+    );
+    assert!(matches!(
+        f.engine.handle(Request::CommitStore {
+            key: other_tokens("big", 2_000_000, 60),
+            instance_id: 1,
+            data: Vec::new(),
+        }),
+        Err(EngineError::Failed(_))
+    ));
+    assert_eq!(c.quarantined_objects.get(), 0);
+    l1.check_invariants().expect("invariants");
+}
+
 /// The wire edge: a lmcache_driven `store` that cannot happen (no such instance) is answered
 /// `(handle, false)` with the client's own event handle, and counted as `failed`, never `ok`.
 #[test]

@@ -102,6 +102,19 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_L1_WRITE_TTL_SECONDS", default_value_t = 600.0)]
     l1_write_ttl_seconds: f64,
 
+    /// Fraction of L1 (0 <= x <= 1) that store reservations past their write TTL may keep
+    /// holding until their writer commits or aborts, or its instance is unregistered or
+    /// reaped. The key is free for other writers at once, but the memory is not handed to
+    /// another store, so a late writer cannot overwrite someone else's chunk (LMCache reuses
+    /// the memory at once). Past this budget the oldest reservations are freed and counted in
+    /// kvtier_l1_quarantine_forced_reuses_total; 0 frees them at expiry.
+    #[arg(
+        long,
+        env = "KVTIER_L1_WRITE_QUARANTINE_FRACTION",
+        default_value_t = 0.1
+    )]
+    l1_write_quarantine_fraction: f64,
+
     /// Seconds a read lock (lookup or retrieve) lives without being refreshed.
     #[arg(long, env = "KVTIER_L1_READ_TTL_SECONDS", default_value_t = 300.0)]
     l1_read_ttl_seconds: f64,
@@ -273,6 +286,13 @@ fn fraction(flag: &str, v: f64) -> anyhow::Result<f64> {
     Ok(v)
 }
 
+fn fraction_or_zero(flag: &str, v: f64) -> anyhow::Result<f64> {
+    if !(0.0..=1.0).contains(&v) {
+        bail!("--{flag} must be in [0, 1], got {v}");
+    }
+    Ok(v)
+}
+
 impl ServeArgs {
     fn into_config(self) -> anyhow::Result<(ServerConfig, Extras)> {
         let notes = self.lmcache.resolve()?;
@@ -387,6 +407,10 @@ impl ServeArgs {
                 )?,
                 eviction_ratio: fraction("eviction-ratio", self.eviction_ratio)?,
                 write_ttl: seconds("l1-write-ttl-seconds", self.l1_write_ttl_seconds, false)?,
+                write_quarantine_fraction: fraction_or_zero(
+                    "l1-write-quarantine-fraction",
+                    self.l1_write_quarantine_fraction,
+                )?,
                 read_ttl: seconds("l1-read-ttl-seconds", self.l1_read_ttl_seconds, false)?,
                 shm_name,
                 prefault: !self.no_l1_prefault,

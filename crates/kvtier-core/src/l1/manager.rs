@@ -4,12 +4,27 @@
 //! ```text
 //!   reserve_write ──► STAGING ──finish_write──► READY ◄──finish_read (last)── READ-LOCKED
 //!     (per writer,      │  │                      │  └──────reserve_read──────────►┘
-//!      invisible)       │  └─abort_write / write TTL expiry──► discarded (never readable)
+//!      invisible)       │  ├─abort_write──► discarded (never readable)
+//!                       │  └─write TTL expiry──► QUARANTINED ──late finish/abort, budget──► freed
 //!                       └─finish_write_and_reserve_read──► READ-LOCKED (L2 prefetch)
 //! ```
 //! - A *staging* object belongs to the holder of its [`WriteTicket`]; readers see it as not
 //!   readable. If its write TTL expires it is discarded: a half-written object never becomes
 //!   readable (LMCache makes it readable; we do not).
+//! - **Quarantine.** When a write TTL expires the key is released at once (another writer may
+//!   store it), but the object's *memory* is not: the writer was handed its offsets and may
+//!   still be copying into them, and if they went to the next store a late writer would
+//!   overwrite another client's published chunk. The object becomes *quarantined*: out of the
+//!   index, holding its bytes, charged to its tenant, with no deadline. It is freed when its
+//!   writer's ticket comes back (`finish_write` answers `KeyNotExist`, `abort_write` too; the
+//!   engine aborts the tickets of an instance that is unregistered or reaped), or when the
+//!   quarantine exceeds [`L1Config::quarantine_budget_bytes`]: then the oldest reservations
+//!   are freed first and counted in `quarantine_forced_reuses_total` (each one is a memory
+//!   range a late writer could now corrupt). A budget of 0 frees at expiry (LMCache's
+//!   behaviour, minus publishing the half-written object). The order is the reservation
+//!   order, so the outcome does not depend on when the expiry is noticed. Cost under the lock:
+//!   O(log n) per object entering or leaving the quarantine (each leaves once), so trimming is
+//!   amortised into the expiries that caused it.
 //! - Read locks are counted (1..=128 per call). The read TTL is per object and refreshed by every
 //!   lock; when it expires all holders are released at once and the object's *read epoch* moves
 //!   on, so a late release through an old [`ReadLease`] is a no-op instead of stealing a lock
@@ -49,6 +64,9 @@ use super::eviction::{
 use super::tenants::{Directory, Tenants};
 use crate::key::ObjectKey;
 use crate::status::{StatusNode, StatusReport};
+
+/// The default quarantine budget is the pool size divided by this.
+pub const DEFAULT_QUARANTINE_DIVISOR: u64 = 10;
 
 /// Most read locks a single call may take per object (LMCache's `MAX_READ_LOCK_COUNT`).
 pub const MAX_READ_LOCKS_PER_CALL: u32 = 128;
@@ -217,6 +235,9 @@ impl Default for EvictionConfig {
 /// L1 manager settings.
 #[derive(Debug, Clone)]
 pub struct L1Config {
+    /// Most bytes held by quarantined reservations (write TTL lapsed, writer not back yet) before
+    /// the oldest are freed for reuse (default: a tenth of the pool; 0 frees at expiry).
+    pub quarantine_budget_bytes: u64,
     /// Pool size in bytes (rounded down to `align_bytes`).
     pub capacity_bytes: u64,
     /// Alignment of every object (default 4096).
@@ -234,6 +255,7 @@ impl L1Config {
     pub fn with_capacity(capacity_bytes: u64) -> Self {
         Self {
             capacity_bytes,
+            quarantine_budget_bytes: capacity_bytes / DEFAULT_QUARANTINE_DIVISOR,
             align_bytes: 4096,
             write_ttl: Duration::from_secs(600),
             read_ttl: Duration::from_secs(300),
@@ -279,6 +301,10 @@ crate::metric_set! {
         temporary_objects: Gauge as "temporary_count" => "kvtier_l1_temporary_objects",
         /// Deleted L1 objects waiting for their readers to finish.
         doomed_objects: Gauge as "doomed_object_count" => "kvtier_l1_doomed_objects",
+        /// Store reservations whose write TTL lapsed, held back until their writer returns.
+        quarantined_objects: Gauge => "kvtier_l1_quarantined_objects",
+        /// L1 bytes held by quarantined store reservations.
+        quarantined_bytes: Gauge[Bytes] => "kvtier_l1_quarantined",
         /// L1 bytes allocated to objects (staging included, aligned sizes).
         used_bytes: Gauge[Bytes] as "memory_used_bytes" => "kvtier_l1_used",
         /// L1 writes published.
@@ -299,6 +325,11 @@ crate::metric_set! {
         expired_write_locks_total: Counter as "expired_write_lock_count_total" => "kvtier_l1_expired_write_locks",
         /// Read locks released because their TTL lapsed.
         expired_read_locks_total: Counter as "expired_read_lock_count_total" => "kvtier_l1_expired_read_locks",
+        /// Quarantined reservations freed by their writer's late commit or abort.
+        quarantine_released_total: Counter => "kvtier_l1_quarantine_released",
+        /// Quarantined reservations freed early because the quarantine budget was exceeded (a
+        /// late writer may now overwrite whatever is stored there next).
+        quarantine_forced_reuses_total: Counter => "kvtier_l1_quarantine_forced_reuses",
         /// L1 read locks granted (counting each of a multi-reader lock).
         read_locks_total: Counter => "kvtier_l1_read_locks",
     }
@@ -308,6 +339,8 @@ crate::metric_set! {
 enum Phase {
     Staging,
     Ready,
+    /// A staging object whose write TTL lapsed: out of the index, memory held (module docs).
+    Quarantined,
 }
 
 #[derive(Debug)]
@@ -327,6 +360,8 @@ struct Entry {
     /// [`fingerprint`] of `key`, set when the entry becomes readable (0 while staging); the
     /// policy gets it back at removal, so it keeps no copy of its own.
     fingerprint: u64,
+    /// Reservation order: the quarantine releases the oldest reservation first.
+    seq: u64,
 }
 
 #[derive(Debug, Default)]
@@ -344,6 +379,9 @@ struct Inner {
     alloc: RangeAllocator,
     policy: Box<dyn EvictionPolicy>,
     expiry: BTreeSet<(Instant, EntryId, u32)>,
+    /// Quarantined objects by reservation order.
+    quarantine: BTreeSet<(u64, EntryId)>,
+    next_seq: u64,
     tenants: Tenants,
 }
 
@@ -382,6 +420,8 @@ impl L1Manager {
                 alloc,
                 policy: config.eviction.policy.build(),
                 expiry: BTreeSet::new(),
+                quarantine: BTreeSet::new(),
+                next_seq: 0,
                 tenants,
             }),
             counters: L1Counters::default(),
@@ -479,7 +519,7 @@ impl L1Manager {
                     e.phase == Phase::Staging && e.deadline.is_some_and(|d| d <= now)
                 });
                 if expired_staging {
-                    self.discard_expired_staging(&mut inner, id);
+                    self.expire_staging(&mut inner, id);
                 } else {
                     out.push(Err(L1Error::KeyNotWritable));
                     continue;
@@ -522,6 +562,8 @@ impl L1Manager {
             let (key, len) = &items[i];
             let alloc = Allocation { offset, len: *len };
             let reserved = inner.alloc.reserved_size(*len).unwrap_or(*len);
+            let seq = inner.next_seq;
+            inner.next_seq += 1;
             let entry = Entry {
                 key: key.clone(),
                 alloc,
@@ -534,6 +576,7 @@ impl L1Manager {
                 doomed: false,
                 tenant,
                 fingerprint: 0,
+                seq,
             };
             inner.tenants.charge(tenant, reserved);
             let (id, generation) = inner.insert(entry);
@@ -555,7 +598,8 @@ impl L1Manager {
     }
 
     /// Publishes staging objects: they become readable. A ticket whose object was discarded
-    /// (write TTL expired, aborted, force-cleared) gets `KeyNotExist`.
+    /// (write TTL expired, aborted, force-cleared) gets `KeyNotExist`; a quarantined one is
+    /// freed by it.
     pub fn finish_write(&self, tickets: &[WriteTicket]) -> Vec<Result<(), L1Error>> {
         let mut inner = self.inner.lock();
         tickets
@@ -582,15 +626,21 @@ impl L1Manager {
             .collect()
     }
 
-    /// Discards staging objects (failed or abandoned writes). They never become readable.
+    /// Discards staging objects (failed or abandoned writes). They never become readable. A
+    /// quarantined object (write TTL lapsed) is freed and answered `KeyNotExist`.
     pub fn abort_write(&self, tickets: &[WriteTicket]) -> Vec<Result<(), L1Error>> {
         let mut inner = self.inner.lock();
         tickets
             .iter()
             .map(|t| {
                 let id = inner.live(t.id, t.generation).ok_or(L1Error::KeyNotExist)?;
-                if inner.entry(id).map(|e| e.phase) != Some(Phase::Staging) {
-                    return Err(L1Error::KeyInWrongState);
+                match inner.entry(id).map(|e| e.phase) {
+                    Some(Phase::Staging) => {}
+                    Some(Phase::Quarantined) => {
+                        self.release_quarantined(&mut inner, id);
+                        return Err(L1Error::KeyNotExist);
+                    }
+                    _ => return Err(L1Error::KeyInWrongState),
                 }
                 self.remove_entry(&mut inner, id, Removal::Dropped);
                 self.counters.writes_aborted_total.add(1);
@@ -691,6 +741,15 @@ impl L1Manager {
             .collect()
     }
 
+    /// Whether any of `tickets` still holds memory (staging, or quarantined after its write TTL
+    /// lapsed). O(tickets).
+    pub fn holds_any(&self, tickets: &[WriteTicket]) -> bool {
+        let inner = self.inner.lock();
+        tickets
+            .iter()
+            .any(|t| inner.live(t.id, t.generation).is_some())
+    }
+
     /// Whether each key is readable right now (ready, not doomed). Takes no object lock.
     pub fn contains(&self, keys: &[ObjectKey]) -> Vec<bool> {
         let now = self.clock.now();
@@ -729,7 +788,7 @@ impl L1Manager {
             for id in start..end {
                 let id = id as EntryId;
                 let Some(e) = inner.entry(id) else { continue };
-                if e.doomed {
+                if e.doomed || e.phase == Phase::Quarantined {
                     continue;
                 }
                 let locked = e.phase == Phase::Staging || e.readers > 0;
@@ -775,7 +834,7 @@ impl L1Manager {
         self.evict(goal.max(1))
     }
 
-    /// Applies every TTL that has passed (as of the call): staging objects are discarded, read
+    /// Applies every TTL that has passed (as of the call): staging objects are quarantined, read
     /// locks released. Returns the number of objects affected. Works in batches of
     /// [`EXPIRE_BATCH`] queue entries, releasing the lock between them, so a mass expiry never
     /// holds the lock for longer than one batch.
@@ -800,9 +859,9 @@ impl L1Manager {
                 }
                 let phase = inner.entry(id).map(|e| e.phase);
                 match phase {
-                    Some(Phase::Staging) => self.discard_expired_staging(&mut inner, id),
+                    Some(Phase::Staging) => self.expire_staging(&mut inner, id),
                     Some(Phase::Ready) => self.expire_readers(&mut inner, id),
-                    None => continue,
+                    Some(Phase::Quarantined) | None => continue,
                 }
                 n += 1;
             }
@@ -827,6 +886,7 @@ impl L1Manager {
             mut doomed,
             mut used,
         ) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut quarantined, mut quarantined_bytes) = (0u64, 0u64);
         let mut ranges = Vec::new();
         for (id, slot) in inner.slots.iter().enumerate() {
             let Some(e) = &slot.entry else { continue };
@@ -846,7 +906,23 @@ impl L1Manager {
             if e.temporary {
                 temp += 1;
             }
-            if e.doomed {
+            if e.phase == Phase::Quarantined {
+                quarantined += 1;
+                quarantined_bytes += e.reserved;
+                if e.doomed || e.readers > 0 || e.deadline.is_some() {
+                    return Err(format!(
+                        "quarantined object {id} is doomed, locked or timed"
+                    ));
+                }
+                if inner.index.get(&e.key) == Some(&(id as EntryId)) {
+                    return Err(format!("quarantined object {id} is still in the index"));
+                }
+                if !inner.quarantine.contains(&(e.seq, id as EntryId)) {
+                    return Err(format!(
+                        "quarantined object {id} missing from the quarantine"
+                    ));
+                }
+            } else if e.doomed {
                 doomed += 1;
                 if e.phase == Phase::Ready && e.readers == 0 {
                     return Err(format!("doomed object {id} has no lock left"));
@@ -874,8 +950,17 @@ impl L1Manager {
                 ));
             }
         }
-        if inner.index.len() as u64 != objects - doomed {
+        if inner.index.len() as u64 != objects - doomed - quarantined {
             return Err("index size differs from live objects".into());
+        }
+        if inner.quarantine.len() as u64 != quarantined {
+            return Err("stale entries in the quarantine".into());
+        }
+        if quarantined_bytes > self.config.quarantine_budget_bytes {
+            return Err(format!(
+                "quarantine holds {quarantined_bytes} bytes over its budget of {}",
+                self.config.quarantine_budget_bytes
+            ));
         }
         if inner.expiry.len() as u64 != staging + readers {
             return Err("stale entries in the expiry queue".into());
@@ -901,6 +986,16 @@ impl L1Manager {
             ("read_locked_objects", c.read_locked_objects.get(), readers),
             ("temporary_objects", c.temporary_objects.get(), temp),
             ("doomed_objects", c.doomed_objects.get(), doomed),
+            (
+                "quarantined_objects",
+                c.quarantined_objects.get(),
+                quarantined,
+            ),
+            (
+                "quarantined_bytes",
+                c.quarantined_bytes.get(),
+                quarantined_bytes,
+            ),
             ("used_bytes", c.used_bytes.get(), used),
         ];
         for (name, counter, recount) in pairs {
@@ -940,10 +1035,11 @@ impl L1Manager {
         let lapsed = deadline.is_some_and(|d| d <= now);
         match phase {
             Phase::Staging if lapsed => {
-                self.discard_expired_staging(inner, id);
+                self.expire_staging(inner, id);
                 Err(L1Error::KeyNotExist)
             }
             Phase::Staging => Err(L1Error::KeyNotReadable),
+            Phase::Quarantined => Err(L1Error::KeyNotExist),
             Phase::Ready => {
                 if readers > 0 && lapsed {
                     self.expire_readers(inner, id);
@@ -962,6 +1058,11 @@ impl L1Manager {
             Some(e) => (e.phase, e.doomed, e.deadline, e.reserved),
             None => return Err(L1Error::KeyNotExist),
         };
+        if phase == Phase::Quarantined {
+            // The writer is back after its TTL: its bytes are void, its memory free again.
+            self.release_quarantined(inner, id);
+            return Err(L1Error::KeyNotExist);
+        }
         if phase != Phase::Staging {
             return Err(L1Error::KeyInWrongState);
         }
@@ -972,7 +1073,9 @@ impl L1Manager {
         }
         let now = self.clock.now();
         if deadline.is_some_and(|d| d <= now) {
-            self.discard_expired_staging(inner, id);
+            // Lapsed but not yet quarantined, and the writer is here: nothing to hold back.
+            self.counters.expired_write_locks_total.add(1);
+            self.remove_entry(inner, id, Removal::Dropped);
             return Err(L1Error::KeyNotExist);
         }
         if let Some(d) = deadline {
@@ -1088,8 +1191,50 @@ impl L1Manager {
         }
     }
 
-    fn discard_expired_staging(&self, inner: &mut Inner, id: EntryId) {
+    /// A staging object's write TTL lapsed: its key goes, its memory is quarantined (module
+    /// docs), then the quarantine is trimmed to its budget, oldest reservation first.
+    fn expire_staging(&self, inner: &mut Inner, id: EntryId) {
         self.counters.expired_write_locks_total.add(1);
+        let generation = inner.slots[id as usize].generation;
+        let (deadline, was_doomed, reserved, seq) = {
+            let Inner { slots, index, .. } = &mut *inner;
+            let Some(e) = slots.get_mut(id as usize).and_then(|s| s.entry.as_mut()) else {
+                return;
+            };
+            if e.phase != Phase::Staging {
+                return;
+            }
+            if !e.doomed {
+                index.remove(&e.key);
+            }
+            let was_doomed = e.doomed;
+            e.phase = Phase::Quarantined;
+            e.doomed = false;
+            (e.deadline.take(), was_doomed, e.reserved, e.seq)
+        };
+        if let Some(d) = deadline {
+            inner.expiry.remove(&(d, id, generation));
+        }
+        if was_doomed {
+            self.counters.doomed_objects.sub(1);
+        }
+        self.counters.staging_objects.sub(1);
+        self.counters.staging_bytes.sub(reserved);
+        self.counters.quarantined_objects.add(1);
+        self.counters.quarantined_bytes.add(reserved);
+        inner.quarantine.insert((seq, id));
+        while self.counters.quarantined_bytes.get() > self.config.quarantine_budget_bytes {
+            let Some((_, victim)) = inner.quarantine.pop_first() else {
+                break;
+            };
+            self.counters.quarantine_forced_reuses_total.inc();
+            self.remove_entry(inner, victim, Removal::Dropped);
+        }
+    }
+
+    /// A quarantined object's writer came back (late commit or abort): free it.
+    fn release_quarantined(&self, inner: &mut Inner, id: EntryId) {
+        self.counters.quarantine_released_total.inc();
         self.remove_entry(inner, id, Removal::Dropped);
     }
 
@@ -1122,7 +1267,11 @@ impl L1Manager {
         if let Some(d) = e.deadline {
             inner.expiry.remove(&(d, id, generation));
         }
-        if e.doomed {
+        if e.phase == Phase::Quarantined {
+            inner.quarantine.remove(&(e.seq, id));
+            self.counters.quarantined_objects.sub(1);
+            self.counters.quarantined_bytes.sub(e.reserved);
+        } else if e.doomed {
             self.counters.doomed_objects.sub(1);
         } else {
             inner.index.remove(&e.key);
@@ -1431,13 +1580,16 @@ impl StatusReport for L1Manager {
         let node = match starved {
             Some(s) => StatusNode::unhealthy(format!(
                 "L1 has refused every store for {:.1} s ({} keys) for lack of room: {} of {} \
-                 objects read-locked, {} staging ({} bytes), {} bytes used of {}",
+                 objects read-locked, {} staging ({} bytes), {} quarantined ({} bytes), {} \
+                 bytes used of {}",
                 s.for_seconds,
                 s.refused_keys,
                 c.read_locked_objects.get(),
                 c.objects.get(),
                 c.staging_objects.get(),
                 c.staging_bytes.get(),
+                c.quarantined_objects.get(),
+                c.quarantined_bytes.get(),
                 used,
                 total,
             )),
@@ -1457,6 +1609,10 @@ impl StatusReport for L1Manager {
             )
             .field("memory_usage_ratio", ratio)
             .field("write_ttl_seconds", self.config.write_ttl.as_secs())
+            .field(
+                "quarantine_budget_bytes",
+                self.config.quarantine_budget_bytes,
+            )
             .field("read_ttl_seconds", self.config.read_ttl.as_secs())
             .field("align_bytes", self.config.align_bytes)
             .field("tenants", self.directory.status())

@@ -11,8 +11,17 @@
 //! commit, a newer prepare of the same range, the instance's unregistration or reaping
 //! ([`EngineDriven::release_instance`]), or the TTL sweep ([`EngineDriven::sweep`]).
 //!
+//! Late writers: the engine writes into the offsets `prepare_store` handed out whenever it
+//! likes, so a store's reservations are never given back to L1 on the server's own initiative
+//! while the engine may still write them. Past the write TTL, L1 quarantines them (their keys
+//! are free for other writers, their memory is not; `kvtier_core::l1::manager`); the pending
+//! store stays here so that the engine's late `commit_store` (answered `false`: its chunks are
+//! void) or the instance's release can free them. The sweep drops a pending store only once L1
+//! no longer holds any of its reservations (the quarantine budget forced their reuse).
+//!
 //! Lock order: a pending-transfer map's mutex is held for O(1) insert/remove, or one pass over
-//! the pending transfers (a handful per engine) to drain matches; never across an L1 call.
+//! the pending transfers (a handful per engine) to drain or copy out matches; never across an
+//! L1 call.
 //!
 //! [`Sessions::take`]: super::session::Sessions::take
 
@@ -391,15 +400,44 @@ impl EngineDriven {
         );
     }
 
-    /// Drops transfers prepared longer ago than the L1 lock TTLs (the client never committed).
+    /// Drops transfers the client never committed: retrieves prepared longer ago than the read
+    /// TTL (their locks are released), and stores older than the write TTL whose reservations
+    /// L1 no longer holds (see the module docs: quarantined ones stay until the writer or its
+    /// instance comes back).
     pub(super) fn sweep(&self, cx: &Shared, now: Instant) {
         let (write_ttl, read_ttl) = (cx.l1.config().write_ttl, cx.l1.config().read_ttl);
-        let n = self.release_matching(
-            cx,
-            |_, s| now.saturating_duration_since(s.created) > write_ttl,
-            |_, r| now.saturating_duration_since(r.created) > read_ttl,
-        );
-        cx.counters.abandoned_total.add(n as u64);
+        let retrieves = drain_matching(&self.pending_retrieves, |_, r| {
+            now.saturating_duration_since(r.created) > read_ttl
+        });
+        for r in &retrieves {
+            cx.l1.finish_read(&r.leases, 1);
+        }
+        let lapsed: Vec<(TransferKey, Vec<WriteTicket>)> = self
+            .pending_stores
+            .lock()
+            .iter()
+            .filter(|(_, s)| now.saturating_duration_since(s.created) > write_ttl)
+            .map(|(k, s)| (k.clone(), s.tickets.clone()))
+            .collect();
+        // Asked without the map lock; an entry replaced meanwhile (same range prepared again)
+        // has other tickets and is kept.
+        let gone: Vec<(TransferKey, Vec<WriteTicket>)> = lapsed
+            .into_iter()
+            .filter(|(_, tickets)| !cx.l1.holds_any(tickets))
+            .collect();
+        let mut stores = 0usize;
+        if !gone.is_empty() {
+            let mut map = self.pending_stores.lock();
+            for (k, tickets) in gone {
+                if map.get(&k).is_some_and(|s| s.tickets == tickets) {
+                    map.remove(&k);
+                    stores += 1;
+                }
+            }
+        }
+        cx.counters
+            .abandoned_total
+            .add((retrieves.len() + stores) as u64);
     }
 
     /// Releases every pending transfer (shutdown).

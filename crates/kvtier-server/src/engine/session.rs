@@ -763,6 +763,7 @@ mod tests {
     fn fixture() -> (Arc<L1Manager>, Sessions) {
         let l1 = Arc::new(L1Manager::new(L1Config {
             capacity_bytes: 1 << 20,
+            quarantine_budget_bytes: 1 << 17,
             align_bytes: 4096,
             write_ttl: Duration::from_secs(60),
             read_ttl: Duration::from_secs(60),

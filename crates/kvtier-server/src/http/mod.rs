@@ -482,6 +482,8 @@ fn checksum_status(e: &ChecksumError) -> StatusCode {
         ChecksumError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ChecksumError::NotRegistered(_) => StatusCode::NOT_FOUND,
         ChecksumError::Refused(..) => StatusCode::NOT_IMPLEMENTED,
+        // kvtier's own: LMCache's server dies of the SIGBUS instead.
+        ChecksumError::Faulted(..) => StatusCode::CONFLICT,
     }
 }
 

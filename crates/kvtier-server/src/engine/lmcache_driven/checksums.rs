@@ -4,11 +4,13 @@
 //! Digests follow LMCache's definition: per chunk of `chunk_size` blocks, each layer's selected
 //! blocks in the tensor's logical order, `bfloat16` widened to `float32`. CPU-heavy: the HTTP
 //! handler runs it off the async runtime. The HTTP status of each error is chosen in `http/`.
+//! Reading a segment the engine truncated is contained like a copy ([`super::fault`]): the
+//! digests would be of zero pages, so the request fails with [`ChecksumError::Faulted`].
 
 use md5::{Digest, Md5};
 use serde::Deserialize;
 
-use super::kv_cache::{BlockError, KvCacheMap, walk};
+use super::kv_cache::{BlockError, KvCacheMap, SegmentFault, walk};
 
 /// Body of `POST /cache/checksums`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -39,6 +41,9 @@ pub enum ChecksumError {
     /// The instance was refused at registration.
     #[error("instance_id {0} was refused at registration: {1}")]
     Refused(i64, String),
+    /// A segment of the instance was truncated under the server.
+    #[error("instance_id {0}: {1}")]
+    Faulted(i64, SegmentFault),
 }
 
 /// LMCache's `compress_slot_mapping`: runs of 3+ consecutive ids become `[first, last]`.
@@ -65,7 +70,8 @@ fn compress_ids(ids: &[i64]) -> Vec<serde_json::Value> {
 ///
 /// # Errors
 /// [`ChecksumError::BadRequest`] for an empty id list, a non-positive chunk size, a negative
-/// or out-of-range block id.
+/// or out-of-range block id; [`ChecksumError::Faulted`] when a segment was truncated before
+/// or during the reads.
 pub fn checksums(
     kv: &KvCacheMap,
     req: &ChecksumRequest,
@@ -87,9 +93,19 @@ pub fn checksums(
         })
         .collect::<Result<_, _>>()?;
     let chunk_blocks = usize::try_from(req.chunk_size).unwrap_or(usize::MAX);
+    let faulted = |kv: &KvCacheMap| {
+        kv.fault()
+            .map(|f| ChecksumError::Faulted(req.instance_id, f))
+    };
+    if let Some(e) = faulted(kv) {
+        return Err(e);
+    }
     let digests = kv
         .block_checksums(&ids, chunk_blocks, req.layerwise)
         .map_err(|e| ChecksumError::BadRequest(e.to_string()))?;
+    if let Some(e) = faulted(kv) {
+        return Err(e);
+    }
     let num_chunks = ids.len().div_ceil(chunk_blocks.max(1));
     let chunk_checksums = if req.layerwise {
         let per_layer: serde_json::Map<String, serde_json::Value> = digests

@@ -11,6 +11,13 @@
 //! Safety model: the engine owns the segments and may write them at any time, so nothing here
 //! forms Rust references over engine memory; the kernels use raw pointers only, and callers
 //! keep the objects' L1 memory stable (write ticket or read locks) during a copy.
+//!
+//! Faults: the engine may also shrink a segment. Every mapping is guarded ([`super::fault`]):
+//! a copy that touches lost pages finishes on zero pages, and [`KvCacheMap::transfer_raw`]
+//! checks the segments' fault flags before and after the copy and reports a
+//! [`SegmentFault`]; the caller must then treat whatever was copied as garbage (a gather's
+//! objects are aborted, never published). Once faulted, a registration stays faulted: every
+//! later transfer fails before copying until the engine registers again.
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
@@ -97,6 +104,30 @@ pub enum BlockError {
         /// Object length.
         object_len: usize,
     },
+}
+
+/// An engine segment of the registration lost pages under the server (the engine truncated or
+/// shrank it): the copy that noticed it, and every later one, is void.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "engine segment {segment:?} was truncated by its owner while mapped; the lost pages were \
+     replaced with zeros, so this registration can no longer be copied from or to (the engine \
+     must register its KV cache again)"
+)]
+pub struct SegmentFault {
+    /// The segment's name.
+    pub segment: String,
+}
+
+/// Why a [`KvCacheMap::gather`] / [`KvCacheMap::scatter`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransferError {
+    /// The buffer or the block ids do not fit (nothing was copied).
+    #[error(transparent)]
+    Blocks(#[from] BlockError),
+    /// An engine segment faulted (before or during the copy).
+    #[error(transparent)]
+    Fault(#[from] SegmentFault),
 }
 
 /// An engine's registered KV cache: validated geometry, per-layer strides and the mapped
@@ -253,6 +284,21 @@ impl KvCacheMap {
         self.segments.iter().map(EngineSegment::name)
     }
 
+    /// The first segment that faulted (lost pages under the server), if any. O(segments),
+    /// one atomic load each.
+    pub fn fault(&self) -> Option<SegmentFault> {
+        self.segments
+            .iter()
+            .find(|s| s.faulted())
+            .map(|s| SegmentFault {
+                segment: s.name().to_owned(),
+            })
+    }
+
+    fn check_fault(&self) -> Result<(), SegmentFault> {
+        self.fault().map_or(Ok(()), Err)
+    }
+
     /// Checks `block_ids` for a transfer of `chunks` chunks. With `write_from = Some(skip)`
     /// (a scatter skipping `skip` tokens) the blocks that will be written must be distinct
     /// within each group.
@@ -320,6 +366,11 @@ impl KvCacheMap {
 
     /// Copies chunks between the engine blocks and object memory.
     ///
+    /// # Errors
+    /// [`SegmentFault`] when a segment faulted before the call (nothing is copied) or during it
+    /// (the copy finished on zero pages: a gather's objects hold garbage, a scatter's writes
+    /// may be partly lost).
+    ///
     /// # Safety
     /// `block_ids` passed [`check_blocks`](Self::check_blocks) for at least
     /// `max(index) + 1` chunks (with the scatter's skip for a scatter), and every target
@@ -331,7 +382,8 @@ impl KvCacheMap {
         targets: &[ChunkTarget],
         dir: Direction,
         threads: NonZeroUsize,
-    ) {
+    ) -> Result<(), SegmentFault> {
+        self.check_fault()?;
         let ids: Vec<&[u64]> = block_ids.iter().map(Vec::as_slice).collect();
         let bytes = targets.len().saturating_mul(self.object_len());
         let threads = if bytes < self.parallel_min_bytes {
@@ -339,29 +391,32 @@ impl KvCacheMap {
         } else {
             threads
         };
-        // SAFETY: the segments are mapped for as long as `self` lives, and every layer's span
-        // was checked against its mapping; the rest is the caller's contract.
+        // SAFETY: the segments are mapped for as long as `self` lives (and stay mapped if the
+        // engine shrinks them: the fault guard replaces lost pages), and every layer's span was
+        // checked against its mapping; the rest is the caller's contract.
         unsafe { kernels::run_transfer(self.view(), &ids, targets, dir, threads) };
+        self.check_fault()
     }
 
     /// Gathers `dst.len() / object_len()` chunks (chunk `i` of the range into
     /// `dst[i*object_len..]`) from the engine blocks.
     ///
     /// # Errors
-    /// [`BlockError`] when the buffer or the block ids do not fit.
+    /// [`TransferError::Blocks`] when the buffer or the block ids do not fit,
+    /// [`TransferError::Fault`] when a segment faulted (`dst` then holds garbage).
     pub fn gather(
         &self,
         block_ids: &[Vec<u64>],
         dst: &mut [u8],
         threads: NonZeroUsize,
-    ) -> Result<(), BlockError> {
+    ) -> Result<(), TransferError> {
         let chunks = self.chunks_in(dst.len())?;
         self.check_blocks(block_ids, chunks, None)?;
         let base = NonNull::from(&mut *dst).cast::<u8>();
         let targets = self.targets(base, chunks, 0);
         // SAFETY: the block ids were checked; `dst` is an exclusive local buffer of
         // `chunks * object_len` bytes, borrowed for the whole call.
-        unsafe { self.transfer_raw(block_ids, &targets, Direction::Gather, threads) };
+        unsafe { self.transfer_raw(block_ids, &targets, Direction::Gather, threads) }?;
         Ok(())
     }
 
@@ -369,14 +424,15 @@ impl KvCacheMap {
     /// before `skip_tokens` (counted from the first chunk).
     ///
     /// # Errors
-    /// [`BlockError`] when the buffer or the block ids do not fit.
+    /// [`TransferError::Blocks`] when the buffer or the block ids do not fit,
+    /// [`TransferError::Fault`] when a segment faulted.
     pub fn scatter(
         &self,
         block_ids: &[Vec<u64>],
         src: &[u8],
         skip_tokens: usize,
         threads: NonZeroUsize,
-    ) -> Result<(), BlockError> {
+    ) -> Result<(), TransferError> {
         let chunks = self.chunks_in(src.len())?;
         self.check_blocks(block_ids, chunks, Some(skip_tokens))?;
         // Only read through this pointer (the scatter direction reads the object).
@@ -384,7 +440,7 @@ impl KvCacheMap {
         let targets = self.targets(base, chunks, skip_tokens);
         // SAFETY: the block ids were checked (distinct written blocks); `src` is borrowed for
         // the whole call and only read.
-        unsafe { self.transfer_raw(block_ids, &targets, Direction::Scatter, threads) };
+        unsafe { self.transfer_raw(block_ids, &targets, Direction::Scatter, threads) }?;
         Ok(())
     }
 
@@ -782,7 +838,42 @@ mod tests {
         let mut small = vec![0u8; kv.object_len() - 1];
         assert!(matches!(
             kv.gather(&[vec![1, 2]], &mut small, NonZeroUsize::MIN),
-            Err(BlockError::BufferLen { .. })
+            Err(TransferError::Blocks(BlockError::BufferLen { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_segment_truncated_under_a_transfer_fails_it_and_every_later_one() {
+        let mut rng = Rng(13);
+        let c = build("2nbt", 0, &mut rng);
+        let ids = vec![vec![1, 2, 3, 4]];
+        let mut obj = vec![0u8; 2 * c.kv.object_len()];
+        c.kv.gather(&ids, &mut obj, NonZeroUsize::MIN)
+            .expect("gather before the truncation");
+        assert!(c.kv.fault().is_none());
+        let victim = &c.files[1];
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/dev/shm/{}", victim.0))
+            .expect("open")
+            .set_len(0)
+            .expect("truncate");
+        // The copy touches the lost pages: contained, reported, named.
+        let e = c.kv.gather(&ids, &mut obj, NonZeroUsize::MIN);
+        let Err(TransferError::Fault(f)) = e else {
+            panic!("expected a fault, got {e:?}");
+        };
+        assert_eq!(f.segment, victim.0);
+        assert!(f.to_string().contains("truncated"), "{f}");
+        assert_eq!(c.kv.fault(), Some(f.clone()));
+        // Sticky: a scatter fails before copying, a block check still comes first.
+        assert_eq!(
+            c.kv.scatter(&ids, &obj, 0, NonZeroUsize::MIN),
+            Err(TransferError::Fault(f))
+        );
+        assert!(matches!(
+            c.kv.gather(&[vec![1]], &mut obj, NonZeroUsize::MIN),
+            Err(TransferError::Blocks(_))
         ));
     }
 

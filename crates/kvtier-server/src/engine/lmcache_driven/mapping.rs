@@ -12,10 +12,12 @@
 //! (no symlinks, no FIFOs), must be a regular file at least as large as the descriptor's
 //! `nbytes`, and must not be the server's own L1 segment. The mapping covers exactly `nbytes`.
 //!
-//! Limit: if the engine shrinks the file after registration, touching the lost pages raises
-//! `SIGBUS` in the server. Engines do not do that (vLLM and LMCache keep their segments for the
-//! life of the worker); unregistering, or the worker reaper, is the supported way to end a
-//! mapping.
+//! The engine can shrink the file after registration; touching the lost pages would raise
+//! `SIGBUS` in the server. Every mapping is therefore registered with the process's `SIGBUS`
+//! guard ([`super::fault`]) for its whole life: a fault inside it is cured with zero pages and
+//! reported through [`EngineSegment::faulted`], so the request fails and the server lives on.
+//! The guard is released before the range is unmapped. Unlinking or replacing the file needs
+//! nothing: the mapping keeps the old inode (see [`super::fault`]).
 
 use std::fmt;
 use std::ptr::NonNull;
@@ -25,6 +27,8 @@ use rustix::fs::{FileType, Mode, Stat};
 use rustix::io::Errno;
 use rustix::mm::{MapFlags, ProtFlags};
 use rustix::shm;
+
+use super::fault::{Guard, GuardError};
 
 /// Why an engine segment could not be mapped.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +90,15 @@ pub enum MapError {
     IsL1Pool {
         /// The segment.
         name: String,
+    },
+    /// The mapping cannot be protected against the segment shrinking under it.
+    #[error("shared-memory segment {name:?} cannot be guarded against truncation: {source}")]
+    Guard {
+        /// The segment.
+        name: String,
+        /// Why.
+        #[source]
+        source: GuardError,
     },
 }
 
@@ -151,12 +164,14 @@ fn nonblock_nofollow() -> shm::OFlags {
     )
 }
 
-/// One engine segment mapped read-write, `MAP_SHARED`; unmapped on drop.
+/// One engine segment mapped read-write, `MAP_SHARED`, guarded against `SIGBUS`; unguarded
+/// and unmapped on drop.
 pub struct EngineSegment {
     name: String,
     ptr: NonNull<u8>,
     len: usize,
     id: FileId,
+    guard: Guard,
 }
 
 // SAFETY: the value owns its mapping, which stays valid until `drop` (needs ownership). Shared
@@ -232,12 +247,24 @@ impl EngineSegment {
         }
         .map_err(|e| sys("mmap", e))?;
         let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(|| sys("mmap", Errno::FAULT))?;
+        let guard = match Guard::new(ptr.as_ptr(), len) {
+            Ok(g) => g,
+            Err(source) => {
+                // SAFETY: the mapping made above, not used by anyone yet.
+                let _unmapped = unsafe { rustix::mm::munmap(raw, len) };
+                return Err(MapError::Guard {
+                    name: bare.to_owned(),
+                    source,
+                });
+            }
+        };
         // The fd can go: the mapping keeps the pages alive.
         Ok(Self {
             name: bare.to_owned(),
             ptr,
             len,
             id,
+            guard,
         })
     }
 
@@ -265,10 +292,18 @@ impl EngineSegment {
     pub fn base_ptr(&self) -> NonNull<u8> {
         self.ptr
     }
+
+    /// Whether the engine shrank the segment under an access: its pages were replaced with
+    /// private zero pages and no longer reach the engine. Sticky for the life of the mapping.
+    pub fn faulted(&self) -> bool {
+        self.guard.faulted()
+    }
 }
 
 impl Drop for EngineSegment {
     fn drop(&mut self) {
+        // Unguard first: the handler must never act on a range that is no longer ours.
+        self.guard.release();
         // SAFETY: `ptr`/`len` are exactly our mapping, mapped once in `open` and unmapped only
         // here; holders of raw pointers into it keep the owning `Arc` alive while they copy.
         if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {

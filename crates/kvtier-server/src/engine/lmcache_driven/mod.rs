@@ -38,6 +38,12 @@
 //!   first); `unregister_kv_cache`, the worker reaper and shutdown drop the registration, and
 //!   its segments are unmapped as soon as no transfer uses them (LMCache keeps dead engines'
 //!   mappings: LMCache#4980).
+//! - **A segment truncated under the server** (the engine shrinks its own file) no longer kills
+//!   the server with `SIGBUS` (LMCache dies): the fault guard ([`fault`]) replaces the lost
+//!   pages with zeros, the store or retrieve that hit it fails (`(handle, false)`, counted in
+//!   `segment_faults_total`; a store publishes nothing), and so does every later one for that
+//!   instance, before copying, until the engine registers again; the instance's status node is
+//!   unhealthy with the reason meanwhile. Other instances and L1 are not affected.
 //!
 //! Performance: a store first faults in, with one `madvise(MADV_POPULATE_WRITE)` per run of
 //! fresh 64 KiB granules, the L1 pages this process has never touched
@@ -45,7 +51,8 @@
 //! fault per 4 KiB.
 //!
 //! Files: [`kv_cache`] (validation, groups, block checks, gather/scatter entry points),
-//! [`layout`] (vLLM layouts and the copy kernels), [`mapping`] (engine segments),
+//! [`layout`] (vLLM layouts and the copy kernels), [`mapping`] (engine segments), [`fault`]
+//! (the `SIGBUS` guard of the mappings),
 //! [`checksums`] (`POST /cache/checksums`); this file holds the registrations' lifecycle, the
 //! store/retrieve operations and the status.
 //!
@@ -57,6 +64,7 @@
 //! Lock order as in the engine: session mutex → L1.
 
 pub mod checksums;
+pub mod fault;
 pub mod format;
 pub mod kernels;
 pub mod kv_cache;
@@ -74,7 +82,9 @@ use kvtier_proto::{IpcKey, RegisterKvCache};
 
 use self::checksums::{ChecksumError, ChecksumRequest};
 use self::kernels::{ChunkTarget, Direction, SendPtr};
-pub use self::kv_cache::{BlockError, KvCacheMap, NULL_BLOCK_ID, RegisterError};
+pub use self::kv_cache::{
+    BlockError, KvCacheMap, NULL_BLOCK_ID, RegisterError, SegmentFault, TransferError,
+};
 use super::{EngineError, Shared, malformed};
 
 kvtier_core::metric_set! {
@@ -115,6 +125,9 @@ kvtier_core::metric_set! {
         bytes_gathered_total: Counter[Bytes] => "kvtier_lmcache_driven_bytes_gathered",
         /// Bytes copied L1 to engine.
         bytes_scattered_total: Counter[Bytes] => "kvtier_lmcache_driven_bytes_scattered",
+        /// store/retrieve calls failed because an engine segment was truncated under the
+        /// server (the SIGBUS was contained; the instance stays failed until it registers again).
+        segment_faults_total: Counter => "kvtier_lmcache_driven_segment_faults",
     }
 }
 
@@ -238,12 +251,25 @@ impl LmcacheDriven {
                 "lmcache_driven instance {iid} is not registered"
             )));
         };
-        match &inst.kv {
-            Ok(kv) => Ok(Arc::clone(kv)),
-            Err(reason) => Err(refused(format!(
-                "lmcache_driven instance {iid} was refused at registration: {reason}"
-            ))),
+        let kv = match &inst.kv {
+            Ok(kv) => Arc::clone(kv),
+            Err(reason) => {
+                return Err(refused(format!(
+                    "lmcache_driven instance {iid} was refused at registration: {reason}"
+                )));
+            }
+        };
+        // A faulted registration fails before anything is reserved or copied.
+        match kv.fault() {
+            None => Ok(kv),
+            Some(fault) => Err(self.faulted(iid, &fault)),
         }
+    }
+
+    /// Counts a transfer failed by a segment fault and says why.
+    fn faulted(&self, iid: i64, fault: &SegmentFault) -> EngineError {
+        self.counters.segment_faults_total.inc();
+        EngineError::Failed(format!("lmcache_driven instance {iid}: {fault}"))
     }
 
     /// `register_kv_cache`: maps the engine's KV cache or records why it cannot.
@@ -438,7 +464,13 @@ impl LmcacheDriven {
         // SAFETY: the block ids were checked for `chunk_of`'s chunks; each target is a staging
         // object of `object_len` bytes reserved by this call (its write ticket gives us sole
         // write access until `finish_write`), inside the L1 segment, which outlives the call.
-        unsafe { kv.transfer_raw(block_ids, &targets, Direction::Gather, self.threads) };
+        let copied =
+            unsafe { kv.transfer_raw(block_ids, &targets, Direction::Gather, self.threads) };
+        if let Err(fault) = copied {
+            // The objects hold zeros where the engine's pages were lost: never publish them.
+            cx.l1.abort_write(&tickets);
+            return Err(self.faulted(instance_id, &fault));
+        }
         let results = cx.l1.finish_write(&tickets);
         let published: Vec<ObjectKey> = ticket_keys
             .into_iter()
@@ -556,8 +588,12 @@ impl LmcacheDriven {
         // SAFETY: the block ids were checked with this skip (distinct written blocks); each
         // target is a published object read-locked by this call (so not freed or rewritten
         // until `finish_read`), inside the L1 segment, which outlives the call.
-        unsafe { kv.transfer_raw(block_ids, &targets, Direction::Scatter, self.threads) };
+        let copied =
+            unsafe { kv.transfer_raw(block_ids, &targets, Direction::Scatter, self.threads) };
         cx.l1.finish_read(&leases, 1);
+        if let Err(fault) = copied {
+            return Err(self.faulted(instance_id, &fault));
+        }
         let c = &self.counters;
         let copied = targets.len();
         c.retrieve_chunks_total.add(copied as u64);

@@ -1,5 +1,10 @@
 //! The `lmcache_driven` node of the status tree: every registration (or the reason it was
 //! refused), with its geometry, mappings and liveness, and the path's counters.
+//!
+//! Each registration is a child node under `contexts`: a registration whose segment was
+//! truncated under the server (see [`super::fault`]) is unhealthy, with the reason, until the
+//! engine registers again or the instance goes; a refused one is healthy (it was never
+//! serving, and its reason is in `reason`).
 
 use std::collections::BTreeSet;
 
@@ -14,15 +19,17 @@ use crate::engine::instances::WorkerSnapshot;
 impl LmcacheDriven {
     /// The `lmcache_driven` status child: every registration (or refusal) and the counters.
     pub(in crate::engine) fn status(&self, workers: &[WorkerSnapshot]) -> StatusNode {
-        let mut contexts = serde_json::Map::new();
-        let (mut registered, mut refused) = (0u64, 0u64);
+        let mut contexts = Vec::new();
+        let (mut registered, mut refused, mut faulted) = (0u64, 0u64, 0u64);
         for w in workers {
             let Some(inst) = &w.lmcache_driven else {
                 continue;
             };
+            let mut fault = None;
             let state = match &inst.kv {
                 Ok(kv) => {
                     registered += 1;
+                    fault = kv.fault();
                     let runs: BTreeSet<&'static str> =
                         kv.layers().iter().map(|l| l.run.name()).collect();
                     ContextState::Registered {
@@ -51,15 +58,25 @@ impl LmcacheDriven {
                 idle_seconds: w.liveness.idle_seconds,
                 pinged: w.liveness.pinged,
             };
-            contexts.insert(
-                w.instance_id.to_string(),
-                serde_json::to_value(status).unwrap_or_default(),
-            );
+            let fields = match serde_json::to_value(status) {
+                Ok(serde_json::Value::Object(m)) => m,
+                _ => serde_json::Map::new(),
+            };
+            let node = match fault {
+                Some(f) => {
+                    faulted += 1;
+                    StatusNode::unhealthy(f.to_string()).fields(fields)
+                }
+                None => StatusNode::healthy().fields(fields),
+            };
+            contexts.push((w.instance_id.to_string(), node));
         }
         StatusNode::healthy()
-            .field("contexts", contexts)
+            .child_map("contexts", contexts)
             .field("registered_instances", registered)
             .field("refused_instances", refused)
+            .field("faulted_instances", faulted)
+            .field("sigbus_cured_faults", super::fault::cured_faults())
             .field("copy_threads", self.threads.get())
             .field("counters", status_fields(&self.counters))
     }
