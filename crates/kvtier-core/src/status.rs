@@ -9,6 +9,9 @@
 //! (only when unhealthy), then the fields in insertion order. Field names follow LMCache where
 //! LMCache has the field, so LMCache's status tooling can read a kvtier tree.
 //!
+//! Client nodes ([`StatusNode::client_map`]) describe engine instances: they carry their own
+//! health and reason but do not make their parent unhealthy.
+//!
 //! Liveness vs readiness: a node is *unhealthy* when it cannot serve well (readiness: an
 //! orchestrator should stop sending it traffic); it is also *not live* when the process no longer
 //! works and only a restart helps (a dead poll, eviction or housekeeping thread). Components mark
@@ -140,6 +143,20 @@ impl StatusNode {
             }
         }
         self.fields.push((key, Field::Map(children)));
+        self
+    }
+
+    /// Nests a map of named child nodes that describe *clients* (engine instances): each shows
+    /// its own health and reason, but an unhealthy one does not make this node (or the server's
+    /// readiness) unhealthy, because one client's broken state must not take the server out of
+    /// service for every other client. [`unhealthy_paths`](Self::unhealthy_paths) still lists
+    /// them.
+    pub fn client_map(
+        mut self,
+        key: impl Into<String>,
+        children: Vec<(String, StatusNode)>,
+    ) -> Self {
+        self.fields.push((key.into(), Field::Map(children)));
         self
     }
 

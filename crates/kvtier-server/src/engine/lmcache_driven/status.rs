@@ -1,10 +1,11 @@
 //! The `lmcache_driven` node of the status tree: every registration (or the reason it was
 //! refused), with its geometry, mappings and liveness, and the path's counters.
 //!
-//! Each registration is a child node under `contexts`: a registration whose segment was
+//! Each registration is a client node under `contexts`: a registration whose segment was
 //! truncated under the server (see [`super::fault`]) is unhealthy, with the reason, until the
 //! engine registers again or the instance goes; a refused one is healthy (it was never
-//! serving, and its reason is in `reason`).
+//! serving, and its reason is in `reason`). Client nodes do not make the server unhealthy: one
+//! engine's broken segment must not fail the readiness probe that every other engine relies on.
 
 use std::collections::BTreeSet;
 
@@ -72,7 +73,7 @@ impl LmcacheDriven {
             contexts.push((w.instance_id.to_string(), node));
         }
         StatusNode::healthy()
-            .child_map("contexts", contexts)
+            .client_map("contexts", contexts)
             .field("registered_instances", registered)
             .field("refused_instances", refused)
             .field("faulted_instances", faulted)
