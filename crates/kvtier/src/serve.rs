@@ -567,11 +567,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("building the async runtime")?;
+    // The handlers are installed before the server starts: a client can be answered as soon as
+    // the front end binds, and a SIGTERM from then on must mean an ordered shutdown, not the
+    // default action (death with the segment left in /dev/shm).
+    let (mut term, mut int) = runtime
+        .block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })
+        .context("installing the SIGTERM/SIGINT handlers")?;
     let server = Server::start(cfg, runtime.handle()).context("starting kvtier")?;
     let signal = runtime.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
