@@ -163,7 +163,8 @@ def engine_driven_store(raw: Raw, iid: int, tokens: list[int], rid: str, new_chu
 
 class Segment:
     def __init__(self, nbytes: int):
-        self.name = f"kvtier_kve_seg_{os.getpid()}_{next(_seq)}"
+        # LMCache clients name their KV segments /lmcache_kv_<pid>_<n>; the server maps no other.
+        self.name = f"lmcache_kv_{os.getpid()}_{next(_seq)}"
         fd = os.open(f"/dev/shm/{self.name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         os.ftruncate(fd, nbytes)
         os.close(fd)
