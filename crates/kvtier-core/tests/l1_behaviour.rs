@@ -530,7 +530,7 @@ fn the_listener_sees_every_publish_and_removal_in_order() {
         fn published(&self, key: &ObjectKey) {
             self.0.lock().push((true, key.clone()));
         }
-        fn removed(&self, key: &ObjectKey) {
+        fn removed(&self, key: &ObjectKey, _cause: kvtier_core::l1::RemovalCause) {
             self.0.lock().push((false, key.clone()));
         }
     }

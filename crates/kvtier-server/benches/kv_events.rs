@@ -52,6 +52,8 @@ fn engine(log: usize) -> Engine {
             worker_reap_timeout: Duration::ZERO,
             worker_registration_grace: Duration::from_secs(3600),
             kv_event_log_size: log,
+            lookup_records: 0,
+            miss_history_chunks: 0,
         },
         TokenHasher::new(CHUNK, HashAlgorithm::Blake3).expect("hasher"),
         l1,

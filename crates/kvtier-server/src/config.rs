@@ -137,6 +137,10 @@ pub struct EngineSettings {
     pub kv_event_log_size: usize,
     /// The router-facing KV-event publisher (`--kv-events-publisher`; `None` disables it).
     pub kv_events_publisher: Option<crate::engine::kv_events::PublisherConfig>,
+    /// Recent lookups kept with their miss reasons (`--lookup-records`; 0 disables them).
+    pub lookup_records: usize,
+    /// Slots of the chunk history that explains misses (`--miss-history-chunks`).
+    pub miss_history_chunks: usize,
 }
 
 /// The L2 tier.
@@ -233,6 +237,8 @@ impl Default for ServerConfig {
                 housekeeping_interval: Duration::from_secs(1),
                 kv_event_log_size: 32768,
                 kv_events_publisher: None,
+                lookup_records: crate::engine::explain::DEFAULT_RECORDS,
+                miss_history_chunks: crate::engine::explain::history::DEFAULT_SLOTS,
             },
             l2: L2Settings {
                 adapters: Vec::new(),

@@ -131,6 +131,8 @@ impl Server {
                 worker_reap_timeout: config.engine.worker_reap_timeout,
                 worker_registration_grace: config.engine.worker_registration_grace,
                 kv_event_log_size: config.engine.kv_event_log_size,
+                lookup_records: config.engine.lookup_records,
+                miss_history_chunks: config.engine.miss_history_chunks,
             },
             hasher,
             Arc::clone(&l1),

@@ -43,6 +43,8 @@ fn fixture() -> Fixture {
             worker_reap_timeout: Duration::from_secs(120),
             worker_registration_grace: Duration::from_secs(3600),
             kv_event_log_size: 1024,
+            lookup_records: 64,
+            miss_history_chunks: 1024,
         },
         TokenHasher::new(256, HashAlgorithm::Blake3).expect("hasher"),
         l1,

@@ -100,6 +100,29 @@ pub struct PrefetchResult {
     pub group: usize,
     /// Locks per lease.
     pub readers: u32,
+    /// How the request went (why the prefix ends where it does).
+    pub report: PrefetchReport,
+}
+
+/// How a prefetch went, beyond its loaded prefix: what the adapters held, what failed. Read by
+/// lookup explanations (a miss "in L2 but not loaded" differs from "in no L2").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefetchReport {
+    /// Whether the request ran its lookup phase (false: refused because the queue was full,
+    /// cancelled before it started, or the controller was stopping).
+    pub ran: bool,
+    /// Adapters asked.
+    pub adapters: usize,
+    /// Adapters whose lookup failed (counted as holding nothing).
+    pub failed_adapters: usize,
+    /// Keys of the whole-chunk prefix some adapter holds.
+    pub found_keys: usize,
+    /// L1 could not reserve room for the whole found prefix.
+    pub l1_short: bool,
+    /// Keys whose load (or publish into L1) failed.
+    pub load_failed_keys: usize,
+    /// From the start of its lookup phase to its completion (queueing time not included).
+    pub run_time: Duration,
 }
 
 impl PrefetchResult {
@@ -109,6 +132,7 @@ impl PrefetchResult {
             leases: Vec::new(),
             group: req.group.max(1),
             readers: req.readers,
+            report: PrefetchReport::default(),
         }
     }
 
@@ -535,6 +559,24 @@ fn whole_groups(n: usize, group: usize) -> usize {
 }
 
 async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> PrefetchResult {
+    let mut report = PrefetchReport {
+        ran: true,
+        adapters: s.adapters.len(),
+        ..PrefetchReport::default()
+    };
+    let started = Instant::now();
+    let mut res = load_prefix(s, id, req, &mut report).await;
+    report.run_time = started.elapsed();
+    res.report = report;
+    res
+}
+
+async fn load_prefix(
+    s: &Arc<Shared>,
+    id: u64,
+    req: &PrefetchRequest,
+    report: &mut PrefetchReport,
+) -> PrefetchResult {
     let _in_flight = GaugeUp::up(&s.c.in_flight_request_count);
     let group = req.group.max(1);
     let keys = &req.keys;
@@ -551,6 +593,7 @@ async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> Prefetc
                 Ok(v) if v.len() == n => v,
                 Ok(_) | Err(_) => {
                     s.c.lookup_errors_total.add(1);
+                    report.failed_adapters += 1;
                     vec![None; n]
                 }
             })
@@ -569,6 +612,7 @@ async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> Prefetc
     let mut prefix = plan.iter().take_while(|p| p.is_some()).count();
     prefix = whole_groups(prefix, group);
     s.c.keys_found_total.add(prefix as u64);
+    report.found_keys = prefix;
 
     // 3. Phase-1 unpin: pinned but not planned on that adapter.
     let planned_on = |j: usize, i: usize| j < prefix && plan[j].is_some_and(|(a, _)| a == i);
@@ -598,6 +642,7 @@ async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> Prefetc
         .collect();
     let (mut slots, reserved) = reserve_prefix(s, &keys[..prefix], &lens, group, readers);
     if reserved < prefix {
+        report.l1_short = true;
         unpin_planned(s, keys, &plan, reserved, prefix).await;
         prefix = reserved;
     }
@@ -674,6 +719,7 @@ async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> Prefetc
     }
     s.c.keys_loaded_total.add(publish.len() as u64);
     s.c.bytes_loaded_total.add(loaded_bytes);
+    report.load_failed_keys = ok.iter().filter(|&&b| !b).count();
     let good = whole_groups(ok.iter().take_while(|&&b| b).count(), group);
     let mut leases = Vec::with_capacity(good);
     let mut beyond = Vec::new();
@@ -694,6 +740,7 @@ async fn run_request(s: &Arc<Shared>, id: u64, req: &PrefetchRequest) -> Prefetc
         leases,
         group,
         readers,
+        report: PrefetchReport::default(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `kvtier`: command-line entry point. Wiring only; the server lives in `kvtier-server`.
 
 mod bench;
+mod explain;
 mod serve;
 mod status;
 
@@ -36,6 +37,12 @@ enum Command {
     /// shared-memory path: noop round trips, lookup latency, store and retrieve throughput
     /// against memcpy, many clients, status latency, server memory and start-up time.
     Bench(Box<bench::BenchArgs>),
+
+    /// Explain a request's lookups: chunks found per tier and why the prefix ended where it
+    /// did (never stored, evicted and why, another model or cache_salt, discarded write, L2
+    /// unavailable, ...), from a running kvtier's /api/lookups. Exit code 0 when the request
+    /// has records, 1 otherwise.
+    Explain(explain::ExplainArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
         Command::Status(args) => return status::run(args),
+        Command::Explain(args) => return explain::run(args),
         Command::Bench(args) => bench::run(*args),
     };
     match result {

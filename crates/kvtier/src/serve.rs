@@ -149,6 +149,19 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_KV_EVENT_LOG_SIZE", default_value_t = 32768)]
     kv_event_log_size: usize,
 
+    /// Recent lookups kept with the reason each prefix ended where it did (`GET /api/lookups`,
+    /// `kvtier explain REQUEST_ID`, `kvtier_lookup_misses_total{reason}`). Each record takes
+    /// at most about 1 KiB. 0 disables lookup records, miss reasons and the chunk history.
+    #[arg(long, env = "KVTIER_LOOKUP_RECORDS", default_value_t = kvtier_server::engine::explain::DEFAULT_RECORDS)]
+    lookup_records: usize,
+
+    /// Chunks whose last L1 event (stored, evicted and why, deleted, cleared, discarded) is
+    /// remembered to explain misses: a fixed table of 16 bytes per chunk, allocated at start
+    /// (rounded up to a power of two; the default is 4 MiB). A miss on a chunk older than the
+    /// table's memory is reported as "never stored".
+    #[arg(long, env = "KVTIER_MISS_HISTORY_CHUNKS", default_value_t = kvtier_server::engine::explain::history::DEFAULT_SLOTS)]
+    miss_history_chunks: usize,
+
     /// Unregister an engine instance this many seconds after its last ping, releasing what it
     /// holds (0 disables; otherwise at least 30).
     #[arg(
@@ -426,6 +439,8 @@ impl ServeArgs {
                 session_ttl: seconds("session-ttl-seconds", self.session_ttl_seconds, false)?,
                 max_sessions: self.max_sessions,
                 kv_event_log_size: self.kv_event_log_size,
+                lookup_records: self.lookup_records,
+                miss_history_chunks: self.miss_history_chunks,
                 kv_events_publisher: self.kv_events.resolve(self.kv_event_log_size)?,
                 worker_reap_timeout: reap,
                 worker_registration_grace: seconds(

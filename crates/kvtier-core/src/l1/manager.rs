@@ -61,6 +61,7 @@ use super::alloc::RangeAllocator;
 use super::eviction::{
     EntryId, EntryMeta, EvictionPolicy, EvictionPolicyKind, Removal, TenantId, Verdict,
 };
+use super::listener::{EvictedFor, RemovalCause};
 use super::tenants::{Directory, Tenants};
 use crate::key::ObjectKey;
 use crate::status::{StatusNode, StatusReport};
@@ -642,7 +643,7 @@ impl L1Manager {
                     }
                     _ => return Err(L1Error::KeyInWrongState),
                 }
-                self.remove_entry(&mut inner, id, Removal::Dropped);
+                self.remove_entry(&mut inner, id, RemovalCause::Discarded);
                 self.counters.writes_aborted_total.add(1);
                 Ok(())
             })
@@ -769,7 +770,7 @@ impl L1Manager {
                 if e.phase == Phase::Staging || e.readers > 0 {
                     return Err(L1Error::KeyIsLocked);
                 }
-                self.remove_entry(&mut inner, id, Removal::Dropped);
+                self.remove_entry(&mut inner, id, RemovalCause::Deleted);
                 Ok(())
             })
             .collect()
@@ -793,7 +794,7 @@ impl L1Manager {
                 }
                 let locked = e.phase == Phase::Staging || e.readers > 0;
                 if !locked {
-                    self.remove_entry(&mut inner, id, Removal::Dropped);
+                    self.remove_entry(&mut inner, id, RemovalCause::Cleared);
                     out.removed += 1;
                 } else if force {
                     self.doom(&mut inner, id);
@@ -815,7 +816,7 @@ impl L1Manager {
     /// order. Never touches staging, read-locked or doomed objects.
     pub fn evict(&self, goal_bytes: u64) -> EvictionOutcome {
         let mut inner = self.inner.lock();
-        self.evict_locked(&mut inner, goal_bytes)
+        self.evict_locked(&mut inner, goal_bytes, EvictedFor::Watermark)
     }
 
     /// One background round: expire TTLs, then evict `eviction_ratio` of the used bytes if usage
@@ -1068,14 +1069,14 @@ impl L1Manager {
         }
         if doomed {
             // Force-cleared while being written: the write is void.
-            self.remove_entry(inner, id, Removal::Dropped);
+            self.remove_entry(inner, id, RemovalCause::Discarded);
             return Err(L1Error::KeyNotExist);
         }
         let now = self.clock.now();
         if deadline.is_some_and(|d| d <= now) {
             // Lapsed but not yet quarantined, and the writer is here: nothing to hold back.
             self.counters.expired_write_locks_total.add(1);
-            self.remove_entry(inner, id, Removal::Dropped);
+            self.remove_entry(inner, id, RemovalCause::Discarded);
             return Err(L1Error::KeyNotExist);
         }
         if let Some(d) = deadline {
@@ -1161,7 +1162,7 @@ impl L1Manager {
             }
             self.counters.read_locked_objects.sub(1);
             if free_now {
-                self.remove_entry(inner, id, Removal::Dropped);
+                self.remove_entry(inner, id, RemovalCause::Released);
                 return;
             }
         }
@@ -1187,7 +1188,7 @@ impl L1Manager {
         self.counters.read_locked_objects.sub(1);
         self.counters.expired_read_locks_total.add(1);
         if free_now {
-            self.remove_entry(inner, id, Removal::Dropped);
+            self.remove_entry(inner, id, RemovalCause::Released);
         }
     }
 
@@ -1206,6 +1207,9 @@ impl L1Manager {
             }
             if !e.doomed {
                 index.remove(&e.key);
+                if let Some(l) = self.listener.get() {
+                    l.discarded(&e.key);
+                }
             }
             let was_doomed = e.doomed;
             e.phase = Phase::Quarantined;
@@ -1228,14 +1232,14 @@ impl L1Manager {
                 break;
             };
             self.counters.quarantine_forced_reuses_total.inc();
-            self.remove_entry(inner, victim, Removal::Dropped);
+            self.remove_entry(inner, victim, RemovalCause::Discarded);
         }
     }
 
     /// A quarantined object's writer came back (late commit or abort): free it.
     fn release_quarantined(&self, inner: &mut Inner, id: EntryId) {
         self.counters.quarantine_released_total.inc();
-        self.remove_entry(inner, id, Removal::Dropped);
+        self.remove_entry(inner, id, RemovalCause::Discarded);
     }
 
     fn doom(&self, inner: &mut Inner, id: EntryId) {
@@ -1245,7 +1249,7 @@ impl L1Manager {
                 if e.phase == Phase::Ready
                     && let Some(l) = self.listener.get()
                 {
-                    l.removed(&e.key);
+                    l.removed(&e.key, RemovalCause::Cleared);
                 }
                 (e.key.clone(), e.meta())
             }
@@ -1258,7 +1262,11 @@ impl L1Manager {
     }
 
     /// Removes an entry whatever its state and returns its memory.
-    fn remove_entry(&self, inner: &mut Inner, id: EntryId, why: Removal) {
+    fn remove_entry(&self, inner: &mut Inner, id: EntryId, cause: RemovalCause) {
+        let why = match cause {
+            RemovalCause::Evicted(_) => Removal::Evicted,
+            _ => Removal::Dropped,
+        };
         let slot = &mut inner.slots[id as usize];
         let generation = slot.generation;
         let Some(e) = slot.entry.take() else { return };
@@ -1278,7 +1286,7 @@ impl L1Manager {
             if e.phase == Phase::Ready
                 && let Some(l) = self.listener.get()
             {
-                l.removed(&e.key);
+                l.removed(&e.key, cause);
             }
         }
         inner.policy.on_remove(id, e.meta(), why);
@@ -1300,7 +1308,7 @@ impl L1Manager {
         }
     }
 
-    fn evict_locked(&self, inner: &mut Inner, goal_bytes: u64) -> EvictionOutcome {
+    fn evict_locked(&self, inner: &mut Inner, goal_bytes: u64, why: EvictedFor) -> EvictionOutcome {
         let order = if inner.policy.isolated() {
             inner.tenants.isolation_order()
         } else {
@@ -1314,7 +1322,7 @@ impl L1Manager {
                 verdict(slots, id, goal_bytes, &mut planned, &mut victims)
             });
         }
-        self.remove_victims(inner, victims)
+        self.remove_victims(inner, victims, why)
     }
 
     /// Evicts up to `goal_bytes` of `tenant`'s own unlocked objects, oldest first.
@@ -1332,16 +1340,21 @@ impl L1Manager {
                 verdict(slots, id, goal_bytes, &mut planned, &mut victims) != Verdict::Stop
             });
         }
-        self.remove_victims(inner, victims)
+        self.remove_victims(inner, victims, EvictedFor::Quota)
     }
 
-    fn remove_victims(&self, inner: &mut Inner, victims: Vec<EntryId>) -> EvictionOutcome {
+    fn remove_victims(
+        &self,
+        inner: &mut Inner,
+        victims: Vec<EntryId>,
+        why: EvictedFor,
+    ) -> EvictionOutcome {
         let mut out = EvictionOutcome::default();
         for id in victims {
             if let Some(e) = inner.entry(id) {
                 out.bytes += e.reserved;
                 out.objects += 1;
-                self.remove_entry(inner, id, Removal::Evicted);
+                self.remove_entry(inner, id, RemovalCause::Evicted(why));
             }
         }
         self.counters.evicted_objects_total.add(out.objects);
@@ -1457,7 +1470,7 @@ impl L1Manager {
             // the largest object so neighbouring frees can coalesce.
             let largest = sizes.iter().copied().max().unwrap_or(0);
             let goal = need.saturating_sub(free).max(largest);
-            let freed = self.evict_locked(inner, goal);
+            let freed = self.evict_locked(inner, goal, EvictedFor::Allocation);
             if let Some(offsets) = inner.alloc.alloc_batch(sizes) {
                 return Some(offsets);
             }

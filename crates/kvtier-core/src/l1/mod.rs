@@ -19,7 +19,7 @@ pub mod pressure;
 pub mod tenants;
 
 pub use eviction::{EvictionPolicy, EvictionPolicyKind};
-pub use listener::L1Listener;
+pub use listener::{EvictedFor, L1Listener, Listeners, RemovalCause};
 pub use manager::{
     Allocation, ClearOutcome, Clock, EvictionConfig, EvictionOutcome, L1Config, L1Counters,
     L1Error, L1Manager, ReadLease, WriteTicket,

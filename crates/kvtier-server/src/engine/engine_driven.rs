@@ -338,6 +338,7 @@ impl EngineDriven {
     ) -> Result<Vec<Slot>, EngineError> {
         let refuse = |why: String| {
             cx.counters.retrieve_refused_total.inc();
+            cx.explain.retrieved(&key.request_id, 0, false);
             EngineError::Failed(why)
         };
         let ctx = context(cx, instance_id, now)?;
@@ -355,6 +356,7 @@ impl EngineDriven {
             .map_err(|e| refuse(format!("request {}: {e}", key.request_id)))?;
         let slots: Vec<Slot> = leases.iter().map(|l| ctx.slot(l.alloc.offset)).collect();
         cx.counters.retrieve_chunks_total.add(slots.len() as u64);
+        cx.explain.retrieved(&key.request_id, slots.len(), true);
         cx.counters
             .retrieve_bytes_total
             .add(leases.iter().map(|l| l.alloc.len).sum::<u64>());

@@ -22,6 +22,7 @@ use std::time::Instant;
 use kvtier_proto::IpcKey;
 use kvtier_storage::prefetch::Take;
 
+use super::explain::LookupFacts;
 use super::session::{LoadedLocks, PrefetchState};
 use super::{EngineError, Shared, malformed};
 
@@ -29,8 +30,9 @@ use super::{EngineError, Shared, malformed};
 /// the session's result becomes a definite 0 (the client polls for it).
 pub(super) fn lookup(cx: &Shared, key: &IpcKey, now: Instant) -> Result<(), EngineError> {
     cx.counters.lookups_total.inc();
+    let started = Instant::now();
     let session = cx.session(&key.request_id, now);
-    let (next, result) = match lock_prefix(cx, key, &session, now) {
+    let (next, result) = match lock_prefix(cx, key, &session, now, started) {
         Ok(next) => (next, Ok(())),
         Err(e) => (PrefetchState::Done(0), Err(e)),
     };
@@ -44,6 +46,7 @@ fn lock_prefix(
     key: &IpcKey,
     session: &super::session::SessionRef,
     now: Instant,
+    started: Instant,
 ) -> Result<PrefetchState, EngineError> {
     if key.num_kv_readers == 0 {
         return Err(malformed(
@@ -77,9 +80,20 @@ fn lock_prefix(
             (locked / group)..chunks,
         );
     }
-    Ok(cx
+    let next = cx
         .l2
-        .prefetch_suffix(&keys, locked, group, key.num_kv_readers, hits))
+        .prefetch_suffix(&keys, locked, group, key.num_kv_readers, hits);
+    cx.explain.looked_up(&LookupFacts {
+        request_id: &key.request_id,
+        model: &span.model,
+        cache_salt: &key.cache_salt,
+        hashes: &span.hashes,
+        l1_chunks: locked / group,
+        group,
+        l2_pending: next.pending_job().is_some(),
+        started,
+    });
+    Ok(next)
 }
 
 /// `query_prefetch_status`: the lookup's prefix chunk count, consumed once; `None` (nil)
@@ -98,6 +112,7 @@ pub(super) fn query(cx: &Shared, request_id: &str) -> Option<u64> {
             Take::Pending => (state, None, None),
             Take::Ready(res) => {
                 let l2_chunks = res.chunks();
+                cx.explain.l2_done(request_id, l2_chunks, &res.report);
                 cx.counters.lookup_chunks_hit_total.add(l2_chunks);
                 let loaded = LoadedLocks {
                     keys: res.keys,
@@ -110,7 +125,11 @@ pub(super) fn query(cx: &Shared, request_id: &str) -> Option<u64> {
                     Some(l1_chunks + l2_chunks),
                 )
             }
-            Take::Unknown => (PrefetchState::Idle, None, Some(l1_chunks)),
+            Take::Unknown => {
+                cx.explain
+                    .abandoned(request_id, "its L2 result expired or was cancelled");
+                (PrefetchState::Idle, None, Some(l1_chunks))
+            }
         },
         PrefetchState::Idle => (PrefetchState::Idle, None, unknown()),
     })
@@ -126,6 +145,7 @@ pub(super) fn wait(cx: &Shared, request_id: &str, timeout: f64) -> Option<u64> {
     if let Some(job) = job
         && !cx.l2.wait(job, timeout)
     {
+        cx.explain.wait_timed_out(request_id);
         return None;
     }
     query(cx, request_id)
@@ -169,6 +189,7 @@ impl PrefetchWait {
         }
         if force || now >= self.deadline {
             cx.l2.count_wait_timeout();
+            cx.explain.wait_timed_out(&self.request_id);
             return Some(None);
         }
         None
@@ -192,6 +213,9 @@ pub(super) fn free_lookup_locks(
 /// `end_session`: releases every lock the session holds and cancels its L2 prefetch.
 pub(super) fn end_session(cx: &Shared, request_id: &str) {
     if let Some(prefetch) = cx.sessions.end(request_id) {
+        if prefetch.pending_job().is_some() {
+            cx.explain.abandoned(request_id, "the request ended");
+        }
         cx.l2.discard(prefetch);
     }
 }

@@ -16,6 +16,7 @@
 //! - [`l2`]: the engine's link to the L2 tier (write-behind on publish, prefetch on lookup);
 //! - [`lmcache_driven`]: `register_kv_cache`, `store`, `retrieve`, `/cache/checksums`;
 //! - [`kv_events`]: the KV-event replay log and `subscribe_kv_events` streams;
+//! - [`explain`]: recent lookup records and why each prefix ended (`kvtier explain`);
 //! - [`status`]: the engine's subtree of the status tree and its metric sets.
 //!
 //! Ownership of locks (the invariant that keeps kvtier leak-free): every read lock taken for a
@@ -28,6 +29,7 @@
 //! held across I/O; L1 calls are O(keys in the request).
 
 pub mod engine_driven;
+pub mod explain;
 pub mod instances;
 pub mod kv_events;
 pub mod l2;
@@ -42,12 +44,13 @@ use std::time::{Duration, Instant};
 
 use kvtier_core::hash::TokenHasher;
 use kvtier_core::l1::controller::EvictionController;
-use kvtier_core::l1::{ClearOutcome, L1Manager};
+use kvtier_core::l1::{ClearOutcome, L1Listener, L1Manager, Listeners};
 use kvtier_core::shm::ShmSegment;
 use kvtier_proto::{Request, Response};
 use kvtier_storage::L2Tier;
 
 use self::engine_driven::EngineDriven;
+use self::explain::Explainer;
 use self::instances::{Instances, Liveness, Removed};
 use self::kv_events::{KvEvents, Subscription};
 use self::l2::L2Link;
@@ -70,6 +73,10 @@ pub struct EngineConfig {
     pub worker_registration_grace: Duration,
     /// KV-event records kept for replay (0 disables KV events).
     pub kv_event_log_size: usize,
+    /// Lookup records kept for explanations (0 disables them and the chunk history).
+    pub lookup_records: usize,
+    /// Slots of the chunk history that explains misses (16 bytes each).
+    pub miss_history_chunks: usize,
 }
 
 /// Why a request failed; the service logs it, counts it, and sends the op's failure value.
@@ -152,6 +159,8 @@ pub struct Shared {
     pub counters: EngineCounters,
     /// The KV-event log (L1's listener when enabled).
     pub events: Arc<KvEvents>,
+    /// Lookup records and miss reasons (its chunk history is L1's listener when enabled).
+    pub explain: Explainer,
 }
 
 impl Shared {
@@ -229,8 +238,30 @@ impl Engine {
         evictor: EvictionController,
     ) -> Self {
         let events = Arc::new(KvEvents::new(cfg.kv_event_log_size));
-        if events.enabled() && l1.set_listener(Arc::clone(&events) as _).is_err() {
-            tracing::warn!("the L1 manager already has a listener; KV events will miss L1 changes");
+        let explain = Explainer::new(
+            cfg.lookup_records,
+            cfg.miss_history_chunks,
+            l1.config().eviction.policy.name(),
+        );
+        let mut listeners: Vec<Arc<dyn L1Listener>> = Vec::new();
+        if events.enabled() {
+            listeners.push(Arc::clone(&events) as _);
+        }
+        if let Some(history) = explain.history() {
+            listeners.push(Arc::clone(history) as _);
+        }
+        let listener: Option<Arc<dyn L1Listener>> = match listeners.len() {
+            0 => None,
+            1 => listeners.pop(),
+            _ => Some(Arc::new(Listeners(listeners))),
+        };
+        if let Some(listener) = listener
+            && l1.set_listener(listener).is_err()
+        {
+            tracing::warn!(
+                "the L1 manager already has a listener; KV events and miss explanations will \
+                 miss L1 changes"
+            );
         }
         Self {
             cx: Shared {
@@ -246,6 +277,7 @@ impl Engine {
                 l2: L2Link::default(),
                 counters: EngineCounters::default(),
                 events,
+                explain,
             },
             engine_driven: EngineDriven::default(),
             lmcache_driven: LmcacheDriven::new(),
@@ -573,6 +605,9 @@ impl Engine {
             shrunk |= table_shrunk;
             let n = expired.len();
             for (request_id, locks, prefetch) in expired {
+                if prefetch.pending_job().is_some() {
+                    cx.explain.abandoned(&request_id, "the session expired");
+                }
                 cx.l2.discard(prefetch);
                 if locks > 0 {
                     tracing::info!(%request_id, locks, "session expired; releasing its locks");

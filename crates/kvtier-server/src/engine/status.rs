@@ -93,6 +93,7 @@ impl Engine {
             self.lmcache_driven().counters(),
             cx.events.counters(),
             cx.events.as_ref(),
+            &cx.explain,
             self,
             cx.l1.counters(),
             &**cx.l1.tenants(),
@@ -264,6 +265,7 @@ impl StatusReport for Engine {
             .field("sessions", sessions)
             .field("transfers", transfers)
             .field("kv_events", cx.events.status())
+            .child("explanations", cx.explain.status())
     }
 }
 

@@ -12,6 +12,7 @@
 //! | GET, POST, DELETE | LMCache's operator routes (`/loglevel`, `/threads`, `/periodic-threads[-health]`, `/config/adapters`, `/cache/objects`, `/cache/prefetches`) | see [`admin`] |
 //! | POST | `/cache/clear` | `{"tier":"l1"\|"all","force":false}` (body optional; LMCache 0.5.6 semantics) |
 //! | PUT/GET/DELETE, GET | `/quota/{cache_salt}`, `/quota` | per-`cache_salt` L1 quotas (see [`quota`]) |
+//! | GET | `/api/lookups` | recent lookups and their miss reasons (see [`lookups`]) |
 //!
 //! Anything else answers a JSON 404 (or 405 for a known path with the wrong method). With a
 //! token configured every route but the health checks and the dashboard's static files (which
@@ -25,6 +26,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod lookups;
 pub mod metrics;
 pub mod quota;
 
@@ -234,6 +236,7 @@ fn router(source: StatusSource, token: Option<AuthToken>) -> Router {
     Router::new()
         .merge(dashboard)
         .merge(quota::routes(state.source.clone()))
+        .merge(lookups::routes(state.source.clone()))
         .merge(admin)
         .route("/api/status", get(status))
         .route("/status", get(status))
@@ -265,6 +268,7 @@ async fn guard(State(st): Shared, req: Request, next: Next) -> Response {
         .iter()
         .chain(&crate::dashboard::ROUTES)
         .chain(&admin::ROUTES)
+        .chain(&lookups::ROUTES)
         .copied()
         .find(|r| *r == req.uri().path())
         .or_else(|| quota::route_label(req.uri().path()))

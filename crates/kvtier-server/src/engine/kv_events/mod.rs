@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use kvtier_core::hash::ChunkHash;
 use kvtier_core::key::ObjectKey;
-use kvtier_core::l1::L1Listener;
+use kvtier_core::l1::{L1Listener, RemovalCause};
 use kvtier_core::metrics::{MetricDesc, MetricKind, MetricSet, MetricUnit, MetricVisitor};
 use kvtier_proto::{KvEventBatch, KvEventKind, KvEventRecord, TokenSpan};
 use kvtier_storage::L2Listener;
@@ -656,7 +656,7 @@ impl L1Listener for KvEvents {
         self.stored_in(0, MEDIUM_CPU, key, true);
     }
 
-    fn removed(&self, key: &ObjectKey) {
+    fn removed(&self, key: &ObjectKey, _cause: RemovalCause) {
         self.removed_from(0, MEDIUM_CPU, key);
     }
 }

@@ -520,14 +520,18 @@ impl LmcacheDriven {
         skip_first_n_tokens: u64,
         now: Instant,
     ) -> Result<(), EngineError> {
-        counted(
+        let result = counted(
             &self.counters.retrieves_total,
             &self.counters.retrieves_failed_total,
             "retrieve",
             instance_id,
             key,
             || self.retrieve_inner(cx, key, instance_id, block_ids, skip_first_n_tokens, now),
-        )
+        );
+        if result.is_err() {
+            cx.explain.retrieved(&key.request_id, 0, false);
+        }
+        result
     }
 
     fn retrieve_inner(
@@ -604,6 +608,7 @@ impl LmcacheDriven {
         cx.counters
             .retrieve_bytes_total
             .add((copied * object_len) as u64);
+        cx.explain.retrieved(&key.request_id, copied, true);
         Ok(())
     }
 
