@@ -22,6 +22,8 @@
 //! bucket is a tiny FIFO, newest first: a push shifts the new entry in front and the last slot
 //! (empty, dead, or the bucket's oldest live entry) falls out; a take closes its gap. With
 //! `COUNT`, a per-quantum counter ring keeps the live count exact (ARC needs it).
+//! ARC's two lists share one table ([`GhostPair`]): bucket `i` of both lists sits in one
+//! 32-byte block, so asking both lists about a key reads one cache line.
 //!
 //! **Approximations** (each makes a policy treat an object as new where the exact list would
 //! call it a ghost, or the reverse):
