@@ -24,8 +24,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::ghost::{GhostList, ghost_key};
+use super::ghost::{GhostList, GhostPair, ghost_key};
 use super::list::Lists;
+use super::ring::MainRing;
 
 /// Slot index of an object inside the L1 manager.
 pub type EntryId = u32;
@@ -270,8 +271,8 @@ const T2: u32 = 1;
 #[derive(Debug)]
 pub struct ArcPolicy {
     lists: Lists,
-    b1: GhostList<true>,
-    b2: GhostList<true>,
+    /// B1 (list 0) and B2 (list 1), whose buckets for one key share a cache line.
+    ghosts: GhostPair,
     p: usize,
 }
 
@@ -279,8 +280,7 @@ impl Default for ArcPolicy {
     fn default() -> Self {
         Self {
             lists: Lists::new(2),
-            b1: GhostList::default(),
-            b2: GhostList::default(),
+            ghosts: GhostPair::default(),
             p: 0,
         }
     }
@@ -305,16 +305,18 @@ impl EvictionPolicy for ArcPolicy {
     fn on_ready(&mut self, id: EntryId, meta: EntryMeta) {
         let fp = ghost_key(meta.fingerprint);
         // The ghost lengths in the `p` updates are those before the hit was taken out.
-        let list = if self.b1.take(fp) {
-            let (l1, l2) = (self.b1.len() + 1, self.b2.len().max(1));
-            self.p = (self.p + (l2 / l1).max(1)).min(self.resident() + 1);
-            T2
-        } else if self.b2.take(fp) {
-            let (l1, l2) = (self.b1.len().max(1), self.b2.len() + 1);
-            self.p = self.p.saturating_sub((l1 / l2).max(1));
-            T2
-        } else {
-            T1
+        let list = match self.ghosts.take(fp) {
+            Some(0) => {
+                let (l1, l2) = (self.ghosts.len(0) + 1, self.ghosts.len(1).max(1));
+                self.p = (self.p + (l2 / l1).max(1)).min(self.resident() + 1);
+                T2
+            }
+            Some(_) => {
+                let (l1, l2) = (self.ghosts.len(0).max(1), self.ghosts.len(1) + 1);
+                self.p = self.p.saturating_sub((l1 / l2).max(1));
+                T2
+            }
+            None => T1,
         };
         self.lists.push_back(list, id);
     }
@@ -332,11 +334,7 @@ impl EvictionPolicy for ArcPolicy {
         if why == Removal::Evicted {
             let fp = ghost_key(meta.fingerprint);
             let bound = self.resident();
-            if list == T1 {
-                self.b1.push(fp, bound);
-            } else {
-                self.b2.push(fp, bound);
-            }
+            self.ghosts.push(usize::from(list != T1), fp, bound);
         }
     }
 
@@ -387,12 +385,13 @@ fn grow<T: Copy + Default>(v: &mut Vec<T>, idx: usize) {
 }
 
 const SMALL: u32 = 0;
-const MAIN: u32 = 1;
 /// Highest frequency S3-FIFO counts (2 bits).
 const MAX_FREQ: u8 = 3;
 /// Flag in an object's frequency byte: it is in SMALL or MAIN (so `on_access` need not look at
-/// the lists).
+/// the queues).
 const LINKED: u8 = 0x80;
+/// Flag in an object's frequency byte: it is in MAIN.
+const IN_MAIN: u8 = 0x40;
 
 /// S3-FIFO (Yang et al., SOSP '23): new objects enter a small FIFO (about 10 % of the resident
 /// objects); an object read at least twice while there (one engine read = lock + release = two
@@ -400,10 +399,15 @@ const LINKED: u8 = 0x80;
 /// in a ghost FIFO; a new object whose key is a ghost enters main directly. Main is a FIFO with
 /// reinsertion: a head with frequency > 0 is reinserted with frequency − 1. One-off scans
 /// therefore pass through the small queue without touching main.
+///
+/// The small queue is a linked list (`l1::list`); main, where `select` walks, is a ring of ids
+/// (`l1::ring`, same order, no pointer chasing).
 #[derive(Debug)]
 pub struct S3FifoPolicy {
+    /// The small queue (list [`SMALL`]).
     lists: Lists,
-    /// Per id: the frequency (low 2 bits) and [`LINKED`].
+    main: MainRing,
+    /// Per id: the frequency (low 2 bits), [`LINKED`] and [`IN_MAIN`].
     freq: Vec<u8>,
     ghost: GhostList<false>,
 }
@@ -411,7 +415,8 @@ pub struct S3FifoPolicy {
 impl Default for S3FifoPolicy {
     fn default() -> Self {
         Self {
-            lists: Lists::new(2),
+            lists: Lists::new(1),
+            main: MainRing::default(),
             freq: Vec::new(),
             ghost: GhostList::default(),
         }
@@ -420,7 +425,13 @@ impl Default for S3FifoPolicy {
 
 impl S3FifoPolicy {
     fn resident(&self) -> usize {
-        self.lists.len(SMALL) + self.lists.len(MAIN)
+        self.lists.len(SMALL) + self.main.len()
+    }
+
+    /// Whether `id` is in the main queue (tests).
+    #[cfg(test)]
+    fn in_main(&self, id: EntryId) -> bool {
+        self.freq.get(id as usize).is_some_and(|f| f & IN_MAIN != 0)
     }
 }
 
@@ -430,26 +441,32 @@ impl EvictionPolicy for S3FifoPolicy {
     }
 
     fn on_ready(&mut self, id: EntryId, meta: EntryMeta) {
-        set_grow(&mut self.freq, id, LINKED);
         let fp = ghost_key(meta.fingerprint);
-        let list = if self.ghost.take(fp) { MAIN } else { SMALL };
-        self.lists.push_back(list, id);
+        if self.ghost.take(fp) {
+            set_grow(&mut self.freq, id, LINKED | IN_MAIN);
+            self.main.push(id, &mut 0);
+        } else {
+            set_grow(&mut self.freq, id, LINKED);
+            self.lists.push_back(SMALL, id);
+        }
     }
 
     fn on_access(&mut self, id: EntryId) {
         if let Some(f) = self.freq.get_mut(id as usize)
             && *f & LINKED != 0
         {
-            *f = (*f + 1).min(LINKED | MAX_FREQ);
+            *f += u8::from(*f & MAX_FREQ != MAX_FREQ);
         }
     }
 
     fn on_remove(&mut self, id: EntryId, meta: EntryMeta, why: Removal) {
-        if let Some(f) = self.freq.get_mut(id as usize) {
-            *f = 0;
-        }
-        let list = self.lists.unlink(id);
-        if why == Removal::Evicted && list == Some(SMALL) {
+        let Some(f) = self.freq.get_mut(id as usize) else {
+            return;
+        };
+        let was = std::mem::take(f);
+        if was & IN_MAIN != 0 {
+            self.main.remove(id);
+        } else if self.lists.unlink(id).is_some() && why == Removal::Evicted {
             self.ghost
                 .push(ghost_key(meta.fingerprint), self.resident());
         }
@@ -460,11 +477,12 @@ impl EvictionPolicy for S3FifoPolicy {
         let small_target = resident / 10;
         let mut small_left = self.lists.len(SMALL);
         let mut cs = self.lists.head(SMALL);
-        let mut cm = self.lists.head(MAIN);
+        let mut cm = self.main.start();
         let mut budget = 4 * resident + 8;
         while budget > 0 {
             budget -= 1;
-            let from_small = match (cs, cm) {
+            let main_head = self.main.peek(&mut cm);
+            let from_small = match (cs, main_head) {
                 (None, None) => return,
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
@@ -476,12 +494,10 @@ impl EvictionPolicy for S3FifoPolicy {
                 if let Some(f) = self.freq.get_mut(id as usize)
                     && *f & MAX_FREQ > 1
                 {
-                    *f = LINKED;
-                    self.lists.push_back(MAIN, id);
+                    *f = LINKED | IN_MAIN;
+                    self.lists.unlink(id);
+                    self.main.push(id, &mut cm);
                     small_left -= 1;
-                    if cm.is_none() {
-                        cm = Some(id);
-                    }
                     continue;
                 }
                 match visit(id) {
@@ -490,18 +506,17 @@ impl EvictionPolicy for S3FifoPolicy {
                     Verdict::Skip => {}
                 }
             } else {
-                let Some(id) = cm else { return };
-                let next = self.lists.next(id);
+                let Some(id) = main_head else { return };
                 if let Some(f) = self.freq.get_mut(id as usize)
                     && *f & MAX_FREQ > 0
                 {
                     *f -= 1;
-                    self.lists.push_back(MAIN, id);
-                    // When `id` was the tail it is the tail again: look at it once more.
-                    cm = next.or(Some(id));
+                    // To the tail; when `id` was the tail it is the tail again and is looked
+                    // at once more.
+                    self.main.reinsert(&mut cm);
                     continue;
                 }
-                cm = next;
+                cm += 1;
                 if visit(id) == Verdict::Stop {
                     return;
                 }
@@ -622,7 +637,8 @@ mod tests {
         assert_eq!(order(&mut p, &[]), vec![5, 6, 7, 8, 9, 0, 1]);
         // A ghost comes back into main.
         p.on_ready(20, meta(2));
-        assert_eq!(p.lists.list_of(20), Some(MAIN));
+        assert!(p.in_main(20));
+        assert!(!p.in_main(9));
         assert_eq!(p.lists.list_of(9), Some(SMALL));
     }
 

@@ -22,6 +22,8 @@
 //! bucket is a tiny FIFO, newest first: a push shifts the new entry in front and the last slot
 //! (empty, dead, or the bucket's oldest live entry) falls out; a take closes its gap. With
 //! `COUNT`, a per-quantum counter ring keeps the live count exact (ARC needs it).
+//! ARC's two lists share one table ([`GhostPair`]): bucket `i` of both lists sits in one
+//! 32-byte block, so asking both lists about a key reads one cache line.
 //!
 //! **Approximations** (each makes a policy treat an object as new where the exact list would
 //! call it a ghost, or the reverse):
@@ -73,16 +75,11 @@ fn tag(key: u32) -> u32 {
     (key >> 16).max(1) << 16
 }
 
-/// One ghost list; see the module docs. With `COUNT` it also keeps its exact live count (ARC
-/// needs it; S3-FIFO does not and saves the counter ring).
+/// One list's time window and live count: everything of a ghost list but its table. A list
+/// keeps its buckets in a [`GhostList`] of its own or shares bucket indices with a second list
+/// in a [`GhostPair`].
 #[derive(Debug)]
-pub(crate) struct GhostList<const COUNT: bool> {
-    table: Vec<[u32; WAYS]>,
-    /// `table.len() − 1` (a power of two minus one).
-    mask: usize,
-    /// Entries the table is sized for (0 before the first push).
-    cap: usize,
-    shift: u32,
+struct Window<const COUNT: bool> {
     /// Push time of the next push.
     next: u64,
     /// Pushes before this time have expired (in whole quanta).
@@ -97,13 +94,9 @@ pub(crate) struct GhostList<const COUNT: bool> {
     counts: Option<Box<[u32; RING]>>,
 }
 
-impl<const COUNT: bool> Default for GhostList<COUNT> {
+impl<const COUNT: bool> Default for Window<COUNT> {
     fn default() -> Self {
         Self {
-            table: Vec::new(),
-            mask: 0,
-            cap: 0,
-            shift: 0,
             next: 0,
             floor: 0,
             newest: 0,
@@ -114,14 +107,7 @@ impl<const COUNT: bool> Default for GhostList<COUNT> {
     }
 }
 
-impl GhostList<true> {
-    /// Live entries.
-    pub(crate) fn len(&self) -> usize {
-        self.live
-    }
-}
-
-impl<const COUNT: bool> GhostList<COUNT> {
+impl<const COUNT: bool> Window<COUNT> {
     /// Whether a slot (non-empty or not) holds a live entry.
     #[inline(always)]
     fn is_live(&self, slot: u32) -> bool {
@@ -138,57 +124,44 @@ impl<const COUNT: bool> GhostList<COUNT> {
         }
     }
 
-    /// Removes the newest copy of `fp`; whether there was one.
+    /// Removes the newest copy of `fp` from bucket `b`; whether there was one.
     #[inline(always)]
-    pub(crate) fn take(&mut self, fp: u32) -> bool {
+    fn take(&mut self, b: &mut [u32; WAYS], fp: u32) -> bool {
         if self.width == 0 {
             return false;
         }
         let t = tag(fp);
-        let i = fp as usize & self.mask;
-        let Some(&b) = self.table.get(i) else {
-            return false;
-        };
+        let old = *b;
         // Newest first, and an expired slot is never followed by a live one, so only the first
         // slot with the tag can be the answer.
-        let Some(k) = b.iter().position(|&s| s & TAG_MASK == t) else {
+        let Some(k) = old.iter().position(|&s| s & TAG_MASK == t) else {
             return false;
         };
-        if !self.is_live(b[k]) {
+        if !self.is_live(old[k]) {
             return false;
         }
         // Close the gap so that the bucket stays in push order with its free slots last.
         let mut rest = [0; WAYS];
-        rest[..WAYS - 1].copy_from_slice(&b[1..]);
-        let mut nb = b;
-        nb[k..].copy_from_slice(&rest[k..]);
-        self.table[i] = nb;
-        self.forget(b[k], 1);
+        rest[..WAYS - 1].copy_from_slice(&old[1..]);
+        b[k..].copy_from_slice(&rest[k..]);
+        self.forget(old[k], 1);
         true
     }
 
-    /// Remembers `fp` as the newest entry; the window is then at most `bound` pushes (see the
-    /// module docs).
+    /// Pushes `fp` into bucket `b` as the newest entry (times in quanta of `2^shift` pushes).
     #[inline(always)]
-    pub(crate) fn push(&mut self, fp: u32, bound: usize) {
-        let bound = bound.max(1);
-        if bound > self.cap {
-            self.rebuild(bound);
-        }
-        let q = self.next >> self.shift;
-        let i = fp as usize & self.mask;
-        let Some(&[s0, s1, s2, out]) = self.table.get(i) else {
-            return;
-        };
+    fn push(&mut self, b: &mut [u32; WAYS], fp: u32, bound: usize, shift: u32) {
+        let q = self.next >> shift;
+        let [s0, s1, s2, out] = *b;
         // A bucket is a tiny FIFO, newest first: the new entry goes in front and the last slot
         // (empty, expired, or the bucket's oldest live entry) falls out.
-        self.table[i] = [tag(fp) | (q as u32 & TIME_MASK), s0, s1, s2];
+        *b = [tag(fp) | (q as u32 & TIME_MASK), s0, s1, s2];
         if COUNT && self.is_live(out) {
             self.forget(out, 1);
         }
         self.next += 1;
         let floor = self.floor.max(self.next.saturating_sub(bound as u64));
-        let (from, to) = (self.floor >> self.shift, floor >> self.shift);
+        let (from, to) = (self.floor >> shift, floor >> shift);
         if COUNT && let Some(counts) = &mut self.counts {
             // Expire every quantum that falls wholly before the new floor (at most one ring's
             // worth: a window spans fewer quanta than the ring), then count the new entry.
@@ -204,23 +177,162 @@ impl<const COUNT: bool> GhostList<COUNT> {
         self.width = (q - to) as u32 + 1;
     }
 
-    /// Resizes the table for `bound` entries, forgetting every entry.
-    #[cold]
-    #[inline(never)]
-    fn rebuild(&mut self, bound: usize) {
-        let cap = bound.max(MIN_CAP).next_power_of_two();
-        self.cap = cap;
-        self.shift = cap
-            .trailing_zeros()
-            .saturating_sub(QUANTA_PER_CAP.trailing_zeros());
-        let buckets = 2 * cap / WAYS;
-        self.table = vec![[0; WAYS]; buckets];
-        self.mask = buckets - 1;
+    /// Forgets every entry (the table is being rebuilt).
+    fn reset(&mut self) {
         self.floor = self.next;
         self.width = 0;
         self.live = 0;
         if COUNT {
             self.counts = vec![0; RING].into_boxed_slice().try_into().ok();
+        }
+    }
+}
+
+/// Table geometry for `bound` entries per list: (`cap`, `shift`, bucket count).
+fn geometry(bound: usize) -> (usize, u32, usize) {
+    let cap = bound.max(MIN_CAP).next_power_of_two();
+    let shift = cap
+        .trailing_zeros()
+        .saturating_sub(QUANTA_PER_CAP.trailing_zeros());
+    (cap, shift, 2 * cap / WAYS)
+}
+
+/// One ghost list; see the module docs. With `COUNT` it also keeps its exact live count (S3-FIFO
+/// does not need it and saves the counter ring).
+#[derive(Debug)]
+pub(crate) struct GhostList<const COUNT: bool> {
+    table: Vec<[u32; WAYS]>,
+    /// `table.len() − 1` (a power of two minus one).
+    mask: usize,
+    /// Entries the table is sized for (0 before the first push).
+    cap: usize,
+    shift: u32,
+    w: Window<COUNT>,
+}
+
+impl<const COUNT: bool> Default for GhostList<COUNT> {
+    fn default() -> Self {
+        Self {
+            table: Vec::new(),
+            mask: 0,
+            cap: 0,
+            shift: 0,
+            w: Window::default(),
+        }
+    }
+}
+
+impl GhostList<true> {
+    /// Live entries.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.w.live
+    }
+}
+
+impl<const COUNT: bool> GhostList<COUNT> {
+    /// Removes the newest copy of `fp`; whether there was one.
+    #[inline(always)]
+    pub(crate) fn take(&mut self, fp: u32) -> bool {
+        let i = fp as usize & self.mask;
+        match self.table.get_mut(i) {
+            Some(b) => self.w.take(b, fp),
+            None => false,
+        }
+    }
+
+    /// Remembers `fp` as the newest entry; the window is then at most `bound` pushes (see the
+    /// module docs).
+    #[inline(always)]
+    pub(crate) fn push(&mut self, fp: u32, bound: usize) {
+        let bound = bound.max(1);
+        if bound > self.cap {
+            self.rebuild(bound);
+        }
+        let i = fp as usize & self.mask;
+        if let Some(b) = self.table.get_mut(i) {
+            self.w.push(b, fp, bound, self.shift);
+        }
+    }
+
+    /// Resizes the table for `bound` entries, forgetting every entry.
+    #[cold]
+    #[inline(never)]
+    fn rebuild(&mut self, bound: usize) {
+        let (cap, shift, buckets) = geometry(bound);
+        (self.cap, self.shift, self.mask) = (cap, shift, buckets - 1);
+        self.table = vec![[0; WAYS]; buckets];
+        self.w.reset();
+    }
+}
+
+/// Bucket `i` of both lists of a [`GhostPair`], in one 32-byte-aligned block (half a cache
+/// line), so that looking a key up in both lists reads one line.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(32))]
+struct PairBucket([[u32; WAYS]; 2]);
+
+/// Two counted ghost lists (ARC's B1 and B2) with the same geometry whose buckets for one key
+/// share a cache line: [`take`](Self::take) asks both lists for a new key with one memory read
+/// instead of two. Each list is exactly a [`GhostList<true>`] (its own window, its own four
+/// slots per bucket; the lists never share slots), except that the table is sized for the
+/// larger `bound` of the two, so a growth rebuild forgets both lists' entries (growth only
+/// happens while L1 fills, see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct GhostPair {
+    table: Vec<PairBucket>,
+    mask: usize,
+    cap: usize,
+    shift: u32,
+    w: [Window<true>; 2],
+}
+
+impl GhostPair {
+    /// Live entries of list `l` (0 or 1).
+    pub(crate) fn len(&self, l: usize) -> usize {
+        self.w.get(l).map_or(0, |w| w.live)
+    }
+
+    /// Takes the newest copy of `fp` from list 0, else from list 1; which list held it.
+    #[inline(always)]
+    pub(crate) fn take(&mut self, fp: u32) -> Option<usize> {
+        let i = fp as usize & self.mask;
+        let b = self.table.get_mut(i)?;
+        let [b0, b1] = &mut b.0;
+        let [w0, w1] = &mut self.w;
+        if w0.take(b0, fp) {
+            Some(0)
+        } else if w1.take(b1, fp) {
+            Some(1)
+        } else {
+            None
+        }
+    }
+
+    /// Remembers `fp` as the newest entry of list `l` (0 or 1), whose window is then at most
+    /// `bound` pushes.
+    #[inline(always)]
+    pub(crate) fn push(&mut self, l: usize, fp: u32, bound: usize) {
+        let bound = bound.max(1);
+        if bound > self.cap {
+            self.rebuild(bound);
+        }
+        let i = fp as usize & self.mask;
+        if let (Some(b), Some(w)) = (self.table.get_mut(i), self.w.get_mut(l))
+            && let Some(b) = b.0.get_mut(l)
+        {
+            w.push(b, fp, bound, self.shift);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn rebuild(&mut self, bound: usize) {
+        let (cap, shift, buckets) = geometry(bound);
+        (self.cap, self.shift, self.mask) = (cap, shift, buckets - 1);
+        self.table = vec![PairBucket::default(); buckets];
+        for w in &mut self.w {
+            w.reset();
         }
     }
 }
@@ -288,6 +400,39 @@ mod tests {
                 assert_eq!(g[list].take(key), n[list].take(key), "step {step}");
             }
             assert_eq!(g[list].len(), n[list].q.len(), "step {step}");
+        }
+    }
+
+    #[test]
+    fn a_pair_is_two_exact_lists() {
+        // As ARC uses it: a new key is taken from list 0, else from list 1; an evicted key is
+        // pushed to one of them. Same key set as above (no bucket ever fills).
+        let mut g = GhostPair::default();
+        let mut n = [Naive::default(), Naive::default()];
+        let mut x = 11u64;
+        for step in 0..200_000u64 {
+            x = mix64(x);
+            let k = x % 32;
+            let key = (mix(k) & !31) | k as u32;
+            let list = (x >> 20) as usize % 2;
+            let bound = 1 + (step / 1000 % 24) as usize;
+            let naive = if n[0].take(key) {
+                Some(0)
+            } else if n[1].take(key) {
+                Some(1)
+            } else {
+                None
+            };
+            assert_eq!(g.take(key), naive, "step {step}");
+            if x >> 40 & 1 == 0 {
+                g.push(list, key, bound);
+                n[list].push(key, bound);
+            }
+            assert_eq!(
+                (g.len(0), g.len(1)),
+                (n[0].q.len(), n[1].q.len()),
+                "step {step}"
+            );
         }
     }
 

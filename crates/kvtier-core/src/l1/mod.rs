@@ -16,6 +16,7 @@ mod list;
 pub mod listener;
 pub mod manager;
 pub mod pressure;
+mod ring;
 pub mod tenants;
 
 pub use eviction::{EvictionPolicy, EvictionPolicyKind};
