@@ -102,7 +102,7 @@ impl L1Listener for CountingListener {
     fn published(&self, _key: &ObjectKey) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
-    fn removed(&self, _key: &ObjectKey) {
+    fn removed(&self, _key: &ObjectKey, _cause: kvtier_core::l1::RemovalCause) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
