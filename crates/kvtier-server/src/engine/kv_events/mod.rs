@@ -343,11 +343,20 @@ impl KvEvents {
         if picked.is_empty() {
             return;
         }
-        let mut tokens = Vec::with_capacity(picked.len() * chunk_size);
-        for &(i, _) in &picked {
-            tokens.extend_from_slice(&range_tokens[i * chunk_size..(i + 1) * chunk_size]);
-        }
-        let buf: Arc<[u32]> = Arc::from(tokens);
+        // Usually the picked chunks are consecutive: then their tokens are one slice of the
+        // request's, copied once straight into the shared buffer (no intermediate `Vec`, whose
+        // conversion would allocate and copy a second time).
+        let first = picked[0].0;
+        let consecutive = picked.iter().enumerate().all(|(n, &(i, _))| i == first + n);
+        let buf: Arc<[u32]> = if consecutive {
+            Arc::from(&range_tokens[first * chunk_size..(first + picked.len()) * chunk_size])
+        } else {
+            let mut tokens = Vec::with_capacity(picked.len() * chunk_size);
+            for &(i, _) in &picked {
+                tokens.extend_from_slice(&range_tokens[i * chunk_size..(i + 1) * chunk_size]);
+            }
+            Arc::from(tokens)
+        };
         let mut s = self.state.lock();
         for (n, (i, hash)) in picked.into_iter().enumerate() {
             let parent = match i {
