@@ -150,8 +150,9 @@ pub struct ServeArgs {
     kv_event_log_size: usize,
 
     /// Recent lookups kept with the reason each prefix ended where it did (`GET /api/lookups`,
-    /// `kvtier explain REQUEST_ID`, `kvtier_lookup_misses_total{reason}`). Each record takes
-    /// at most about 1 KiB. 0 disables lookup records, miss reasons and the chunk history.
+    /// `kvtier explain REQUEST_ID`, `kvtier_lookup_misses_total{reason}`). A record takes
+    /// about 300 bytes (at most about 3.5 KiB with 256-character ids). 0 disables lookup
+    /// records, miss reasons and the chunk history.
     #[arg(long, env = "KVTIER_LOOKUP_RECORDS", default_value_t = kvtier_server::engine::explain::DEFAULT_RECORDS)]
     lookup_records: usize,
 

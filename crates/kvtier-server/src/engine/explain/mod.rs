@@ -18,9 +18,11 @@
 //! The reason is counted once per lookup, when the record is final. Costs on the request
 //! path: one history probe (one bucket, under a leaf mutex) per lookup that misses, and the
 //! record (a brief O(1) lock on the ring, plus a copy of the missing suffix's chunk hashes
-//! while an L2 prefetch is pending). Memory: `--lookup-records` records (each at most about
-//! 1 KiB: the request id, model and salt are cut to [`MAX_ID_CHARS`]) plus the history table
-//! (`--miss-history-chunks` × 16 bytes).
+//! while an L2 prefetch is pending). Memory: `--lookup-records` records (about 300 bytes with
+//! ordinary ids; at most about 3.5 KiB, as the request id, model and salt are cut to
+//! [`MAX_ID_CHARS`] characters and the request id is held twice, in the ring and its index; a
+//! pending record also holds 32 bytes per chunk its L2 prefetch may load, until collected)
+//! plus the history table (`--miss-history-chunks` × 16 bytes).
 //!
 //! Lock order: records mutex and history mutex are leaves; neither is held while the other is
 //! taken (the history is read before the records are locked).
