@@ -2,6 +2,8 @@
 
 mod bench;
 mod serve;
+mod simulate;
+mod size;
 mod status;
 
 /// mimalloc instead of glibc's malloc: the KV-event log and the session table free many
@@ -36,6 +38,11 @@ enum Command {
     /// shared-memory path: noop round trips, lookup latency, store and retrieve throughput
     /// against memcpy, many clients, status latency, server memory and start-up time.
     Bench(Box<bench::BenchArgs>),
+
+    /// Replay a lookup log (`kvtier serve --lookup-log-dir`) against kvtier's L1 with each
+    /// eviction policy at each size, and print the hit rate of each: what a bigger or smaller
+    /// cache, or another policy, would have done on the recorded traffic.
+    Simulate(simulate::SimulateArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +51,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(*args),
         Command::Status(args) => return status::run(args),
         Command::Bench(args) => bench::run(*args),
+        Command::Simulate(args) => simulate::run(args),
     };
     match result {
         Ok(code) => code,

@@ -152,6 +152,8 @@ pub struct Shared {
     pub counters: EngineCounters,
     /// The KV-event log (L1's listener when enabled).
     pub events: Arc<KvEvents>,
+    /// The hit-rate curve and lookup log (`crate::analysis`); told about every lookup.
+    pub observer: crate::analysis::LookupObserver,
 }
 
 impl Shared {
@@ -246,6 +248,7 @@ impl Engine {
                 l2: L2Link::default(),
                 counters: EngineCounters::default(),
                 events,
+                observer: crate::analysis::LookupObserver::default(),
             },
             engine_driven: EngineDriven::default(),
             lmcache_driven: LmcacheDriven::new(),
@@ -256,6 +259,12 @@ impl Engine {
     /// Installs the hook that gives freed heap memory back to the OS (see [`MemoryRelease`]).
     pub fn with_memory_release(mut self, hook: Option<fn()>) -> Self {
         self.memory.hook = hook;
+        self
+    }
+
+    /// Reports every lookup to the hit-rate curve and the lookup log. Call before serving.
+    pub fn with_lookup_observer(mut self, observer: crate::analysis::LookupObserver) -> Self {
+        self.cx.observer = observer;
         self
     }
 
