@@ -26,10 +26,10 @@ use kvtier_core::periodic::PeriodicThread;
 use kvtier_core::shm::{ShmOptions, ShmSegment};
 use kvtier_storage::{AdapterConfig, L2Listener, L2Tier, L2TierConfig};
 
-pub use crate::config::ServerConfig;
 use crate::analysis::LookupObserver;
 use crate::analysis::hit_curve::HitCurve;
 use crate::analysis::lookup_log::LookupLog;
+pub use crate::config::ServerConfig;
 use crate::engine::kv_events::{KvEventPublisher, PublisherError, l2_medium_names};
 use crate::engine::{Engine, EngineConfig};
 use crate::http::HttpServer;

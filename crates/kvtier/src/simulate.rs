@@ -206,10 +206,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if run.lookups == 0 {
-        bail!(
-            "{}: the log holds no lookup to replay",
-            args.log.display()
-        );
+        bail!("{}: the log holds no lookup to replay", args.log.display());
     }
     let rate = |hits: u64| hits as f64 / run.chunks.max(1) as f64;
     if args.json {

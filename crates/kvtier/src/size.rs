@@ -6,7 +6,9 @@
 
 /// A size string that does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("bad size {input:?}: {why} (examples: 4096, 512MiB, 1.5GB, 2TiB; units are binary: 1GB = 2^30 bytes)")]
+#[error(
+    "bad size {input:?}: {why} (examples: 4096, 512MiB, 1.5GB, 2TiB; units are binary: 1GB = 2^30 bytes)"
+)]
 pub struct SizeError {
     input: String,
     why: &'static str,
@@ -35,7 +37,11 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        _ => return Err(err("unknown unit (B, K, M, G or T, optionally with B or iB)")),
+        _ => {
+            return Err(err(
+                "unknown unit (B, K, M, G or T, optionally with B or iB)",
+            ));
+        }
     };
     let value: f64 = num.parse().map_err(|_| err("not a number"))?;
     let bytes = value * (1u64 << shift) as f64;
@@ -82,7 +88,10 @@ mod tests {
         assert_eq!(parse_size("1gib").ok(), Some(1 << 30));
         assert_eq!(parse_size("1.5G").ok(), Some(3 << 29));
         assert_eq!(parse_size(" 64 MiB ").ok(), Some(64 << 20));
-        assert_eq!(parse_size_list("1GB,2GB").ok(), Some(vec![1 << 30, 2 << 30]));
+        assert_eq!(
+            parse_size_list("1GB,2GB").ok(),
+            Some(vec![1 << 30, 2 << 30])
+        );
         for bad in ["", "GB", "1XB", "-1GB", "0", "1..2G"] {
             let e = parse_size(bad).expect_err(bad).to_string();
             assert!(e.contains(&format!("{bad:?}")), "{e}");

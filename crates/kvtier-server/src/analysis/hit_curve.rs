@@ -7,7 +7,9 @@
 //! lookup's tenant (model, cache salt, rank), then per chunk a multiply-xorshift mix of the
 //! chunk hash's first 8 bytes and a compare. Sampled chunks (none for most lookups once the
 //! rate has dropped) go as one small vector into a bounded queue (`try_send`); a full queue
-//! drops the lookup and counts it (`dropped_lookups_total`). No lock, no wait.
+//! drops the lookup and counts it (`dropped_lookups_total`). A lookup without a sampled chunk
+//! only adds its chunk count to an atomic (the expected-sample count of the SHARDS_adj
+//! correction). No lock, no wait.
 //!
 //! Thread `kvtier-hit-curve` (a [`PeriodicThread`], every 50 ms) drains the queue into the
 //! estimator in batches of at most 256 lookups per lock, then publishes the new threshold and
@@ -28,9 +30,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use kvtier_core::analysis::mrc::{
-    ChunkRef, MODULUS, Shards, ShardsConfig, mix64, sample_value,
-};
+use kvtier_core::analysis::mrc::{ChunkRef, MODULUS, Shards, ShardsConfig, mix64, sample_value};
 use kvtier_core::hash::ChunkHash;
 use kvtier_core::l1::L1Manager;
 use kvtier_core::metrics::{MetricDesc, MetricSet, MetricVisitor, status_fields};
@@ -94,7 +94,9 @@ struct L1View {
 pub struct HitCurve {
     cfg: HitCurveConfig,
     threshold: Arc<AtomicU32>,
-    tx: Sender<Vec<ChunkRef>>,
+    tx: Sender<(u64, Vec<ChunkRef>)>,
+    /// Chunks of lookups none of whose chunks was sampled, not yet counted by the thread.
+    unsampled: Arc<AtomicU64>,
     shards: Arc<Mutex<Shards>>,
     view: Arc<L1View>,
     counters: Arc<HitCurveCounters>,
@@ -179,8 +181,10 @@ impl HitCurve {
         })));
         let threshold = Arc::new(AtomicU32::new(if cfg.enabled { MODULUS } else { 0 }));
         let view = Arc::new(L1View::default());
+        let unsampled = Arc::new(AtomicU64::new(0));
         let mut round = Round {
             rx,
+            unsampled: Arc::clone(&unsampled),
             shards: Arc::clone(&shards),
             threshold: Arc::clone(&threshold),
             view: Arc::clone(&view),
@@ -205,6 +209,7 @@ impl HitCurve {
             cfg,
             threshold,
             tx,
+            unsampled,
             shards,
             view,
             counters: Arc::new(HitCurveCounters::default()),
@@ -224,9 +229,7 @@ impl HitCurve {
             return;
         }
         self.counters.lookups_observed_total.inc();
-        self.counters
-            .chunks_observed_total
-            .add(hashes.len() as u64);
+        self.counters.chunks_observed_total.add(hashes.len() as u64);
         let threshold = self.threshold.load(Relaxed);
         let mut sampled = Vec::new();
         for h in hashes {
@@ -239,12 +242,11 @@ impl HitCurve {
             }
         }
         if sampled.is_empty() {
+            self.unsampled.fetch_add(hashes.len() as u64, Relaxed);
             return;
         }
-        self.counters
-            .chunks_sampled_total
-            .add(sampled.len() as u64);
-        match self.tx.try_send(sampled) {
+        self.counters.chunks_sampled_total.add(sampled.len() as u64);
+        match self.tx.try_send((hashes.len() as u64, sampled)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.counters.dropped_lookups_total.inc();
@@ -375,7 +377,8 @@ fn fingerprint(tenant: u64, h: &ChunkHash) -> u64 {
 
 /// The thread's state.
 struct Round {
-    rx: Receiver<Vec<ChunkRef>>,
+    rx: Receiver<(u64, Vec<ChunkRef>)>,
+    unsampled: Arc<AtomicU64>,
     shards: Arc<Mutex<Shards>>,
     threshold: Arc<AtomicU32>,
     view: Arc<L1View>,
@@ -395,10 +398,14 @@ impl Round {
             }
             lookups += batch.len();
             let mut s = self.shards.lock();
-            for chunks in batch.drain(..) {
-                s.observe(chunks);
+            for (total, chunks) in batch.drain(..) {
+                s.observe_sampled(total, chunks);
             }
             self.threshold.store(s.threshold(), Relaxed);
+        }
+        let unsampled = self.unsampled.swap(0, Relaxed);
+        if unsampled > 0 {
+            self.shards.lock().count_unsampled(unsampled);
         }
         let (used, _) = self.l1.usage();
         let objects = self.l1.counters().objects.get();
