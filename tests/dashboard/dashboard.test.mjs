@@ -120,6 +120,8 @@ test('charts gain points while load runs', async () => {
       LOAD_SECONDS * 1000 + 10000);
     await waitFor('the hit-rate curve', async () =>
       (await num(page.locator('#chart-curve'), 'data-points')) > 0, 15000);
+    // A full-page shot draws the sticky header where the window is scrolled to.
+    await page.evaluate(() => window.scrollTo(0, 0));
     await page.screenshot({ path: path.join(SHOTS, 'dashboard-load.png'), fullPage: true });
   } finally {
     const totals = await load.done;

@@ -378,7 +378,7 @@ mod tests {
             chunk_bytes: 1 << 20,
             kv_rank: ALL_RANKS,
             ranks: 2,
-            cache_salt: Arc::from(if i % 2 == 0 { "" } else { "tenant-a" }),
+            cache_salt: Arc::from(if i.is_multiple_of(2) { "" } else { "tenant-a" }),
             model: Arc::from("meta/llama"),
             chunks: (0..i).map(|c| c * 7 + i).collect(),
         }

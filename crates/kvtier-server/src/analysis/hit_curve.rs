@@ -409,8 +409,8 @@ impl Round {
         }
         let (used, _) = self.l1.usage();
         let objects = self.l1.counters().objects.get();
-        if objects > 0 {
-            self.view.object_bytes.store(used / objects, Relaxed);
+        if let Some(mean) = used.checked_div(objects) {
+            self.view.object_bytes.store(mean, Relaxed);
         }
         if lookups > 0 {
             self.used_sum += used as f64 * lookups as f64;
