@@ -112,12 +112,12 @@ pub fn encode(rec: &LookupRecord, out: &mut Vec<u8>) {
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     /// The file or directory could not be read.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
-        /// The OS error.
-        source: io::Error,
+        /// The OS error (in the message, not a separate cause, so it is printed once).
+        error: io::Error,
     },
     /// A directory holds no `*.kvtlog` file.
     #[error("{}: no lookup log files (*.{FILE_EXT}) in this directory", path.display())]
@@ -150,9 +150,9 @@ pub enum LogError {
 /// [`LogError::Io`] when `path` cannot be read, [`LogError::NoFiles`] for a directory without
 /// log files.
 pub fn log_files(path: &Path) -> Result<Vec<PathBuf>, LogError> {
-    let io_err = |source| LogError::Io {
+    let io_err = |error| LogError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     let meta = std::fs::metadata(path).map_err(io_err)?;
     if !meta.is_dir() {
@@ -190,9 +190,9 @@ impl LogReader {
     /// # Errors
     /// [`LogError::Io`] or [`LogError::BadMagic`].
     pub fn open(path: &Path) -> Result<Self, LogError> {
-        let file = File::open(path).map_err(|source| LogError::Io {
+        let file = File::open(path).map_err(|error| LogError::Io {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let mut input = BufReader::with_capacity(1 << 16, file);
         let mut magic = [0u8; 8];
@@ -203,10 +203,10 @@ impl LogReader {
                     path: path.to_owned(),
                 });
             }
-            Err(source) => {
+            Err(error) => {
                 return Err(LogError::Io {
                     path: path.to_owned(),
-                    source,
+                    error,
                 });
             }
         }
@@ -268,10 +268,10 @@ impl LogReader {
         res.map(Some)
     }
 
-    fn io(&self, source: io::Error) -> LogError {
+    fn io(&self, error: io::Error) -> LogError {
         LogError::Io {
             path: self.path.clone(),
-            source,
+            error,
         }
     }
 

@@ -87,12 +87,12 @@ impl LookupLogConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum LookupLogError {
     /// The directory or first file could not be created or listed.
-    #[error("--lookup-log-dir {}: {source}", dir.display())]
+    #[error("--lookup-log-dir {}: {error}", dir.display())]
     Io {
         /// The directory.
         dir: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (in the message, not a separate cause, so it is printed once).
+        error: std::io::Error,
     },
     /// The bounds are inconsistent.
     #[error("{0}")]
@@ -147,9 +147,9 @@ impl LookupLog {
                 cfg.file_bytes, cfg.max_bytes
             )));
         }
-        let io = |source| LookupLogError::Io {
+        let io = |error| LookupLogError::Io {
             dir: cfg.dir.clone(),
-            source,
+            error,
         };
         std::fs::create_dir_all(&cfg.dir).map_err(io)?;
         let mut existing = Vec::new();
@@ -363,5 +363,75 @@ impl Writer {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kvtier_core::analysis::lookup_log::{LogReader, log_files};
+
+    use super::*;
+
+    fn rec(i: u64) -> LookupRecord {
+        LookupRecord {
+            unix_micros: i,
+            chunk_bytes: 4096,
+            kv_rank: 0,
+            ranks: 1,
+            cache_salt: Arc::from(""),
+            model: Arc::from("m"),
+            chunks: vec![i; 8],
+        }
+    }
+
+    #[test]
+    fn rotates_and_keeps_the_directory_under_its_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // An old file from an earlier run counts toward the bound and goes first.
+        let old = dir.path().join("lookups-0000000000000-000001.kvtlog");
+        std::fs::write(&old, MAGIC).expect("old file");
+        let cfg = LookupLogConfig {
+            dir: dir.path().to_owned(),
+            max_bytes: 2000,
+            file_bytes: 400,
+        };
+        let log = LookupLog::start(cfg).expect("start");
+        let mut written = 0;
+        for round in 0..20u64 {
+            for i in 0..3 {
+                log.record(rec(round * 3 + i));
+            }
+            // One round per batch, so each file gets a few records and then rotates.
+            log.writer.lock().round().expect("round");
+            written += 3;
+        }
+        log.stop();
+        let c = &log.counters;
+        assert_eq!(c.records_written_total.get(), written);
+        assert_eq!(c.dropped_records_total.get(), 0);
+        assert!(c.files_created_total.get() > 3, "rotated");
+        assert!(c.files_deleted_total.get() > 0, "deleted the oldest");
+        assert!(!old.exists(), "the earlier run's file went first");
+        let files = log_files(dir.path()).expect("files");
+        let total: u64 = files
+            .iter()
+            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        assert!(total <= 2000, "{total} bytes in {} files", files.len());
+        // What is left reads back in order, newest records last.
+        let mut last = None;
+        for f in &files {
+            let mut r = LogReader::open(f).expect("open");
+            while let Some(rec) = r.next_record().expect("record") {
+                assert!(last < Some(rec.unix_micros));
+                last = Some(rec.unix_micros);
+            }
+            assert_eq!(r.truncated_at(), None);
+        }
+        assert_eq!(last, Some(written - 1));
+        let node = log.status_node().to_value();
+        assert_eq!(node["records_written_total"], written);
     }
 }
