@@ -3,9 +3,10 @@
 //! Start order: shared-memory segment (+ background prefault task) → L1 manager → eviction
 //! thread → L2 tier (adapters, store and prefetch controllers; only with `--l2-adapter`) →
 //! hit-rate curve thread (unless `--hit-rate-curve off`) → lookup log writer (with
-//! `--lookup-log-dir`) → engine → KV-event publisher (only with `--kv-events-publisher`; its
-//! L2 listener is given to the L2 tier when that starts) → housekeeping thread → telemetry sampler → ZeroMQ front end (ZAP
-//! handler first with `--rpc-allow`, then the ROUTER) → HTTP API.
+//! `--lookup-log-dir`) → engine (both attached as its lookup observer) → KV-event publisher
+//! (only with `--kv-events-publisher`; its L2 listener is given to the L2 tier when that
+//! starts) → housekeeping thread → telemetry sampler → ZeroMQ front end (ZAP handler first
+//! with `--rpc-allow`, then the ROUTER) → HTTP API.
 //!
 //! Shutdown runs the reverse: stop RPC intake and drain in-flight requests (bounded), close the
 //! ROUTER, then stop the ZAP handler → stop
