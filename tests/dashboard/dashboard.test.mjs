@@ -118,11 +118,33 @@ test('charts gain points while load runs', async () => {
     const want = Math.max(6, LOAD_SECONDS - 4);
     await waitFor(`${want} loaded samples`, async () => (await num(chart, 'data-nonzero')) >= want,
       LOAD_SECONDS * 1000 + 10000);
+    await waitFor('the hit-rate curve', async () =>
+      (await num(page.locator('#chart-curve'), 'data-points')) > 0, 15000);
+    // A full-page shot draws the sticky header where the window is scrolled to.
+    await page.evaluate(() => window.scrollTo(0, 0));
     await page.screenshot({ path: path.join(SHOTS, 'dashboard-load.png'), fullPage: true });
   } finally {
     const totals = await load.done;
     assert.ok(totals.stored_chunks > 0 && totals.hit_chunks > 0, JSON.stringify(totals));
   }
+});
+
+test('the hit-rate curve renders after load, with its points and the current-size marker', async () => {
+  const fig = page.locator('#chart-curve');
+  await waitFor('curve points', async () => (await num(fig, 'data-points')) === 6, 15000);
+  assert.equal(await num(fig, 'data-current'), 1);
+  assert.equal(await fig.locator('svg circle.curve-point').count(), 6);
+  assert.equal(await fig.locator('svg circle.current-marker').count(), 1, 'one current-size marker');
+  assert.equal(await fig.locator('svg line.current-size').count(), 1);
+  // The marker sits on L1's size: the middle of 0.25x..8x on the log axis, at ratio 1.
+  assert.equal(await fig.locator('svg circle.current-marker').getAttribute('data-ratio'), '1');
+  // The mock L2 adapter (1 GiB) is a diamond on the same curve.
+  assert.equal(await fig.locator('svg path.l2-point').count(), 1);
+  const ys = await fig.locator('svg circle.curve-point').evaluateAll(
+    (cs) => cs.map((c) => Number(c.getAttribute('cy'))));
+  // Larger caches never hit less: y (downwards) never increases along the curve.
+  for (let i = 1; i < ys.length; i += 1) assert.ok(ys[i] <= ys[i - 1] + 1e-6, `monotone: ${ys}`);
+  assert.match(await fig.locator('.legend').textContent(), /L1 .*est\..*measured/);
 });
 
 test('an unhealthy component turns red within 5 s, its reason first', async () => {

@@ -2,10 +2,11 @@
 //! eviction policy at several cache sizes and prints the chunk hit rates side by side (a
 //! markdown table, as quoted in docs/performance.md).
 //!
-//! A request is a sequence of chunk keys (a prompt's prefix chunks). Replaying it does what an
-//! engine does: `reserve_read_prefix` (the hit count is the prefix found in L1), release the
-//! locks, then store the chunks that missed (`reserve_write` + `finish_write`, evicting
-//! synchronously when L1 is full). Objects are 4 KiB; the allocator works on offsets only, so
+//! A request is a sequence of chunk keys (a prompt's prefix chunks). Replaying it
+//! (`kvtier_core::analysis::replay`, shared with `kvtier simulate`) does what an engine does:
+//! `reserve_read_prefix` (the hit count is the prefix found in L1), release the locks, then
+//! store the chunks that missed (`reserve_write` + `finish_write`, evicting synchronously when
+//! L1 is full). Objects are 4 KiB; the allocator works on offsets only, so
 //! no memory is touched. Cache sizes are fractions of the trace's distinct chunks.
 //!
 //! Workloads (deterministic, seeded):
@@ -25,9 +26,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use kvtier_core::hash::ChunkHash;
+use kvtier_core::analysis::replay::Replay;
 use kvtier_core::key::ObjectKey;
-use kvtier_core::l1::{EvictionPolicyKind, L1Config, L1Manager};
+use kvtier_core::l1::EvictionPolicyKind;
 
 const OBJ: u64 = 4096;
 
@@ -200,50 +201,27 @@ fn mooncake_trace() -> Trace {
     }
 }
 
-fn key(id: u64, tenant: u8, model: &Arc<str>, salts: &[Arc<str>]) -> ObjectKey {
-    let mut h = [0u8; 32];
-    h[..8].copy_from_slice(&id.to_le_bytes());
-    h[8] = tenant;
-    ObjectKey {
-        chunk_hash: ChunkHash::from_bytes(h),
-        model_name: Arc::clone(model),
-        kv_rank: 0x0100_0100,
-        object_group_id: 0,
-        cache_salt: Arc::clone(&salts[tenant as usize]),
-    }
-}
-
-/// Hit rate of the counted tenants' chunks.
+/// Hit rate of the counted tenants' chunks (the replay itself is the library's, shared with
+/// `kvtier simulate`).
 fn replay(trace: &Trace, policy: EvictionPolicyKind, objects: u64, flood_quota: bool) -> f64 {
-    let mut cfg = L1Config::with_capacity(objects * OBJ);
-    cfg.eviction.policy = policy;
-    let l1 = L1Manager::new(cfg);
+    let replay = Replay::new(objects * OBJ, policy);
     let model: Arc<str> = Arc::from("bench/model");
     let salts: Vec<Arc<str>> = (0..4).map(|t| Arc::from(format!("tenant-{t}"))).collect();
     if flood_quota {
-        l1.set_quota(&salts[3], Some(objects * OBJ / 10));
+        replay.l1().set_quota(&salts[3], Some(objects * OBJ / 10));
     }
     let (mut hits, mut total) = (0u64, 0u64);
     for r in &trace.reqs {
         let keys: Vec<ObjectKey> = r
             .chunks
             .iter()
-            .map(|&c| key(c, r.tenant, &model, &salts))
+            .map(|&c| Replay::key(c, &model, 0x0100_0100, &salts[r.tenant as usize]))
             .collect();
-        let leases = l1.reserve_read_prefix(&keys, 1, 1);
-        let h = leases.len();
-        l1.finish_read(&leases, 1);
+        let h = replay.request(&keys, OBJ);
         if (trace.counted)(r.tenant) {
             hits += h as u64;
             total += keys.len() as u64;
         }
-        let items: Vec<(ObjectKey, u64)> = keys[h..].iter().map(|k| (k.clone(), OBJ)).collect();
-        let tickets: Vec<_> = l1
-            .reserve_write(&items, false)
-            .into_iter()
-            .filter_map(Result::ok)
-            .collect();
-        l1.finish_write(&tickets);
     }
     hits as f64 / total.max(1) as f64
 }

@@ -1,6 +1,7 @@
 //! kvtier core: everything that decides *what* is cached, with no network and no async runtime.
 //!
 //! Components:
+//! - [`analysis`]: the hit-rate curve estimator (SHARDS), the lookup-log format and the policy replay.
 //! - [`hash`]: LMCache-compatible token hashing (blake3 prefix chain) and an incremental per-request cache.
 //! - [`key`]: [`key::ObjectKey`], kv_rank packing and the per-rank fan-out.
 //! - [`shm`]: the named POSIX shared-memory segment that backs L1 and that engines map.
@@ -11,6 +12,7 @@
 //!   prompt stop, panic capture, liveness in the status tree).
 //! - [`status`]: the composable status tree every component reports into.
 
+pub mod analysis;
 pub mod hash;
 pub mod inflight;
 pub mod key;

@@ -161,6 +161,17 @@ pub struct L2Settings {
     pub stuck_after: Option<Duration>,
 }
 
+/// The lookup-stream analyses (`crate::analysis`).
+#[derive(Debug, Clone, Serialize)]
+pub struct AnalysisSettings {
+    /// The live hit-rate curve (`--hit-rate-curve`, `--hit-rate-curve-samples`).
+    #[serde(flatten)]
+    pub curve: crate::analysis::hit_curve::HitCurveConfig,
+    /// The lookup log (`--lookup-log-dir`; `None` disables it).
+    #[serde(flatten)]
+    pub lookup_log: Option<crate::analysis::lookup_log::LookupLogConfig>,
+}
+
 /// Everything `kvtier serve` can be told.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerConfig {
@@ -179,6 +190,9 @@ pub struct ServerConfig {
     /// The telemetry sampler behind the dashboard's time series.
     #[serde(flatten)]
     pub telemetry: TelemetryConfig,
+    /// The hit-rate curve and the lookup log.
+    #[serde(flatten)]
+    pub analysis: AnalysisSettings,
     /// HTTP admin API (`None` disables it).
     pub http: Option<HttpConfig>,
     /// Stable identity of this server (`--instance-id`), shown in the status tree and as a label
@@ -247,6 +261,10 @@ impl Default for ServerConfig {
                 stuck_after: None,
             },
             telemetry: TelemetryConfig::default(),
+            analysis: AnalysisSettings {
+                curve: crate::analysis::hit_curve::HitCurveConfig::default(),
+                lookup_log: None,
+            },
             http: Some(HttpConfig::local(8080)),
             instance_id: new_instance_id(),
             log_control: None,

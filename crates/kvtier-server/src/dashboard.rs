@@ -7,10 +7,11 @@
 //! | GET | `/`, `/dashboard` | the dashboard page |
 //! | GET | `/dashboard/app.js`, `/dashboard/style.css` | its script and style sheet |
 //! | GET | `/api/timeseries[?since=SEQ]` | the telemetry ring ([`crate::telemetry::TimeSeries`]): samples newer than `SEQ` |
+//! | GET | `/api/hit-rate-curve` | the live hit-rate curve ([`crate::analysis::hit_curve::CurveReport`]): estimated hit rate at 0.25×–8× L1's size and at each L2 capacity |
 //! | POST | `/api/debug/fault` | **test-only**, mounted only with `ServerConfig::fault_injection` (`kvtier serve --enable-fault-injection`, a hidden flag): `{"component":"l1_eviction_controller"}` (the default) stops that component as if it had crashed, so its status node turns unhealthy; with `"stall_seconds": S` its next round hangs for S seconds instead |
 //!
 //! The page reads `/api/status` (the same tree `kvtier status` shows) and `/api/timeseries`
-//! every 2 s. The static files ([`STATIC_ROUTES`]) carry no data; every figure comes from the
+//! every 2 s, and `/api/hit-rate-curve` every 10 s. The static files ([`STATIC_ROUTES`]) carry no data; every figure comes from the
 //! JSON routes. When the admin API requires a bearer token, the page takes it from `?token=` (or
 //! a form it shows after a 401), keeps it in `sessionStorage`, removes it from the address bar,
 //! and sends `Authorization: Bearer …` on every fetch; without a valid token it says that the
@@ -47,12 +48,13 @@ pub const STATIC_ROUTES: [&str; 4] = [
 ];
 
 /// Every route this module may mount (for bounded per-route metric labels).
-pub const ROUTES: [&str; 6] = [
+pub const ROUTES: [&str; 7] = [
     "/",
     "/dashboard",
     "/dashboard/app.js",
     "/dashboard/style.css",
     "/api/timeseries",
+    "/api/hit-rate-curve",
     "/api/debug/fault",
 ];
 
@@ -68,7 +70,8 @@ pub fn routes<S: Clone + Send + Sync + 'static>(source: StatusSource) -> Router<
         .route("/dashboard", get(page))
         .route("/dashboard/app.js", get(app_js))
         .route("/dashboard/style.css", get(style_css))
-        .route("/api/timeseries", get(timeseries));
+        .route("/api/timeseries", get(timeseries))
+        .route("/api/hit-rate-curve", get(hit_rate_curve));
     if source.config().fault_injection {
         tracing::warn!("fault injection is enabled (POST /api/debug/fault); for tests only");
         router = router.route("/api/debug/fault", post(fault));
@@ -132,6 +135,11 @@ async fn timeseries(
         }
     };
     axum::Json(source.telemetry().since(since)).into_response()
+}
+
+/// The live hit-rate curve (O(points × histogram buckets) under the estimator's leaf lock).
+async fn hit_rate_curve(State(source): State<StatusSource>) -> Response {
+    axum::Json(source.hit_curve_report()).into_response()
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,6 +6,7 @@
 //!   clearing) with optional bearer-token access control.
 //! - [`dashboard`]: the web dashboard served by the admin API, and its time-series endpoint.
 //! - [`telemetry`]: the background sampler that keeps recent history of the counters.
+//! - [`analysis`]: the live hit-rate curve and the lookup log (what-if analysis of the cache size).
 //! - [`service`]: the wire edge: decode, call the engine, encode, classify the outcome.
 //! - [`stats`]: lock-free per-operation counters and latency histograms.
 //! - [`config`]: the server's settings and their defaults.
@@ -13,6 +14,7 @@
 //! - [`prefault`]: the background prefault of the L1 segment.
 //! - [`server`]: start-up and ordered shutdown of all of the above (wiring only).
 
+pub mod analysis;
 pub mod config;
 pub mod dashboard;
 pub mod engine;

@@ -2,13 +2,16 @@
 //!
 //! Start order: shared-memory segment (+ background prefault task) → L1 manager → eviction
 //! thread → L2 tier (adapters, store and prefetch controllers; only with `--l2-adapter`) →
-//! engine → KV-event publisher (only with `--kv-events-publisher`; its L2 listener is given to the
-//! L2 tier when that starts) → housekeeping thread → telemetry sampler → ZeroMQ front end (ZAP
-//! handler first with `--rpc-allow`, then the ROUTER) → HTTP API.
+//! hit-rate curve thread (unless `--hit-rate-curve off`) → lookup log writer (with
+//! `--lookup-log-dir`) → engine (both attached as its lookup observer) → KV-event publisher
+//! (only with `--kv-events-publisher`; its L2 listener is given to the L2 tier when that
+//! starts) → housekeeping thread → telemetry sampler → ZeroMQ front end (ZAP handler first
+//! with `--rpc-allow`, then the ROUTER) → HTTP API.
 //!
 //! Shutdown runs the reverse: stop RPC intake and drain in-flight requests (bounded), close the
 //! ROUTER, then stop the ZAP handler → stop
-//! HTTP → stop the telemetry sampler → stop housekeeping → stop prefault → stop L2 (prefetch,
+//! HTTP → stop the telemetry sampler → stop the hit-rate curve → stop the lookup log (it writes
+//! what is still queued) → stop housekeeping → stop prefault → stop L2 (prefetch,
 //! then write-behind flush with a deadline, then close adapters) → release every client lock
 //! and pending transfer → let the KV-event publisher send the resulting removals (bounded) and
 //! stop it → stop eviction → unmap and unlink the segment (when the last `Arc` of
@@ -24,6 +27,9 @@ use kvtier_core::periodic::PeriodicThread;
 use kvtier_core::shm::{ShmOptions, ShmSegment};
 use kvtier_storage::{AdapterConfig, L2Listener, L2Tier, L2TierConfig};
 
+use crate::analysis::LookupObserver;
+use crate::analysis::hit_curve::HitCurve;
+use crate::analysis::lookup_log::LookupLog;
 pub use crate::config::ServerConfig;
 use crate::engine::kv_events::{KvEventPublisher, PublisherError, l2_medium_names};
 use crate::engine::{Engine, EngineConfig};
@@ -58,6 +64,9 @@ pub enum ServerError {
     /// The KV-event publisher could not start.
     #[error("kv events: {0}")]
     KvEvents(#[from] PublisherError),
+    /// The lookup log could not start.
+    #[error(transparent)]
+    LookupLog(#[from] crate::analysis::lookup_log::LookupLogError),
     /// A thread could not be spawned.
     #[error("spawning {what}: {source}")]
     Spawn {
@@ -159,7 +168,24 @@ impl Server {
             l2_cfg.prefetch.result_ttl = config.l1.read_ttl;
             engine = engine.with_l2(L2Tier::start(l2_cfg, l1, Arc::clone(&segment))?);
         }
-        let engine = Arc::new(engine.with_memory_release(config.release_memory));
+        let hit_curve = Arc::new(
+            HitCurve::start(config.analysis.curve, Arc::clone(engine.l1()))
+                .map_err(spawn_err("kvtier-hit-curve"))?,
+        );
+        let lookup_log = match &config.analysis.lookup_log {
+            Some(cfg) => Some(Arc::new(LookupLog::start(cfg.clone())?)),
+            None => None,
+        };
+        let observer = LookupObserver::new(
+            Arc::clone(&hit_curve),
+            lookup_log.clone(),
+            Arc::clone(engine.l1()),
+        );
+        let engine = Arc::new(
+            engine
+                .with_lookup_observer(observer)
+                .with_memory_release(config.release_memory),
+        );
         if let Some(cfg) = publish {
             KvEventPublisher::start(cfg, engine.kv_events(), &config.instance_id)?;
         }
@@ -217,6 +243,8 @@ impl Server {
                 prefault,
                 http: Arc::new(HttpStats::default()),
                 telemetry,
+                hit_curve,
+                lookup_log,
             }),
         };
         let http = match &source.config().http {
@@ -285,6 +313,10 @@ impl Server {
             h.shutdown();
         }
         p.telemetry.stop();
+        p.hit_curve.stop();
+        if let Some(log) = &p.lookup_log {
+            log.stop();
+        }
         p.housekeeper.stop();
         p.prefault.stop();
         p.engine.shutdown_l2();

@@ -10,6 +10,8 @@ use kvtier_core::metrics::MetricSet;
 use kvtier_core::periodic::PeriodicThread;
 use kvtier_core::status::{StatusNode, StatusReport};
 
+use crate::analysis::hit_curve::{CurveReport, HitCurve};
+use crate::analysis::lookup_log::LookupLog;
 use crate::config::ServerConfig;
 use crate::engine::Engine;
 use crate::http::metrics::HttpStats;
@@ -36,6 +38,8 @@ pub(crate) struct StatusParts {
     pub(crate) prefault: Arc<Prefault>,
     pub(crate) http: Arc<HttpStats>,
     pub(crate) telemetry: Arc<Telemetry>,
+    pub(crate) hit_curve: Arc<HitCurve>,
+    pub(crate) lookup_log: Option<Arc<LookupLog>>,
 }
 
 impl StatusSource {
@@ -84,6 +88,13 @@ impl StatusSource {
             root = root.child("http", p.http.report_status());
         }
         root = root.child("telemetry", p.telemetry.report_status());
+        root = root.child(
+            "hit_rate_curve",
+            p.hit_curve.status_node(p.engine.l1().capacity_bytes()),
+        );
+        if let Some(log) = &p.lookup_log {
+            root = root.child("lookup_log", log.status_node());
+        }
         if let Some(publisher) = p.engine.kv_events().publisher() {
             root = root.child("kv_events_publisher", publisher.status_node());
         }
@@ -109,6 +120,10 @@ impl StatusSource {
         sets.push(p.telemetry.thread());
         sets.push(p.prefault.thread());
         sets.push(p.http.as_ref());
+        sets.push(p.hit_curve.as_ref());
+        if let Some(log) = &p.lookup_log {
+            sets.push(log.as_ref());
+        }
         if let Some(publisher) = engine.kv_events().publisher() {
             sets.push(publisher.as_ref());
         }
@@ -143,6 +158,26 @@ impl StatusSource {
     /// Counters and liveness of the HTTP API.
     pub fn http_stats(&self) -> &Arc<HttpStats> {
         &self.inner.http
+    }
+
+    /// The live hit-rate curve at L1's sizes and each L2 adapter's capacity
+    /// (`GET /api/hit-rate-curve`).
+    pub fn hit_curve_report(&self) -> CurveReport {
+        let engine = &self.inner.engine;
+        let l2: Vec<(String, u64)> = engine.l2().map_or_else(Vec::new, |tier| {
+            tier.adapters()
+                .iter()
+                .zip(tier.configs())
+                .enumerate()
+                .filter_map(|(i, (a, c))| {
+                    let cap = a.usage().capacity_bytes;
+                    (cap > 0).then(|| (format!("l2[{i}]:{}", c.kind()), cap))
+                })
+                .collect()
+        });
+        self.inner
+            .hit_curve
+            .report(engine.l1().capacity_bytes(), &l2)
     }
 
     /// The telemetry ring (the dashboard's time series).

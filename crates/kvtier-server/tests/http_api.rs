@@ -298,6 +298,7 @@ fn token_is_required_everywhere_but_the_healthcheck() {
     let protected = [
         "/api/status",
         "/api/timeseries",
+        "/api/hit-rate-curve",
         "/status",
         "/version",
         "/config",
@@ -324,6 +325,7 @@ fn token_is_required_everywhere_but_the_healthcheck() {
         "/config",
         "/metrics",
         "/api/timeseries",
+        "/api/hit-rate-curve",
     ] {
         assert_eq!(t.get(path, Some(TOKEN)).code, 200, "{path} with the token");
     }
@@ -365,7 +367,7 @@ fn token_is_required_everywhere_but_the_healthcheck() {
     assert!(!format!("{:?}", t.server().config()).contains(TOKEN));
     let metrics = t.get("/metrics", Some(TOKEN)).body;
     assert!(
-        metrics.contains("\nkvtier_http_auth_failures_total 24\n"),
+        metrics.contains("\nkvtier_http_auth_failures_total 27\n"),
         "{metrics}"
     );
     assert!(metrics.contains("kvtier_http_requests_total{route=\"/config\",code=\"401\"} 3\n"));

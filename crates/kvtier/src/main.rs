@@ -3,6 +3,8 @@
 mod bench;
 mod explain;
 mod serve;
+mod simulate;
+mod size;
 mod status;
 
 /// mimalloc instead of glibc's malloc: the KV-event log and the session table free many
@@ -38,6 +40,11 @@ enum Command {
     /// against memcpy, many clients, status latency, server memory and start-up time.
     Bench(Box<bench::BenchArgs>),
 
+    /// Replay a lookup log (`kvtier serve --lookup-log-dir`) against kvtier's L1 with each
+    /// eviction policy at each size, and print the hit rate of each: what a bigger or smaller
+    /// cache, or another policy, would have done on the recorded traffic.
+    Simulate(simulate::SimulateArgs),
+
     /// Explain a request's lookups: chunks found per tier and why the prefix ended where it
     /// did (never stored, evicted and why, another model or cache_salt, discarded write, L2
     /// unavailable, ...), from a running kvtier's /api/lookups. Exit code 0 when the request
@@ -52,6 +59,7 @@ fn main() -> ExitCode {
         Command::Status(args) => return status::run(args),
         Command::Explain(args) => return explain::run(args),
         Command::Bench(args) => bench::run(*args),
+        Command::Simulate(args) => simulate::run(args),
     };
     match result {
         Ok(code) => code,

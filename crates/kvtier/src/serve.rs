@@ -12,7 +12,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use kvtier_server::config::{EngineSettings, L1Settings, L2Settings, RpcSettings};
+use kvtier_server::analysis::hit_curve::HitCurveConfig;
+use kvtier_server::analysis::lookup_log::LookupLogConfig;
+use kvtier_server::config::{
+    AnalysisSettings, EngineSettings, L1Settings, L2Settings, RpcSettings,
+};
 use kvtier_server::http::admin::LogControl;
 use kvtier_server::http::{AuthToken, HttpConfig};
 use kvtier_server::{Server, ServerConfig};
@@ -253,6 +257,37 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_LOG", default_value = "info")]
     log: String,
 
+    /// The live hit-rate curve (`GET /api/hit-rate-curve`, status node `hit_rate_curve`, the
+    /// dashboard's "Hit rate vs cache size" chart): estimates from the lookups what hit rate L1
+    /// would have at 0.25x to 8x its size (SHARDS sampling: a hash compare per chunk on the
+    /// request path, bounded memory; see docs/hit-rate-curve.md). `off` skips the sampling
+    /// and its thread.
+    #[arg(long, env = "KVTIER_HIT_RATE_CURVE", value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    hit_rate_curve: bool,
+
+    /// Most objects the hit-rate curve tracks (its memory bound: about 100 bytes each; the
+    /// sampling rate falls as the workload's distinct chunks exceed it). More samples, less
+    /// noise.
+    #[arg(long, env = "KVTIER_HIT_RATE_CURVE_SAMPLES", default_value_t = 8192)]
+    hit_rate_curve_samples: usize,
+
+    /// Write every lookup (time, cache_salt, model, chunk hashes, chunk size) to binary
+    /// `*.kvtlog` files in this directory, for `kvtier simulate`. Written by a background
+    /// thread from a bounded queue: a lookup never waits for the disk (a full queue drops
+    /// records and counts them, status node `lookup_log`). Off by default.
+    #[arg(long, env = "KVTIER_LOOKUP_LOG_DIR", value_name = "DIR")]
+    lookup_log_dir: Option<std::path::PathBuf>,
+
+    /// Bound on the lookup log directory's *.kvtlog files together: past it the oldest files
+    /// are deleted (files already there count). Sizes like 4096, 512MiB, 1GB (binary units).
+    #[arg(long, env = "KVTIER_LOOKUP_LOG_MAX_BYTES", value_name = "SIZE", default_value = "1GiB", value_parser = crate::size::parse_size)]
+    lookup_log_max_bytes: u64,
+
+    /// Size at which the lookup log closes its current file and starts a new one (at most
+    /// --lookup-log-max-bytes).
+    #[arg(long, env = "KVTIER_LOOKUP_LOG_FILE_BYTES", value_name = "SIZE", default_value = "64MiB", value_parser = crate::size::parse_size)]
+    lookup_log_file_bytes: u64,
+
     #[command(flatten)]
     kv_events: kv_events::KvEventsArgs,
 
@@ -272,6 +307,15 @@ fn parse_allow(
 ) -> Result<Vec<kvtier_server::transport::access::Cidr>, kvtier_server::transport::access::CidrError>
 {
     kvtier_server::transport::access::parse_allow_list(s)
+}
+
+/// `on`/`off` for clap (also true/false, yes/no, 1/0).
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("expected on or off, got {s:?}")),
+    }
 }
 
 /// Token validation for clap (its `Debug` is redacted, so `ServeArgs` is safe to print).
@@ -395,6 +439,19 @@ impl ServeArgs {
                 self.max_sessions
             );
         }
+        if !(16..=1 << 24).contains(&self.hit_rate_curve_samples) {
+            bail!(
+                "--hit-rate-curve-samples must be between 16 and 16777216, got {}",
+                self.hit_rate_curve_samples
+            );
+        }
+        if self.lookup_log_file_bytes > self.lookup_log_max_bytes {
+            bail!(
+                "--lookup-log-file-bytes ({}) must not exceed --lookup-log-max-bytes ({})",
+                self.lookup_log_file_bytes,
+                self.lookup_log_max_bytes
+            );
+        }
         let shm_name = self
             .shm_name
             .unwrap_or_else(|| format!("kvtier_l1_{}", self.port));
@@ -477,6 +534,17 @@ impl ServeArgs {
                 Some(http)
             },
             telemetry: defaults.telemetry,
+            analysis: AnalysisSettings {
+                curve: HitCurveConfig {
+                    enabled: self.hit_rate_curve,
+                    max_samples: self.hit_rate_curve_samples,
+                },
+                lookup_log: self.lookup_log_dir.map(|dir| LookupLogConfig {
+                    dir,
+                    max_bytes: self.lookup_log_max_bytes,
+                    file_bytes: self.lookup_log_file_bytes,
+                }),
+            },
             instance_id,
             fault_injection: self.enable_fault_injection,
             log_control: None,

@@ -1,5 +1,6 @@
-// kvtier dashboard: polls /api/status and /api/timeseries every 2 s and renders the status
-// tree, headline tiles, SVG charts and the engine / L2 tables. Plain JS, no dependencies.
+// kvtier dashboard: polls /api/status and /api/timeseries every 2 s (and /api/hit-rate-curve
+// every 10 s) and renders the status tree, headline tiles, SVG charts, the hit-rate curve and the
+// engine / L2 tables. Plain JS, no dependencies.
 //
 // Access control: a token given as ?token=... is moved to sessionStorage (and out of the address
 // bar); every fetch sends it as `Authorization: Bearer <token>`. A 401 shows the token form
@@ -14,6 +15,7 @@
   const CHART_HEIGHT = 170;
   const MIN_SPAN_MS = 60 * 1000;
   const MAX_SPAN_MS = 10 * 60 * 1000;
+  const CURVE_MS = 10000;
 
   const $ = (sel, root = document) => root.querySelector(sel);
 
@@ -21,6 +23,8 @@
     token: null,
     series: { epoch: null, lastSeq: 0, capacity: 600, samples: [] },
     tree: null,
+    curve: null,
+    curveAt: 0,
     open: new Map(), // tree path -> open, as chosen by the user
     prevHealthy: new Map(), // tree path -> healthy at the previous render
     timer: null,
@@ -101,10 +105,17 @@
   async function refresh() {
     const since = state.series.lastSeq;
     try {
-      const [tree, ts] = await Promise.all([
+      const wantCurve = Date.now() - state.curveAt >= CURVE_MS;
+      const [tree, ts, curve] = await Promise.all([
         api('/api/status'),
         api('/api/timeseries' + (since > 0 ? '?since=' + since : '')),
+        wantCurve ? api('/api/hit-rate-curve') : Promise.resolve(null),
       ]);
+      if (curve) {
+        state.curve = curve;
+        // Poll again soon while the curve has no points yet (no lookups, or no object size).
+        state.curveAt = curve.points && curve.points.length ? Date.now() : 0;
+      }
       state.failures = 0;
       showAuth(false);
       showError(null);
@@ -557,6 +568,105 @@
       { name: 'p99', cls: 's4', values: col('rpc_latency_p99_seconds') },
       { name: 'p50', cls: 's2', values: col('rpc_latency_p50_seconds') },
     ], { fmt: fmtDur, note: 'per 1 s interval', emptyMax: 1e-3 });
+    drawCurve($('#chart-curve'), state.curve, state.tree);
+  }
+
+  // The live hit-rate curve: estimated hit rate (y, 0-100 %) against cache size (x, log scale),
+  // one point per size of /api/hit-rate-curve, L1's size marked, L2 capacities as diamonds.
+  function drawCurve(fig, curve, tree) {
+    const plot = $('.plot', fig);
+    const legend = $('.legend', fig);
+    const points = (curve && curve.points) || [];
+    const l2 = (curve && curve.l2) || [];
+    fig.dataset.points = String(points.length);
+    fig.dataset.current = '0';
+    if (!curve || !points.length) {
+      const why = !curve ? 'waiting for /api/hit-rate-curve'
+        : !curve.enabled ? 'off (kvtier serve --hit-rate-curve off)'
+          : 'no estimate yet: it needs lookups and an object in L1';
+      plot.replaceChildren(el('div', 'curve-empty muted', why));
+      legend.replaceChildren();
+      return;
+    }
+    const width = Math.max(240, Math.floor(plot.clientWidth || 300));
+    const height = CHART_HEIGHT;
+    const m = { l: 62, r: 14, t: 8, b: 22 };
+    const iw = width - m.l - m.r;
+    const ih = height - m.t - m.b;
+    const sizes = points.map((p) => p.size_bytes).concat(l2.map((p) => p.size_bytes));
+    const lmin = Math.log2(Math.min(...sizes));
+    const lmax = Math.log2(Math.max(...sizes));
+    const lspan = Math.max(1e-9, lmax - lmin);
+    const x = (b) => m.l + ((Math.log2(b) - lmin) / lspan) * iw;
+    const y = (v) => m.t + ih - Math.min(1, Math.max(0, v)) * ih;
+    const root = svg('svg', {
+      viewBox: `0 0 ${width} ${height}`, width, height, role: 'img',
+      'aria-label': fig.querySelector('figcaption').textContent,
+    });
+    for (let i = 0; i <= 4; i += 1) {
+      const v = i / 4;
+      root.appendChild(svg('line', { x1: m.l, x2: width - m.r, y1: y(v), y2: y(v), class: 'grid' }));
+      const label = svg('text', { x: m.l - 6, y: y(v) + 4, class: 'axis', 'text-anchor': 'end' });
+      label.textContent = fmtPct(v);
+      root.appendChild(label);
+    }
+    points.forEach((p, i) => {
+      const label = svg('text', {
+        x: x(p.size_bytes), y: height - 6, class: 'axis',
+        'text-anchor': i === 0 ? 'start' : i === points.length - 1 ? 'end' : 'middle',
+      });
+      label.textContent = fmtBytes(p.size_bytes);
+      root.appendChild(label);
+    });
+    const cur = points.find((p) => p.current);
+    if (cur) {
+      root.appendChild(svg('line', {
+        x1: x(cur.size_bytes), x2: x(cur.size_bytes), y1: m.t, y2: m.t + ih,
+        class: 'current-size', 'data-size': cur.size_bytes,
+      }));
+    }
+    const d = 'M' + points.map((p) => `${x(p.size_bytes).toFixed(1)},${y(p.estimated_hit_rate).toFixed(1)}`).join('L');
+    root.appendChild(svg('path', { d, class: 'line s2', 'data-series': 'estimate' }));
+    for (const p of points) {
+      const c = svg('circle', {
+        cx: x(p.size_bytes), cy: y(p.estimated_hit_rate), r: p.current ? 5 : 3,
+        class: p.current ? 'curve-point current-marker' : 'curve-point s2',
+        'data-ratio': p.ratio_to_current,
+      });
+      const title = svg('title');
+      title.textContent = `${fmtBytes(p.size_bytes)} (${p.ratio_to_current}× L1): ${fmtPct(p.estimated_hit_rate)}`;
+      c.appendChild(title);
+      root.appendChild(c);
+    }
+    for (const p of l2) {
+      const cx = x(p.size_bytes);
+      const cy = y(p.estimated_hit_rate);
+      const dm = svg('path', {
+        d: `M${cx},${cy - 5}L${cx + 5},${cy}L${cx},${cy + 5}L${cx - 5},${cy}Z`, class: 'l2-point',
+      });
+      const title = svg('title');
+      title.textContent = `${p.adapter}: ${fmtBytes(p.size_bytes)}: ${fmtPct(p.estimated_hit_rate)}`;
+      dm.appendChild(title);
+      root.appendChild(dm);
+    }
+    plot.replaceChildren(root);
+    const tr = (tree && tree.transfers) || {};
+    const measured = tr.lookup_chunks_requested_total
+      ? tr.lookup_chunks_hit_total / tr.lookup_chunks_requested_total : null;
+    const items = [];
+    const item = (cls, text) => {
+      const it = el('span', 'legend-item');
+      it.appendChild(el('span', `swatch ${cls}`));
+      it.appendChild(document.createTextNode(text));
+      items.push(it);
+    };
+    if (cur) item('current', `L1 ${fmtBytes(cur.size_bytes)}: ${fmtPct(cur.estimated_hit_rate)} est.`);
+    if (measured !== null) item('s1', `measured ${fmtPct(measured)}`);
+    if (l2.length) item('l2', 'L2 capacity');
+    legend.replaceChildren(...items);
+    legend.appendChild(el('span', 'legend-note',
+      `LRU model · sample rate ${fmtNum(curve.sample_rate)} · ${fmtNum(curve.lookups_observed)} lookups`));
+    fig.dataset.current = cur ? '1' : '0';
   }
 
   // ---- status tree --------------------------------------------------------------------------

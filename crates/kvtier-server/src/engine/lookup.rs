@@ -60,6 +60,7 @@ fn lock_prefix(
     } else {
         (key.world_size as usize).max(1)
     };
+    cx.observer.lookup(&span, group);
     cx.counters
         .lookup_chunks_requested_total
         .add((keys.len() / group) as u64);

@@ -161,6 +161,8 @@ pub struct Shared {
     pub events: Arc<KvEvents>,
     /// Lookup records and miss reasons (its chunk history is L1's listener when enabled).
     pub explain: Explainer,
+    /// The hit-rate curve and lookup log (`crate::analysis`); told about every lookup.
+    pub observer: crate::analysis::LookupObserver,
 }
 
 impl Shared {
@@ -278,6 +280,7 @@ impl Engine {
                 counters: EngineCounters::default(),
                 events,
                 explain,
+                observer: crate::analysis::LookupObserver::default(),
             },
             engine_driven: EngineDriven::default(),
             lmcache_driven: LmcacheDriven::new(),
@@ -288,6 +291,12 @@ impl Engine {
     /// Installs the hook that gives freed heap memory back to the OS (see [`MemoryRelease`]).
     pub fn with_memory_release(mut self, hook: Option<fn()>) -> Self {
         self.memory.hook = hook;
+        self
+    }
+
+    /// Reports every lookup to the hit-rate curve and the lookup log. Call before serving.
+    pub fn with_lookup_observer(mut self, observer: crate::analysis::LookupObserver) -> Self {
+        self.cx.observer = observer;
         self
     }
 
