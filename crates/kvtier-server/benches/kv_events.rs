@@ -1,8 +1,10 @@
 //! Cost of KV events on the engine's request path: the same engine-driven cycle
 //! (`prepare_store` + `commit_store` of 4 chunks, `lookup` + query, `end_session`, then a
-//! forced `clear` every 64 cycles so chunks are published and removed) on three engines built
+//! forced `clear` every 64 cycles so chunks are published and removed) on four engines built
 //! side by side in one process: KV events off (`--kv-event-log-size 0`), on without a
-//! subscriber, and on with one subscriber draining every batch.
+//! subscriber, on with one subscriber draining every batch, and events off with lookup
+//! explanations on (`--lookup-records 4096`: a record per lookup, the chunk history as L1's
+//! listener; the other three run with `--lookup-records 0`).
 //!
 //! The three configurations run in alternating phases (ABCCBA) over several rounds and the
 //! figure is the **thread CPU time per cycle** (`CLOCK_THREAD_CPUTIME_ID`), so the load of
@@ -33,7 +35,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 const CHUNK: usize = 256;
 const CHUNKS: u64 = 4;
 
-fn engine(log: usize) -> Engine {
+fn engine(log: usize, lookup_records: usize) -> Engine {
     let name = format!(
         "kvtier_bench_kve_{}_{}",
         std::process::id(),
@@ -52,8 +54,8 @@ fn engine(log: usize) -> Engine {
             worker_reap_timeout: Duration::ZERO,
             worker_registration_grace: Duration::from_secs(3600),
             kv_event_log_size: log,
-            lookup_records: 0,
-            miss_history_chunks: 0,
+            lookup_records,
+            miss_history_chunks: kvtier_server::engine::explain::history::DEFAULT_SLOTS,
         },
         TokenHasher::new(CHUNK, HashAlgorithm::Blake3).expect("hasher"),
         l1,
@@ -143,8 +145,13 @@ fn main() {
         .next()
         .unwrap_or(if bench { 10 } else { 1 });
     let per_phase: u32 = if bench { 4_000 } else { 200 };
-    let engines = [engine(0), engine(32_768), engine(32_768)];
-    let mut subs: [Option<Subscription>; 3] = [
+    let engines = [
+        engine(0, 0),
+        engine(32_768, 0),
+        engine(32_768, 0),
+        engine(0, kvtier_server::engine::explain::DEFAULT_RECORDS),
+    ];
+    let mut subs: [Option<Subscription>; 4] = [
         None,
         None,
         Some(
@@ -152,15 +159,21 @@ fn main() {
                 .subscribe_kv_events(9, "m".into(), 0, 1024)
                 .expect("subscribed"),
         ),
+        None,
     ];
-    let names = ["off", "on, no subscriber", "on, one subscriber"];
-    let mut per_cycle: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let names = [
+        "off",
+        "on, no subscriber",
+        "on, one subscriber",
+        "events off, explain on",
+    ];
+    let mut per_cycle: [Vec<f64>; 4] = Default::default();
     let mut i = 0u32;
     for round in 0..rounds {
-        let order: [usize; 6] = if round % 2 == 0 {
-            [0, 1, 2, 2, 1, 0]
+        let order: [usize; 8] = if round % 2 == 0 {
+            [0, 1, 2, 3, 3, 2, 1, 0]
         } else {
-            [2, 1, 0, 0, 1, 2]
+            [3, 2, 1, 0, 0, 1, 2, 3]
         };
         for &c in &order {
             let e = &engines[c];
@@ -182,13 +195,13 @@ fn main() {
     };
     let base = median(&mut per_cycle[0].clone());
     println!(
-        "KV-event cost per engine cycle (prepare+commit 4 chunks, lookup+query, end_session; \
-         thread CPU, median of {} phases)",
+        "KV-event and explanation cost per engine cycle (prepare+commit 4 chunks, lookup+query, \
+         end_session; thread CPU, median of {} phases)",
         per_cycle[0].len()
     );
     for (c, name) in names.iter().enumerate() {
         let m = median(&mut per_cycle[c]);
-        println!("  {name:<20} {m:>8.2} µs/cycle   {:.3}× off", m / base);
+        println!("  {name:<22} {m:>8.2} µs/cycle   {:.3}× off", m / base);
     }
     if let Some(s) = &subs[2] {
         black_box(s);

@@ -155,7 +155,7 @@ pub struct ServeArgs {
 
     /// Recent lookups kept with the reason each prefix ended where it did (`GET /api/lookups`,
     /// `kvtier explain REQUEST_ID`, `kvtier_lookup_misses_total{reason}`). A record takes
-    /// about 300 bytes (at most about 3.5 KiB with 256-character ids). 0 disables lookup
+    /// about 250 bytes (at most about 2 KiB with 256-character ids). 0 disables lookup
     /// records, miss reasons and the chunk history.
     #[arg(long, env = "KVTIER_LOOKUP_RECORDS", default_value_t = kvtier_server::engine::explain::DEFAULT_RECORDS)]
     lookup_records: usize,

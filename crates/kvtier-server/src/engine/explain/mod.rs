@@ -18,11 +18,11 @@
 //! The reason is counted once per lookup, when the record is final. Costs on the request
 //! path: one history probe (one bucket, under a leaf mutex) per lookup that misses, and the
 //! record (a brief O(1) lock on the ring, plus a copy of the missing suffix's chunk hashes
-//! while an L2 prefetch is pending). Memory: `--lookup-records` records (about 300 bytes with
-//! ordinary ids; at most about 3.5 KiB, as the request id, model and salt are cut to
-//! [`MAX_ID_CHARS`] characters and the request id is held twice, in the ring and its index; a
-//! pending record also holds 32 bytes per chunk its L2 prefetch may load, until collected)
-//! plus the history table (`--miss-history-chunks` × 16 bytes).
+//! while an L2 prefetch is pending). Memory: `--lookup-records` records (about 250 bytes with
+//! ordinary ids; at most about 2 KiB, as the request id is cut to [`MAX_ID_CHARS`] characters,
+//! a salt has at most 128 and the model name is shared; a pending record also holds 32 bytes
+//! per chunk its L2 prefetch may load, until collected) plus the history table
+//! (`--miss-history-chunks` × 16 bytes).
 //!
 //! Lock order: records mutex and history mutex are leaves; neither is held while the other is
 //! taken (the history is read before the records are locked).
@@ -42,7 +42,7 @@ use serde::Serialize;
 use self::history::{ChunkHistory, Fate, Recall, owner_of};
 use self::records::{LookupRecord, Miss, Pending, RecordState, Records};
 
-/// Longest request id, model name or cache salt kept in a record (characters).
+/// Longest request id or cache salt kept in a record (characters; the model name is shared).
 pub const MAX_ID_CHARS: usize = 256;
 
 /// Default number of lookup records kept (`--lookup-records`).
@@ -132,7 +132,7 @@ pub struct LookupFacts<'a> {
     /// The request id.
     pub request_id: &'a str,
     /// The model name.
-    pub model: &'a str,
+    pub model: &'a Arc<str>,
     /// The cache salt.
     pub cache_salt: &'a str,
     /// The chunk hashes asked for, in order.
@@ -212,7 +212,7 @@ impl Explainer {
         let record = LookupRecord {
             seq: 0,
             request_id: cut(f.request_id),
-            model: cut(f.model),
+            model: Arc::clone(f.model),
             cache_salt: cut(f.cache_salt),
             unix_ms: unix_ms(),
             chunks_requested: chunks as u64,
@@ -226,6 +226,7 @@ impl Explainer {
             retrieved_objects: 0,
             failed_retrieves: 0,
             pending,
+            previous: None,
         };
         self.records.push(record);
     }

@@ -1,15 +1,19 @@
 //! The ring of recent lookup records, indexed by request id.
 //!
-//! Invariants: at most `capacity` records (the oldest goes first); `index` maps each request
-//! id to the sequence numbers of its records still in the ring, oldest first; a record's
-//! `pending` part (the chunk hashes an L2 prefetch may still load) exists only while its state
-//! is `l2_pending`. Records are shared `Arc`s: readers copy pointers under the lock and
-//! serialise outside it; an update clones a record only while a reader still holds it.
+//! Invariants: at most `capacity` records (the oldest goes first); `index` maps the 64-bit
+//! hash of each request id to the sequence number of its newest record still in the ring, and
+//! each record links to the request's previous record (`previous`), so a request's records
+//! form a chain without a list per request; a lookup through the index compares the record's
+//! request id, so a hash collision reads as "no record". A record's `pending` part (the chunk
+//! hashes an L2 prefetch may still load) exists only while its state is `l2_pending`. Records
+//! are shared `Arc`s: readers copy pointers under the lock and serialise outside it; an update
+//! clones a record only while a reader still holds it.
 //!
 //! Locking: one leaf mutex, held for O(1) work per request-path call (O(records of one
 //! request) for `by_request`, O(limit) pointer copies for `recent`).
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,7 +71,8 @@ pub struct LookupRecord {
     /// The request id (cut to 256 characters).
     pub request_id: String,
     /// The model name.
-    pub model: String,
+    #[serde(serialize_with = "as_str")]
+    pub model: Arc<str>,
     /// The cache salt (`""` for none).
     pub cache_salt: String,
     /// When the lookup arrived (milliseconds since the Unix epoch).
@@ -94,6 +99,19 @@ pub struct LookupRecord {
     pub failed_retrieves: u32,
     #[serde(skip)]
     pub(super) pending: Option<Pending>,
+    /// The same request's previous record (its `seq`), if any.
+    #[serde(skip)]
+    pub(super) previous: Option<u64>,
+}
+
+fn as_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v)
+}
+
+type Hasher = foldhash::fast::FixedState;
+
+fn id_hash(request_id: &str) -> u64 {
+    Hasher::with_seed(0x7265_7175_6573_7473).hash_one(request_id)
 }
 
 #[derive(Debug, Default)]
@@ -101,17 +119,25 @@ struct Ring {
     records: VecDeque<Arc<LookupRecord>>,
     /// Sequence number of `records[0]`.
     first_seq: u64,
-    index: HashMap<String, Vec<u64>>,
+    /// Request id hash → newest record's `seq`.
+    index: HashMap<u64, u64, Hasher>,
 }
 
 impl Ring {
+    fn get(&self, seq: u64) -> Option<&Arc<LookupRecord>> {
+        let i = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
+        self.records.get(i)
+    }
+
     fn get_mut(&mut self, seq: u64) -> Option<&mut LookupRecord> {
         let i = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
         self.records.get_mut(i).map(Arc::make_mut)
     }
 
+    /// `seq` of `request_id`'s newest record still held.
     fn latest(&self, request_id: &str) -> Option<u64> {
-        self.index.get(request_id).and_then(|v| v.last().copied())
+        let seq = *self.index.get(&id_hash(request_id))?;
+        (self.get(seq)?.request_id == request_id).then_some(seq)
     }
 }
 
@@ -139,25 +165,24 @@ impl Records {
         if self.capacity == 0 {
             return;
         }
+        let hash = id_hash(&record.request_id);
         let mut r = self.ring.lock();
         if r.records.len() == self.capacity
             && let Some(old) = r.records.pop_front()
         {
             let first = r.first_seq;
             r.first_seq += 1;
-            if let Some(seqs) = r.index.get_mut(&old.request_id) {
-                seqs.retain(|&s| s != first);
-                if seqs.is_empty() {
-                    r.index.remove(&old.request_id);
-                }
+            // The index points at a request's newest record: drop the entry only if that is
+            // the record leaving.
+            let old_hash = id_hash(&old.request_id);
+            if r.index.get(&old_hash) == Some(&first) {
+                r.index.remove(&old_hash);
             }
         }
         let seq = r.first_seq + r.records.len() as u64;
         record.seq = seq;
-        r.index
-            .entry(record.request_id.clone())
-            .or_default()
-            .push(seq);
+        record.previous = r.latest(&record.request_id);
+        r.index.insert(hash, seq);
         r.records.push_back(Arc::new(record));
     }
 
@@ -202,19 +227,17 @@ impl Records {
 
     /// `request_id`'s records still held, oldest first.
     pub fn by_request(&self, request_id: &str) -> Vec<LookupRecord> {
-        let picked: Vec<Arc<LookupRecord>> = {
+        let mut picked: Vec<Arc<LookupRecord>> = {
             let r = self.ring.lock();
-            let first = r.first_seq;
-            r.index
-                .get(request_id)
-                .into_iter()
-                .flatten()
-                .filter_map(|&s| {
-                    let i = usize::try_from(s.checked_sub(first)?).ok()?;
-                    r.records.get(i).cloned()
-                })
-                .collect()
+            let mut out = Vec::new();
+            let mut next = r.latest(request_id);
+            while let Some(rec) = next.and_then(|s| r.get(s)) {
+                out.push(Arc::clone(rec));
+                next = rec.previous;
+            }
+            out
         };
+        picked.reverse();
         picked.iter().map(|a| (**a).clone()).collect()
     }
 
@@ -260,6 +283,7 @@ mod tests {
             retrieved_objects: 0,
             failed_retrieves: 0,
             pending: None,
+            previous: None,
         }
     }
 
@@ -272,11 +296,17 @@ mod tests {
         assert_eq!(r.len_and_capacity(), (3, 3));
         let a: Vec<u64> = r.by_request("a").iter().map(|x| x.seq).collect();
         assert_eq!(a, vec![3]);
+        r.push(rec("a")); // seq 6; a's seq 3 leaves the ring
+        r.push(rec("a")); // seq 7
+        let a: Vec<u64> = r.by_request("a").iter().map(|x| x.seq).collect();
+        assert_eq!(a, vec![6, 7]);
         assert!(r.by_request("b").is_empty());
         let newest: Vec<String> = r.recent(2).into_iter().map(|x| x.request_id).collect();
-        assert_eq!(newest, vec!["d", "c"]);
+        assert_eq!(newest, vec!["a", "a"]);
+        assert!(r.by_request("c").is_empty());
         r.update("a", |x| x.retrieved_objects = 7);
-        assert_eq!(r.by_request("a")[0].retrieved_objects, 7);
-        assert!(r.ring.lock().index.len() == 3);
+        assert_eq!(r.by_request("a")[1].retrieved_objects, 7);
+        assert_eq!(r.by_request("a")[0].retrieved_objects, 0);
+        assert_eq!(r.ring.lock().index.len(), 2); // d and a
     }
 }
