@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import time
 import urllib.error
@@ -212,6 +213,19 @@ def test_l2_reasons_with_a_real_redis(rng: np.random.Generator) -> None:
                 assert reason_of(srv, "nowhere") == "never_stored"
                 _, out, _ = explain(srv, "nowhere")
                 assert "no L2 adapter holds it" not in out  # never stored says nothing of L2
+
+                # Redis hung: the request ends before its prefetch answers.
+                redis.signal(signal.SIGSTOP)
+                try:
+                    t = fresh_tokens(rng, CHUNK_SIZE)
+                    c.lookup(make_key(MODEL, t, 0, CHUNK_SIZE, "gave-up", worker_id=None, num_kv_readers=1))
+                    assert c.query_prefetch_status("gave-up") is None  # still loading
+                    c.end_session("gave-up")
+                finally:
+                    redis.signal(signal.SIGCONT)
+                (rec,) = records(srv, "gave-up")
+                assert rec["state"] == "abandoned" and rec["miss"]["reason"] == "prefetch_timeout", rec
+                assert "the request ended before its L2 prefetch finished" in rec["miss"]["detail"], rec
 
                 # Redis down: the L2 lookup fails, and that is the reason.
                 redis.kill()
