@@ -482,6 +482,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .map_err(|_| anyhow::anyhow!("poisoned"))?,
     );
     report::aggregate(&mut metrics, &phase_list, &results, memcpy);
+    report::floor_ratios(&mut metrics);
     if status {
         report::status_metrics(
             &mut metrics,

@@ -173,6 +173,16 @@ pub fn aggregate(m: &mut Metrics, phases: &[Phase], results: &[(usize, PhaseOut)
                     format!("commit_retrieve_{n}_p50_us"),
                     g.p("commit_retrieve", 0.5),
                 );
+                put(
+                    m,
+                    format!("prepare_retrieve_{n}_p99_us"),
+                    g.p("prepare_retrieve", 0.99),
+                );
+                put(
+                    m,
+                    format!("commit_retrieve_{n}_p99_us"),
+                    g.p("commit_retrieve", 0.99),
+                );
                 put(m, format!("copy_out_{n}_gbps"), g.step_gbps("copy_out"));
                 if let Some(s) = g.samples.get("lookup") {
                     lookups.extend_from_slice(s);
@@ -214,7 +224,103 @@ fn store_figures(m: &mut Metrics, pass: Pass, g: &mut Merged, memcpy: f64) {
         format!("commit_store_{n}_p50_us"),
         g.p("commit_store", 0.5),
     );
+    put(
+        m,
+        format!("prepare_store_{n}_p99_us"),
+        g.p("prepare_store", 0.99),
+    );
+    put(
+        m,
+        format!("commit_store_{n}_p99_us"),
+        g.p("commit_store", 0.99),
+    );
     put(m, format!("copy_in_{n}_gbps"), g.step_gbps("copy_in"));
+}
+
+/// Control operations whose latency is compared with the same run's floor, as
+/// `(figure stem, label)`: `<stem>_p50_us` and `<stem>_p99_us` must exist.
+const CONTROL_OPS: [(&str, &str); 5] = [
+    ("prepare_store_warm", "prepare_store"),
+    ("commit_store_warm", "commit_store"),
+    ("prepare_retrieve_warm", "prepare_retrieve"),
+    ("commit_retrieve_warm", "commit_retrieve"),
+    ("lookup", "lookup→result"),
+];
+
+/// The ratios of each control operation's p50 and p99 to the same run's noop (p50 to p50, p99
+/// to p99) and to the bare ZeroMQ echo's p50, and of noop to echo: `<stem>_p50_x_noop`,
+/// `<stem>_p99_x_noop`, `<stem>_p50_x_echo`, `noop_p50_x_echo`. Only ratios within one run
+/// mean anything on a shared machine. Skipped when a base figure is missing or zero.
+pub fn floor_ratios(m: &mut Metrics) {
+    let base = |m: &Metrics, key: &str| m.get(key).filter(|v| *v > 0.0);
+    let noop50 = base(m, "noop_rtt_p50_us");
+    let noop99 = base(m, "noop_rtt_p99_us");
+    let echo50 = base(m, "zmq_echo_rtt_p50_us");
+    if let (Some(n), Some(e)) = (noop50, echo50) {
+        m.set("noop_p50_x_echo", n / e);
+    }
+    for (stem, _) in CONTROL_OPS {
+        let p50 = m.get(&format!("{stem}_p50_us"));
+        let p99 = m.get(&format!("{stem}_p99_us"));
+        if let (Some(v), Some(n)) = (p50, noop50) {
+            m.set(&format!("{stem}_p50_x_noop"), v / n);
+        }
+        if let (Some(v), Some(n)) = (p99, noop99) {
+            m.set(&format!("{stem}_p99_x_noop"), v / n);
+        }
+        if let (Some(v), Some(e)) = (p50, echo50) {
+            m.set(&format!("{stem}_p50_x_echo"), v / e);
+        }
+    }
+}
+
+/// The floor table: each control operation's p50 and p99 against the same run's noop and bare
+/// echo (empty when the run has no noop figure).
+pub fn floor_table(m: &Metrics) -> String {
+    let mut s = String::new();
+    let Some(noop) = m.get("noop_rtt_p50_us") else {
+        return s;
+    };
+    let _w = writeln!(
+        s,
+        "  against the floor (noop p50 {noop:.1} µs{}):",
+        m.get("zmq_echo_rtt_p50_us")
+            .map(|e| format!(", bare echo p50 {e:.1} µs"))
+            .unwrap_or_default()
+    );
+    let _w = writeln!(
+        s,
+        "    {:<18} {:>9} {:>9} {:>10} {:>10} {:>10}",
+        "op", "p50 µs", "p99 µs", "p50÷noop", "p99÷noop", "p50÷echo"
+    );
+    let cell = |k: &str, dec: usize| {
+        m.get(k)
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.dec$}"))
+    };
+    if let Some(r) = m.get("noop_p50_x_echo") {
+        let _w = writeln!(
+            s,
+            "    {:<18} {:>9} {:>9} {:>10} {:>10} {:>10.2}",
+            "noop",
+            cell("noop_rtt_p50_us", 1),
+            cell("noop_rtt_p99_us", 1),
+            "1.00",
+            "1.00",
+            r
+        );
+    }
+    for (stem, label) in CONTROL_OPS {
+        let _w = writeln!(
+            s,
+            "    {label:<18} {:>9} {:>9} {:>10} {:>10} {:>10}",
+            cell(&format!("{stem}_p50_us"), 1),
+            cell(&format!("{stem}_p99_us"), 1),
+            cell(&format!("{stem}_p50_x_noop"), 2),
+            cell(&format!("{stem}_p99_x_noop"), 2),
+            cell(&format!("{stem}_p50_x_echo"), 2),
+        );
+    }
+    s
 }
 
 /// Status-endpoint figures (milliseconds).
@@ -368,10 +474,18 @@ pub fn table(h: &Header, m: &Metrics) -> String {
             let _w = writeln!(s, "  {label:<30} {v:>12.dec$} {unit}");
         }
     }
+    let in_floor_table = |k: &str| {
+        k.contains("_x_noop")
+            || k.contains("_x_echo")
+            || CONTROL_OPS
+                .iter()
+                .any(|(stem, _)| k.strip_suffix("_p99_us") == Some(stem))
+    };
     for (k, v) in &m.values {
-        if !shown.contains(k.as_str()) {
+        if !shown.contains(k.as_str()) && !in_floor_table(k) {
             let _w = writeln!(s, "  {k:<30} {v:>12.2}");
         }
     }
+    s.push_str(&floor_table(m));
     s
 }
