@@ -263,13 +263,13 @@ pub fn floor_ratios(m: &mut Metrics) {
         let p50 = m.get(&format!("{stem}_p50_us"));
         let p99 = m.get(&format!("{stem}_p99_us"));
         if let (Some(v), Some(n)) = (p50, noop50) {
-            m.set(&format!("{stem}_p50_x_noop"), v / n);
+            m.set(format!("{stem}_p50_x_noop"), v / n);
         }
         if let (Some(v), Some(n)) = (p99, noop99) {
-            m.set(&format!("{stem}_p99_x_noop"), v / n);
+            m.set(format!("{stem}_p99_x_noop"), v / n);
         }
         if let (Some(v), Some(e)) = (p50, echo50) {
-            m.set(&format!("{stem}_p50_x_echo"), v / e);
+            m.set(format!("{stem}_p50_x_echo"), v / e);
         }
     }
 }
