@@ -281,7 +281,18 @@ fn status_sends_the_token_from_the_flag_or_the_environment() {
 #[test]
 fn status_watch_redraws_until_interrupted() {
     let srv = Canned::start(200, read_fixture("lmcache-status-sample.json"));
-    let child = kvtier()
+    let mut cmd = kvtier();
+    // An operator's Ctrl-C reaches a foreground process with SIGINT's default action; a test
+    // harness started in the background by a non-interactive shell has SIGINT ignored, and an
+    // ignored signal stays ignored across exec. Restore the default in the child.
+    // SAFETY: between fork and exec only the async-signal-safe `signal(2)` runs.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let child = cmd
         .args(["status", "--watch", "0.05", "--url", &srv.url()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
