@@ -61,6 +61,7 @@ use super::alloc::RangeAllocator;
 use super::eviction::{
     EntryId, EntryMeta, EvictionPolicy, EvictionPolicyKind, Removal, TenantId, Verdict,
 };
+use super::index::KeyIndex;
 use super::listener::{EvictedFor, RemovalCause};
 use super::tenants::{Directory, Tenants};
 use crate::key::ObjectKey;
@@ -374,7 +375,7 @@ struct Slot {
 /// Everything behind the L1 lock.
 #[derive(Debug)]
 struct Inner {
-    index: HashMap<ObjectKey, EntryId, foldhash::fast::RandomState>,
+    index: KeyIndex,
     slots: Vec<Slot>,
     free_slots: Vec<EntryId>,
     alloc: RangeAllocator,
@@ -415,7 +416,7 @@ impl L1Manager {
         Self {
             directory: Arc::clone(tenants.directory()),
             inner: Mutex::new(Inner {
-                index: HashMap::default(),
+                index: KeyIndex::default(),
                 slots: Vec::new(),
                 free_slots: Vec::new(),
                 alloc,
@@ -515,7 +516,7 @@ impl L1Manager {
         let mut new_idx: Vec<usize> = Vec::with_capacity(items.len());
         let mut sizes: Vec<u64> = Vec::with_capacity(items.len());
         for (i, ((key, len), repeat)) in items.iter().zip(repeated).enumerate() {
-            if let Some(&id) = inner.index.get(key) {
+            if let Some(id) = inner.index.get(key, |i| inner.key_of(i)) {
                 let expired_staging = inner.entry(id).is_some_and(|e| {
                     e.phase == Phase::Staging && e.deadline.is_some_and(|d| d <= now)
                 });
@@ -765,7 +766,10 @@ impl L1Manager {
         let mut inner = self.inner.lock();
         keys.iter()
             .map(|k| {
-                let id = *inner.index.get(k).ok_or(L1Error::KeyNotExist)?;
+                let id = inner
+                    .index
+                    .get(k, |i| inner.key_of(i))
+                    .ok_or(L1Error::KeyNotExist)?;
                 let e = inner.entry(id).ok_or(L1Error::KeyNotExist)?;
                 if e.phase == Phase::Staging || e.readers > 0 {
                     return Err(L1Error::KeyIsLocked);
@@ -915,7 +919,7 @@ impl L1Manager {
                         "quarantined object {id} is doomed, locked or timed"
                     ));
                 }
-                if inner.index.get(&e.key) == Some(&(id as EntryId)) {
+                if inner.index.get(&e.key, |i| inner.key_of(i)) == Some(id as EntryId) {
                     return Err(format!("quarantined object {id} is still in the index"));
                 }
                 if !inner.quarantine.contains(&(e.seq, id as EntryId)) {
@@ -928,7 +932,7 @@ impl L1Manager {
                 if e.phase == Phase::Ready && e.readers == 0 {
                     return Err(format!("doomed object {id} has no lock left"));
                 }
-            } else if inner.index.get(&e.key) != Some(&(id as EntryId)) {
+            } else if inner.index.get(&e.key, |i| inner.key_of(i)) != Some(id as EntryId) {
                 return Err(format!("object {id} missing from the index"));
             }
             let in_queue = e
@@ -1028,7 +1032,10 @@ impl L1Manager {
         key: &ObjectKey,
         now: Instant,
     ) -> Result<EntryId, L1Error> {
-        let &id = inner.index.get(key).ok_or(L1Error::KeyNotExist)?;
+        let id = inner
+            .index
+            .get(key, |i| inner.key_of(i))
+            .ok_or(L1Error::KeyNotExist)?;
         let (phase, readers, deadline) = match inner.entry(id) {
             Some(e) => (e.phase, e.readers, e.deadline),
             None => return Err(L1Error::KeyNotExist),
@@ -1206,7 +1213,7 @@ impl L1Manager {
                 return;
             }
             if !e.doomed {
-                index.remove(&e.key);
+                index.remove(&e.key, id);
                 if let Some(l) = self.listener.get() {
                     l.discarded(&e.key);
                 }
@@ -1255,7 +1262,7 @@ impl L1Manager {
             }
             None => return,
         };
-        inner.index.remove(&key);
+        inner.index.remove(&key, id);
         inner.policy.on_remove(id, meta, Removal::Dropped);
         inner.tenants.unlink(id);
         self.counters.doomed_objects.add(1);
@@ -1282,7 +1289,7 @@ impl L1Manager {
         } else if e.doomed {
             self.counters.doomed_objects.sub(1);
         } else {
-            inner.index.remove(&e.key);
+            inner.index.remove(&e.key, id);
             if e.phase == Phase::Ready
                 && let Some(l) = self.listener.get()
             {
@@ -1547,6 +1554,11 @@ fn unreachable_entry() -> ! {
 }
 
 impl Inner {
+    /// The key of entry `id` (what the key index compares with).
+    fn key_of(&self, id: EntryId) -> Option<&ObjectKey> {
+        self.entry(id).map(|e| &e.key)
+    }
+
     fn entry(&self, id: EntryId) -> Option<&Entry> {
         self.slots.get(id as usize).and_then(|s| s.entry.as_ref())
     }
@@ -1564,7 +1576,6 @@ impl Inner {
     }
 
     fn insert(&mut self, entry: Entry) -> (EntryId, u32) {
-        let key = entry.key.clone();
         let id = match self.free_slots.pop() {
             Some(id) => id,
             None => {
@@ -1572,11 +1583,10 @@ impl Inner {
                 (self.slots.len() - 1) as EntryId
             }
         };
+        self.index.insert(&entry.key, id);
         let slot = &mut self.slots[id as usize];
         slot.entry = Some(entry);
-        let generation = slot.generation;
-        self.index.insert(key, id);
-        (id, generation)
+        (id, slot.generation)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod alloc;
 pub mod controller;
 pub mod eviction;
 mod ghost;
+mod index;
 mod list;
 pub mod listener;
 pub mod manager;
