@@ -170,7 +170,11 @@ impl Shared {
     /// (the table was full), its pending L2 prefetch is cancelled here.
     pub fn session(&self, request_id: &str, now: std::time::Instant) -> session::SessionRef {
         let (session, evicted) = self.sessions.get_or_create(request_id, now);
-        if let Some(prefetch) = evicted {
+        if let Some((evicted_id, prefetch)) = evicted {
+            if prefetch.pending_job().is_some() {
+                self.explain
+                    .abandoned(&evicted_id, "the session was evicted (--max-sessions)");
+            }
             self.l2.discard(prefetch);
         }
         session

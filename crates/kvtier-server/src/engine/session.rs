@@ -408,12 +408,12 @@ impl Sessions {
 
     /// The session of `request_id`, created if missing. When the table is full, creating one
     /// evicts the least recently used idle session first: its locks are released here and
-    /// its lookup state is returned (the caller cancels a pending L2 job).
+    /// its request id and lookup state are returned (the caller cancels a pending L2 job).
     pub fn get_or_create(
         &self,
         request_id: &str,
         now: Instant,
-    ) -> (SessionRef, Option<PrefetchState>) {
+    ) -> (SessionRef, Option<(Arc<str>, PrefetchState)>) {
         let mut t = self.table.lock();
         if let Some(s) = t.map.get(request_id) {
             return (Arc::clone(&s.session), None);
@@ -450,7 +450,7 @@ impl Sessions {
             self.metrics.evicted_total.inc();
             let (locks, prefetch) = self.retire(&victim);
             tracing::debug!(request_id = %id, locks, "session table full; evicted the least recently used idle session");
-            prefetch
+            (id, prefetch)
         });
         (s, evicted)
     }
@@ -892,7 +892,7 @@ mod tests {
         s.record(&b, [k.clone()], [stored(&l1, &k)], 2);
         assert_eq!(l1.counters().read_locked_objects.get(), 1);
         let (_, evicted) = s.get_or_create("e", at(5));
-        assert_eq!(evicted, Some(PrefetchState::Idle));
+        assert_eq!(evicted, Some((Arc::from("b"), PrefetchState::Idle)));
         assert!(s.get("b").is_none(), "b was the least recently used");
         assert_eq!(
             l1.counters().read_locked_objects.get(),
