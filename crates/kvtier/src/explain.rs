@@ -12,7 +12,7 @@
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use serde_json::Value;
@@ -46,24 +46,16 @@ pub fn run(args: ExplainArgs) -> ExitCode {
         eprintln!("kvtier explain: {msg}");
         ExitCode::FAILURE
     };
-    let timeout = match Duration::try_from_secs_f64(args.timeout_seconds) {
-        Ok(t) if !t.is_zero() => t,
-        _ => {
-            return fail(&format!(
-                "--timeout-seconds {} is not a positive number of seconds",
-                args.timeout_seconds
-            ));
-        }
+    let timeout = match crate::status::seconds("timeout-seconds", args.timeout_seconds) {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
     };
     let base = args.url.trim_end_matches('/');
     let url = format!("{base}/api/lookups");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .timeout_global(Some(timeout))
-        .user_agent(concat!("kvtier-explain/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into();
+    let agent = crate::status::http_agent(
+        concat!("kvtier-explain/", env!("CARGO_PKG_VERSION")),
+        timeout,
+    );
     let mut req = agent.get(&url).query("request_id", &args.request_id);
     if let Some(t) = &args.token {
         req = req.header("Authorization", format!("Bearer {t}"));

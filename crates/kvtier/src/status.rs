@@ -387,13 +387,27 @@ fn normalise_url(url: &str) -> String {
     }
 }
 
-fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
+/// A positive, finite number of seconds given to `--flag`.
+pub(crate) fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
     if !(v.is_finite() && v > 0.0) {
         return Err(format!(
             "--{flag} must be a positive number of seconds, got {v}"
         ));
     }
     Duration::try_from_secs_f64(v).map_err(|e| format!("--{flag}: {e}"))
+}
+
+/// The blocking HTTP client of the admin commands: HTTP error codes are answers (the caller
+/// reads them), proxy variables are ignored (the admin API is reached directly), and the whole
+/// exchange is bounded by `timeout`.
+pub(crate) fn http_agent(user_agent: &str, timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(timeout))
+        .user_agent(user_agent)
+        .build()
+        .into()
 }
 
 /// UTC wall-clock time as `HH:MM:SS` (for the watch header).
@@ -453,13 +467,10 @@ pub fn run(args: StatusArgs) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let url = normalise_url(&args.url);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .timeout_global(Some(timeout))
-        .user_agent(concat!("kvtier-status/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into();
+    let agent = http_agent(
+        concat!("kvtier-status/", env!("CARGO_PKG_VERSION")),
+        timeout,
+    );
     let client = Client {
         agent,
         url: url.clone(),

@@ -161,27 +161,11 @@ pub fn aggregate(m: &mut Metrics, phases: &[Phase], results: &[(usize, PhaseOut)
                     format!("retrieve_{n}_frac_memcpy"),
                     gbps.map(|r| r / memcpy),
                 );
-                put(m, format!("lookup_{n}_p50_us"), g.p("lookup", 0.5));
-                put(m, format!("lookup_{n}_p99_us"), g.p("lookup", 0.99));
-                put(
+                op_latencies(
                     m,
-                    format!("prepare_retrieve_{n}_p50_us"),
-                    g.p("prepare_retrieve", 0.5),
-                );
-                put(
-                    m,
-                    format!("commit_retrieve_{n}_p50_us"),
-                    g.p("commit_retrieve", 0.5),
-                );
-                put(
-                    m,
-                    format!("prepare_retrieve_{n}_p99_us"),
-                    g.p("prepare_retrieve", 0.99),
-                );
-                put(
-                    m,
-                    format!("commit_retrieve_{n}_p99_us"),
-                    g.p("commit_retrieve", 0.99),
+                    &mut g,
+                    n,
+                    &["lookup", "prepare_retrieve", "commit_retrieve"],
                 );
                 put(m, format!("copy_out_{n}_gbps"), g.step_gbps("copy_out"));
                 if let Some(s) = g.samples.get("lookup") {
@@ -214,27 +198,16 @@ fn store_figures(m: &mut Metrics, pass: Pass, g: &mut Merged, memcpy: f64) {
         format!("store_{n}_frac_memcpy"),
         gbps.map(|r| r / memcpy),
     );
-    put(
-        m,
-        format!("prepare_store_{n}_p50_us"),
-        g.p("prepare_store", 0.5),
-    );
-    put(
-        m,
-        format!("commit_store_{n}_p50_us"),
-        g.p("commit_store", 0.5),
-    );
-    put(
-        m,
-        format!("prepare_store_{n}_p99_us"),
-        g.p("prepare_store", 0.99),
-    );
-    put(
-        m,
-        format!("commit_store_{n}_p99_us"),
-        g.p("commit_store", 0.99),
-    );
+    op_latencies(m, g, n, &["prepare_store", "commit_store"]);
     put(m, format!("copy_in_{n}_gbps"), g.step_gbps("copy_in"));
+}
+
+/// `<op>_<pass>_p50_us` and `<op>_<pass>_p99_us` of each op's samples in the pass.
+fn op_latencies(m: &mut Metrics, g: &mut Merged, pass: &str, ops: &[&str]) {
+    for op in ops {
+        put(m, format!("{op}_{pass}_p50_us"), g.p(op, 0.5));
+        put(m, format!("{op}_{pass}_p99_us"), g.p(op, 0.99));
+    }
 }
 
 /// Control operations whose latency is compared with the same run's floor, as
