@@ -590,3 +590,45 @@ fn the_listener_sees_every_publish_and_removal_in_order() {
         "live set = L1 objects"
     );
 }
+
+#[test]
+fn a_clear_gives_back_the_slot_table_and_stale_tickets_stay_stale() {
+    let (l1, _clock) = manager(64);
+    // Tickets of objects that a clear then frees, and read leases on them.
+    let old: Vec<_> = (0..8)
+        .map(|n| {
+            l1.reserve_write(&[(key(n), PAGE)], false)
+                .remove(0)
+                .expect("reserved")
+        })
+        .collect();
+    for r in l1.finish_write(&old) {
+        r.expect("published");
+    }
+    let leases = l1.reserve_read_prefix(&[key(7)], 1, 1);
+    assert_eq!(leases.len(), 1);
+    l1.finish_read(&leases, 1);
+    let out = l1.clear(false);
+    assert_eq!(out.removed, 8);
+    // New objects take the same slot positions again.
+    let new: Vec<_> = (100..108)
+        .map(|n| {
+            l1.reserve_write(&[(key(n), PAGE)], false)
+                .remove(0)
+                .expect("reserved")
+        })
+        .collect();
+    // A stale ticket naming a recreated slot must not publish (or abort) the new object.
+    for r in l1.finish_write(&old) {
+        assert_eq!(r, Err(L1Error::KeyNotExist));
+    }
+    l1.abort_write(&old);
+    for r in l1.finish_write(&new) {
+        r.expect("the new objects are untouched by the stale tickets");
+    }
+    // A stale read lease releases nothing of the new object in that slot.
+    l1.finish_read(&leases, 1);
+    assert_eq!(l1.counters().read_locked_objects.get(), 0);
+    assert_eq!(l1.counters().objects.get(), 8);
+    l1.check_invariants().expect("consistent");
+}

@@ -60,6 +60,11 @@ impl KeyIndex {
         }
     }
 
+    /// Gives back the table's slack (after many removals).
+    pub(super) fn shrink_to_fit(&mut self) {
+        self.table.shrink_to_fit(|&(h, _)| h);
+    }
+
     /// Indexed ids.
     pub(super) fn len(&self) -> usize {
         self.table.len()

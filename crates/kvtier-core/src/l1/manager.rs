@@ -384,6 +384,9 @@ struct Inner {
     /// Quarantined objects by reservation order.
     quarantine: BTreeSet<(u64, EntryId)>,
     next_seq: u64,
+    /// Generation of every slot created from now on: above the generation of every slot the
+    /// vector has dropped ([`Inner::shrink`]), so no stale ticket or lease can name a new slot.
+    generation_floor: u32,
     tenants: Tenants,
 }
 
@@ -424,6 +427,7 @@ impl L1Manager {
                 expiry: BTreeSet::new(),
                 quarantine: BTreeSet::new(),
                 next_seq: 0,
+                generation_floor: 0,
                 tenants,
             }),
             counters: L1Counters::default(),
@@ -808,10 +812,11 @@ impl L1Manager {
                 }
             }
             let done = end >= inner.slots.len();
-            drop(inner);
             if done {
+                inner.shrink();
                 return out;
             }
+            drop(inner);
             start = end;
         }
     }
@@ -1554,6 +1559,26 @@ fn unreachable_entry() -> ! {
 }
 
 impl Inner {
+    /// Gives back the empty tail of the slot vector and the slack of the free list and the
+    /// index (end of a `clear`; O(slots dropped + free list)). A stale ticket or lease naming a
+    /// dropped slot keeps failing: `live` finds no slot, and a slot created again at that
+    /// position starts at `generation_floor`, at least the dropped slot's generation (which its
+    /// removal already moved past every ticket's).
+    fn shrink(&mut self) {
+        let mut keep = self.slots.len();
+        while keep > 0 && self.slots[keep - 1].entry.is_none() {
+            keep -= 1;
+            self.generation_floor = self.generation_floor.max(self.slots[keep].generation);
+        }
+        if keep < self.slots.len() {
+            self.slots.truncate(keep);
+            self.slots.shrink_to_fit();
+            self.free_slots.retain(|&id| (id as usize) < keep);
+        }
+        self.free_slots.shrink_to_fit();
+        self.index.shrink_to_fit();
+    }
+
     /// The key of entry `id` (what the key index compares with).
     fn key_of(&self, id: EntryId) -> Option<&ObjectKey> {
         self.entry(id).map(|e| &e.key)
@@ -1579,7 +1604,10 @@ impl Inner {
         let id = match self.free_slots.pop() {
             Some(id) => id,
             None => {
-                self.slots.push(Slot::default());
+                self.slots.push(Slot {
+                    generation: self.generation_floor,
+                    entry: None,
+                });
                 (self.slots.len() - 1) as EntryId
             }
         };
