@@ -186,7 +186,6 @@ impl Explainer {
     /// Records a lookup (see the module docs).
     pub fn looked_up(&self, f: &LookupFacts<'_>) {
         let Some(history) = &self.history else { return };
-        self.abandoned(f.request_id, "the request looked up again");
         let chunks = f.hashes.len();
         let owner = owner_of(f.model, f.cache_salt);
         let mut state = RecordState::Done;
@@ -228,7 +227,11 @@ impl Explainer {
             pending,
             previous: None,
         };
-        self.records.push(record);
+        // A previous lookup of the request still waiting for L2 never gets its result: it is
+        // made final in the same step (no second lookup of the request on this path).
+        self.records.push(record, |pending| {
+            self.abandoned_miss(&pending, "the request looked up again")
+        });
     }
 
     /// The L2 prefetch of `request_id`'s latest lookup finished with `l2_chunks` chunks loaded.
@@ -304,6 +307,13 @@ impl Explainer {
         let Some(pending) = self.records.take_pending(request_id) else {
             return;
         };
+        let miss = self.abandoned_miss(&pending, why);
+        self.records
+            .finish(request_id, RecordState::Abandoned, None, None, miss);
+    }
+
+    /// The (counted) miss of a lookup whose L2 result will never be collected.
+    fn abandoned_miss(&self, pending: &Pending, why: &str) -> Option<Miss> {
         let miss = pending.missing.first().map(|hash| {
             miss_of(
                 MissReason::PrefetchTimeout,
@@ -316,8 +326,7 @@ impl Explainer {
         if let Some(m) = &miss {
             self.count(m.reason);
         }
-        self.records
-            .finish(request_id, RecordState::Abandoned, None, None, miss);
+        miss
     }
 
     /// A `wait_prefetch_status` of `request_id` reached its deadline.

@@ -160,8 +160,10 @@ impl Records {
         }
     }
 
-    /// Appends a record (its `seq` is assigned here), dropping the oldest when full.
-    pub fn push(&self, mut record: LookupRecord) {
+    /// Appends a record (its `seq` is assigned here), dropping the oldest when full. When the
+    /// request's previous record is still `l2_pending`, it becomes `abandoned` with the miss
+    /// `abandon` makes of its pending part (called under the ring's lock: O(1) work only).
+    pub fn push(&self, mut record: LookupRecord, abandon: impl FnOnce(Pending) -> Option<Miss>) {
         if self.capacity == 0 {
             return;
         }
@@ -182,6 +184,13 @@ impl Records {
         let seq = r.first_seq + r.records.len() as u64;
         record.seq = seq;
         record.previous = r.latest(&record.request_id);
+        if let Some(prev) = record.previous.and_then(|s| r.get_mut(s))
+            && prev.state == RecordState::L2Pending
+            && let Some(pending) = prev.pending.take()
+        {
+            prev.state = RecordState::Abandoned;
+            prev.miss = abandon(pending);
+        }
         r.index.insert(hash, seq);
         r.records.push_back(Arc::new(record));
     }
@@ -291,13 +300,13 @@ mod tests {
     fn the_ring_is_bounded_and_its_index_follows() {
         let r = Records::new(3);
         for id in ["a", "b", "a", "c", "d"] {
-            r.push(rec(id));
+            r.push(rec(id), |_| None);
         }
         assert_eq!(r.len_and_capacity(), (3, 3));
         let a: Vec<u64> = r.by_request("a").iter().map(|x| x.seq).collect();
         assert_eq!(a, vec![3]);
-        r.push(rec("a")); // seq 6; a's seq 3 leaves the ring
-        r.push(rec("a")); // seq 7
+        r.push(rec("a"), |_| None); // seq 6; a's seq 3 leaves the ring
+        r.push(rec("a"), |_| None); // seq 7
         let a: Vec<u64> = r.by_request("a").iter().map(|x| x.seq).collect();
         assert_eq!(a, vec![6, 7]);
         assert!(r.by_request("b").is_empty());
@@ -308,5 +317,30 @@ mod tests {
         assert_eq!(r.by_request("a")[1].retrieved_objects, 7);
         assert_eq!(r.by_request("a")[0].retrieved_objects, 0);
         assert_eq!(r.ring.lock().index.len(), 2); // d and a
+    }
+
+    #[test]
+    fn a_new_lookup_abandons_the_requests_pending_one() {
+        let r = Records::new(8);
+        let mut pending = rec("p");
+        pending.state = RecordState::L2Pending;
+        pending.pending = Some(Pending {
+            missing: Vec::new(),
+            first_index: 1,
+            owner: 0,
+            group: 1,
+        });
+        r.push(pending, |_| None);
+        let mut asked = None;
+        r.push(rec("p"), |p| {
+            asked = Some(p.first_index);
+            None
+        });
+        assert_eq!(asked, Some(1));
+        let both = r.by_request("p");
+        assert_eq!(both[0].state, RecordState::Abandoned);
+        assert!(both[0].pending.is_none());
+        assert_eq!(both[1].state, RecordState::Done);
+        r.push(rec("p"), |_| panic!("a done record is not abandoned"));
     }
 }
