@@ -777,7 +777,10 @@ impl RedisCluster {
             .join(",")
     }
 
-    /// Ports of the current masters (as a live node sees them).
+    /// Ports of the current masters that serve hash slots (as a live node sees them). A node
+    /// that has not yet taken its replica role after `CLUSTER REPLICATE` is still listed as a
+    /// master for a moment, without slots; it is not counted (`CLUSTER NODES` lists a master's
+    /// slot ranges from its ninth field on).
     pub fn masters(&self) -> Vec<u16> {
         let Some(&probe) = self.live_ports().first() else {
             return Vec::new();
@@ -785,6 +788,7 @@ impl RedisCluster {
         redis_cli(probe, &["cluster", "nodes"])
             .lines()
             .filter(|l| l.contains("master") && !l.contains("fail"))
+            .filter(|l| l.split_whitespace().nth(8).is_some())
             .filter_map(|l| l.split_whitespace().nth(1))
             .filter_map(|a| a.split('@').next()?.rsplit_once(':')?.1.parse().ok())
             .collect()
