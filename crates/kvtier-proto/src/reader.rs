@@ -282,6 +282,14 @@ impl<'a> Reader<'a> {
     /// # Errors
     /// A decode error naming the value when it is negative or ≥ 2^32, or not an int.
     pub fn read_u32(&mut self, path: &Path<'_>) -> Result<u32, ProtoError> {
+        // Fast path for the encodings token ids take (positive fixint, uint8/16/32): a lookup
+        // or store carries thousands of them, and the generic reader widens each to i128. Any
+        // other marker (negative, int64, not an int, truncated) takes the generic path, which
+        // names the error.
+        if let Some((v, used)) = small_uint(self.rest) {
+            self.rest = &self.rest[used..];
+            return Ok(v);
+        }
         let v = self.read_int(path)?;
         u32::try_from(v).map_err(|_| range_error(path, v, "u32"))
     }
@@ -565,6 +573,25 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A msgpack unsigned int of at most 32 bits at the start of `buf`: `(value, bytes used)`;
+/// `None` for any other marker or a truncated value.
+#[inline]
+fn small_uint(buf: &[u8]) -> Option<(u32, usize)> {
+    match *buf.first()? {
+        b @ 0x00..=0x7f => Some((u32::from(b), 1)),
+        0xcc => Some((u32::from(*buf.get(1)?), 2)),
+        0xcd => {
+            let b: [u8; 2] = buf.get(1..3)?.try_into().ok()?;
+            Some((u32::from(u16::from_be_bytes(b)), 3))
+        }
+        0xce => {
+            let b: [u8; 4] = buf.get(1..5)?.try_into().ok()?;
+            Some((u32::from_be_bytes(b), 5))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -581,6 +608,44 @@ mod tests {
         assert_eq!(i.to_string(), "key.token_ids[3]");
         let k = r.key("a\nb");
         assert_eq!(k.to_string(), "key.a\\nb");
+    }
+
+    /// `read_u32`'s fast path agrees with the generic int reader on every encoding, including
+    /// non-minimal ones, truncated ones and values outside `u32`.
+    #[test]
+    fn read_u32_fast_path_matches_the_generic_reader() {
+        let cases: &[&[u8]] = &[
+            &[0x00],
+            &[0x7f],
+            &[0xcc, 0x00],
+            &[0xcc, 0xff],
+            &[0xcd, 0x00, 0x05],
+            &[0xcd, 0xff, 0xff],
+            &[0xce, 0x00, 0x00, 0x00, 0x07],
+            &[0xce, 0xff, 0xff, 0xff, 0xff],
+            &[0xcf, 0, 0, 0, 0, 0, 0, 0, 9],
+            &[0xcf, 0, 0, 0, 1, 0, 0, 0, 0],
+            &[0xd0, 0x05],
+            &[0xd0, 0x80],
+            &[0xff],
+            &[0xcc],
+            &[0xcd, 0x01],
+            &[0xce, 0, 0, 0],
+            &[0xc3],
+            &[],
+        ];
+        for bytes in cases {
+            let mut fast = Reader::new(bytes);
+            let got = fast.read_u32(&root());
+            let want = Reader::new(bytes)
+                .read_int(&root())
+                .and_then(|v| u32::try_from(v).map_err(|_| range_error(&root(), v, "u32")));
+            assert_eq!(got.is_ok(), want.is_ok(), "{bytes:x?}");
+            if let (Ok(g), Ok(w)) = (&got, &want) {
+                assert_eq!(g, w, "{bytes:x?}");
+                assert!(fast.is_empty(), "{bytes:x?}");
+            }
+        }
     }
 
     #[test]

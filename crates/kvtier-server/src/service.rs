@@ -76,10 +76,16 @@ impl Service {
 }
 
 impl Handler for Service {
-    /// Besides the SYNC ops, the bookkeeping ops whose work is bounded by their (small) payload
-    /// and never waits: lookups (hash + L1 prefix lock, or an L2 submission), result queries,
-    /// lock releases, pings. `clear` (walks L1) and transfers (they copy) go to the pools;
-    /// `wait_prefetch_status` goes to neither: it is deferred ([`Handler::defer`]).
+    /// Besides the SYNC ops, the ops whose work is bounded by their (small) payload and never
+    /// waits: lookups (hash + L1 prefix lock, or an L2 submission), result queries, lock
+    /// releases, pings, and the engine-driven transfer controls (`prepare_store` reserves L1
+    /// ranges, evicting synchronously at most what the request needs; `commit_store`
+    /// publishes and submits to the bounded write-behind queue without waiting;
+    /// `prepare_retrieve`/`commit_retrieve` move and release locks; the engine copies, not the
+    /// server). `clear` (walks L1) and the LMCache-driven `store`/`retrieve` (the server copies)
+    /// go to the pools; `wait_prefetch_status` goes to neither: it is deferred
+    /// ([`Handler::defer`]). The transport keeps a client's affinity ops in order across the
+    /// inline and pool paths.
     fn run_inline(&self, op: Op, payloads: &[Vec<u8>]) -> bool {
         match op.scheduling() {
             Scheduling::Sync => true,
@@ -92,6 +98,10 @@ impl Handler for Service {
                         | Op::FreeLookupLocks
                         | Op::Ping
                         | Op::ReportBlockAllocation
+                        | Op::PrepareStore
+                        | Op::CommitStore
+                        | Op::PrepareRetrieve
+                        | Op::CommitRetrieve
                 ) && payloads.iter().map(Vec::len).sum::<usize>() <= INLINE_PAYLOAD_LIMIT
             }
         }

@@ -1,15 +1,20 @@
 //! The ZeroMQ front end: one ROUTER socket, one thread that owns it, and two worker pools.
 //!
 //! ```text
-//!  clients (DEALER) ──tcp──► ROUTER ── kvtier-zmq thread ──┬── SYNC ops: handled inline
+//!  clients (DEALER) ──tcp──► ROUTER ── kvtier-zmq thread ──┬── inline ops: handled here
 //!                                 ▲                         ├── affinity ops ─► kvtier-xfer-N (one queue
 //!                                 │                         │     per worker, chosen by client identity)
 //!                                 │                         └── other ops ───► kvtier-rpc-N (shared queue)
 //!                                 └──── replies ◄── channel + eventfd ◄── workers
 //! ```
 //! - The handler decides what runs inline ([`Handler::run_inline`]): the op table's SYNC ops and,
-//!   for kvtier's engine, the short bookkeeping ops (lookup, query, end_session, ...) when their
-//!   payload is small, because a thread hand-off costs more than the work itself.
+//!   for kvtier's engine, the short bookkeeping and transfer-control ops (lookup, query,
+//!   prepare/commit store and retrieve, ...) when their payload is small, because a thread
+//!   hand-off (two wake-ups) costs more than the work itself.
+//! - Per-client order of transfer (affinity) ops holds across both paths: an affinity op runs
+//!   inline only while none of its client's earlier affinity ops waits in or runs on a worker
+//!   (`PollLoop::affinity_queued`, one count per client identity with jobs queued, bounded by
+//!   the queues' capacity); otherwise it queues behind them.
 //! - The socket is touched only by the `kvtier-zmq` thread (libzmq sockets are not thread-safe).
 //!   Workers hand replies back through a channel and wake the thread with an eventfd that sits in
 //!   the same `zmq_poll` set as the socket.
@@ -39,6 +44,7 @@
 //! - Shutdown: stop reading the socket, wait for in-flight requests up to the drain timeout while
 //!   still sending their replies, then close the socket and join the workers.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -201,6 +207,8 @@ struct Job {
     op_frame: Vec<u8>,
     op: Op,
     payloads: Vec<Vec<u8>>,
+    /// Queued on the client's affinity worker (counted in `PollLoop::affinity_queued`).
+    affinity: bool,
 }
 
 struct Outgoing {
@@ -208,6 +216,8 @@ struct Outgoing {
     uid: Vec<u8>,
     op_frame: Vec<u8>,
     body: Option<Vec<u8>>,
+    /// The job came from an affinity worker.
+    affinity: bool,
 }
 
 /// The running front end.
@@ -357,6 +367,7 @@ impl ZmqFrontEnd {
             streams_dirty,
             memory_epoch: 0,
             max_message_bytes: config.max_message_bytes,
+            affinity_queued: HashMap::new(),
         };
         let poll_thread = std::thread::Builder::new()
             .name("kvtier-zmq".into())
@@ -436,6 +447,7 @@ fn worker_loop(
             uid: job.uid,
             op_frame: job.op_frame,
             body,
+            affinity: job.affinity,
         };
         if tx.send(out).is_err() {
             return;
@@ -492,6 +504,9 @@ struct PollLoop {
     /// The handler's memory epoch this thread last released memory at.
     memory_epoch: u64,
     max_message_bytes: usize,
+    /// Affinity jobs queued or running per client identity (no entry at zero). An affinity op
+    /// of a client with an entry is never run inline, so it cannot overtake them.
+    affinity_queued: HashMap<Vec<u8>, u32>,
 }
 
 /// The socket-monitor events the front end counts (libzmq's `ZMQ_EVENT_*` values).
@@ -589,7 +604,20 @@ impl PollLoop {
     fn flush_replies(&mut self) {
         while let Ok(out) = self.reply_rx.try_recv() {
             self.stats.in_flight.sub(1);
+            if out.affinity {
+                self.affinity_done(&out.identity);
+            }
             let _delivered = self.send(out.identity, out.uid, out.op_frame, out.body);
+        }
+    }
+
+    /// One of the client's affinity jobs has finished (or was never queued).
+    fn affinity_done(&mut self, identity: &[u8]) {
+        if let Some(n) = self.affinity_queued.get_mut(identity) {
+            *n -= 1;
+            if *n == 0 {
+                self.affinity_queued.remove(identity);
+            }
         }
     }
 
@@ -760,7 +788,9 @@ impl PollLoop {
             );
             return;
         }
-        if self.handler.run_inline(op, &payloads) {
+        let affinity = op.scheduling() == Scheduling::Affinity;
+        let ordered_behind = affinity && self.affinity_queued.contains_key(&identity);
+        if !ordered_behind && self.handler.run_inline(op, &payloads) {
             let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
             let body = self.handler.handle(op, &slices);
             let _delivered = self.send(identity, uid, op_frame, body);
@@ -779,18 +809,25 @@ impl PollLoop {
             }
             Scheduling::Normal => &self.normal_tx,
         };
+        if affinity {
+            *self.affinity_queued.entry(identity.clone()).or_insert(0) += 1;
+        }
         let job = Job {
             identity,
             uid,
             op_frame,
             op,
             payloads,
+            affinity,
         };
         self.stats.in_flight.add(1);
         match target.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
                 self.stats.in_flight.sub(1);
+                if job.affinity {
+                    self.affinity_done(&job.identity);
+                }
                 self.stats.rejected_busy.inc();
                 tracing::warn!(op = %job.op, "worker queue full; answering with the failure value");
                 let _delivered =

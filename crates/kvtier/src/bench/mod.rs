@@ -120,6 +120,14 @@ pub struct BenchArgs {
     #[arg(long)]
     seed: Option<u64>,
 
+    /// Adds a phase in which every client's sequential noops run while one more client
+    /// stores batches of this many new chunks back to back (prepare_store + commit_store, no
+    /// copy; once L1 is full each batch evicts as much synchronously): how much one heavy
+    /// client raises the others' noop latency. 64 (16,384 tokens, a ~48 KiB key) is about the
+    /// largest batch kvtier still answers on its poll thread. 0: no such phase.
+    #[arg(long, default_value_t = 0)]
+    neighbour_chunks: usize,
+
     /// Command that starts the server (with --spawn-server).
     #[arg(last = true)]
     server_cmd: Vec<String>,
@@ -198,6 +206,8 @@ pub type Pass = u32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     NoopSeq,
+    /// Sequential noops beside the heavy client of `--neighbour-chunks`.
+    NoopBesideHeavy,
     NoopPipelined,
     Store(Pass),
     Retrieve(Pass),
@@ -212,6 +222,7 @@ impl Phase {
     fn label(self) -> String {
         match self {
             Phase::NoopSeq => "noop sequential".into(),
+            Phase::NoopBesideHeavy => "noop beside a heavy client".into(),
             Phase::NoopPipelined => "noop pipelined".into(),
             Phase::Store(p) => format!("store {}", pass_name(p)),
             Phase::Retrieve(p) => format!("retrieve {}", pass_name(p)),
@@ -249,6 +260,7 @@ pub struct RunConfig {
     pub seed: u64,
     pub client_populate: bool,
     pub status_objects: u64,
+    pub neighbour_chunks: usize,
 }
 
 /// State shared by the main thread and the workers.
@@ -272,8 +284,13 @@ impl Shared {
     }
 }
 
-fn phases(status: bool) -> Vec<Phase> {
-    let mut v = vec![Phase::NoopSeq, Phase::NoopPipelined];
+fn phases(status: bool, neighbour: bool) -> Vec<Phase> {
+    let mut v = vec![Phase::NoopSeq];
+    if neighbour {
+        // The heavy client's objects are cleared so that the passes start from an empty L1.
+        v.extend([Phase::NoopBesideHeavy, Phase::Clear]);
+    }
+    v.push(Phase::NoopPipelined);
     for pass in 0..2 {
         v.extend([
             Phase::Store(pass),
@@ -349,6 +366,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         seed,
         client_populate: args.client_populate,
         status_objects: args.status_objects,
+        neighbour_chunks: args.neighbour_chunks,
     });
     let pass_bytes = (args.clients * args.requests * args.chunks_per_request * chunk_bytes) as u64;
 
@@ -373,7 +391,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
 
     let status = args.http_url.is_some();
-    let phase_list = phases(status);
+    let phase_list = phases(status, args.neighbour_chunks > 0);
+    let mut neighbour = if args.neighbour_chunks > 0 {
+        Some(worker::Neighbour::setup(&cfg).context("setting up the heavy client")?)
+    } else {
+        None
+    };
     let interactive = std::io::stderr().is_terminal();
     let progress = if interactive {
         ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
@@ -451,6 +474,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     progress.inc(1);
                 }
             }
+            (Phase::NoopBesideHeavy, _) => {
+                if let Some(n) = neighbour.as_mut() {
+                    // Batches back to back for as long as the clients' noops run.
+                    match n.run(|| shared.done[i].load(Ordering::SeqCst) >= args.clients) {
+                        Ok(out) => {
+                            if let Ok(mut r) = shared.results.lock() {
+                                r.push((i, out));
+                            }
+                        }
+                        Err(e) => shared.fail("heavy client", &e),
+                    }
+                }
+            }
             (Phase::StoreLoad, Some(h)) => {
                 // Back-to-back status requests for as long as the store load runs.
                 while shared.done[i].load(Ordering::SeqCst) < args.clients {
@@ -467,6 +503,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     shared.barrier.wait();
+    drop(neighbour);
     for h in handles {
         if h.join().is_err() {
             shared.fail("client thread", &anyhow::anyhow!("panicked"));
@@ -539,7 +576,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 /// Units of progress a phase reports (requests, noops or status samples).
 fn phase_units(phase: Phase, cfg: &RunConfig, clients: usize) -> u64 {
     let n = match phase {
-        Phase::NoopSeq | Phase::NoopPipelined => cfg.noops * clients,
+        Phase::NoopSeq | Phase::NoopBesideHeavy | Phase::NoopPipelined => cfg.noops * clients,
         Phase::Store(_) | Phase::Retrieve(_) | Phase::Verify(_) | Phase::StoreLoad => {
             cfg.requests * clients
         }

@@ -148,6 +148,22 @@ pub fn aggregate(m: &mut Metrics, phases: &[Phase], results: &[(usize, PhaseOut)
                 put(m, "noop_rtt_p99_us".into(), g.p("noop", 0.99));
                 put(m, "noop_seq_ops_per_s".into(), rate(g.ops));
                 put(m, "ping_rtt_p50_us".into(), g.p("ping", 0.5));
+                put(
+                    m,
+                    "noop_after_copy_p50_us".into(),
+                    g.p("noop_after_copy", 0.5),
+                );
+                put(
+                    m,
+                    "noop_after_copy_p99_us".into(),
+                    g.p("noop_after_copy", 0.99),
+                );
+            }
+            Phase::NoopBesideHeavy => {
+                put(m, "noop_beside_heavy_p50_us".into(), g.p("noop", 0.5));
+                put(m, "noop_beside_heavy_p99_us".into(), g.p("noop", 0.99));
+                put(m, "heavy_batch_p50_us".into(), g.p("heavy_batch", 0.5));
+                put(m, "heavy_batch_p99_us".into(), g.p("heavy_batch", 0.99));
             }
             Phase::NoopPipelined => put(m, "noop_pipelined_ops_per_s".into(), rate(g.ops)),
             Phase::Store(pass) => store_figures(m, pass, &mut g, memcpy),
@@ -221,16 +237,25 @@ const CONTROL_OPS: [(&str, &str); 5] = [
 ];
 
 /// The ratios of each control operation's p50 and p99 to the same run's noop (p50 to p50, p99
-/// to p99) and to the bare ZeroMQ echo's p50, and of noop to echo: `<stem>_p50_x_noop`,
-/// `<stem>_p99_x_noop`, `<stem>_p50_x_echo`, `noop_p50_x_echo`. Only ratios within one run
-/// mean anything on a shared machine. Skipped when a base figure is missing or zero.
+/// to p99), to the bare ZeroMQ echo's p50 and to the p50 of a noop sent right after a copy
+/// (the wake-up floor of the commits), and of noop to echo: `<stem>_p50_x_noop`,
+/// `<stem>_p99_x_noop`, `<stem>_p50_x_echo`, `<stem>_p50_x_noop_after_copy`,
+/// `noop_p50_x_echo`. Only ratios within one run mean anything on a shared machine. Skipped
+/// when a base figure is missing or zero.
 pub fn floor_ratios(m: &mut Metrics) {
     let base = |m: &Metrics, key: &str| m.get(key).filter(|v| *v > 0.0);
     let noop50 = base(m, "noop_rtt_p50_us");
     let noop99 = base(m, "noop_rtt_p99_us");
     let echo50 = base(m, "zmq_echo_rtt_p50_us");
+    let after_copy50 = base(m, "noop_after_copy_p50_us");
     if let (Some(n), Some(e)) = (noop50, echo50) {
         m.set("noop_p50_x_echo", n / e);
+    }
+    for q in ["p50", "p99"] {
+        let heavy = m.get(&format!("noop_beside_heavy_{q}_us"));
+        if let (Some(h), Some(n)) = (heavy, base(m, &format!("noop_rtt_{q}_us"))) {
+            m.set(format!("noop_beside_heavy_{q}_x_noop"), h / n);
+        }
     }
     for (stem, _) in CONTROL_OPS {
         let p50 = m.get(&format!("{stem}_p50_us"));
@@ -244,6 +269,9 @@ pub fn floor_ratios(m: &mut Metrics) {
         if let (Some(v), Some(e)) = (p50, echo50) {
             m.set(format!("{stem}_p50_x_echo"), v / e);
         }
+        if let (Some(v), Some(c)) = (p50, after_copy50) {
+            m.set(format!("{stem}_p50_x_noop_after_copy"), v / c);
+        }
     }
 }
 
@@ -256,15 +284,18 @@ pub fn floor_table(m: &Metrics) -> String {
     };
     let _w = writeln!(
         s,
-        "  against the floor (noop p50 {noop:.1} µs{}):",
+        "  against the floor (noop p50 {noop:.1} µs{}{}):",
         m.get("zmq_echo_rtt_p50_us")
             .map(|e| format!(", bare echo p50 {e:.1} µs"))
+            .unwrap_or_default(),
+        m.get("noop_after_copy_p50_us")
+            .map(|e| format!(", noop after a copy p50 {e:.1} µs"))
             .unwrap_or_default()
     );
     let _w = writeln!(
         s,
-        "    {:<18} {:>9} {:>9} {:>10} {:>10} {:>10}",
-        "op", "p50 µs", "p99 µs", "p50÷noop", "p99÷noop", "p50÷echo"
+        "    {:<18} {:>9} {:>9} {:>10} {:>10} {:>10} {:>12}",
+        "op", "p50 µs", "p99 µs", "p50÷noop", "p99÷noop", "p50÷echo", "p50÷copynoop"
     );
     let cell = |k: &str, dec: usize| {
         m.get(k)
@@ -273,24 +304,52 @@ pub fn floor_table(m: &Metrics) -> String {
     if let Some(r) = m.get("noop_p50_x_echo") {
         let _w = writeln!(
             s,
-            "    {:<18} {:>9} {:>9} {:>10} {:>10} {:>10.2}",
+            "    {:<18} {:>9} {:>9} {:>10} {:>10} {:>10.2} {:>12}",
             "noop",
             cell("noop_rtt_p50_us", 1),
             cell("noop_rtt_p99_us", 1),
             "1.00",
             "1.00",
-            r
+            r,
+            "-"
+        );
+    }
+    if m.get("noop_after_copy_p50_us").is_some() {
+        let _w = writeln!(
+            s,
+            "    {:<18} {:>9} {:>9} {:>10} {:>10} {:>10} {:>12}",
+            "noop after a copy",
+            cell("noop_after_copy_p50_us", 1),
+            cell("noop_after_copy_p99_us", 1),
+            "-",
+            "-",
+            "-",
+            "1.00"
+        );
+    }
+    if m.get("noop_beside_heavy_p50_us").is_some() {
+        let _w = writeln!(
+            s,
+            "    {:<18} {:>9} {:>9} {:>10} {:>10} {:>10} {:>12}",
+            "noop beside heavy",
+            cell("noop_beside_heavy_p50_us", 1),
+            cell("noop_beside_heavy_p99_us", 1),
+            cell("noop_beside_heavy_p50_x_noop", 2),
+            cell("noop_beside_heavy_p99_x_noop", 2),
+            "-",
+            "-"
         );
     }
     for (stem, label) in CONTROL_OPS {
         let _w = writeln!(
             s,
-            "    {label:<18} {:>9} {:>9} {:>10} {:>10} {:>10}",
+            "    {label:<18} {:>9} {:>9} {:>10} {:>10} {:>10} {:>12}",
             cell(&format!("{stem}_p50_us"), 1),
             cell(&format!("{stem}_p99_us"), 1),
             cell(&format!("{stem}_p50_x_noop"), 2),
             cell(&format!("{stem}_p99_x_noop"), 2),
             cell(&format!("{stem}_p50_x_echo"), 2),
+            cell(&format!("{stem}_p50_x_noop_after_copy"), 2),
         );
     }
     s

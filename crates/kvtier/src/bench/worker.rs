@@ -230,6 +230,7 @@ impl<'a> Worker<'a> {
     fn run(&mut self, phase: Phase, shared: &Shared) -> anyhow::Result<Option<PhaseOut>> {
         Ok(match phase {
             Phase::NoopSeq => Some(self.noop_seq(shared)?),
+            Phase::NoopBesideHeavy => Some(self.noops(shared)?),
             Phase::NoopPipelined => Some(self.noop_pipelined(shared)?),
             Phase::Store(pass) => Some(self.store(pass, shared)?),
             Phase::StoreLoad => {
@@ -298,7 +299,8 @@ impl<'a> Worker<'a> {
         t
     }
 
-    fn noop_seq(&mut self, shared: &Shared) -> anyhow::Result<PhaseOut> {
+    /// `--noops` sequential noops, sampled as `noop`.
+    fn noops(&mut self, shared: &Shared) -> anyhow::Result<PhaseOut> {
         let mut out = PhaseOut::start();
         for _ in 0..self.cfg.noops {
             let t = Instant::now();
@@ -308,7 +310,11 @@ impl<'a> Worker<'a> {
             shared.progress.inc(1);
         }
         out.ops = self.cfg.noops as u64;
-        let mut out = out.finish();
+        Ok(out.finish())
+    }
+
+    fn noop_seq(&mut self, shared: &Shared) -> anyhow::Result<PhaseOut> {
+        let mut out = self.noops(shared)?;
         // `ping` runs on the server's worker pool (in kvtier and LMCache alike): its round trip
         // minus noop's is the cost of dispatching to a pool. Not part of the noop rate.
         for _ in 0..self.cfg.noops.min(1000) {
@@ -316,6 +322,28 @@ impl<'a> Worker<'a> {
             let ok = self.client.ping(Some(self.iid))?;
             out.sample("ping", t.elapsed());
             ensure!(ok, "ping answered false");
+        }
+        // A noop sent right after the client copied one request's bytes (as a commit is): the
+        // client's caches are cold and the server's threads have slept through the copy, so
+        // this round trip pays the wake-ups a back-to-back noop never does. It is the floor of
+        // commit_store and commit_retrieve.
+        let cfg = self.cfg;
+        let request_bytes = cfg.chunks * cfg.chunk_bytes;
+        for r in 0..cfg.requests {
+            let base = r * request_bytes;
+            for i in 0..cfg.chunks {
+                let at = base + i * cfg.chunk_bytes;
+                let dst = self
+                    .dest
+                    .get_mut(at..at + cfg.chunk_bytes)
+                    .context("retrieve buffer too small")?;
+                dst.copy_from_slice(&self.sources[source_index(cfg, r, i)]);
+            }
+            black_box(&self.dest);
+            let t = Instant::now();
+            let reply = self.client.noop()?;
+            out.sample("noop_after_copy", t.elapsed());
+            ensure!(reply == "OK", "noop answered {reply:?}");
         }
         Ok(out)
     }
@@ -535,6 +563,73 @@ impl<'a> Worker<'a> {
         }
         out.ops = (requests * FILL_CHUNKS) as u64;
         let _unregistered = self.client.unregister_engine_driven(iid);
+        Ok(out.finish())
+    }
+}
+
+/// The heavy client of `--neighbour-chunks`: its own connection and engine instance, storing
+/// batches of new chunks back to back without copying into them.
+pub struct Neighbour<'a> {
+    cfg: &'a RunConfig,
+    client: Client,
+    iid: i64,
+    batches: u64,
+}
+
+impl Drop for Neighbour<'_> {
+    fn drop(&mut self) {
+        // Best effort: the server reaps instances anyway.
+        let _unregistered = self.client.unregister_engine_driven(self.iid);
+    }
+}
+
+impl<'a> Neighbour<'a> {
+    /// Connects and registers (instance index `--clients`, after every client's).
+    pub fn setup(cfg: &'a RunConfig) -> anyhow::Result<Self> {
+        let mut client = Client::connect(&cfg.url, cfg.timeout)?;
+        let iid = instance_id(cfg, cfg.clients);
+        client
+            .register_engine_driven(&register_payload(cfg, iid, &cfg.shape))
+            .context("register_kv_cache_engine_driven_context")?;
+        Ok(Self {
+            cfg,
+            client,
+            iid,
+            batches: 0,
+        })
+    }
+
+    /// Stores batches until `done()`; samples each batch's prepare + commit as `heavy_batch`.
+    /// A batch L1 cannot hold (fewer slots than chunks) is not an error: the load is the point.
+    pub fn run(&mut self, done: impl Fn() -> bool) -> anyhow::Result<PhaseOut> {
+        let cfg = self.cfg;
+        let n = cfg.neighbour_chunks * cfg.chunk_size as usize;
+        let mut out = PhaseOut::start();
+        while !done() {
+            let b = self.batches;
+            self.batches += 1;
+            let head = [
+                cfg.seed as u32,
+                (cfg.seed >> 32) as u32,
+                u32::MAX,
+                b as u32,
+                (b >> 32) as u32,
+            ];
+            let tokens: Vec<u32> = (0..n)
+                .map(|i| head.get(i).copied().unwrap_or(i as u32))
+                .collect();
+            let id = format!("kvb-{:x}-heavy-{b}", cfg.seed);
+            let key = CacheKey::new(cfg.model.clone(), 1, tokens, 0, n as i64, id.clone())
+                .with_worker(Some(0));
+            let t = Instant::now();
+            let prep = self.client.prepare_store(&key, self.iid)?;
+            if !prep.slots.is_empty() {
+                let _committed = self.client.commit_store(&key, self.iid)?;
+            }
+            out.sample("heavy_batch", t.elapsed());
+            self.client.end_session(&id)?;
+            out.ops += 1;
+        }
         Ok(out.finish())
     }
 }
