@@ -1,5 +1,5 @@
 //! Ghost lists for ARC (B1, B2) and S3-FIFO (G): bounded FIFOs of key fingerprints, each a
-//! small set-associative table of 32-bit slots.
+//! small set-associative table of 32-bit slots (a 16-bit tag and a 16-bit time).
 //!
 //! **What a ghost list holds** (the contract the reference model in `tests/l1_model.rs` spells
 //! out): the keys pushed by the list's last `bound` pushes, minus those taken since. `bound` is
@@ -20,8 +20,12 @@
 //! `2 × cap` slots, four per bucket; a slot holds a 16-bit tag (the key's top bits, never 0, so
 //! 0 means empty) and the low 16 bits of the push time in *quanta* of `2^shift` pushes. A
 //! bucket is a tiny FIFO, newest first: a push shifts the new entry in front and the last slot
-//! (empty, dead, or the bucket's oldest live entry) falls out; a take closes its gap. With
-//! `COUNT`, a per-quantum counter ring keeps the live count exact (ARC needs it).
+//! (empty, dead, or the bucket's oldest live entry) falls out; a take closes its gap. A
+//! bucket's four tags are one 64-bit word of 16-bit lanes and its four times another
+//! ([`Slots`]), so a push is two shifts, and a lookup compares all four tags at once (a
+//! word-wide zero-lane test, no per-slot branches; a key that is not a ghost, the common
+//! case, costs one compare per list). With `COUNT`, a per-quantum counter ring keeps the live
+//! count exact (ARC needs it).
 //! ARC's two lists share one table ([`GhostPair`]): bucket `i` of both lists sits in one
 //! 32-byte block, so asking both lists about a key reads one cache line.
 //!
@@ -60,7 +64,10 @@ const QUANTA_PER_CAP: usize = 1024;
 /// The smallest table, in entries.
 const MIN_CAP: usize = 64;
 const TIME_MASK: u32 = 0xffff;
-const TAG_MASK: u32 = !TIME_MASK;
+/// A 1 in every 16-bit lane of a bucket word.
+const LANES: u64 = 0x0001_0001_0001_0001;
+/// The top bit of every 16-bit lane.
+const LANE_TOPS: u64 = 0x8000_8000_8000_8000;
 
 /// The part of a key fingerprint a ghost list keeps: its low 32 bits (the policies store this
 /// per object, half the size of the full fingerprint).
@@ -68,11 +75,39 @@ pub(crate) fn ghost_key(fingerprint: u64) -> u32 {
     fingerprint as u32
 }
 
-/// A ghost key's tag, in slot position: its top 16 bits, never 0. (The low bits choose the
-/// bucket; tables of more than 2^16 buckets, i.e. `cap` above 131,072, reuse tag bits for the
-/// bucket, so each further doubling halves the tag's discrimination.)
-fn tag(key: u32) -> u32 {
-    (key >> 16).max(1) << 16
+/// A ghost key's tag: its top 16 bits, never 0 (0 marks an empty slot). (The low bits choose
+/// the bucket; tables of more than 2^16 buckets, i.e. `cap` above 131,072, reuse tag bits for
+/// the bucket, so each further doubling halves the tag's discrimination.)
+#[inline(always)]
+fn tag(key: u32) -> u64 {
+    u64::from((key >> 16).max(1))
+}
+
+/// One list's four slots in one bucket, as two words of four 16-bit lanes: lane `i` of `tags`
+/// and of `times` is slot `i`, newest first (lane 0 is the low 16 bits). A push is a shift of
+/// each word, and finding a tag is a word-wide compare of all four lanes, with no per-slot
+/// branches.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slots {
+    tags: u64,
+    times: u64,
+}
+
+impl Slots {
+    /// A word with a lane's top bit set for each lane of `tags` equal to `t` (exact for the
+    /// lowest such lane; lanes above a match may be flagged too), 0 when none is.
+    #[inline(always)]
+    fn matches(&self, t: u64) -> u64 {
+        let x = self.tags ^ t.wrapping_mul(LANES);
+        x.wrapping_sub(LANES) & !x & LANE_TOPS
+    }
+}
+
+/// `x` without its lane `k`: the lanes above move down one, the top lane becomes 0.
+#[inline(always)]
+fn remove_lane(x: u64, k: u32) -> u64 {
+    let below = (1u64 << (16 * k)) - 1;
+    (x & below) | ((x >> 16) & !below)
 }
 
 /// One list's time window and live count: everything of a ghost list but its table. A list
@@ -108,17 +143,17 @@ impl<const COUNT: bool> Default for Window<COUNT> {
 }
 
 impl<const COUNT: bool> Window<COUNT> {
-    /// Whether a slot (non-empty or not) holds a live entry.
+    /// Whether a slot (its tag, 0 when empty, and its push time) holds a live entry.
     #[inline(always)]
-    fn is_live(&self, slot: u32) -> bool {
-        slot & TAG_MASK != 0 && self.newest.wrapping_sub(slot) & TIME_MASK < self.width
+    fn is_live(&self, tag: u64, time: u32) -> bool {
+        tag != 0 && self.newest.wrapping_sub(time) & TIME_MASK < self.width
     }
 
-    /// Forgets `n` (0 or 1) live entries whose slot is `slot`.
+    /// Forgets `n` (0 or 1) live entries pushed at `time`.
     #[inline(always)]
-    fn forget(&mut self, slot: u32, n: u32) {
+    fn forget(&mut self, time: u32, n: u32) {
         if COUNT && let Some(counts) = &mut self.counts {
-            let c = &mut counts[slot as usize & (RING - 1)];
+            let c = &mut counts[time as usize & (RING - 1)];
             *c = c.saturating_sub(n);
             self.live = self.live.saturating_sub(n as usize);
         }
@@ -126,38 +161,36 @@ impl<const COUNT: bool> Window<COUNT> {
 
     /// Removes the newest copy of `fp` from bucket `b`; whether there was one.
     #[inline(always)]
-    fn take(&mut self, b: &mut [u32; WAYS], fp: u32) -> bool {
-        if self.width == 0 {
+    fn take(&mut self, b: &mut Slots, fp: u32) -> bool {
+        let m = b.matches(tag(fp));
+        if m == 0 {
             return false;
         }
-        let t = tag(fp);
-        let old = *b;
         // Newest first, and an expired slot is never followed by a live one, so only the first
-        // slot with the tag can be the answer.
-        let Some(k) = old.iter().position(|&s| s & TAG_MASK == t) else {
-            return false;
-        };
-        if !self.is_live(old[k]) {
+        // slot with the tag (the lowest flagged lane, which is exact) can be the answer.
+        let k = m.trailing_zeros() / 16;
+        let time = (b.times >> (16 * k)) as u32 & TIME_MASK;
+        if !self.is_live(1, time) {
             return false;
         }
         // Close the gap so that the bucket stays in push order with its free slots last.
-        let mut rest = [0; WAYS];
-        rest[..WAYS - 1].copy_from_slice(&old[1..]);
-        b[k..].copy_from_slice(&rest[k..]);
-        self.forget(old[k], 1);
+        b.tags = remove_lane(b.tags, k);
+        b.times = remove_lane(b.times, k);
+        self.forget(time, 1);
         true
     }
 
     /// Pushes `fp` into bucket `b` as the newest entry (times in quanta of `2^shift` pushes).
     #[inline(always)]
-    fn push(&mut self, b: &mut [u32; WAYS], fp: u32, bound: usize, shift: u32) {
+    fn push(&mut self, b: &mut Slots, fp: u32, bound: usize, shift: u32) {
         let q = self.next >> shift;
-        let [s0, s1, s2, out] = *b;
-        // A bucket is a tiny FIFO, newest first: the new entry goes in front and the last slot
-        // (empty, expired, or the bucket's oldest live entry) falls out.
-        *b = [tag(fp) | (q as u32 & TIME_MASK), s0, s1, s2];
-        if COUNT && self.is_live(out) {
-            self.forget(out, 1);
+        let (out_tag, out_time) = (b.tags >> 48, (b.times >> 48) as u32);
+        // A bucket is a tiny FIFO, newest first: the new entry goes in front (lane 0) and the
+        // last slot (empty, expired, or the bucket's oldest live entry) falls out.
+        b.tags = b.tags << 16 | tag(fp);
+        b.times = b.times << 16 | (q & u64::from(TIME_MASK));
+        if COUNT && self.is_live(out_tag, out_time) {
+            self.forget(out_time, 1);
         }
         self.next += 1;
         let floor = self.floor.max(self.next.saturating_sub(bound as u64));
@@ -201,7 +234,7 @@ fn geometry(bound: usize) -> (usize, u32, usize) {
 /// does not need it and saves the counter ring).
 #[derive(Debug)]
 pub(crate) struct GhostList<const COUNT: bool> {
-    table: Vec<[u32; WAYS]>,
+    table: Vec<Slots>,
     /// `table.len() − 1` (a power of two minus one).
     mask: usize,
     /// Entries the table is sized for (0 before the first push).
@@ -261,7 +294,7 @@ impl<const COUNT: bool> GhostList<COUNT> {
     fn rebuild(&mut self, bound: usize) {
         let (cap, shift, buckets) = geometry(bound);
         (self.cap, self.shift, self.mask) = (cap, shift, buckets - 1);
-        self.table = vec![[0; WAYS]; buckets];
+        self.table = vec![Slots::default(); buckets];
         self.w.reset();
     }
 }
@@ -270,7 +303,7 @@ impl<const COUNT: bool> GhostList<COUNT> {
 /// line), so that looking a key up in both lists reads one line.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C, align(32))]
-struct PairBucket([[u32; WAYS]; 2]);
+struct PairBucket([Slots; 2]);
 
 /// Two counted ghost lists (ARC's B1 and B2) with the same geometry whose buckets for one key
 /// share a cache line: [`take`](Self::take) asks both lists for a new key with one memory read
@@ -376,6 +409,34 @@ mod tests {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+
+    #[test]
+    fn lane_compare_and_removal_match_a_per_slot_loop() {
+        let lanes = |x: u64| [0, 1, 2, 3].map(|i| (x >> (16 * i)) as u16);
+        let mut x = 3u64;
+        for _ in 0..100_000 {
+            x = mix64(x);
+            // Few distinct tag values (some 0, some with the top bit set), so that lanes
+            // repeat and match often.
+            let tags = lanes(x).map(|l| [0, 1, 0x7fff, 0x8000, 0xffff, l][l as usize % 6]);
+            let word = tags.iter().rev().fold(0u64, |w, &l| w << 16 | u64::from(l));
+            let t = u64::from(tags[(x >> 62) as usize]).max(1);
+            let slots = Slots {
+                tags: word,
+                times: 0,
+            };
+            let m = slots.matches(t);
+            let first = tags.iter().position(|&l| u64::from(l) == t);
+            assert_eq!(m != 0, first.is_some(), "{word:#x} {t:#x}");
+            if let Some(k) = first {
+                assert_eq!((m.trailing_zeros() / 16) as usize, k, "{word:#x} {t:#x}");
+                let mut rest = tags.to_vec();
+                rest.remove(k);
+                rest.push(0);
+                assert_eq!(lanes(remove_lane(word, k as u32)).to_vec(), rest);
+            }
+        }
     }
 
     #[test]
