@@ -20,9 +20,19 @@ use crate::engine::{Engine, EngineError};
 use crate::stats::{Outcome, RpcStats};
 use crate::transport::{DeferredReply, Handler, ReplyStream, StreamItem, StreamWaker};
 
-/// Largest payload (all frames) of an op that may run inline on the poll thread: a 64 KiB key
-/// carries about 16k tokens, which hash in well under 100 µs.
+/// Largest payload (all frames) of a bookkeeping op (lookup, query, ...) that may run inline
+/// on the poll thread: a 64 KiB key carries about 16k tokens, which hash in well under 100 µs.
 pub const INLINE_PAYLOAD_LIMIT: usize = 64 << 10;
+
+/// Largest payload of a transfer control (prepare/commit store and retrieve) that may run
+/// inline: 16 KiB is 3,200–5,400 tokens (3–5 bytes each in msgpack), 12–21 chunks of 256.
+/// These ops do more per chunk than a lookup (L1 reservations with synchronous eviction, KV
+/// events, lock moves), and while one runs inline every other client waits: with
+/// `kvtier bench --neighbour-chunks 64` (a client storing 16k-token batches back to back) run
+/// inline, the other clients' noop p99 rose 16× against 2.7× when those batches went to the
+/// transfer pool (`docs/performance.md`, issue 18). Typical engine batches (a few chunks) stay
+/// inline; big ones keep the pool's isolation.
+pub const INLINE_TRANSFER_PAYLOAD_LIMIT: usize = 16 << 10;
 
 /// The statistics bucket of an engine error.
 pub fn outcome_of(e: &EngineError) -> Outcome {
@@ -87,23 +97,19 @@ impl Handler for Service {
     /// ([`Handler::defer`]). The transport keeps a client's affinity ops in order across the
     /// inline and pool paths.
     fn run_inline(&self, op: Op, payloads: &[Vec<u8>]) -> bool {
-        match op.scheduling() {
-            Scheduling::Sync => true,
-            _ => {
-                matches!(
-                    op,
-                    Op::Lookup
-                        | Op::QueryPrefetchStatus
-                        | Op::EndSession
-                        | Op::FreeLookupLocks
-                        | Op::Ping
-                        | Op::ReportBlockAllocation
-                        | Op::PrepareStore
-                        | Op::CommitStore
-                        | Op::PrepareRetrieve
-                        | Op::CommitRetrieve
-                ) && payloads.iter().map(Vec::len).sum::<usize>() <= INLINE_PAYLOAD_LIMIT
+        let size = || payloads.iter().map(Vec::len).sum::<usize>();
+        match op {
+            _ if op.scheduling() == Scheduling::Sync => true,
+            Op::Lookup
+            | Op::QueryPrefetchStatus
+            | Op::EndSession
+            | Op::FreeLookupLocks
+            | Op::Ping
+            | Op::ReportBlockAllocation => size() <= INLINE_PAYLOAD_LIMIT,
+            Op::PrepareStore | Op::CommitStore | Op::PrepareRetrieve | Op::CommitRetrieve => {
+                size() <= INLINE_TRANSFER_PAYLOAD_LIMIT
             }
+            _ => false,
         }
     }
 

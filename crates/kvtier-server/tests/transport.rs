@@ -316,3 +316,67 @@ fn rpc_allow_refuses_other_peers_during_the_handshake() {
     assert_eq!(fe.access().stats().refused.get(), 0);
     fe.shutdown();
 }
+
+/// Runs transfer controls inline when their payload is one frame of at most 8 bytes; a
+/// `prepare_store` with a bigger payload goes to the affinity pool and takes 300 ms. Records
+/// the order in which requests were handled.
+#[derive(Default)]
+struct InlineSmall {
+    order: Mutex<Vec<(Op, Vec<u8>)>>,
+}
+
+impl Handler for InlineSmall {
+    fn handle(&self, op: Op, payloads: &[&[u8]]) -> Option<Vec<u8>> {
+        let tag = payloads.first().map(|p| p.to_vec()).unwrap_or_default();
+        if op == Op::PrepareStore && tag.len() > 8 {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        self.order.lock().push((op, tag));
+        Some(vec![0xc3])
+    }
+
+    fn run_inline(&self, op: Op, payloads: &[Vec<u8>]) -> bool {
+        op.scheduling() == kvtier_proto::Scheduling::Sync
+            || (matches!(op, Op::PrepareStore | Op::CommitStore)
+                && payloads.iter().map(Vec::len).sum::<usize>() <= 8)
+    }
+}
+
+#[test]
+fn an_inline_transfer_op_never_overtakes_the_same_clients_queued_one() {
+    let h = Arc::new(InlineSmall::default());
+    let fe = ZmqFrontEnd::start(config(1, 16), Arc::clone(&h) as Arc<dyn Handler>)
+        .expect("front end starts");
+    let ctx = zmq::Context::new();
+    let a = dealer(&ctx, fe.endpoint());
+    let b = dealer(&ctx, fe.endpoint());
+    // Client a: a big prepare_store (pool, slow), then a small commit_store that alone would
+    // run inline: it must wait for the prepare.
+    send(&a, 1, Op::PrepareStore, &[vec![b'p'; 64]]);
+    send(&a, 2, Op::CommitStore, &[b"a".to_vec()]);
+    // Client b has nothing queued: its small commit runs inline at once, ahead of a's.
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    send(&b, 1, Op::CommitStore, &[b"b".to_vec()]);
+    assert_eq!(recv(&b)[0], mp_int(1));
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "a client with nothing queued was held back"
+    );
+    assert_eq!(recv(&a)[0], mp_int(1));
+    assert_eq!(recv(&a)[0], mp_int(2));
+    // Once a's queue is empty, its small ops run inline again.
+    send(&a, 3, Op::CommitStore, &[b"c".to_vec()]);
+    assert_eq!(recv(&a)[0], mp_int(3));
+    let order: Vec<(Op, Vec<u8>)> = h.order.lock().clone();
+    assert_eq!(
+        order,
+        vec![
+            (Op::CommitStore, b"b".to_vec()),
+            (Op::PrepareStore, vec![b'p'; 64]),
+            (Op::CommitStore, b"a".to_vec()),
+            (Op::CommitStore, b"c".to_vec()),
+        ]
+    );
+    fe.shutdown();
+}

@@ -123,8 +123,9 @@ pub struct BenchArgs {
     /// Adds a phase in which every client's sequential noops run while one more client
     /// stores batches of this many new chunks back to back (prepare_store + commit_store, no
     /// copy; once L1 is full each batch evicts as much synchronously): how much one heavy
-    /// client raises the others' noop latency. 64 (16,384 tokens, a ~48 KiB key) is about the
-    /// largest batch kvtier still answers on its poll thread. 0: no such phase.
+    /// client raises the others' noop latency. kvtier answers batches of up to 21 chunks here
+    /// (a key under 16 KiB) on its poll thread and bigger ones on its transfer pool, so 16
+    /// measures the inline path and 64 the pool. 0: no such phase.
     #[arg(long, default_value_t = 0)]
     neighbour_chunks: usize,
 
