@@ -441,7 +441,19 @@ impl<'a> Reader<'a> {
     /// # Errors
     /// A decode error naming the first offending index and value.
     pub fn read_u32_array(&mut self, path: &Path<'_>) -> Result<Vec<u32>, ProtoError> {
-        self.read_array(path, |r, p| r.read_u32(p))
+        // Token ids: the element path is built only for an element the fast path declines.
+        let len = self.read_array_len(path)?;
+        let mut out = Vec::with_capacity(self.capacity_hint(len));
+        for i in 0..len {
+            if let Some((v, used)) = small_uint(self.rest) {
+                self.rest = &self.rest[used..];
+                out.push(v);
+            } else {
+                let index = usize::try_from(i).unwrap_or(usize::MAX);
+                out.push(self.read_u32(&path.index(index))?);
+            }
+        }
+        Ok(out)
     }
 
     /// Reads an array of ints that each fit in `u64`.
@@ -758,6 +770,16 @@ mod tests {
                 .is_err()
         );
         assert!(Reader::new(&[0xc1]).skip_value(&root()).is_err());
+    }
+
+    #[test]
+    fn u32_array_errors_name_the_element() {
+        // [1, 2, -1]: the third element is negative.
+        let mut r = Reader::new(&[0x93, 0x01, 0x02, 0xff]);
+        let e = r.read_u32_array(&root()).expect_err("negative token");
+        assert!(e.to_string().contains("v[2]"), "{e}");
+        let mut r = Reader::new(&[0x93, 0x01, 0xcd, 0x01, 0x00, 0x07]);
+        assert_eq!(r.read_u32_array(&root()), Ok(vec![1, 256, 7]));
     }
 
     #[test]
