@@ -82,6 +82,11 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     fn isolated(&self) -> bool {
         false
     }
+    /// No id at or above `ids` is an object any more (the manager dropped those slots at the
+    /// end of a `clear`): give back the per-id arrays beyond it.
+    fn shrink(&mut self, ids: usize) {
+        let _ = ids;
+    }
 }
 
 /// Which policy to build, parsed case-insensitively from the CLI.
@@ -221,6 +226,10 @@ impl EvictionPolicy for LruPolicy {
     fn select(&mut self, _tenants: &[TenantId], visit: &mut dyn FnMut(EntryId) -> Verdict) {
         walk(&self.lists, 0, visit);
     }
+
+    fn shrink(&mut self, ids: usize) {
+        self.lists.shrink(ids);
+    }
 }
 
 /// One LRU list per tenant (LMCache's IsolatedLRU). Global eviction drains the tenants in the
@@ -257,6 +266,10 @@ impl EvictionPolicy for IsolatedLruPolicy {
 
     fn isolated(&self) -> bool {
         true
+    }
+
+    fn shrink(&mut self, ids: usize) {
+        self.lists.shrink(ids);
     }
 }
 
@@ -298,6 +311,10 @@ impl ArcPolicy {
 }
 
 impl EvictionPolicy for ArcPolicy {
+    fn shrink(&mut self, ids: usize) {
+        self.lists.shrink(ids);
+    }
+
     fn name(&self) -> &'static str {
         "ARC"
     }
@@ -436,6 +453,13 @@ impl S3FifoPolicy {
 }
 
 impl EvictionPolicy for S3FifoPolicy {
+    fn shrink(&mut self, ids: usize) {
+        self.lists.shrink(ids);
+        self.main.shrink(ids);
+        self.freq.truncate(ids);
+        self.freq.shrink_to_fit();
+    }
+
     fn name(&self) -> &'static str {
         "S3FIFO"
     }

@@ -132,6 +132,15 @@ impl Lists {
         ends.len += 1;
     }
 
+    /// Gives back the links of ids at or above `ids`, none of which may be linked.
+    pub(crate) fn shrink(&mut self, ids: usize) {
+        if ids < self.links.len() {
+            debug_assert!(self.links[ids..].iter().all(|l| l.list == NIL));
+            self.links.truncate(ids);
+        }
+        self.links.shrink_to_fit();
+    }
+
     /// Moves a linked `id` to the newest end of its own list (no-op when unlinked).
     pub(crate) fn touch(&mut self, id: EntryId) {
         if let Some(list) = self.list_of(id) {

@@ -391,6 +391,11 @@ impl Tenants {
         self.lists.touch(id);
     }
 
+    /// Gives back the recency links of ids at or above `ids` (see [`Lists::shrink`]).
+    pub(crate) fn shrink(&mut self, ids: usize) {
+        self.lists.shrink(ids);
+    }
+
     /// The object is no longer a candidate (doomed); its bytes stay charged until it is freed.
     pub(crate) fn unlink(&mut self, id: EntryId) {
         self.lists.unlink(id);
