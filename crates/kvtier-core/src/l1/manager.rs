@@ -52,8 +52,8 @@
 //!
 //! Per object the manager keeps a 64-byte slot (an [`Entry`] packed to 60 bytes plus its
 //! generation), 5 bytes of key index per bucket (`l1::index`, about 10 bytes per object at
-//! hashbrown's load), and 12-byte recency links in the eviction policy and in the tenant table:
-//! about 99 bytes per object at 1M objects (`benches/l1_memory.rs`). To get there an entry keeps
+//! hashbrown's load), and 8-byte recency links in the eviction policy and in the tenant table:
+//! about 91 bytes per object at 1M objects (`benches/l1_memory.rs`). To get there an entry keeps
 //! its key as the chunk hash plus a namespace id (`l1::namespace`, one row per distinct
 //! `(model_name, kv_rank, object_group_id, cache_salt)`, whose tenant it also records), its
 //! offset in alignment units, its length as `u32` (objects of 4 GiB or more are refused with
@@ -1333,8 +1333,11 @@ impl L1Manager {
         }
         self.counters.read_locks_total.add(u64::from(count));
         if touch {
-            inner.policy.on_access(id);
-            inner.tenants.on_access(id);
+            let tenant = inner
+                .entry(id)
+                .map_or(TenantId::MAX, |e| inner.tenant_of(e));
+            inner.policy.on_access(id, tenant);
+            inner.tenants.on_access(tenant, id);
         }
         ReadLease {
             id,
@@ -1369,8 +1372,11 @@ impl L1Manager {
             }
         }
         if touch {
-            inner.policy.on_access(id);
-            inner.tenants.on_access(id);
+            let tenant = inner
+                .entry(id)
+                .map_or(TenantId::MAX, |e| inner.tenant_of(e));
+            inner.policy.on_access(id, tenant);
+            inner.tenants.on_access(tenant, id);
         }
     }
 
@@ -1465,7 +1471,7 @@ impl L1Manager {
         }
         inner.index_remove(e.key(), id);
         inner.policy.on_remove(id, meta, Removal::Dropped);
-        inner.tenants.unlink(id);
+        inner.tenants.unlink(meta.tenant, id);
         self.counters.doomed_objects.add(1);
     }
 
