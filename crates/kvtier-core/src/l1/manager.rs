@@ -50,7 +50,7 @@
 //! locked objects) and reports `OutOfMemory` only if that cannot make room, so a burst of stores
 //! is never rejected while evictable memory exists.
 //!
-//! Per object the manager keeps a 64-byte slot (an [`Entry`] packed to 60 bytes plus its
+//! Per object the manager keeps a 64-byte slot (an `Entry` packed to 60 bytes plus its
 //! generation), 5 bytes of key index per bucket (`l1::index`, about 10 bytes per object at
 //! hashbrown's load), and 8-byte recency links in the eviction policy and in the tenant table:
 //! about 91 bytes per object at 1M objects (`benches/l1_memory.rs`). To get there an entry keeps
