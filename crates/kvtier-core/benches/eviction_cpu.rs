@@ -84,8 +84,9 @@ fn policy_only(c: &mut Criterion) {
                     next += 1;
                     x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
                     let read = ((x >> 33) % RESIDENT) as u32;
-                    p.on_access(read);
-                    p.on_access(read);
+                    let tenant = meta(u64::from(objects[read as usize])).tenant;
+                    p.on_access(read, tenant);
+                    p.on_access(read, tenant);
                     black_box(id);
                 }
             });

@@ -632,3 +632,58 @@ fn a_clear_gives_back_the_slot_table_and_stale_tickets_stay_stale() {
     assert_eq!(l1.counters().objects.get(), 8);
     l1.check_invariants().expect("consistent");
 }
+
+#[test]
+fn keys_differing_only_outside_the_chunk_hash_are_distinct_objects() {
+    // The entry keeps the chunk hash plus an interned namespace (`l1::namespace`): every other
+    // key field must still tell objects apart, and the namespace rows must come and go with them.
+    let (l1, _clock) = manager(64);
+    let base = key(1);
+    let variants = [
+        base.clone(),
+        kvtier_core::key::ObjectKey {
+            model_name: Arc::from("other-model"),
+            ..base.clone()
+        },
+        kvtier_core::key::ObjectKey {
+            kv_rank: base.kv_rank + 1,
+            ..base.clone()
+        },
+        kvtier_core::key::ObjectKey {
+            object_group_id: 1,
+            ..base.clone()
+        },
+        kvtier_core::key::ObjectKey {
+            cache_salt: Arc::from("tenant-a"),
+            ..base.clone()
+        },
+    ];
+    for k in &variants {
+        let t = l1.reserve_write(&[(k.clone(), PAGE)], false).remove(0);
+        l1.finish_write(&[t.expect("each variant is a new key")])
+            .remove(0)
+            .expect("published");
+    }
+    assert_eq!(l1.counters().objects.get(), variants.len() as u64);
+    l1.check_invariants().expect("consistent");
+    // Equal strings in fresh `Arc`s name the same object.
+    let same = kvtier_core::key::ObjectKey {
+        model_name: Arc::from("m"),
+        cache_salt: Arc::from(""),
+        ..base.clone()
+    };
+    assert_eq!(l1.contains(&[same]), vec![true]);
+    assert_eq!(l1.delete(&variants[1..2]), vec![Ok(())]);
+    assert_eq!(
+        l1.contains(&variants),
+        vec![true, false, true, true, true],
+        "deleting one variant leaves the others"
+    );
+    l1.check_invariants()
+        .expect("consistent after a namespace row went");
+    // An object of 4 GiB or more does not fit an entry's `u32` length.
+    let (big, _clock) = manager(2 << 20);
+    let r = big.reserve_write(&[(key(9), 1 << 32)], false).remove(0);
+    assert_eq!(r, Err(L1Error::OutOfMemory));
+    big.check_invariants().expect("consistent");
+}

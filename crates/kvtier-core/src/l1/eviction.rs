@@ -69,8 +69,8 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     fn name(&self) -> &'static str;
     /// The object became readable (it is now an eviction candidate).
     fn on_ready(&mut self, id: EntryId, meta: EntryMeta);
-    /// The object was read (locked or released by a reader).
-    fn on_access(&mut self, id: EntryId);
+    /// The object, of `tenant`, was read (locked or released by a reader).
+    fn on_access(&mut self, id: EntryId, tenant: TenantId);
     /// The object left L1. `meta` is what [`on_ready`](Self::on_ready) was given (its
     /// fingerprint is 0 for an object that never became readable).
     fn on_remove(&mut self, id: EntryId, meta: EntryMeta, why: Removal);
@@ -81,6 +81,11 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     /// Whether global eviction drains tenants one at a time in the manager's tenant order.
     fn isolated(&self) -> bool {
         false
+    }
+    /// No id at or above `ids` is an object any more (the manager dropped those slots at the
+    /// end of a `clear`): give back the per-id arrays beyond it.
+    fn shrink(&mut self, ids: usize) {
+        let _ = ids;
     }
 }
 
@@ -210,16 +215,20 @@ impl EvictionPolicy for LruPolicy {
         self.lists.push_back(0, id);
     }
 
-    fn on_access(&mut self, id: EntryId) {
-        self.lists.touch(id);
+    fn on_access(&mut self, id: EntryId, _tenant: TenantId) {
+        self.lists.touch(0, id);
     }
 
     fn on_remove(&mut self, id: EntryId, _meta: EntryMeta, _why: Removal) {
-        self.lists.unlink(id);
+        self.lists.unlink(0, id);
     }
 
     fn select(&mut self, _tenants: &[TenantId], visit: &mut dyn FnMut(EntryId) -> Verdict) {
         walk(&self.lists, 0, visit);
+    }
+
+    fn shrink(&mut self, ids: usize) {
+        self.lists.shrink(ids);
     }
 }
 
@@ -239,12 +248,12 @@ impl EvictionPolicy for IsolatedLruPolicy {
         self.lists.push_back(meta.tenant, id);
     }
 
-    fn on_access(&mut self, id: EntryId) {
-        self.lists.touch(id);
+    fn on_access(&mut self, id: EntryId, tenant: TenantId) {
+        self.lists.touch(tenant, id);
     }
 
-    fn on_remove(&mut self, id: EntryId, _meta: EntryMeta, _why: Removal) {
-        self.lists.unlink(id);
+    fn on_remove(&mut self, id: EntryId, meta: EntryMeta, _why: Removal) {
+        self.lists.unlink(meta.tenant, id);
     }
 
     fn select(&mut self, tenants: &[TenantId], visit: &mut dyn FnMut(EntryId) -> Verdict) {
@@ -257,6 +266,10 @@ impl EvictionPolicy for IsolatedLruPolicy {
 
     fn isolated(&self) -> bool {
         true
+    }
+
+    fn shrink(&mut self, ids: usize) {
+        self.lists.shrink(ids);
     }
 }
 
@@ -271,6 +284,8 @@ const T2: u32 = 1;
 #[derive(Debug)]
 pub struct ArcPolicy {
     lists: Lists,
+    /// One bit per id: it is in T2 (the lists do not record which list an id is in).
+    in_t2: Vec<u64>,
     /// B1 (list 0) and B2 (list 1), whose buckets for one key share a cache line.
     ghosts: GhostPair,
     p: usize,
@@ -280,6 +295,7 @@ impl Default for ArcPolicy {
     fn default() -> Self {
         Self {
             lists: Lists::new(2),
+            in_t2: Vec::new(),
             ghosts: GhostPair::default(),
             p: 0,
         }
@@ -295,9 +311,38 @@ impl ArcPolicy {
     fn resident(&self) -> usize {
         self.lists.len(T1) + self.lists.len(T2)
     }
+
+    /// The list a linked `id` is in.
+    fn list_of(&self, id: EntryId) -> u32 {
+        let bit = self
+            .in_t2
+            .get(id as usize / 64)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0);
+        if bit { T2 } else { T1 }
+    }
+
+    fn set_list(&mut self, id: EntryId, list: u32) {
+        let word = id as usize / 64;
+        if list == T2 {
+            if word >= self.in_t2.len() {
+                grow(&mut self.in_t2, word);
+            }
+            if let Some(w) = self.in_t2.get_mut(word) {
+                *w |= 1 << (id % 64);
+            }
+        } else if let Some(w) = self.in_t2.get_mut(word) {
+            *w &= !(1 << (id % 64));
+        }
+    }
 }
 
 impl EvictionPolicy for ArcPolicy {
+    fn shrink(&mut self, ids: usize) {
+        self.lists.shrink(ids);
+        self.in_t2.truncate(ids.div_ceil(64));
+        self.in_t2.shrink_to_fit();
+    }
+
     fn name(&self) -> &'static str {
         "ARC"
     }
@@ -319,18 +364,22 @@ impl EvictionPolicy for ArcPolicy {
             None => T1,
         };
         self.lists.push_back(list, id);
+        self.set_list(id, list);
     }
 
-    fn on_access(&mut self, id: EntryId) {
-        if self.lists.list_of(id).is_some() {
+    fn on_access(&mut self, id: EntryId, _tenant: TenantId) {
+        if self.lists.unlink(self.list_of(id), id) {
             self.lists.push_back(T2, id);
+            self.set_list(id, T2);
         }
     }
 
     fn on_remove(&mut self, id: EntryId, meta: EntryMeta, why: Removal) {
-        let Some(list) = self.lists.unlink(id) else {
+        let list = self.list_of(id);
+        if !self.lists.unlink(list, id) {
             return;
-        };
+        }
+        self.set_list(id, T1);
         if why == Removal::Evicted {
             let fp = ghost_key(meta.fingerprint);
             let bound = self.resident();
@@ -436,6 +485,13 @@ impl S3FifoPolicy {
 }
 
 impl EvictionPolicy for S3FifoPolicy {
+    fn shrink(&mut self, ids: usize) {
+        self.lists.shrink(ids);
+        self.main.shrink(ids);
+        self.freq.truncate(ids);
+        self.freq.shrink_to_fit();
+    }
+
     fn name(&self) -> &'static str {
         "S3FIFO"
     }
@@ -451,7 +507,7 @@ impl EvictionPolicy for S3FifoPolicy {
         }
     }
 
-    fn on_access(&mut self, id: EntryId) {
+    fn on_access(&mut self, id: EntryId, _tenant: TenantId) {
         if let Some(f) = self.freq.get_mut(id as usize)
             && *f & LINKED != 0
         {
@@ -466,7 +522,7 @@ impl EvictionPolicy for S3FifoPolicy {
         let was = std::mem::take(f);
         if was & IN_MAIN != 0 {
             self.main.remove(id);
-        } else if self.lists.unlink(id).is_some() && why == Removal::Evicted {
+        } else if self.lists.unlink(SMALL, id) && why == Removal::Evicted {
             self.ghost
                 .push(ghost_key(meta.fingerprint), self.resident());
         }
@@ -495,7 +551,7 @@ impl EvictionPolicy for S3FifoPolicy {
                     && *f & MAX_FREQ > 1
                 {
                     *f = LINKED | IN_MAIN;
-                    self.lists.unlink(id);
+                    self.lists.unlink(SMALL, id);
                     self.main.push(id, &mut cm);
                     small_left -= 1;
                     continue;
@@ -534,7 +590,7 @@ impl EvictionPolicy for NoopPolicy {
         "noop"
     }
     fn on_ready(&mut self, _id: EntryId, _meta: EntryMeta) {}
-    fn on_access(&mut self, _id: EntryId) {}
+    fn on_access(&mut self, _id: EntryId, _tenant: TenantId) {}
     fn on_remove(&mut self, _id: EntryId, _meta: EntryMeta, _why: Removal) {}
     fn select(&mut self, _tenants: &[TenantId], _visit: &mut dyn FnMut(EntryId) -> Verdict) {}
 }
@@ -583,11 +639,11 @@ mod tests {
             p.on_ready(id, meta(id));
         }
         assert_eq!(order(&mut p, &[]), vec![3, 1, 7]);
-        p.on_access(3);
+        p.on_access(3, meta(3).tenant);
         assert_eq!(order(&mut p, &[]), vec![1, 7, 3]);
         p.on_remove(7, meta(7), Removal::Dropped);
         assert_eq!(order(&mut p, &[]), vec![1, 3]);
-        p.on_access(42); // unknown id: ignored
+        p.on_access(42, meta(42).tenant); // unknown id: ignored
         p.on_remove(42, meta(42), Removal::Dropped);
         assert_eq!(order(&mut p, &[]), vec![1, 3]);
         assert_eq!(p.len(), 2);
@@ -599,7 +655,7 @@ mod tests {
         for id in 0..6 {
             p.on_ready(id, meta(id));
         }
-        p.on_access(1);
+        p.on_access(1, meta(1).tenant);
         assert_eq!(order(&mut p, &[1, 0]), vec![3, 5, 1, 0, 2, 4]);
         assert_eq!(order(&mut p, &[0]), vec![0, 2, 4]);
     }
@@ -609,7 +665,7 @@ mod tests {
         let mut p = ArcPolicy::default();
         for id in 0..4 {
             p.on_ready(id, meta(id));
-            p.on_access(id); // hot: moves to T2
+            p.on_access(id, meta(id).tenant); // hot: moves to T2
         }
         for id in 10..20 {
             p.on_ready(id, meta(id)); // scan: T1
@@ -630,7 +686,7 @@ mod tests {
         }
         // Objects 0 and 1 are read (lock + release).
         for id in [0, 1, 0, 1] {
-            p.on_access(id);
+            p.on_access(id, meta(id).tenant);
         }
         // The small queue's head is promoted (freq 2), the rest are evicted.
         assert_eq!(evict(&mut p, 3), vec![2, 3, 4]);
@@ -639,7 +695,7 @@ mod tests {
         p.on_ready(20, meta(2));
         assert!(p.in_main(20));
         assert!(!p.in_main(9));
-        assert_eq!(p.lists.list_of(9), Some(SMALL));
+        assert!(p.lists.is_linked(9) && !p.in_main(9));
     }
 
     #[test]
@@ -648,8 +704,8 @@ mod tests {
             let mut p = kind.build();
             for id in 0..50 {
                 p.on_ready(id, meta(id));
-                p.on_access(id);
-                p.on_access(id);
+                p.on_access(id, meta(id).tenant);
+                p.on_access(id, meta(id).tenant);
             }
             let mut seen = 0;
             p.select(&[0, 1], &mut |_| {

@@ -1,27 +1,34 @@
 //! Intrusive doubly-linked lists over entry ids, several lists sharing one link table.
 //!
+//! A link is 8 bytes (`prev`, `next`) per id: the list an id is in is not stored, the caller
+//! names it in [`Lists::unlink`] and [`Lists::touch`] (every user knows it: the list is fixed,
+//! the entry's tenant, or a flag the policy keeps anyway), which saves a third of the table
+//! (issue 18: per-object memory).
+//!
 //! Invariants: an id is in at most one list at a time; `ends[l].len` is the number of ids linked
-//! into list `l`; every operation is O(1) (growing the link table to a new id is amortised O(1)).
-//! Used by every eviction policy (LRU: one list; ARC: T1/T2; S3-FIFO: small/main; IsolatedLRU:
-//! one list per tenant) and by the L1 manager's per-tenant recency lists. No locking of its own:
-//! its owner holds the L1 lock.
+//! into list `l`; the caller names the list an id is in (a wrong list is detected when the id
+//! is at an end of it and then changes nothing; in the middle it would miscount `len`); every
+//! operation is O(1) (growing the link table to a new id is amortised O(1)). Ids and list
+//! indexes stay below `u32::MAX - 1` (the two markers). Used by every eviction policy (LRU: one
+//! list; ARC: T1/T2; S3-FIFO: small; IsolatedLRU: one list per tenant) and by the L1 manager's
+//! per-tenant recency lists. No locking of its own: its owner holds the L1 lock.
 
 use super::eviction::EntryId;
 
+/// No neighbour (an end of a list), or an empty list's head and tail.
 const NIL: u32 = u32::MAX;
+/// `prev` and `next` of an id that is in no list.
+const OUT: u32 = u32::MAX - 1;
 
 #[derive(Debug, Clone, Copy)]
 struct Link {
     prev: u32,
     next: u32,
-    /// The list holding the id, or `NIL` when unlinked.
-    list: u32,
 }
 
 const UNLINKED: Link = Link {
-    prev: NIL,
-    next: NIL,
-    list: NIL,
+    prev: OUT,
+    next: OUT,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -53,12 +60,9 @@ impl Lists {
         }
     }
 
-    /// The list `id` is in, if any.
-    pub(crate) fn list_of(&self, id: EntryId) -> Option<u32> {
-        self.links
-            .get(id as usize)
-            .map(|l| l.list)
-            .filter(|&l| l != NIL)
+    /// Whether `id` is in a list.
+    pub(crate) fn is_linked(&self, id: EntryId) -> bool {
+        self.links.get(id as usize).is_some_and(|l| l.prev != OUT)
     }
 
     /// Number of ids in `list`.
@@ -79,35 +83,50 @@ impl Lists {
         self.links
             .get(id as usize)
             .map(|l| l.next)
-            .filter(|&n| n != NIL)
+            .filter(|&n| n != NIL && n != OUT)
     }
 
-    /// Removes `id` from its list; returns the list it was in.
-    pub(crate) fn unlink(&mut self, id: EntryId) -> Option<u32> {
-        let l = *self.links.get(id as usize)?;
-        if l.list == NIL {
-            return None;
+    /// Removes `id` from `list`, the list it is in; whether it was linked.
+    pub(crate) fn unlink(&mut self, list: u32, id: EntryId) -> bool {
+        let Some(&l) = self.links.get(id as usize) else {
+            return false;
+        };
+        if l.prev == OUT {
+            return false;
         }
-        let ends = &mut self.ends[l.list as usize];
+        let Some(&ends) = self.ends.get(list as usize) else {
+            debug_assert!(
+                false,
+                "id {id} unlinked from list {list}, which does not exist"
+            );
+            return false;
+        };
+        if (l.prev == NIL && ends.head != id) || (l.next == NIL && ends.tail != id) {
+            debug_assert!(false, "id {id} is not in list {list}");
+            return false;
+        }
         if l.prev == NIL {
-            ends.head = l.next;
+            self.ends[list as usize].head = l.next;
         } else {
             self.links[l.prev as usize].next = l.next;
         }
-        let ends = &mut self.ends[l.list as usize];
         if l.next == NIL {
-            ends.tail = l.prev;
+            self.ends[list as usize].tail = l.prev;
         } else {
             self.links[l.next as usize].prev = l.prev;
         }
-        self.ends[l.list as usize].len -= 1;
+        let e = &mut self.ends[list as usize];
+        e.len = e.len.saturating_sub(1);
         self.links[id as usize] = UNLINKED;
-        Some(l.list)
+        true
     }
 
-    /// Appends `id` (newest end) to `list`, unlinking it from wherever it was.
+    /// Appends `id`, which must be in no list, to the newest end of `list`.
     pub(crate) fn push_back(&mut self, list: u32, id: EntryId) {
-        self.unlink(id);
+        if id >= OUT || list >= OUT || self.is_linked(id) {
+            debug_assert!(false, "push_back of a linked or out-of-range id {id}");
+            return;
+        }
         let idx = id as usize;
         if idx >= self.links.len() {
             self.links.resize(idx + 1, UNLINKED);
@@ -119,7 +138,6 @@ impl Lists {
         self.links[idx] = Link {
             prev: ends.tail,
             next: NIL,
-            list,
         };
         if ends.tail == NIL {
             ends.head = id;
@@ -132,11 +150,20 @@ impl Lists {
         ends.len += 1;
     }
 
-    /// Moves a linked `id` to the newest end of its own list (no-op when unlinked).
-    pub(crate) fn touch(&mut self, id: EntryId) {
-        if let Some(list) = self.list_of(id) {
+    /// Moves `id`, linked into `list`, to the newest end of it (no-op when unlinked).
+    pub(crate) fn touch(&mut self, list: u32, id: EntryId) {
+        if self.unlink(list, id) {
             self.push_back(list, id);
         }
+    }
+
+    /// Gives back the links of ids at or above `ids`, none of which may be linked.
+    pub(crate) fn shrink(&mut self, ids: usize) {
+        if ids < self.links.len() {
+            debug_assert!(self.links[ids..].iter().all(|l| l.prev == OUT));
+            self.links.truncate(ids);
+        }
+        self.links.shrink_to_fit();
     }
 }
 
@@ -162,16 +189,25 @@ mod tests {
         }
         l.push_back(1, 3);
         assert_eq!(items(&l, 0), vec![5, 1, 9]);
-        l.touch(5);
+        l.touch(0, 5);
         assert_eq!(items(&l, 0), vec![1, 9, 5]);
+        assert!(l.unlink(0, 9));
         l.push_back(1, 9);
         assert_eq!(items(&l, 0), vec![1, 5]);
         assert_eq!(items(&l, 1), vec![3, 9]);
-        assert_eq!(l.unlink(3), Some(1));
-        assert_eq!(l.unlink(3), None);
+        assert!(l.unlink(1, 3));
+        assert!(!l.unlink(1, 3));
+        assert!(!l.is_linked(3));
         assert_eq!((l.len(0), l.len(1)), (2, 1));
         l.push_back(4, 7);
-        assert_eq!(l.list_of(7), Some(4));
+        assert!(l.is_linked(7));
+        assert_eq!(items(&l, 4), vec![7]);
         assert_eq!(l.len(3), 0);
+        l.touch(0, 42); // unknown id: ignored
+        assert!(l.unlink(4, 7));
+        assert!(l.unlink(0, 1) && l.unlink(0, 5) && l.unlink(1, 9));
+        l.shrink(0);
+        assert!(l.links.is_empty());
+        assert_eq!((l.len(0), l.len(1), l.head(0)), (0, 0, None));
     }
 }

@@ -49,8 +49,21 @@
 //! memory. When an allocation fails it first evicts synchronously (in policy order, skipping
 //! locked objects) and reports `OutOfMemory` only if that cannot make room, so a burst of stores
 //! is never rejected while evictable memory exists.
+//!
+//! Per object the manager keeps a 64-byte slot (an `Entry` packed to 60 bytes plus its
+//! generation), 5 bytes of key index per bucket (`l1::index`, about 10 bytes per object at
+//! hashbrown's load), and 8-byte recency links in the eviction policy and in the tenant table:
+//! about 91 bytes per object at 1M objects (`benches/l1_memory.rs`). To get there an entry keeps
+//! its key as the chunk hash plus a namespace id (`l1::namespace`, one row per distinct
+//! `(model_name, kv_rank, object_group_id, cache_salt)`, whose tenant it also records), its
+//! offset in alignment units, its length as `u32` (objects of 4 GiB or more are refused with
+//! `OutOfMemory`), and its deadline as `u64` nanoseconds of the [`Clock`]; the policy
+//! fingerprint is recomputed from the key when needed. `clear` gives back the slot table, the
+//! index, the namespace rows and the policy and tenant per-id arrays beyond the last slot still
+//! in use (`Inner::shrink`).
 
 use std::collections::{BTreeSet, HashMap};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -63,7 +76,9 @@ use super::eviction::{
 };
 use super::index::KeyIndex;
 use super::listener::{EvictedFor, RemovalCause};
+use super::namespace::{MAX_NAMESPACES, Namespaces, NsId};
 use super::tenants::{Directory, Tenants};
+use crate::hash::ChunkHash;
 use crate::key::ObjectKey;
 use crate::status::{StatusNode, StatusReport};
 
@@ -345,25 +360,128 @@ enum Phase {
     Quarantined,
 }
 
-#[derive(Debug)]
+/// Bits of [`Entry::word`] above the namespace id: the phase (1..=3, so the word is never 0 and
+/// `Option<Entry>` needs no tag), `temporary` and `doomed`.
+const NS_MASK: u32 = MAX_NAMESPACES - 1;
+const PHASE_SHIFT: u32 = 28;
+const PHASE_MASK: u32 = 3 << PHASE_SHIFT;
+const TEMPORARY: u32 = 1 << 30;
+const DOOMED: u32 = 1 << 31;
+/// [`Entry::timer`] of an entry that is in no expiry queue.
+const NO_DEADLINE: u64 = u64::MAX;
+
+/// One object. Packed to 60 bytes, 64 with its slot's generation (issue 18: at most 100 bytes
+/// per object for everything the L1 keeps): the key is the chunk hash plus an interned
+/// namespace ([`Namespaces`]), the allocation is in alignment units and `u32` bytes, the
+/// deadline is nanoseconds of the manager's [`Clock`], and fields that are never needed at the
+/// same time share storage:
+/// - `timer` is the deadline (or [`NO_DEADLINE`]) while staging or read-locked, and the full
+///   reservation number while quarantined (which has no deadline);
+/// - `epoch` is the low 32 bits of the reservation number while staging (no reader can hold a
+///   lease on a staging object), and the read epoch from the publish on (starting at 0).
+///
+/// `repr(packed(4))` lets the `u64` sit at a 4-byte offset (no padding); only `timer` is
+/// affected, and it is only ever read and written by value.
+#[repr(C, packed(4))]
+#[derive(Debug, Clone, Copy)]
 struct Entry {
-    key: ObjectKey,
-    alloc: Allocation,
-    reserved: u64,
-    phase: Phase,
+    hash: ChunkHash,
+    /// Namespace id (low 28 bits) and flags, see [`NS_MASK`].
+    word: NonZeroU32,
+    /// Offset in units of the allocator's alignment (`L1Manager::with_clock` keeps the pool
+    /// below 2^32 units).
+    offset: u32,
+    /// Object length in bytes (longer objects are refused).
+    len: u32,
+    timer: u64,
     readers: u32,
     epoch: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 64);
+
+impl Entry {
+    fn ns(&self) -> NsId {
+        self.word.get() & NS_MASK
+    }
+
+    fn key(&self) -> (ChunkHash, NsId) {
+        (self.hash, self.ns())
+    }
+
+    fn phase(&self) -> Phase {
+        match (self.word.get() & PHASE_MASK) >> PHASE_SHIFT {
+            1 => Phase::Staging,
+            2 => Phase::Ready,
+            _ => Phase::Quarantined,
+        }
+    }
+
+    fn set_word(&mut self, word: u32) {
+        // The phase bits are never 0, see `Phase::bits`.
+        if let Some(w) = NonZeroU32::new(word) {
+            self.word = w;
+        }
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        self.set_word((self.word.get() & !PHASE_MASK) | phase.bits());
+    }
+
+    fn temporary(&self) -> bool {
+        self.word.get() & TEMPORARY != 0
+    }
+
+    fn doomed(&self) -> bool {
+        self.word.get() & DOOMED != 0
+    }
+
+    fn set_doomed(&mut self, doomed: bool) {
+        let w = self.word.get() & !DOOMED;
+        self.set_word(if doomed { w | DOOMED } else { w });
+    }
+
     /// The entry's current position in the expiry queue (write TTL while staging, read TTL
     /// while read-locked).
-    deadline: Option<Instant>,
-    temporary: bool,
-    doomed: bool,
-    tenant: TenantId,
-    /// [`fingerprint`] of `key`, set when the entry becomes readable (0 while staging); the
-    /// policy gets it back at removal, so it keeps no copy of its own.
-    fingerprint: u64,
-    /// Reservation order: the quarantine releases the oldest reservation first.
-    seq: u64,
+    fn deadline(&self) -> Option<u64> {
+        let t = self.timer;
+        (self.phase() != Phase::Quarantined && t != NO_DEADLINE).then_some(t)
+    }
+
+    fn take_deadline(&mut self) -> Option<u64> {
+        let d = self.deadline();
+        if d.is_some() {
+            self.timer = NO_DEADLINE;
+        }
+        d
+    }
+
+    fn replace_deadline(&mut self, deadline: u64) -> Option<u64> {
+        let d = self.deadline();
+        self.timer = deadline;
+        d
+    }
+
+    /// Reservation number of a quarantined entry.
+    fn quarantine_seq(&self) -> u64 {
+        self.timer
+    }
+}
+
+impl Phase {
+    fn bits(self) -> u32 {
+        let n = match self {
+            Phase::Staging => 1,
+            Phase::Ready => 2,
+            Phase::Quarantined => 3,
+        };
+        n << PHASE_SHIFT
+    }
+}
+
+/// Bytes reserved for an object of `len` bytes at alignment `align` (a power of two).
+fn reserved_of(len: u32, align: u64) -> u64 {
+    (u64::from(len) + align - 1) & !(align - 1)
 }
 
 #[derive(Debug, Default)]
@@ -376,11 +494,14 @@ struct Slot {
 #[derive(Debug)]
 struct Inner {
     index: KeyIndex,
+    /// The namespaces the entries' keys name (see `l1::namespace`).
+    ns: Namespaces,
     slots: Vec<Slot>,
     free_slots: Vec<EntryId>,
     alloc: RangeAllocator,
     policy: Box<dyn EvictionPolicy>,
-    expiry: BTreeSet<(Instant, EntryId, u32)>,
+    /// `(deadline in clock nanoseconds, id, generation)` of staging and read-locked entries.
+    expiry: BTreeSet<(u64, EntryId, u32)>,
     /// Quarantined objects by reservation order.
     quarantine: BTreeSet<(u64, EntryId)>,
     next_seq: u64,
@@ -388,6 +509,9 @@ struct Inner {
     /// vector has dropped ([`Inner::shrink`]), so no stale ticket or lease can name a new slot.
     generation_floor: u32,
     tenants: Tenants,
+    /// The allocator's alignment and its log2 (entries keep offsets in alignment units).
+    align: u64,
+    align_shift: u32,
 }
 
 /// The L1 tier: see the module docs.
@@ -413,13 +537,25 @@ impl L1Manager {
 
     /// Creates a manager with an explicit clock (tests).
     pub fn with_clock(config: L1Config, clock: Clock) -> Self {
-        let alloc = RangeAllocator::new(config.capacity_bytes, config.align_bytes);
+        // Entries keep offsets as `u32` units of the alignment: a pool of 2^32 units or more
+        // (16 TiB at the default 4 KiB) gets a coarser alignment, which still satisfies the
+        // configured one.
+        let units_floor = (config.capacity_bytes >> 32).saturating_add(1);
+        let align = config
+            .align_bytes
+            .max(1)
+            .max(units_floor)
+            .checked_next_power_of_two()
+            .unwrap_or(1 << 63);
+        let alloc = RangeAllocator::new(config.capacity_bytes, align);
+        let align = alloc.align();
         let capacity = alloc.capacity();
         let tenants = Tenants::default();
         Self {
             directory: Arc::clone(tenants.directory()),
             inner: Mutex::new(Inner {
                 index: KeyIndex::default(),
+                ns: Namespaces::default(),
                 slots: Vec::new(),
                 free_slots: Vec::new(),
                 alloc,
@@ -429,6 +565,8 @@ impl L1Manager {
                 next_seq: 0,
                 generation_floor: 0,
                 tenants,
+                align,
+                align_shift: align.trailing_zeros(),
             }),
             counters: L1Counters::default(),
             listener: std::sync::OnceLock::new(),
@@ -514,15 +652,16 @@ impl L1Manager {
     ) -> Vec<Result<WriteTicket, L1Error>> {
         // Repeats within the call are found before the lock is taken (O(k)).
         let repeated = repeated_keys(items);
-        let now = self.clock.now();
+        let now_instant = self.clock.now();
+        let now = self.ticks(now_instant);
         let mut inner = self.inner.lock();
         let mut out: Vec<Result<WriteTicket, L1Error>> = Vec::with_capacity(items.len());
         let mut new_idx: Vec<usize> = Vec::with_capacity(items.len());
         let mut sizes: Vec<u64> = Vec::with_capacity(items.len());
         for (i, ((key, len), repeat)) in items.iter().zip(repeated).enumerate() {
-            if let Some(id) = inner.index.get(key, |i| inner.key_of(i)) {
+            if let Some(id) = inner.lookup(key) {
                 let expired_staging = inner.entry(id).is_some_and(|e| {
-                    e.phase == Phase::Staging && e.deadline.is_some_and(|d| d <= now)
+                    e.phase() == Phase::Staging && e.deadline().is_some_and(|d| d <= now)
                 });
                 if expired_staging {
                     self.expire_staging(&mut inner, id);
@@ -535,7 +674,9 @@ impl L1Manager {
                 out.push(Err(L1Error::KeyNotWritable));
                 continue;
             }
-            if *len == 0 || inner.alloc.reserved_size(*len).is_none() {
+            // An entry stores the length as `u32` (see `Entry`): longer objects never fit.
+            if *len == 0 || *len > u64::from(u32::MAX) || inner.alloc.reserved_size(*len).is_none()
+            {
                 out.push(Err(L1Error::OutOfMemory));
                 continue;
             }
@@ -553,7 +694,7 @@ impl L1Manager {
         }
         let Some(offsets) = self.alloc_batch_evicting(&mut inner, &sizes) else {
             self.counters.oom_keys_total.add(new_idx.len() as u64);
-            self.pressure.refused(new_idx.len() as u64, now);
+            self.pressure.refused(new_idx.len() as u64, now_instant);
             for t in tenants {
                 inner.tenants.retire_if_idle(t);
             }
@@ -563,26 +704,36 @@ impl L1Manager {
         // Synchronous eviction may have retired a tenant of this batch (its last object went):
         // resolve again, which is a map lookup unless it has to re-create the tenant.
         let tenants = resolve_tenants(&mut inner.tenants, items, &new_idx);
-        let deadline = now + self.config.write_ttl;
+        let deadline = self.deadline_after(now, self.config.write_ttl);
         for ((&i, offset), tenant) in new_idx.iter().zip(offsets).zip(tenants) {
             let (key, len) = &items[i];
             let alloc = Allocation { offset, len: *len };
             let reserved = inner.alloc.reserved_size(*len).unwrap_or(*len);
+            let Some(ns) = inner.ns.acquire(key, tenant) else {
+                // The namespace table is full (module docs of `l1::namespace`).
+                inner.alloc.free(offset, *len);
+                self.counters.oom_keys_total.inc();
+                inner.tenants.retire_if_idle(tenant);
+                continue;
+            };
             let seq = inner.next_seq;
             inner.next_seq += 1;
+            let mut word = ns | Phase::Staging.bits();
+            if temporary {
+                word |= TEMPORARY;
+            }
+            let Some(word) = NonZeroU32::new(word) else {
+                unreachable_entry()
+            };
             let entry = Entry {
-                key: key.clone(),
-                alloc,
-                reserved,
-                phase: Phase::Staging,
+                hash: key.chunk_hash,
+                word,
+                offset: u32::try_from(offset >> inner.align_shift).unwrap_or(u32::MAX),
+                len: u32::try_from(*len).unwrap_or(u32::MAX),
+                timer: deadline,
                 readers: 0,
-                epoch: 0,
-                deadline: Some(deadline),
-                temporary,
-                doomed: false,
-                tenant,
-                fingerprint: 0,
-                seq,
+                // Low bits of the reservation number while staging (see `Entry`).
+                epoch: seq as u32,
             };
             inner.tenants.charge(tenant, reserved);
             let (id, generation) = inner.insert(entry);
@@ -620,7 +771,7 @@ impl L1Manager {
         tickets: &[WriteTicket],
         count: u32,
     ) -> Vec<Result<ReadLease, L1Error>> {
-        let now = self.clock.now();
+        let now = self.ticks(self.clock.now());
         let count = count.clamp(1, MAX_READ_LOCKS_PER_CALL);
         let mut inner = self.inner.lock();
         tickets
@@ -640,7 +791,7 @@ impl L1Manager {
             .iter()
             .map(|t| {
                 let id = inner.live(t.id, t.generation).ok_or(L1Error::KeyNotExist)?;
-                match inner.entry(id).map(|e| e.phase) {
+                match inner.entry(id).map(Entry::phase) {
                     Some(Phase::Staging) => {}
                     Some(Phase::Quarantined) => {
                         self.release_quarantined(&mut inner, id);
@@ -678,7 +829,7 @@ impl L1Manager {
         count: u32,
         touch: bool,
     ) -> Vec<Result<ReadLease, L1Error>> {
-        let now = self.clock.now();
+        let now = self.ticks(self.clock.now());
         let count = count.clamp(1, MAX_READ_LOCKS_PER_CALL);
         let mut inner = self.inner.lock();
         keys.iter()
@@ -699,7 +850,7 @@ impl L1Manager {
         count: u32,
         group: usize,
     ) -> Vec<ReadLease> {
-        let now = self.clock.now();
+        let now = self.ticks(self.clock.now());
         let count = count.clamp(1, MAX_READ_LOCKS_PER_CALL);
         let group = group.max(1);
         let mut inner = self.inner.lock();
@@ -758,7 +909,7 @@ impl L1Manager {
 
     /// Whether each key is readable right now (ready, not doomed). Takes no object lock.
     pub fn contains(&self, keys: &[ObjectKey]) -> Vec<bool> {
-        let now = self.clock.now();
+        let now = self.ticks(self.clock.now());
         let mut inner = self.inner.lock();
         keys.iter()
             .map(|k| self.readable(&mut inner, k, now).is_ok())
@@ -770,12 +921,9 @@ impl L1Manager {
         let mut inner = self.inner.lock();
         keys.iter()
             .map(|k| {
-                let id = inner
-                    .index
-                    .get(k, |i| inner.key_of(i))
-                    .ok_or(L1Error::KeyNotExist)?;
+                let id = inner.lookup(k).ok_or(L1Error::KeyNotExist)?;
                 let e = inner.entry(id).ok_or(L1Error::KeyNotExist)?;
-                if e.phase == Phase::Staging || e.readers > 0 {
+                if e.phase() == Phase::Staging || e.readers > 0 {
                     return Err(L1Error::KeyIsLocked);
                 }
                 self.remove_entry(&mut inner, id, RemovalCause::Deleted);
@@ -797,10 +945,10 @@ impl L1Manager {
             for id in start..end {
                 let id = id as EntryId;
                 let Some(e) = inner.entry(id) else { continue };
-                if e.doomed || e.phase == Phase::Quarantined {
+                if e.doomed() || e.phase() == Phase::Quarantined {
                     continue;
                 }
-                let locked = e.phase == Phase::Staging || e.readers > 0;
+                let locked = e.phase() == Phase::Staging || e.readers > 0;
                 if !locked {
                     self.remove_entry(&mut inner, id, RemovalCause::Cleared);
                     out.removed += 1;
@@ -849,7 +997,7 @@ impl L1Manager {
     /// [`EXPIRE_BATCH`] queue entries, releasing the lock between them, so a mass expiry never
     /// holds the lock for longer than one batch.
     pub fn expire_locks(&self) -> u64 {
-        let now = self.clock.now();
+        let now = self.ticks(self.clock.now());
         let mut n = 0;
         loop {
             let mut inner = self.inner.lock();
@@ -867,7 +1015,7 @@ impl L1Manager {
                 if inner.live(id, generation).is_none() {
                     continue;
                 }
-                let phase = inner.entry(id).map(|e| e.phase);
+                let phase = inner.entry(id).map(Entry::phase);
                 match phase {
                     Some(Phase::Staging) => self.expire_staging(&mut inner, id),
                     Some(Phase::Ready) => self.expire_readers(&mut inner, id),
@@ -898,14 +1046,17 @@ impl L1Manager {
         ) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
         let (mut quarantined, mut quarantined_bytes) = (0u64, 0u64);
         let mut ranges = Vec::new();
+        let mut ns_refs: HashMap<NsId, u32> = HashMap::new();
         for (id, slot) in inner.slots.iter().enumerate() {
             let Some(e) = &slot.entry else { continue };
+            let reserved = inner.reserved(e);
+            *ns_refs.entry(e.ns()).or_default() += 1;
             objects += 1;
-            used += e.reserved;
-            ranges.push((e.alloc.offset, e.reserved));
-            if e.phase == Phase::Staging {
+            used += reserved;
+            ranges.push((inner.alloc_of(e).offset, reserved));
+            if e.phase() == Phase::Staging {
                 staging += 1;
-                staging_bytes += e.reserved;
+                staging_bytes += reserved;
                 if e.readers > 0 {
                     return Err(format!("staging object {id} has readers"));
                 }
@@ -913,44 +1064,68 @@ impl L1Manager {
             if e.readers > 0 {
                 readers += 1;
             }
-            if e.temporary {
+            if e.temporary() {
                 temp += 1;
             }
-            if e.phase == Phase::Quarantined {
+            if e.phase() == Phase::Quarantined {
                 quarantined += 1;
-                quarantined_bytes += e.reserved;
-                if e.doomed || e.readers > 0 || e.deadline.is_some() {
+                quarantined_bytes += reserved;
+                if e.doomed() || e.readers > 0 || e.deadline().is_some() {
                     return Err(format!(
                         "quarantined object {id} is doomed, locked or timed"
                     ));
                 }
-                if inner.index.get(&e.key, |i| inner.key_of(i)) == Some(id as EntryId) {
+                if inner.index_get(e.key()) == Some(id as EntryId) {
                     return Err(format!("quarantined object {id} is still in the index"));
                 }
-                if !inner.quarantine.contains(&(e.seq, id as EntryId)) {
+                if !inner
+                    .quarantine
+                    .contains(&(e.quarantine_seq(), id as EntryId))
+                {
                     return Err(format!(
                         "quarantined object {id} missing from the quarantine"
                     ));
                 }
-            } else if e.doomed {
+            } else if e.doomed() {
                 doomed += 1;
-                if e.phase == Phase::Ready && e.readers == 0 {
+                if e.phase() == Phase::Ready && e.readers == 0 {
                     return Err(format!("doomed object {id} has no lock left"));
                 }
-            } else if inner.index.get(&e.key, |i| inner.key_of(i)) != Some(id as EntryId) {
+            } else if inner.index_get(e.key()) != Some(id as EntryId) {
                 return Err(format!("object {id} missing from the index"));
             }
             let in_queue = e
-                .deadline
+                .deadline()
                 .is_some_and(|d| inner.expiry.contains(&(d, id as EntryId, slot.generation)));
-            let needs_deadline = e.phase == Phase::Staging || e.readers > 0;
+            let needs_deadline = e.phase() == Phase::Staging || e.readers > 0;
             if needs_deadline != in_queue {
                 return Err(format!("object {id} expiry queue entry mismatch"));
             }
         }
+        inner.ns.check()?;
+        if inner.ns.len() != ns_refs.len() {
+            return Err(format!(
+                "{} live namespaces, {} named by entries",
+                inner.ns.len(),
+                ns_refs.len()
+            ));
+        }
+        for (&ns, &refs) in &ns_refs {
+            if inner.ns.refs(ns) != refs {
+                return Err(format!(
+                    "namespace {ns}: {} references, {refs} entries",
+                    inner.ns.refs(ns)
+                ));
+            }
+            let key = inner.ns.key(ns, ChunkHash::from_bytes([0; 32]));
+            let tenant = key.and_then(|k| inner.tenants.find(&k.cache_salt));
+            if tenant != inner.ns.tenant(ns) {
+                return Err(format!("namespace {ns}: tenant is not its salt's"));
+            }
+        }
         let mut by_tenant: HashMap<TenantId, u64> = HashMap::new();
         for e in inner.slots.iter().filter_map(|s| s.entry.as_ref()) {
-            *by_tenant.entry(e.tenant).or_default() += e.reserved;
+            *by_tenant.entry(inner.tenant_of(e)).or_default() += inner.reserved(e);
         }
         for (&t, &bytes) in &by_tenant {
             if inner.tenants.used(t) != bytes {
@@ -1026,23 +1201,30 @@ impl L1Manager {
         )
     }
 
+    /// `at` in nanoseconds of the manager's clock (what entries and the expiry queue store;
+    /// below [`NO_DEADLINE`] for the next 584 years).
+    fn ticks(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.clock.base).as_nanos();
+        u64::try_from(nanos)
+            .unwrap_or(NO_DEADLINE - 1)
+            .min(NO_DEADLINE - 1)
+    }
+
+    /// The deadline `ttl` after `now` (in ticks), saturating below [`NO_DEADLINE`].
+    fn deadline_after(&self, now: u64, ttl: Duration) -> u64 {
+        let ttl = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+        now.saturating_add(ttl).min(NO_DEADLINE - 1)
+    }
+
     // ---- internals (all called with the lock held) ----
 
     /// Resolves `key` to a readable entry, applying lapsed TTLs first (a staging object whose
     /// write TTL passed is discarded; lapsed read locks are released, which frees a temporary
     /// or doomed object).
-    fn readable(
-        &self,
-        inner: &mut Inner,
-        key: &ObjectKey,
-        now: Instant,
-    ) -> Result<EntryId, L1Error> {
-        let id = inner
-            .index
-            .get(key, |i| inner.key_of(i))
-            .ok_or(L1Error::KeyNotExist)?;
+    fn readable(&self, inner: &mut Inner, key: &ObjectKey, now: u64) -> Result<EntryId, L1Error> {
+        let id = inner.lookup(key).ok_or(L1Error::KeyNotExist)?;
         let (phase, readers, deadline) = match inner.entry(id) {
-            Some(e) => (e.phase, e.readers, e.deadline),
+            Some(e) => (e.phase(), e.readers, e.deadline()),
             None => return Err(L1Error::KeyNotExist),
         };
         let lapsed = deadline.is_some_and(|d| d <= now);
@@ -1068,7 +1250,7 @@ impl L1Manager {
     fn publish(&self, inner: &mut Inner, t: &WriteTicket) -> Result<EntryId, L1Error> {
         let id = inner.live(t.id, t.generation).ok_or(L1Error::KeyNotExist)?;
         let (phase, doomed, deadline, reserved) = match inner.entry(id) {
-            Some(e) => (e.phase, e.doomed, e.deadline, e.reserved),
+            Some(e) => (e.phase(), e.doomed(), e.deadline(), inner.reserved(e)),
             None => return Err(L1Error::KeyNotExist),
         };
         if phase == Phase::Quarantined {
@@ -1084,7 +1266,7 @@ impl L1Manager {
             self.remove_entry(inner, id, RemovalCause::Discarded);
             return Err(L1Error::KeyNotExist);
         }
-        let now = self.clock.now();
+        let now = self.ticks(self.clock.now());
         if deadline.is_some_and(|d| d <= now) {
             // Lapsed but not yet quarantined, and the writer is here: nothing to hold back.
             self.counters.expired_write_locks_total.add(1);
@@ -1094,20 +1276,24 @@ impl L1Manager {
         if let Some(d) = deadline {
             inner.expiry.remove(&(d, id, t.generation));
         }
-        let mut meta = None;
+        let mut key = None;
         if let Some(e) = inner.entry_mut(id) {
-            e.phase = Phase::Ready;
-            e.deadline = None;
-            if let Some(l) = self.listener.get() {
-                l.published(&e.key);
-            }
-            e.fingerprint = fingerprint(&e.key);
-            meta = Some(e.meta());
+            e.set_phase(Phase::Ready);
+            e.timer = NO_DEADLINE;
+            // The reservation number's bits give way to the read epoch (see `Entry`).
+            e.epoch = 0;
+            key = Some(e.key());
         }
         self.counters.staging_objects.sub(1);
         self.counters.staging_bytes.sub(reserved);
         self.counters.writes_committed_total.add(1);
-        if let Some(meta) = meta {
+        if let Some((hash, ns)) = key {
+            if let Some(l) = self.listener.get()
+                && let Some(k) = inner.ns.key(ns, hash)
+            {
+                l.published(&k);
+            }
+            let meta = inner.meta_of(id);
             inner.policy.on_ready(id, meta);
             inner.tenants.on_ready(meta.tenant, id);
         }
@@ -1119,19 +1305,23 @@ impl L1Manager {
         inner: &mut Inner,
         id: EntryId,
         count: u32,
-        now: Instant,
+        now: u64,
         touch: bool,
     ) -> ReadLease {
         // `readable` (or `publish`) already applied any lapsed TTL to this entry.
         let generation = inner.slots[id as usize].generation;
-        let deadline = now + self.config.read_ttl;
-        let (old_deadline, was_unlocked, epoch, alloc) = match inner.entry_mut(id) {
+        let deadline = self.deadline_after(now, self.config.read_ttl);
+        let (old_deadline, was_unlocked, epoch) = match inner.entry_mut(id) {
             Some(e) => {
-                let old = e.deadline.replace(deadline);
+                let old = e.replace_deadline(deadline);
                 let was_unlocked = e.readers == 0;
                 e.readers = e.readers.saturating_add(count);
-                (old, was_unlocked, e.epoch, e.alloc)
+                (old, was_unlocked, e.epoch)
             }
+            None => unreachable_entry(),
+        };
+        let alloc = match inner.entry(id) {
+            Some(e) => inner.alloc_of(e),
             None => unreachable_entry(),
         };
         if let Some(d) = old_deadline {
@@ -1143,8 +1333,11 @@ impl L1Manager {
         }
         self.counters.read_locks_total.add(u64::from(count));
         if touch {
-            inner.policy.on_access(id);
-            inner.tenants.on_access(id);
+            let tenant = inner
+                .entry(id)
+                .map_or(TenantId::MAX, |e| inner.tenant_of(e));
+            inner.policy.on_access(id, tenant);
+            inner.tenants.on_access(tenant, id);
         }
         ReadLease {
             id,
@@ -1161,7 +1354,7 @@ impl L1Manager {
             Some(e) => {
                 e.readers = e.readers.saturating_sub(count);
                 if e.readers == 0 {
-                    (true, e.deadline.take(), e.temporary || e.doomed)
+                    (true, e.take_deadline(), e.temporary() || e.doomed())
                 } else {
                     (false, None, false)
                 }
@@ -1179,8 +1372,11 @@ impl L1Manager {
             }
         }
         if touch {
-            inner.policy.on_access(id);
-            inner.tenants.on_access(id);
+            let tenant = inner
+                .entry(id)
+                .map_or(TenantId::MAX, |e| inner.tenant_of(e));
+            inner.policy.on_access(id, tenant);
+            inner.tenants.on_access(tenant, id);
         }
     }
 
@@ -1190,7 +1386,7 @@ impl L1Manager {
             Some(e) if e.readers > 0 => {
                 e.readers = 0;
                 e.epoch = e.epoch.wrapping_add(1);
-                (e.deadline.take(), e.temporary || e.doomed)
+                (e.take_deadline(), e.temporary() || e.doomed())
             }
             _ => return,
         };
@@ -1209,25 +1405,30 @@ impl L1Manager {
     fn expire_staging(&self, inner: &mut Inner, id: EntryId) {
         self.counters.expired_write_locks_total.add(1);
         let generation = inner.slots[id as usize].generation;
-        let (deadline, was_doomed, reserved, seq) = {
-            let Inner { slots, index, .. } = &mut *inner;
-            let Some(e) = slots.get_mut(id as usize).and_then(|s| s.entry.as_mut()) else {
-                return;
-            };
-            if e.phase != Phase::Staging {
-                return;
-            }
-            if !e.doomed {
-                index.remove(&e.key, id);
-                if let Some(l) = self.listener.get() {
-                    l.discarded(&e.key);
-                }
-            }
-            let was_doomed = e.doomed;
-            e.phase = Phase::Quarantined;
-            e.doomed = false;
-            (e.deadline.take(), was_doomed, e.reserved, e.seq)
+        let Some(e) = inner.entry(id).copied() else {
+            return;
         };
+        if e.phase() != Phase::Staging {
+            return;
+        }
+        let was_doomed = e.doomed();
+        if !was_doomed {
+            inner.index_remove(e.key(), id);
+            if let Some(l) = self.listener.get()
+                && let Some(k) = inner.ns.key(e.ns(), e.hash)
+            {
+                l.discarded(&k);
+            }
+        }
+        let reserved = inner.reserved(&e);
+        let seq = reservation_seq(inner.next_seq, e.epoch);
+        let deadline = e.deadline();
+        if let Some(m) = inner.entry_mut(id) {
+            m.set_phase(Phase::Quarantined);
+            m.set_doomed(false);
+            // A quarantined entry has no deadline: `timer` holds its reservation number.
+            m.timer = seq;
+        }
         if let Some(d) = deadline {
             inner.expiry.remove(&(d, id, generation));
         }
@@ -1255,21 +1456,22 @@ impl L1Manager {
     }
 
     fn doom(&self, inner: &mut Inner, id: EntryId) {
-        let (key, meta) = match inner.entry_mut(id) {
-            Some(e) => {
-                e.doomed = true;
-                if e.phase == Phase::Ready
-                    && let Some(l) = self.listener.get()
-                {
-                    l.removed(&e.key, RemovalCause::Cleared);
-                }
-                (e.key.clone(), e.meta())
-            }
-            None => return,
+        let Some(e) = inner.entry(id).copied() else {
+            return;
         };
-        inner.index.remove(&key, id);
+        if e.phase() == Phase::Ready
+            && let Some(l) = self.listener.get()
+            && let Some(k) = inner.ns.key(e.ns(), e.hash)
+        {
+            l.removed(&k, RemovalCause::Cleared);
+        }
+        let meta = inner.meta_of(id);
+        if let Some(m) = inner.entry_mut(id) {
+            m.set_doomed(true);
+        }
+        inner.index_remove(e.key(), id);
         inner.policy.on_remove(id, meta, Removal::Dropped);
-        inner.tenants.unlink(id);
+        inner.tenants.unlink(meta.tenant, id);
         self.counters.doomed_objects.add(1);
     }
 
@@ -1279,43 +1481,49 @@ impl L1Manager {
             RemovalCause::Evicted(_) => Removal::Evicted,
             _ => Removal::Dropped,
         };
+        // Read before the entry goes: the fingerprint and tenant come from its namespace.
+        let meta = inner.meta_of(id);
         let slot = &mut inner.slots[id as usize];
         let generation = slot.generation;
         let Some(e) = slot.entry.take() else { return };
         slot.generation = slot.generation.wrapping_add(1);
         inner.free_slots.push(id);
-        if let Some(d) = e.deadline {
+        let reserved = inner.reserved(&e);
+        if let Some(d) = e.deadline() {
             inner.expiry.remove(&(d, id, generation));
         }
-        if e.phase == Phase::Quarantined {
-            inner.quarantine.remove(&(e.seq, id));
+        if e.phase() == Phase::Quarantined {
+            inner.quarantine.remove(&(e.quarantine_seq(), id));
             self.counters.quarantined_objects.sub(1);
-            self.counters.quarantined_bytes.sub(e.reserved);
-        } else if e.doomed {
+            self.counters.quarantined_bytes.sub(reserved);
+        } else if e.doomed() {
             self.counters.doomed_objects.sub(1);
         } else {
-            inner.index.remove(&e.key, id);
-            if e.phase == Phase::Ready
+            inner.index_remove(e.key(), id);
+            if e.phase() == Phase::Ready
                 && let Some(l) = self.listener.get()
+                && let Some(k) = inner.ns.key(e.ns(), e.hash)
             {
-                l.removed(&e.key, cause);
+                l.removed(&k, cause);
             }
         }
-        inner.policy.on_remove(id, e.meta(), why);
+        inner.policy.on_remove(id, meta, why);
         inner
             .tenants
-            .release(e.tenant, id, e.reserved, why == Removal::Evicted);
-        inner.alloc.free(e.alloc.offset, e.alloc.len);
+            .release(meta.tenant, id, reserved, why == Removal::Evicted);
+        inner.ns.release(e.ns());
+        let alloc = inner.alloc_of(&e);
+        inner.alloc.free(alloc.offset, alloc.len);
         self.counters.objects.sub(1);
-        self.counters.used_bytes.sub(e.reserved);
-        if e.phase == Phase::Staging {
+        self.counters.used_bytes.sub(reserved);
+        if e.phase() == Phase::Staging {
             self.counters.staging_objects.sub(1);
-            self.counters.staging_bytes.sub(e.reserved);
+            self.counters.staging_bytes.sub(reserved);
         }
         if e.readers > 0 {
             self.counters.read_locked_objects.sub(1);
         }
-        if e.temporary {
+        if e.temporary() {
             self.counters.temporary_objects.sub(1);
         }
     }
@@ -1329,9 +1537,14 @@ impl L1Manager {
         let mut victims = Vec::new();
         let mut planned = 0u64;
         {
-            let Inner { policy, slots, .. } = inner;
+            let Inner {
+                policy,
+                slots,
+                align,
+                ..
+            } = inner;
             policy.select(&order, &mut |id| {
-                verdict(slots, id, goal_bytes, &mut planned, &mut victims)
+                verdict(slots, *align, id, goal_bytes, &mut planned, &mut victims)
             });
         }
         self.remove_victims(inner, victims, why)
@@ -1347,9 +1560,14 @@ impl L1Manager {
         let mut victims = Vec::new();
         let mut planned = 0u64;
         {
-            let Inner { tenants, slots, .. } = inner;
+            let Inner {
+                tenants,
+                slots,
+                align,
+                ..
+            } = inner;
             tenants.walk(tenant, &mut |id| {
-                verdict(slots, id, goal_bytes, &mut planned, &mut victims) != Verdict::Stop
+                verdict(slots, *align, id, goal_bytes, &mut planned, &mut victims) != Verdict::Stop
             });
         }
         self.remove_victims(inner, victims, EvictedFor::Quota)
@@ -1364,7 +1582,7 @@ impl L1Manager {
         let mut out = EvictionOutcome::default();
         for id in victims {
             if let Some(e) = inner.entry(id) {
-                out.bytes += e.reserved;
+                out.bytes += inner.reserved(e);
                 out.objects += 1;
                 self.remove_entry(inner, id, RemovalCause::Evicted(why));
             }
@@ -1444,7 +1662,7 @@ impl L1Manager {
         let hit_tenant = hits
             .first()
             .and_then(|&id| inner.entry(id))
-            .map(|e| e.tenant);
+            .map(|e| inner.tenant_of(e));
         if let Some(c) = hit_tenant.and_then(|t| inner.tenants.stats(t)) {
             c.hits_total.add(hits.len() as u64);
         }
@@ -1497,6 +1715,7 @@ impl L1Manager {
 /// `goal_bytes` is reached; staging, read-locked and doomed ones are skipped.
 fn verdict(
     slots: &[Slot],
+    align: u64,
     id: EntryId,
     goal_bytes: u64,
     planned: &mut u64,
@@ -1506,9 +1725,9 @@ fn verdict(
         return Verdict::Stop;
     }
     match slots.get(id as usize).and_then(|s| s.entry.as_ref()) {
-        Some(e) if e.phase == Phase::Ready && e.readers == 0 && !e.doomed => {
+        Some(e) if e.phase() == Phase::Ready && e.readers == 0 && !e.doomed() => {
             victims.push(id);
-            *planned += e.reserved;
+            *planned += reserved_of(e.len, align);
             Verdict::Evict
         }
         _ => Verdict::Skip,
@@ -1536,20 +1755,25 @@ fn resolve_tenants(
     out
 }
 
-/// A stable hash of a key, for the ghost lists of ARC and S3-FIFO.
-fn fingerprint(key: &ObjectKey) -> u64 {
+/// A stable hash of a key (its chunk hash and its namespace's seed), for the ghost lists of ARC
+/// and S3-FIFO. Computed when needed: the namespace outlives the entry, so it never changes.
+fn fingerprint(hash: &ChunkHash, ns_seed: u64) -> u64 {
     use std::hash::BuildHasher;
-    foldhash::fast::FixedState::with_seed(0x6b76_7469_6572_4c31).hash_one(key)
+    foldhash::fast::FixedState::with_seed(0x6b76_7469_6572_4c31).hash_one((hash, ns_seed))
 }
 
-impl Entry {
-    /// What the eviction policy is told about this entry.
-    fn meta(&self) -> EntryMeta {
-        EntryMeta {
-            tenant: self.tenant,
-            fingerprint: self.fingerprint,
-        }
-    }
+/// The full reservation number whose low 32 bits are `low`, given the next number to be handed
+/// out: the newest such number below `next`. Exact unless 2^32 or more reservations were made
+/// while the entry was staging, in which case the entry counts as 2^32 reservations younger in
+/// the quarantine order (still freed; only its turn moves).
+fn reservation_seq(next: u64, low: u32) -> u64 {
+    let back = (next as u32).wrapping_sub(low);
+    let back = if back == 0 {
+        1u64 << 32
+    } else {
+        u64::from(back)
+    };
+    next.saturating_sub(back)
 }
 
 #[cold]
@@ -1576,12 +1800,63 @@ impl Inner {
             self.free_slots.retain(|&id| (id as usize) < keep);
         }
         self.free_slots.shrink_to_fit();
-        self.index.shrink_to_fit();
+        let slots = &self.slots;
+        self.index.shrink_to_fit(|id| key_in(slots, id));
+        self.policy.shrink(keep);
+        self.tenants.shrink(keep);
+        self.ns.shrink();
     }
 
-    /// The key of entry `id` (what the key index compares with).
-    fn key_of(&self, id: EntryId) -> Option<&ObjectKey> {
-        self.entry(id).map(|e| &e.key)
+    /// The entry id of `key`, if indexed (a key whose namespace is unknown is not).
+    fn lookup(&self, key: &ObjectKey) -> Option<EntryId> {
+        let ns = self.ns.find(key)?;
+        self.index_get((key.chunk_hash, ns))
+    }
+
+    fn index_get(&self, key: (ChunkHash, NsId)) -> Option<EntryId> {
+        self.index
+            .get((&key.0, key.1), |id| key_in(&self.slots, id))
+    }
+
+    fn index_remove(&mut self, key: (ChunkHash, NsId), id: EntryId) {
+        self.index.remove((&key.0, key.1), id);
+    }
+
+    /// The pool range of an entry.
+    fn alloc_of(&self, e: &Entry) -> Allocation {
+        Allocation {
+            offset: u64::from(e.offset) << self.align_shift,
+            len: u64::from(e.len),
+        }
+    }
+
+    /// Bytes reserved for an entry (its length rounded up to the alignment).
+    fn reserved(&self, e: &Entry) -> u64 {
+        reserved_of(e.len, self.align)
+    }
+
+    fn tenant_of(&self, e: &Entry) -> TenantId {
+        // A live entry's namespace is live (module docs of `l1::namespace`).
+        self.ns.tenant(e.ns()).unwrap_or(TenantId::MAX)
+    }
+
+    /// What the eviction policy is told about entry `id`: its tenant, and its fingerprint once
+    /// it became readable (0 for one that never did).
+    fn meta_of(&self, id: EntryId) -> EntryMeta {
+        match self.entry(id) {
+            Some(e) => EntryMeta {
+                tenant: self.tenant_of(e),
+                fingerprint: if e.phase() == Phase::Ready {
+                    fingerprint(&e.hash, self.ns.seed(e.ns()))
+                } else {
+                    0
+                },
+            },
+            None => EntryMeta {
+                tenant: TenantId::MAX,
+                fingerprint: 0,
+            },
+        }
     }
 
     fn entry(&self, id: EntryId) -> Option<&Entry> {
@@ -1611,11 +1886,22 @@ impl Inner {
                 (self.slots.len() - 1) as EntryId
             }
         };
-        self.index.insert(&entry.key, id);
         let slot = &mut self.slots[id as usize];
         slot.entry = Some(entry);
-        (id, slot.generation)
+        let generation = slot.generation;
+        let slots = &self.slots;
+        self.index
+            .insert((&entry.hash, entry.ns()), id, |i| key_in(slots, i));
+        (id, generation)
     }
+}
+
+/// The `(chunk hash, namespace)` key of entry `id` (what the key index compares with).
+fn key_in(slots: &[Slot], id: EntryId) -> Option<(ChunkHash, NsId)> {
+    slots
+        .get(id as usize)
+        .and_then(|s| s.entry.as_ref())
+        .map(Entry::key)
 }
 
 impl StatusReport for L1Manager {

@@ -3,6 +3,7 @@
 //! - [`alloc`]: best-fit offset allocator over the pool.
 //! - [`eviction`]: the eviction-policy trait and its LRU / ARC / S3-FIFO / IsolatedLRU / noop
 //!   implementations.
+//! - `namespace`: interns the `(model, kv_rank, group, salt)` part of the keys the entries hold.
 //! - [`tenants`]: per-`cache_salt` accounting, quotas and per-tenant recency lists.
 //! - [`manager`]: the object state machine, TTL locks, synchronous and background eviction.
 //! - [`listener`]: observers of publishes and removals (KV events).
@@ -16,6 +17,7 @@ mod index;
 mod list;
 pub mod listener;
 pub mod manager;
+mod namespace;
 pub mod pressure;
 mod ring;
 pub mod tenants;

@@ -139,6 +139,18 @@ impl MainRing {
         self.skip_holes();
     }
 
+    /// Gives back `pos` beyond `ids` (no id at or above it is queued), and the cells when the
+    /// ring is empty.
+    pub(crate) fn shrink(&mut self, ids: usize) {
+        self.pos.truncate(ids);
+        self.pos.shrink_to_fit();
+        if self.len == 0 {
+            self.cells = Vec::new();
+            self.head = 0;
+            self.tail = 0;
+        }
+    }
+
     /// Moves `head` past holes (keeps "head is never a hole").
     #[inline(always)]
     fn skip_holes(&mut self) {

@@ -349,7 +349,7 @@ impl Tenants {
 
     /// An object of `bytes` left L1; retires the tenant if that was its last object.
     pub(crate) fn release(&mut self, t: TenantId, id: EntryId, bytes: u64, evicted: bool) {
-        self.lists.unlink(id);
+        self.lists.unlink(t, id);
         if let Some(x) = self.slots.get_mut(t as usize).and_then(Option::as_mut) {
             x.used -= bytes;
             x.objects -= 1;
@@ -387,13 +387,18 @@ impl Tenants {
         self.lists.push_back(t, id);
     }
 
-    pub(crate) fn on_access(&mut self, id: EntryId) {
-        self.lists.touch(id);
+    pub(crate) fn on_access(&mut self, t: TenantId, id: EntryId) {
+        self.lists.touch(t, id);
+    }
+
+    /// Gives back the recency links of ids at or above `ids` (see [`Lists::shrink`]).
+    pub(crate) fn shrink(&mut self, ids: usize) {
+        self.lists.shrink(ids);
     }
 
     /// The object is no longer a candidate (doomed); its bytes stay charged until it is freed.
-    pub(crate) fn unlink(&mut self, id: EntryId) {
-        self.lists.unlink(id);
+    pub(crate) fn unlink(&mut self, t: TenantId, id: EntryId) {
+        self.lists.unlink(t, id);
     }
 
     /// The tenant's ready objects, oldest first, until `visit` returns false.
