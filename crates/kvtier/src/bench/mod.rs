@@ -619,7 +619,10 @@ mod tests {
         let list = phases(true, true);
         // The heavy client's objects are cleared before the first pass stores.
         let heavy = list.iter().position(|p| *p == Phase::NoopBesideHeavy);
-        assert_eq!(list.get(heavy.expect("heavy phase") + 1), Some(&Phase::Clear));
+        assert_eq!(
+            list.get(heavy.expect("heavy phase") + 1),
+            Some(&Phase::Clear)
+        );
         assert!(!phases(true, false).contains(&Phase::NoopBesideHeavy));
         for pass in 0..2 {
             let store = list.iter().position(|p| *p == Phase::Store(pass));

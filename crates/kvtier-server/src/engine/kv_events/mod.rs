@@ -16,8 +16,9 @@
 //! A chunk is identified by `(model, chunk hash)`, as routers see it: the ranks of a
 //! tensor-parallel engine and the tenants (`cache_salt`) that hold the same tokens share one
 //! identity. `stored` is announced when the first such object is published and `removed` when
-//! the last one leaves (a resident count per identity, about 60 bytes per cached chunk), so every
-//! announcement is made once and a removal never precedes its store.
+//! the last one leaves (a resident count per identity, keyed by a 64-bit fingerprint: 13 bytes
+//! per bucket, [`resident`]), so every announcement is made once and a removal never precedes its
+//! store.
 //!
 //! Ordering: the records are appended by the L1 listener ([`L1Listener`]), which L1 calls with
 //! its mutex held, so the log is in L1 order. The listener does O(1) work per key under the
@@ -53,8 +54,10 @@ use kvtier_core::metrics::{MetricDesc, MetricKind, MetricSet, MetricUnit, Metric
 use kvtier_proto::{KvEventBatch, KvEventKind, KvEventRecord, TokenSpan};
 use kvtier_storage::L2Listener;
 use parking_lot::Mutex;
+use resident::ResidentCounts;
 
 pub mod publisher;
+mod resident;
 
 pub use publisher::{KvEventPublisher, PublisherConfig, PublisherError};
 
@@ -224,7 +227,7 @@ struct State {
     log: VecDeque<KvEventRecord>,
     next_seq: u64,
     /// Announced identities: `(medium index, model, chunk hash)` → objects holding it.
-    resident: FastMap<(u8, Arc<str>, ChunkHash), u32>,
+    resident: ResidentCounts,
     bindings: FastMap<ChunkHash, Binding>,
     binding_order: VecDeque<ChunkHash>,
     subscriptions: HashMap<i64, SubEntry>,
@@ -596,12 +599,7 @@ impl KvEvents {
     fn stored_in(&self, medium: usize, name: &'static str, key: &ObjectKey, bound: bool) {
         let Ok(m) = u8::try_from(medium) else { return };
         let mut s = self.state.lock();
-        let n = s
-            .resident
-            .entry((m, Arc::clone(&key.model_name), key.chunk_hash))
-            .or_insert(0);
-        *n += 1;
-        if *n > 1 {
+        if !s.resident.add(m, &key.model_name, &key.chunk_hash) {
             return;
         }
         let (parent, tokens) = match bound.then(|| s.bindings.remove(&key.chunk_hash)) {
@@ -622,16 +620,8 @@ impl KvEvents {
     fn removed_from(&self, medium: usize, name: &'static str, key: &ObjectKey) {
         let Ok(m) = u8::try_from(medium) else { return };
         let mut s = self.state.lock();
-        let id = (m, Arc::clone(&key.model_name), key.chunk_hash);
-        match s.resident.get_mut(&id) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                return;
-            }
-            Some(_) => {
-                s.resident.remove(&id);
-            }
-            None => return,
+        if !s.resident.remove(m, &key.model_name, &key.chunk_hash) {
+            return;
         }
         let record = new_record(&s, KvEventKind::Removed, name, key);
         self.append(&mut s, medium, record);
