@@ -38,6 +38,7 @@ fn bench_smoke_against_a_spawned_server() {
             "16",
         ])
         .args(["--status-objects", "500", "--timeout-seconds", "30"])
+        .args(["--neighbour-chunks", "2"])
         .arg("--")
         .arg(exe)
         .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
@@ -70,6 +71,10 @@ fn bench_smoke_against_a_spawned_server() {
         "status_load_p50_ms",
         "fill_objects_per_s",
         "server_rss_excl_shm_mib",
+        "noop_after_copy_p50_us",
+        "noop_beside_heavy_p99_us",
+        "heavy_batch_p50_us",
+        "commit_store_warm_p50_x_noop_after_copy",
     ] {
         assert!(
             m[key].as_f64().is_some_and(|v| v >= 0.0),

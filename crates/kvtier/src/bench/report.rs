@@ -292,65 +292,63 @@ pub fn floor_table(m: &Metrics) -> String {
             .map(|e| format!(", noop after a copy p50 {e:.1} µs"))
             .unwrap_or_default()
     );
-    let _w = writeln!(
-        s,
-        "    {:<18} {:>9} {:>9} {:>10} {:>10} {:>10} {:>12}",
-        "op", "p50 µs", "p99 µs", "p50÷noop", "p99÷noop", "p50÷echo", "p50÷copynoop"
-    );
     let cell = |k: &str, dec: usize| {
         m.get(k)
             .map_or_else(|| "-".to_owned(), |v| format!("{v:.dec$}"))
     };
-    if let Some(r) = m.get("noop_p50_x_echo") {
+    // One line: label, p50, p99, p50÷noop, p99÷noop, p50÷echo, p50÷noop-after-copy.
+    let mut row = |cols: [&str; 7]| {
+        let [label, p50, p99, xn50, xn99, xe, xc] = cols;
         let _w = writeln!(
             s,
-            "    {:<18} {:>9} {:>9} {:>10} {:>10} {:>10.2} {:>12}",
-            "noop",
+            "    {label:<18} {p50:>9} {p99:>9} {xn50:>10} {xn99:>10} {xe:>10} {xc:>12}"
+        );
+    };
+    row([
+        "op",
+        "p50 µs",
+        "p99 µs",
+        "p50÷noop",
+        "p99÷noop",
+        "p50÷echo",
+        "p50÷copynoop",
+    ]);
+    if m.get("noop_p50_x_echo").is_some() {
+        let (p50, p99, xe) = (
             cell("noop_rtt_p50_us", 1),
             cell("noop_rtt_p99_us", 1),
-            "1.00",
-            "1.00",
-            r,
-            "-"
+            cell("noop_p50_x_echo", 2),
         );
+        row(["noop", &p50, &p99, "1.00", "1.00", &xe, "-"]);
     }
     if m.get("noop_after_copy_p50_us").is_some() {
-        let _w = writeln!(
-            s,
-            "    {:<18} {:>9} {:>9} {:>10} {:>10} {:>10} {:>12}",
-            "noop after a copy",
+        let (p50, p99) = (
             cell("noop_after_copy_p50_us", 1),
             cell("noop_after_copy_p99_us", 1),
-            "-",
-            "-",
-            "-",
-            "1.00"
         );
+        row(["noop after a copy", &p50, &p99, "-", "-", "-", "1.00"]);
     }
     if m.get("noop_beside_heavy_p50_us").is_some() {
-        let _w = writeln!(
-            s,
-            "    {:<18} {:>9} {:>9} {:>10} {:>10} {:>10} {:>12}",
-            "noop beside heavy",
+        let (p50, p99, xn50, xn99) = (
             cell("noop_beside_heavy_p50_us", 1),
             cell("noop_beside_heavy_p99_us", 1),
             cell("noop_beside_heavy_p50_x_noop", 2),
             cell("noop_beside_heavy_p99_x_noop", 2),
-            "-",
-            "-"
         );
+        row(["noop beside heavy", &p50, &p99, &xn50, &xn99, "-", "-"]);
     }
     for (stem, label) in CONTROL_OPS {
-        let _w = writeln!(
-            s,
-            "    {label:<18} {:>9} {:>9} {:>10} {:>10} {:>10} {:>12}",
-            cell(&format!("{stem}_p50_us"), 1),
-            cell(&format!("{stem}_p99_us"), 1),
-            cell(&format!("{stem}_p50_x_noop"), 2),
-            cell(&format!("{stem}_p99_x_noop"), 2),
-            cell(&format!("{stem}_p50_x_echo"), 2),
-            cell(&format!("{stem}_p50_x_noop_after_copy"), 2),
-        );
+        let c = |suffix: &str, dec| cell(&format!("{stem}_{suffix}"), dec);
+        let cols = [
+            c("p50_us", 1),
+            c("p99_us", 1),
+            c("p50_x_noop", 2),
+            c("p99_x_noop", 2),
+            c("p50_x_echo", 2),
+            c("p50_x_noop_after_copy", 2),
+        ];
+        let [p50, p99, xn50, xn99, xe, xc] = &cols;
+        row([label, p50, p99, xn50, xn99, xe, xc]);
     }
     s
 }
