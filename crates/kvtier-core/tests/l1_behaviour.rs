@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::key;
-use kvtier_core::l1::{Clock, EvictionPolicyKind, L1Config, L1Error, L1Manager, ReadLease};
+use kvtier_core::l1::{
+    Clock, EvictionPolicyKind, L1Config, L1Error, L1Manager, ReadLease, WriteTicket,
+};
 
 const PAGE: u64 = 4096;
 
@@ -591,17 +593,22 @@ fn the_listener_sees_every_publish_and_removal_in_order() {
     );
 }
 
-#[test]
-fn a_clear_gives_back_the_slot_table_and_stale_tickets_stay_stale() {
-    let (l1, _clock) = manager(64);
-    // Tickets of objects that a clear then frees, and read leases on them.
-    let old: Vec<_> = (0..8)
+/// One `reserve_write` call per key `n` in `range` (so each gets its own slot in order).
+fn reserve_each(l1: &L1Manager, range: std::ops::Range<u32>) -> Vec<WriteTicket> {
+    range
         .map(|n| {
             l1.reserve_write(&[(key(n), PAGE)], false)
                 .remove(0)
                 .expect("reserved")
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn a_clear_gives_back_the_slot_table_and_stale_tickets_stay_stale() {
+    let (l1, _clock) = manager(64);
+    // Tickets of objects that a clear then frees, and read leases on them.
+    let old = reserve_each(&l1, 0..8);
     for r in l1.finish_write(&old) {
         r.expect("published");
     }
@@ -611,13 +618,7 @@ fn a_clear_gives_back_the_slot_table_and_stale_tickets_stay_stale() {
     let out = l1.clear(false);
     assert_eq!(out.removed, 8);
     // New objects take the same slot positions again.
-    let new: Vec<_> = (100..108)
-        .map(|n| {
-            l1.reserve_write(&[(key(n), PAGE)], false)
-                .remove(0)
-                .expect("reserved")
-        })
-        .collect();
+    let new = reserve_each(&l1, 100..108);
     // A stale ticket naming a recreated slot must not publish (or abort) the new object.
     for r in l1.finish_write(&old) {
         assert_eq!(r, Err(L1Error::KeyNotExist));

@@ -6,6 +6,14 @@
 use super::*;
 
 impl Inner {
+    /// A read of `id` counts as an access: its recency moves in the policy and in its tenant's
+    /// list.
+    pub(super) fn touch(&mut self, id: EntryId) {
+        let tenant = self.entry(id).map_or(TenantId::MAX, |e| self.tenant_of(e));
+        self.policy.on_access(id, tenant);
+        self.tenants.on_access(tenant, id);
+    }
+
     /// Gives back the empty tail of the slot vector and the slack of the free list and the
     /// index (end of a `clear`; O(slots dropped + free list)). A stale ticket or lease naming a
     /// dropped slot keeps failing: `live` finds no slot, and a slot created again at that

@@ -1184,11 +1184,7 @@ impl L1Manager {
         }
         self.counters.read_locks_total.add(u64::from(count));
         if touch {
-            let tenant = inner
-                .entry(id)
-                .map_or(TenantId::MAX, |e| inner.tenant_of(e));
-            inner.policy.on_access(id, tenant);
-            inner.tenants.on_access(tenant, id);
+            inner.touch(id);
         }
         ReadLease {
             id,
@@ -1223,11 +1219,7 @@ impl L1Manager {
             }
         }
         if touch {
-            let tenant = inner
-                .entry(id)
-                .map_or(TenantId::MAX, |e| inner.tenant_of(e));
-            inner.policy.on_access(id, tenant);
-            inner.tenants.on_access(tenant, id);
+            inner.touch(id);
         }
     }
 
