@@ -128,6 +128,9 @@ class KVClient:
         self.op_style = op_style
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # A DEALER whose only peer refused the handshake (ZAP denial: `--rpc-allow`) has no pipe
+        # left and libzmq never reconnects it, so a blocking send would wait forever. Bound it.
+        self.sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
         self.sock.connect(url)
         self._uids = itertools.count()
         self._stash: dict[bytes, list[bytes]] = {}
@@ -147,11 +150,15 @@ class KVClient:
         uid = enc(next(self._uids))
         opf = op_frame(op, op_style or self.op_style)
         frames = [uid, opf] + [p.data if isinstance(p, Raw) else enc(p) for p in payloads]
-        self.sock.send_multipart(frames)
+        self.send_frames(frames, what=str(op))
         return uid, opf
 
-    def send_frames(self, frames: list[bytes]) -> None:
-        self.sock.send_multipart(frames)
+    def send_frames(self, frames: list[bytes], what: str = "request") -> None:
+        try:
+            self.sock.send_multipart(frames)
+        except zmq.Again:
+            raise NoReply(f"could not queue {what} within {self.timeout}s: no connected peer "
+                          "(a refused handshake is never retried by libzmq)") from None
 
     def recv_any(self, timeout: float | None = None) -> list[bytes] | None:
         """Next message off the socket, or None if nothing arrives in time."""
