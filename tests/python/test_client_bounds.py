@@ -212,6 +212,15 @@ def test_rpc_allow_refuses_peers_outside_the_networks() -> None:
         assert a["rpc_allow"] == ["10.0.0.0/8"]
         assert a["zap_handler"]["thread_alive"] is True
         assert a["open_to_any_peer"] is False
+        # A refused client's request must time out, never hang. Depending on when the refusal
+        # reaches the client's I/O thread, libzmq has either queued the request or dropped the
+        # connection's pipe (then a send blocks until one comes back, maybe never); measured:
+        # about a third of attempts hit the second case, so a few delays cover both.
+        for delay in (0.0, 0.1, 0.2, 0.3, 0.5, 0.8):
+            with srv.client(timeout=0.5) as c:
+                time.sleep(delay)
+                with pytest.raises(NoReply):
+                    c.get_chunk_size()
         assert srv.status()["is_healthy"] is True
     finally:
         stop_and_check(srv)
