@@ -13,9 +13,9 @@ import itertools
 import json
 import mmap
 import os
-import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -33,6 +33,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 from lmcache.v1.multiprocess.transport.factory import RequestClientFactory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "python"))
+from ports import free_port  # noqa: E402  (stdlib only)
+
 CHUNK = 256
 MODEL = "kv-events-model"
 LAYERS, HIDDEN = 2, 64  # engine-driven slots: 2 * LAYERS * CHUNK * HIDDEN * 2 B = 128 KiB
@@ -59,12 +62,6 @@ def chain(tokens: list[int]) -> list[bytes]:
         prefix = h.digest()
         out.append(prefix)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kvtier_bin() -> str:

@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from kvclient import KVClient, NoReply  # noqa: E402
+from ports import free_port  # noqa: E402,F401  (re-exported to the test modules)
 
 REPO = Path(__file__).resolve().parents[2]
 L1_SIZE_GB = 0.25
@@ -40,12 +40,6 @@ def kvtier_bin() -> str:
     if not default.exists():
         pytest.skip("no kvtier binary: build it or set KVTIER_BIN")
     return str(default)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def new_shm_name() -> str:

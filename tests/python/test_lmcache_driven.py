@@ -17,7 +17,6 @@ import itertools
 import json
 import mmap
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -32,6 +31,8 @@ import msgspec
 import numpy as np
 import pytest
 import zmq
+
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CHUNK = 256
@@ -224,12 +225,6 @@ def kvtier_bin() -> str:
     if not os.access(b, os.X_OK):
         pytest.fail(f"kvtier binary {b!r} is not executable: build it (cargo build -p kvtier) or set KVTIER_BIN")
     return b
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
