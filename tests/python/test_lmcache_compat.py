@@ -587,3 +587,27 @@ def test_quota_round_trip():
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
+
+
+def test_the_prefault_is_off_by_default_and_on_when_asked() -> None:
+    """Pages are allocated by the engines' first writes unless --l1-prefault (or LMCache's
+    --l1-init-size-gb) asks for a background allocation; --no-l1-prefault wins when last."""
+    from conftest import L1_BYTES, start_server, stop_and_check, wait_until
+
+    cases = [([], None), (["--l1-prefault"], L1_BYTES), (["--l1-init-size-gb", "0"], 0),
+             (["--l1-prefault", "--no-l1-prefault"], None)]
+    for extra, total in cases:
+        srv = start_server(extra)
+        try:
+            pf = srv.status()["l1_prefault"]
+            assert pf["enabled"] is (total is not None), (extra, pf)
+            if total is None:
+                time.sleep(0.2)
+                assert srv.status()["l1_prefault"]["done_bytes"] == 0, (extra, pf)
+            else:
+                assert pf["total_bytes"] == total, (extra, pf)
+                done = lambda: srv.status()["l1_prefault"]["done_bytes"] == total  # noqa: E731
+                assert wait_until(done, timeout=30), srv.status()["l1_prefault"]
+                assert srv.status()["l1_prefault"]["is_healthy"] is True
+        finally:
+            stop_and_check(srv)

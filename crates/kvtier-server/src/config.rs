@@ -93,8 +93,8 @@ pub struct L1Settings {
     pub read_ttl: Duration,
     /// Name of the shared-memory segment.
     pub shm_name: String,
-    /// Populate the segment's pages in the background after start (commits the memory up front,
-    /// saves engines the tmpfs allocation fault on first use of every page).
+    /// Allocate and zero the segment's pages in the background after start (commits the memory
+    /// up front; `kvtier serve` leaves it off unless `--l1-prefault` or `--l1-init-size-gb`).
     #[serde(rename = "l1_prefault")]
     pub prefault: bool,
     /// Prefault only this many bytes from offset 0 (`--l1-init-size-gb`); `None`: the whole pool.
@@ -237,7 +237,7 @@ impl Default for ServerConfig {
                 write_quarantine_fraction: 0.1,
                 read_ttl: Duration::from_secs(300),
                 shm_name: "kvtier_l1_5555".into(),
-                prefault: true,
+                prefault: false,
                 prefault_limit: None,
                 eviction_interval: Duration::from_millis(100),
             },

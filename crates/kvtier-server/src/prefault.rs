@@ -1,11 +1,14 @@
 //! The background prefault of the L1 segment (`kvtier-l1-prefault`, a one-shot task on the
-//! workspace's thread runner).
+//! workspace's thread runner), on with `kvtier serve --l1-prefault` or `--l1-init-size-gb`.
 //!
-//! It allocates the segment's pages in 64 MiB pieces from offset 0 upward (the allocator hands
-//! out low offsets first, so the pages engines touch first are warm first), so engines do not
-//! pay tmpfs allocation faults on first use. Off the request path; stops early on shutdown. A
-//! failure is not fatal (pages are then allocated on first use) but is shown in the status tree:
-//! `/dev/shm` may be filling up.
+//! It allocates and zeroes the segment's pages in 64 MiB pieces from offset 0 upward (the
+//! allocator hands out low offsets first, so the pages engines touch first are ready first):
+//! the memory is reserved up front and an engine's first write into a page is a bare page-table
+//! fault. Off by default: pages allocated in bulk by the server took engines' later writes
+//! 1.6–1.95× as long as pages their own first write allocated (docs/performance.md), so the
+//! default leaves allocation to the engines, as LMCache does. Off the request path; stops early
+//! on shutdown. A failure is not fatal (pages are then allocated on first use) but is shown in
+//! the status tree: `/dev/shm` may be filling up.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

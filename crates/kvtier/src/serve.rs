@@ -84,10 +84,19 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_L1_ALIGN_BYTES", default_value_t = 4096)]
     l1_align_bytes: u64,
 
-    /// Do not populate the segment's pages in the background after start-up. By default they
-    /// are allocated (the full L1 size of RAM) so engines do not pay the tmpfs allocation fault
-    /// the first time they write each page.
-    #[arg(long, env = "KVTIER_NO_L1_PREFAULT")]
+    /// Allocate and zero the segment's pages in a background thread right after start-up (the
+    /// full L1 size of RAM, or --l1-init-size-gb). This reserves the memory up front: a full
+    /// /dev/shm then fails the prefault, visibly in the status tree, instead of an engine's
+    /// write with SIGBUS later. Off by default, because pages allocated in bulk by the server
+    /// took the engines' later writes 1.6-1.95x as long as pages allocated by the engine's own
+    /// first write (measured with LMCache's client; docs/performance.md), and a server-side
+    /// first touch places the pages on the server's NUMA node rather than the engine's.
+    #[arg(long, env = "KVTIER_L1_PREFAULT", overrides_with = "no_l1_prefault")]
+    l1_prefault: bool,
+
+    /// The default: each page of the segment is allocated by the first write into it (as in
+    /// LMCache). Overrides --l1-prefault and --l1-init-size-gb.
+    #[arg(long, env = "KVTIER_NO_L1_PREFAULT", overrides_with = "l1_prefault")]
     no_l1_prefault: bool,
 
     /// L1 eviction policy: LRU, ARC, IsolatedLRU, S3FIFO or noop (case-insensitive).
@@ -484,7 +493,8 @@ impl ServeArgs {
                 )?,
                 read_ttl: seconds("l1-read-ttl-seconds", self.l1_read_ttl_seconds, false)?,
                 shm_name,
-                prefault: !self.no_l1_prefault,
+                prefault: !self.no_l1_prefault
+                    && (self.l1_prefault || self.lmcache.l1_init_size_gb.is_some()),
                 prefault_limit: self
                     .lmcache
                     .l1_init_size_gb

@@ -255,15 +255,15 @@ pub struct LmcacheArgs {
     /// Refused: tagged L1 managers (DRAM, DEVDAX, GDS); use --l1-size-gb.
     #[arg(long, value_name = "JSON")]
     pub l1_manager: Vec<String>,
-    /// No effect: the L1 segment is a sparse shared-memory file; its pages are allocated in
-    /// the background (see --no-l1-prefault, --l1-init-size-gb).
+    /// No effect: the L1 segment is a sparse shared-memory file; its pages are allocated on
+    /// first use (see --l1-prefault, --l1-init-size-gb).
     #[arg(long, overrides_with = "no_l1_use_lazy")]
     pub l1_use_lazy: bool,
     /// No effect (see --l1-use-lazy).
     #[arg(long, overrides_with = "l1_use_lazy")]
     pub no_l1_use_lazy: bool,
-    /// GiB of the segment allocated in the background right after start (the rest on first
-    /// use) [default: all of it].
+    /// GiB of the segment allocated and zeroed in the background right after start, the rest on
+    /// first use; giving it turns the prefault on (see --l1-prefault) [default: no prefault].
     #[arg(long, env = "KVTIER_L1_INIT_SIZE_GB", value_name = "GIB")]
     pub l1_init_size_gb: Option<u64>,
     /// Refused: huge pages for L1.
@@ -653,7 +653,7 @@ impl LmcacheArgs {
             (
                 "--l1-use-lazy",
                 self.l1_use_lazy || self.no_l1_use_lazy,
-                "the L1 segment is a sparse shared-memory file whose pages are allocated in the background (--no-l1-prefault, --l1-init-size-gb)",
+                "the L1 segment is a sparse shared-memory file whose pages are allocated on first use (--l1-prefault, --l1-init-size-gb)",
             ),
             (
                 "--gds-l1-backend",
