@@ -520,9 +520,44 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port");
-    l.local_addr().expect("local addr").port()
+/// The first port of the kernel's ephemeral range (`ip_local_port_range`; 32768 if unreadable).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
+/// A free loopback port in `lo..hi` for a test server, never handed out twice in this process.
+/// Candidates walk the range from a per-process start in steps of a prime, so parallel test
+/// processes start apart.
+fn free_port_in(lo: u16, hi: u16) -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    static STEP: AtomicU64 = AtomicU64::new(0);
+    let span = u64::from(hi.saturating_sub(lo).max(1));
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..span {
+        let n = STEP.fetch_add(1, Relaxed);
+        let candidate = u64::from(std::process::id()).wrapping_mul(7_919) + n * 104_729;
+        let Ok(p) = u16::try_from(u64::from(lo) + candidate % span) else {
+            continue;
+        };
+        if !given.contains(&p) && TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            given.push(p);
+            return p;
+        }
+    }
+    panic!("no free loopback port in {lo}..{hi}");
+}
+
+/// A free loopback port for a test server. It comes from below the kernel's ephemeral range:
+/// a port from `bind(0)` is ephemeral, and a client connecting somewhere (a retrying Redis
+/// client, a ZeroMQ socket) can take it as its source port between the pick and the server's
+/// bind. Never handed out twice in this process.
+pub fn free_port() -> u16 {
+    free_port_in(10_000, ephemeral_low().max(12_000))
 }
 
 fn redis_ping(port: u16) -> bool {
@@ -652,12 +687,13 @@ fn require_tool(tool: &str, package: &str) {
     }
 }
 
-/// A free loopback port `p` whose cluster bus port `p + 10000` is free too.
+/// A free loopback port `p` whose cluster bus port `p + 10000` is free too (both below the
+/// ephemeral range, see [`free_port`]).
 fn free_cluster_port(taken: &[u16]) -> u16 {
+    let hi = ephemeral_low().saturating_sub(10_000).max(12_000);
     for _ in 0..200 {
-        let p = free_port();
-        if p < 55_000 && !taken.contains(&p) && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok()
-        {
+        let p = free_port_in(10_000, hi);
+        if !taken.contains(&p) && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
             return p;
         }
     }

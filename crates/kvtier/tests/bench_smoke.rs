@@ -4,13 +4,7 @@
 
 use std::process::Command;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
+use kvtier_storage::testsuite::free_port;
 
 #[test]
 fn bench_smoke_against_a_spawned_server() {
