@@ -21,16 +21,33 @@ export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 
 let serverSeq = 0;
 
-export function freePort() {
-  return new Promise((resolve, reject) => {
+const givenPorts = new Set();
+
+/** Whether `port` can be listened on at 127.0.0.1 right now. */
+function canListen(port) {
+  return new Promise((resolve) => {
     const srv = net.createServer();
     srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
+    srv.on('error', () => resolve(false));
+    srv.listen(port, '127.0.0.1', () => srv.close(() => resolve(true)));
   });
+}
+
+/**
+ * A free loopback port for a test server, from below the kernel's ephemeral range (32768 and
+ * up by default): a port from listen(0) is ephemeral, and a connecting client can take it as its
+ * source port before the server binds it. Never handed out twice in this process (the same
+ * rule as tests/python/ports.py).
+ */
+export async function freePort() {
+  for (let i = 0; i < 1000; i++) {
+    const port = 10000 + Math.floor(Math.random() * 22000);
+    if (!givenPorts.has(port) && await canListen(port)) {
+      givenPorts.add(port);
+      return port;
+    }
+  }
+  throw new Error('no free loopback port in 10000..32000');
 }
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
