@@ -433,7 +433,7 @@ mod tests {
     fn faults_outside_guarded_ranges_still_kill_the_process() {
         use std::os::unix::process::ExitStatusExt;
         let exe = std::env::current_exe().expect("test binary");
-        let out = std::process::Command::new(exe)
+        let child = std::process::Command::new(exe)
             .args([
                 "--exact",
                 "engine::lmcache_driven::fault::tests::child_touches_an_unguarded_truncated_mapping",
@@ -441,8 +441,19 @@ mod tests {
                 "--nocapture",
             ])
             .env("KVTIER_FAULT_CHILD", "1")
-            .output()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("spawn child");
+        let pid = child.id();
+        let out = child.wait_with_output().expect("child output");
+        // The child dies by SIGBUS before its `Mapped` values drop: remove its files here.
+        let prefix = format!("kvtier_ut_fault_{pid}_");
+        for entry in std::fs::read_dir("/dev/shm").expect("/dev/shm").flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _gone = std::fs::remove_file(entry.path());
+            }
+        }
         assert_eq!(
             out.status.signal(),
             Some(libc::SIGBUS),
