@@ -531,10 +531,13 @@ fn ephemeral_low() -> u16 {
 /// A free loopback port in `lo..hi` for a test server, never handed out twice in this process.
 /// Candidates walk the range from a per-process start in steps of a prime, so parallel test
 /// processes start apart.
-fn free_port_in(lo: u16, hi: u16) -> u16 {
+/// `offset` is `0` for a plain port; a Redis Cluster node passes `10_000` so that its bus port
+/// `p + 10000` is checked free and reserved together with `p`.
+fn free_port_in(lo: u16, hi: u16, offset: u16) -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     static STEP: AtomicU64 = AtomicU64::new(0);
     let span = u64::from(hi.saturating_sub(lo).max(1));
+    let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
     let mut given = GIVEN
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -544,8 +547,12 @@ fn free_port_in(lo: u16, hi: u16) -> u16 {
         let Ok(p) = u16::try_from(u64::from(lo) + candidate % span) else {
             continue;
         };
-        if !given.contains(&p) && TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            given.push(p);
+        let Some(q) = p.checked_add(offset) else {
+            continue;
+        };
+        let pair = if q == p { vec![p] } else { vec![p, q] };
+        if pair.iter().all(|x| !given.contains(x) && free(*x)) {
+            given.extend(pair);
             return p;
         }
     }
@@ -557,7 +564,7 @@ fn free_port_in(lo: u16, hi: u16) -> u16 {
 /// client, a ZeroMQ socket) can take it as its source port between the pick and the server's
 /// bind. Never handed out twice in this process.
 pub fn free_port() -> u16 {
-    free_port_in(10_000, ephemeral_low().max(12_000))
+    free_port_in(10_000, ephemeral_low().max(12_000), 0)
 }
 
 fn redis_ping(port: u16) -> bool {
@@ -687,17 +694,14 @@ fn require_tool(tool: &str, package: &str) {
     }
 }
 
-/// A free loopback port `p` whose cluster bus port `p + 10000` is free too (both below the
-/// ephemeral range, see [`free_port`]).
-fn free_cluster_port(taken: &[u16]) -> u16 {
-    let hi = ephemeral_low().saturating_sub(10_000).max(12_000);
-    for _ in 0..200 {
-        let p = free_port_in(10_000, hi);
-        if !taken.contains(&p) && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free port pair (port, port + 10000) on loopback");
+/// A free loopback port `p` whose cluster bus port `p + 10000` is free and reserved too (both
+/// below the ephemeral range, see [`free_port`]).
+fn free_cluster_port() -> u16 {
+    free_port_in(
+        10_000,
+        ephemeral_low().saturating_sub(10_000).max(12_000),
+        10_000,
+    )
 }
 
 /// Runs `redis-cli` with `args` against `port`, returning stdout.
@@ -733,7 +737,7 @@ impl RedisCluster {
         };
         let mut ports = Vec::new();
         for _ in 0..masters * 2 {
-            let p = free_cluster_port(&ports);
+            let p = free_cluster_port();
             ports.push(p);
         }
         for &p in &ports {
