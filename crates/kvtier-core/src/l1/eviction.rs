@@ -364,11 +364,16 @@ impl EvictionPolicy for ArcPolicy {
             None => T1,
         };
         self.lists.push_back(list, id);
-        self.set_list(id, list);
+        // An unlinked id's bit is clear (`on_remove` clears it), so only T2 sets it.
+        if list == T2 {
+            self.set_list(id, T2);
+        }
     }
 
     fn on_access(&mut self, id: EntryId, _tenant: TenantId) {
-        if self.lists.unlink(self.list_of(id), id) {
+        if self.list_of(id) == T2 {
+            self.lists.touch(T2, id);
+        } else if self.lists.unlink(T1, id) {
             self.lists.push_back(T2, id);
             self.set_list(id, T2);
         }
@@ -379,7 +384,9 @@ impl EvictionPolicy for ArcPolicy {
         if !self.lists.unlink(list, id) {
             return;
         }
-        self.set_list(id, T1);
+        if list == T2 {
+            self.set_list(id, T1);
+        }
         if why == Removal::Evicted {
             let fp = ghost_key(meta.fingerprint);
             let bound = self.resident();
