@@ -4,10 +4,17 @@
 //! the map's slack per object. This index keeps only the 4-byte id per bucket (5 bytes with
 //! hashbrown's control byte) and compares keys through the entry the id names, which the caller
 //! reads for it (every method takes a `key_of` function giving the `(chunk hash, namespace)` of
-//! an id's entry). Growth and shrinking rehash from the entries' keys, the same way: hashing a
-//! 36-byte key is cheaper than the cache miss that storing a hash would save, and storing one
-//! would more than double the table.
-//!
+//! an id's entry). Storing each key's hash would more than double the table, so a rebuild needs
+//! every indexed id's hash from somewhere. hashbrown's rebuild (growth, or a rehash in place
+//! once removals have left too many tombstones) asks for them in the table's order, and
+//! reading each id's entry then is one random access per object (110–130 ms at 917,504
+//! objects, under the L1 lock). So the owner rebuilds first, before an insert that would
+//! trigger it ([`full`](KeyIndex::full)), handing [`make_room`](KeyIndex::make_room) the hashes
+//! of all its entries computed in memory order: a sequential pass into a temporary `u64` per
+//! slot. (Building a new table by inserting the entries in slot order was slower: its random
+//! inserts overlap less than hashbrown's own rebuild loop.) Shrinking (after a `clear`, few
+//! entries left) still rehashes from the entries.
+
 //! The namespace id stands for the rest of the [`ObjectKey`](crate::key::ObjectKey) (see
 //! `l1::namespace`): while an entry is indexed its namespace is live and its id is not reused, so
 //! `(hash, ns)` identifies the key.
@@ -63,6 +70,24 @@ impl KeyIndex {
         self.table.insert_unique(h, id, |&other| {
             key_of(other).map_or(0, |(hash, ns)| Self::hash(state, (&hash, ns)))
         });
+    }
+
+    /// Whether the next [`insert`](Self::insert) would rebuild the table (hashbrown then
+    /// rehashes every id, into a larger table or, when removals left tombstones, in place).
+    pub(super) fn full(&self) -> bool {
+        self.table.len() >= self.table.capacity()
+    }
+
+    /// The hash `key` is indexed under (what [`make_room`](Self::make_room) wants per id).
+    pub(super) fn hash_of(&self, key: (&ChunkHash, NsId)) -> u64 {
+        Self::hash(&self.state, key)
+    }
+
+    /// Rebuilds the table now, with room for at least one more id, taking each indexed id's
+    /// hash from `hashes[id]` instead of from its entry (see the module docs).
+    pub(super) fn make_room(&mut self, hashes: &[u64]) {
+        self.table
+            .reserve(1, |&id| hashes.get(id as usize).copied().unwrap_or(0));
     }
 
     /// Removes `id`, indexed under `key`; whether it was there.
