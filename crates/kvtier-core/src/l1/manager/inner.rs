@@ -107,9 +107,6 @@ impl Inner {
     }
 
     pub(super) fn insert(&mut self, entry: Entry) -> (EntryId, u32) {
-        if self.index.full() {
-            self.rebuild_index();
-        }
         let id = match self.free_slots.pop() {
             Some(id) => id,
             None => {
@@ -127,28 +124,6 @@ impl Inner {
         self.index
             .insert((&entry.hash, entry.ns()), id, |i| key_in(slots, i));
         (id, generation)
-    }
-}
-
-impl Inner {
-    /// Rebuilds the key index with room for one more id, from every entry's hash computed in
-    /// slot order (one sequential pass and a temporary `u64` per slot; see `l1::index`).
-    /// O(slots) under the lock, like the rebuild it replaces, but without a random entry read
-    /// per object. Empty slots get a hash that is never asked for.
-    #[cold]
-    #[inline(never)]
-    fn rebuild_index(&mut self) {
-        let index = &self.index;
-        let hashes: Vec<u64> = self
-            .slots
-            .iter()
-            .map(|s| {
-                s.entry
-                    .as_ref()
-                    .map_or(0, |e| index.hash_of((&e.hash, e.ns())))
-            })
-            .collect();
-        self.index.make_room(&hashes);
     }
 }
 
