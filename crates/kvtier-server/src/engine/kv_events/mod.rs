@@ -56,10 +56,13 @@ use kvtier_storage::L2Listener;
 use parking_lot::Mutex;
 use resident::ResidentCounts;
 
+mod listeners;
 pub mod publisher;
 mod resident;
+mod subscription;
 
 pub use publisher::{KvEventPublisher, PublisherConfig, PublisherError};
+pub use subscription::{StreamPoll, Subscription};
 
 /// The capability `get_experimental` advertises when events are enabled.
 pub const CAPABILITY: &str = "kv_event_stream";
@@ -401,155 +404,6 @@ impl KvEvents {
         }
     }
 
-    /// Opens the subscription of `instance_id` (closing its previous one).
-    pub fn subscribe(
-        self: &Arc<Self>,
-        instance_id: i64,
-        model_name: String,
-        cursor: u64,
-        max_events: usize,
-        now: Instant,
-    ) -> Subscription {
-        let closed = Arc::new(AtomicBool::new(false));
-        let id = {
-            let mut s = self.state.lock();
-            s.next_sub += 1;
-            let id = s.next_sub;
-            let old = s.subscriptions.insert(
-                instance_id,
-                SubEntry {
-                    id,
-                    closed: Arc::clone(&closed),
-                    last_seen: now,
-                },
-            );
-            if let Some(old) = old {
-                old.closed.store(true, Relaxed);
-            }
-            id
-        };
-        self.counters.subscriptions_total.inc();
-        self.wake();
-        Subscription {
-            events: Arc::clone(self),
-            id,
-            instance_id,
-            model_name,
-            cursor,
-            max_events: max_events.max(1),
-            first: true,
-            closed,
-        }
-    }
-
-    /// `ping(instance_id)`: keeps the instance's subscription alive.
-    pub fn touch(&self, instance_id: i64, now: Instant) {
-        if let Some(sub) = self.state.lock().subscriptions.get_mut(&instance_id) {
-            sub.last_seen = sub.last_seen.max(now);
-        }
-    }
-
-    /// Closes the subscription of an instance that was unregistered or reaped.
-    pub fn close_instance(&self, instance_id: i64) {
-        let removed = self.state.lock().subscriptions.remove(&instance_id);
-        if let Some(sub) = removed {
-            sub.closed.store(true, Relaxed);
-            self.wake();
-        }
-    }
-
-    /// Closes subscriptions silent (no ping) for longer than `timeout` (0 disables).
-    pub fn reap(&self, now: Instant, timeout: Duration) {
-        if timeout.is_zero() {
-            return;
-        }
-        let mut closed = false;
-        self.state.lock().subscriptions.retain(|_, sub| {
-            let keep = now.saturating_duration_since(sub.last_seen) <= timeout;
-            if !keep {
-                sub.closed.store(true, Relaxed);
-                closed = true;
-            }
-            keep
-        });
-        if closed {
-            self.wake();
-        }
-    }
-
-    /// Closes every subscription (shutdown).
-    pub fn close_all(&self) {
-        for (_, sub) in self.state.lock().subscriptions.drain() {
-            sub.closed.store(true, Relaxed);
-        }
-        self.wake();
-    }
-
-    /// Up to `max` records of `model` after `cursor`, and the next cursor (LMCache's
-    /// `read_kv_events`).
-    fn read(&self, model: &str, cursor: u64, max: usize) -> KvEventBatch {
-        if !self.enabled() {
-            return KvEventBatch {
-                enabled: false,
-                incarnation: self.incarnation,
-                next_cursor: 0,
-                lost: false,
-                events: Vec::new(),
-            };
-        }
-        let s = self.state.lock();
-        let last = s.next_seq - 1;
-        let first = s.log.front().map_or(last + 1, |r| r.seq);
-        let lost = cursor + 1 < first || cursor > last;
-        let mut next_cursor = cursor.min(last);
-        let skip = usize::try_from((cursor + 1).saturating_sub(first)).unwrap_or(usize::MAX);
-        let mut events = Vec::new();
-        for r in s.log.iter().skip(skip) {
-            next_cursor = r.seq;
-            if r.medium == MEDIUM_CPU && &*r.model_name == model {
-                events.push(r.clone());
-                if events.len() == max {
-                    break;
-                }
-            }
-        }
-        drop(s);
-        if lost {
-            self.counters.lost_batches_total.inc();
-        }
-        KvEventBatch {
-            enabled: true,
-            incarnation: self.incarnation,
-            next_cursor,
-            lost,
-            events,
-        }
-    }
-
-    /// Up to `max` records of every model and medium after `cursor` (the publisher's read):
-    /// the records, whether records after `cursor` fell off the log (or `cursor` lies ahead of
-    /// it), and the cursor to resume from.
-    pub fn read_all(&self, cursor: u64, max: usize) -> (Vec<KvEventRecord>, bool, u64) {
-        let s = self.state.lock();
-        let last = s.next_seq - 1;
-        let first = s.log.front().map_or(last + 1, |r| r.seq);
-        let lost = cursor + 1 < first || cursor > last;
-        let skip = usize::try_from((cursor + 1).saturating_sub(first)).unwrap_or(usize::MAX);
-        let records: Vec<KvEventRecord> = s.log.iter().skip(skip).take(max).cloned().collect();
-        let next = records.last().map_or(cursor.min(last), |r| r.seq);
-        (records, lost, next)
-    }
-
-    fn cancel(&self, instance_id: i64, id: u64) {
-        let mut s = self.state.lock();
-        if s.subscriptions
-            .get(&instance_id)
-            .is_some_and(|e| e.id == id)
-        {
-            s.subscriptions.remove(&instance_id);
-        }
-    }
-
     /// The status fields (LMCache's `kv_events` names plus kvtier's counters).
     pub fn status(&self) -> serde_json::Map<String, serde_json::Value> {
         let (depth, next_seq, first_seq, subscribers, resident) = {
@@ -588,92 +442,6 @@ impl KvEvents {
     }
 }
 
-impl KvEvents {
-    /// Every medium's name, by medium index (0 = L1).
-    fn media(&self) -> impl Iterator<Item = &'static str> + '_ {
-        std::iter::once(MEDIUM_CPU).chain(self.l2_media.get().into_iter().flatten().copied())
-    }
-
-    /// A copy of `key` now lives in medium `medium`: announces its identity if it is new there.
-    /// `bound` says whether to take the tokens and parent from the store path's binding (L1).
-    fn stored_in(&self, medium: usize, name: &'static str, key: &ObjectKey, bound: bool) {
-        let Ok(m) = u8::try_from(medium) else { return };
-        let mut s = self.state.lock();
-        if !s.resident.add(m, &key.model_name, &key.chunk_hash) {
-            return;
-        }
-        let (parent, tokens) = match bound.then(|| s.bindings.remove(&key.chunk_hash)) {
-            Some(Some(b)) => (b.parent, b.tokens),
-            Some(None) => {
-                self.counters.unbound_stores_total.inc();
-                (None, TokenSpan::default())
-            }
-            None => (None, TokenSpan::default()),
-        };
-        let mut record = new_record(&s, KvEventKind::Stored, name, key);
-        record.parent_block_hash = parent.map(|p| *p.as_bytes());
-        record.token_ids = tokens;
-        self.append(&mut s, medium, record);
-    }
-
-    /// A copy of `key` left medium `medium`: announces the removal when it was the last one.
-    fn removed_from(&self, medium: usize, name: &'static str, key: &ObjectKey) {
-        let Ok(m) = u8::try_from(medium) else { return };
-        let mut s = self.state.lock();
-        if !s.resident.remove(m, &key.model_name, &key.chunk_hash) {
-            return;
-        }
-        let record = new_record(&s, KvEventKind::Removed, name, key);
-        self.append(&mut s, medium, record);
-    }
-
-    fn l2_medium(&self, adapter: usize) -> Option<&'static str> {
-        self.l2_media.get()?.get(adapter).copied()
-    }
-}
-
-/// The record of one chunk with the log's next sequence number (no parent, no tokens).
-fn new_record(
-    s: &State,
-    kind: KvEventKind,
-    medium: &'static str,
-    key: &ObjectKey,
-) -> KvEventRecord {
-    KvEventRecord {
-        seq: s.next_seq,
-        kind,
-        medium,
-        model_name: Arc::clone(&key.model_name),
-        block_hashes: vec![*key.chunk_hash.as_bytes()],
-        parent_block_hash: None,
-        token_ids: TokenSpan::default(),
-    }
-}
-
-impl L1Listener for KvEvents {
-    fn published(&self, key: &ObjectKey) {
-        self.stored_in(0, MEDIUM_CPU, key, true);
-    }
-
-    fn removed(&self, key: &ObjectKey, _cause: RemovalCause) {
-        self.removed_from(0, MEDIUM_CPU, key);
-    }
-}
-
-impl L2Listener for KvEvents {
-    fn stored(&self, adapter: usize, key: &ObjectKey) {
-        if let Some(name) = self.l2_medium(adapter) {
-            self.stored_in(adapter + 1, name, key, false);
-        }
-    }
-
-    fn removed(&self, adapter: usize, key: &ObjectKey) {
-        if let Some(name) = self.l2_medium(adapter) {
-            self.removed_from(adapter + 1, name, key);
-        }
-    }
-}
-
 impl MetricSet for KvEvents {
     fn descriptors(&self) -> &'static [MetricDesc] {
         &DESCRIPTORS
@@ -693,64 +461,5 @@ impl MetricSet for KvEvents {
             v.counter(records, &[("kind", "stored"), ("medium", medium)], stored);
             v.counter(records, &[("kind", "removed"), ("medium", medium)], removed);
         }
-    }
-}
-
-/// What a stream poll yields.
-#[derive(Debug)]
-pub enum StreamPoll<T> {
-    /// The next batch.
-    Item(T),
-    /// Nothing to send now; the transport is woken when that changes.
-    Pending,
-    /// The stream is over (cancelled, replaced, closed, or events disabled).
-    End,
-}
-
-/// One open `subscribe_kv_events` stream.
-#[derive(Debug)]
-pub struct Subscription {
-    events: Arc<KvEvents>,
-    id: u64,
-    instance_id: i64,
-    model_name: String,
-    cursor: u64,
-    max_events: usize,
-    first: bool,
-    closed: Arc<AtomicBool>,
-}
-
-impl Subscription {
-    /// The next batch, never blocking: the first poll always yields the status batch; later
-    /// ones yield a batch when there are records for this model, a loss, or events are off.
-    pub fn poll(&mut self) -> StreamPoll<KvEventBatch> {
-        if self.closed.load(Relaxed) {
-            return StreamPoll::End;
-        }
-        let batch = self
-            .events
-            .read(&self.model_name, self.cursor, self.max_events);
-        self.cursor = batch.next_cursor;
-        if !self.first && !batch.enabled {
-            return StreamPoll::End;
-        }
-        if self.first || !batch.events.is_empty() || batch.lost || !batch.enabled {
-            self.first = false;
-            self.events.counters.batches_total.inc();
-            return StreamPoll::Item(batch);
-        }
-        StreamPoll::Pending
-    }
-
-    /// Cancels the stream (client `cancel` or disconnect).
-    pub fn cancel(&mut self) {
-        self.closed.store(true, Relaxed);
-        self.events.cancel(self.instance_id, self.id);
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.cancel();
     }
 }
