@@ -75,3 +75,14 @@ pub enum ConfigError {
     #[error("building the l2 runtime: {0}")]
     Runtime(#[source] std::io::Error),
 }
+
+/// Whether a `redis` crate error means the connection failed (refused, reset, timed out, or
+/// unusable), as opposed to the server answering with an error: the `resp` and `valkey`
+/// adapters mark themselves down on the first and fail only the affected keys on the second.
+pub(crate) fn is_redis_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+}

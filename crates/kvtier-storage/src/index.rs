@@ -21,6 +21,7 @@
 //! across an `.await` or I/O.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 
 use kvtier_core::key::ObjectKey;
 
@@ -371,6 +372,31 @@ impl StorePlan {
                 *slot = Some(r);
             }
         }
+    }
+
+    /// The whole store of a batch whose keys are written independently and concurrently
+    /// (`resp`, `valkey`): plan under the index mutex, delete the victims (`evict`), write
+    /// every job (`write(i)` for key `i`), index what was written and evict down to the
+    /// watermark. `fs` runs the same plan in two phases of its own.
+    pub(crate) async fn run<E, W>(
+        index: &Mutex<ObjectIndex>,
+        keys: &[ObjectKey],
+        src: &[Allocation],
+        skipped: &Counter,
+        evict: impl Fn(Vec<(ObjectKey, u64)>) -> E,
+        write: impl Fn(usize) -> W,
+    ) -> KeyResults
+    where
+        E: Future<Output = ()>,
+        W: Future<Output = Result<(), L2Error>>,
+    {
+        let mut plan = Self::new(index, keys, src, skipped);
+        evict(std::mem::take(&mut plan.victims)).await;
+        let written = futures_util::future::join_all(plan.jobs.iter().map(|&i| write(i))).await;
+        plan.record(written);
+        let (results, more) = plan.finish(index, keys, src);
+        evict(more).await;
+        results
     }
 
     /// Indexes what was written, releases the other reservations, and returns every key's

@@ -53,7 +53,7 @@ use crate::backend::{
     BoxFuture, KeyResults, L2Backend, Usage, all_err, copy_in, status_head, usize_len,
 };
 use crate::config::{EvictionPolicyName, RespConfig, gib_to_bytes};
-use crate::error::{ConfigError, L2Error};
+use crate::error::{ConfigError, L2Error, is_redis_connection_error};
 use crate::health::{Health, Prober};
 use crate::index::{ObjectIndex, StorePlan};
 use crate::instrumented::Instrumented;
@@ -89,14 +89,6 @@ pub fn parse_value_header(b: &[u8]) -> Option<(u32, u64)> {
     let parts = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?);
     let len = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
     (parts >= 1).then_some((parts, len))
-}
-
-fn is_connection_error(e: &RedisError) -> bool {
-    e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_unrecoverable_error()
 }
 
 /// The `resp` adapter.
@@ -213,7 +205,7 @@ impl RespBackend {
 
     /// Classifies a redis error: connection-level errors mark the adapter down.
     fn fail(&self, e: &RedisError, what: &str) -> L2Error {
-        if is_connection_error(e) {
+        if is_redis_connection_error(e) {
             self.conns.lock().clear();
             let reason = format!("redis at {} unreachable ({what}): {e}", self.endpoint);
             self.health.mark_down("resp", reason.clone());
@@ -546,23 +538,15 @@ impl L2Backend for RespBackend {
             if let Err(e) = self.health.gate() {
                 return all_err(n, &e);
             }
-            let mut plan = StorePlan::new(
+            StorePlan::run(
                 &self.index,
                 keys,
                 src,
                 &self.events.store_skipped_existing_total,
-            );
-            self.evict(std::mem::take(&mut plan.victims)).await;
-            let written = join_all(
-                plan.jobs
-                    .iter()
-                    .map(|&i| self.store_one(&keys[i], segment, src[i])),
+                |victims| self.evict(victims),
+                |i| self.store_one(&keys[i], segment, src[i]),
             )
-            .await;
-            plan.record(written);
-            let (results, more) = plan.finish(&self.index, keys, src);
-            self.evict(more).await;
-            results
+            .await
         })
     }
 

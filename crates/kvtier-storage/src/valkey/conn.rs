@@ -5,14 +5,6 @@
 
 use super::*;
 
-pub(super) fn is_connection_error(e: &RedisError) -> bool {
-    e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_unrecoverable_error()
-}
-
 /// A standalone or cluster connection (both multiplexed; clones share the socket(s)).
 #[derive(Clone)]
 pub(super) enum Conn {

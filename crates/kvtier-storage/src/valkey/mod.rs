@@ -69,7 +69,7 @@ use crate::backend::{
     BoxFuture, KeyResults, L2Backend, Usage, all_err, copy_in, status_head, visit_adapter_metrics,
 };
 use crate::config::{EvictionPolicyName, ValkeyConfig, gib_to_bytes};
-use crate::error::{ConfigError, L2Error};
+use crate::error::{ConfigError, L2Error, is_redis_connection_error};
 use crate::health::{Health, Prober};
 use crate::index::{ObjectIndex, StorePlan};
 use crate::instrumented::Instrumented;
@@ -83,7 +83,7 @@ mod topology;
 
 pub use topology::{CLUSTER_SLOTS, slot_of};
 
-use conn::{Conn, Target, is_connection_error};
+use conn::{Conn, Target};
 use topology::{NodeStats, Topology};
 
 /// Most nodes whose statistics one adapter keeps (bounds the `node` label).
@@ -201,12 +201,12 @@ impl ValkeyBackend {
     }
 
     fn fail(&self, e: &RedisError, what: &str, node: &str) -> L2Error {
-        if !self.cfg.cluster_mode && is_connection_error(e) {
+        if !self.cfg.cluster_mode && is_redis_connection_error(e) {
             self.conns.lock().clear();
             let reason = format!("valkey at {node} unreachable ({what}): {e}");
             self.health.mark_down("valkey", reason.clone());
             L2Error::Unavailable(reason)
-        } else if is_connection_error(e) {
+        } else if is_redis_connection_error(e) {
             let msg = format!("valkey node {node} unreachable ({what}): {e}");
             self.health.record_error(msg.clone());
             L2Error::Unavailable(msg)
@@ -452,23 +452,15 @@ impl L2Backend for ValkeyBackend {
             if let Err(e) = self.health.gate() {
                 return all_err(n, &e);
             }
-            let mut plan = StorePlan::new(
+            StorePlan::run(
                 &self.index,
                 keys,
                 src,
                 &self.events.store_skipped_existing_total,
-            );
-            self.evict(std::mem::take(&mut plan.victims)).await;
-            let written = join_all(
-                plan.jobs
-                    .iter()
-                    .map(|&i| self.store_one(&keys[i], segment, src[i])),
+                |victims| self.evict(victims),
+                |i| self.store_one(&keys[i], segment, src[i]),
             )
-            .await;
-            plan.record(written);
-            let (results, more) = plan.finish(&self.index, keys, src);
-            self.evict(more).await;
-            results
+            .await
         })
     }
 
