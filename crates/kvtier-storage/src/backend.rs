@@ -290,6 +290,37 @@ impl BufPool {
     }
 }
 
+/// Sorts a load batch's failures the same way for every key-value adapter (`resp`, `valkey`):
+/// a corrupt object is counted, logged and recorded as the adapter's last error, and returned
+/// so the caller deletes it; a vanished one (indexed here, gone from the server) is counted and
+/// un-indexed, so usage heals.
+pub(crate) fn triage_load_failures(
+    adapter: &'static str,
+    keys: &[ObjectKey],
+    results: &KeyResults,
+    events: &AdapterEvents,
+    health: &Health,
+    index: &parking_lot::Mutex<crate::index::ObjectIndex>,
+) -> Vec<ObjectKey> {
+    let mut corrupt = Vec::new();
+    for (k, r) in keys.iter().zip(results) {
+        match r {
+            Err(L2Error::Corrupt(why)) => {
+                events.corrupt_objects_total.inc();
+                tracing::warn!(adapter, key = %k, %why, "corrupt l2 object: treating it as a miss and deleting it");
+                health.record_error(format!("corrupt object {k}: {why}"));
+                corrupt.push(k.clone());
+            }
+            Err(L2Error::NotFound) => {
+                events.vanished_objects_total.inc();
+                index.lock().remove(k);
+            }
+            _ => {}
+        }
+    }
+    corrupt
+}
+
 /// The same error for every key of a batch.
 pub(crate) fn all_err(n: usize, e: &L2Error) -> KeyResults {
     (0..n).map(|_| Err(e.clone())).collect()

@@ -50,7 +50,8 @@ use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, R
 use tokio::sync::Semaphore;
 
 use crate::backend::{
-    BoxFuture, KeyResults, L2Backend, Usage, all_err, copy_in, status_head, usize_len,
+    BoxFuture, KeyResults, L2Backend, Usage, all_err, copy_in, status_head, triage_load_failures,
+    usize_len,
 };
 use crate::config::{EvictionPolicyName, RespConfig, gib_to_bytes};
 use crate::error::{ConfigError, L2Error, is_redis_connection_error};
@@ -492,23 +493,14 @@ impl L2Backend for RespBackend {
                     .map(|(k, a)| self.load_one(k, segment, *a)),
             )
             .await;
-            let mut corrupt = Vec::new();
-            for (k, r) in keys.iter().zip(&results) {
-                match r {
-                    Err(L2Error::Corrupt(why)) => {
-                        self.events.corrupt_objects_total.inc();
-                        tracing::warn!(key = %k, %why, "corrupt resp l2 object: treating as a miss and deleting it");
-                        self.health
-                            .record_error(format!("corrupt object {k}: {why}"));
-                        corrupt.push(k.clone());
-                    }
-                    Err(L2Error::NotFound) => {
-                        self.events.vanished_objects_total.inc();
-                        self.index.lock().remove(k);
-                    }
-                    _ => {}
-                }
-            }
+            let corrupt = triage_load_failures(
+                "resp",
+                keys,
+                &results,
+                &self.events,
+                &self.health,
+                &self.index,
+            );
             if !corrupt.is_empty() {
                 if let Ok(headers) = self.headers(&corrupt).await {
                     let items: Vec<(ObjectKey, u64)> = corrupt

@@ -66,7 +66,8 @@ use redis::{
 use tokio::sync::Semaphore;
 
 use crate::backend::{
-    BoxFuture, KeyResults, L2Backend, Usage, all_err, copy_in, status_head, visit_adapter_metrics,
+    BoxFuture, KeyResults, L2Backend, Usage, all_err, copy_in, status_head, triage_load_failures,
+    visit_adapter_metrics,
 };
 use crate::config::{EvictionPolicyName, ValkeyConfig, gib_to_bytes};
 use crate::error::{ConfigError, L2Error, is_redis_connection_error};
@@ -413,23 +414,14 @@ impl L2Backend for ValkeyBackend {
                     .map(|(k, a)| self.load_one(k, segment, *a)),
             )
             .await;
-            let mut corrupt = Vec::new();
-            for (k, r) in keys.iter().zip(&results) {
-                match r {
-                    Err(L2Error::Corrupt(why)) => {
-                        self.events.corrupt_objects_total.inc();
-                        tracing::warn!(key = %k, %why, "corrupt valkey l2 object: treating as a miss and deleting it");
-                        self.health
-                            .record_error(format!("corrupt object {k}: {why}"));
-                        corrupt.push(k.clone());
-                    }
-                    Err(L2Error::NotFound) => {
-                        self.events.vanished_objects_total.inc();
-                        self.index.lock().remove(k);
-                    }
-                    _ => {}
-                }
-            }
+            let corrupt = triage_load_failures(
+                "valkey",
+                keys,
+                &results,
+                &self.events,
+                &self.health,
+                &self.index,
+            );
             if !corrupt.is_empty() {
                 let _deleted = self.del_keys(&corrupt).await;
                 let mut ix = self.index.lock();
