@@ -6,6 +6,8 @@
 
 mod compat;
 mod kv_events;
+mod process;
+mod values;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,9 +19,11 @@ use kvtier_server::analysis::lookup_log::LookupLogConfig;
 use kvtier_server::config::{
     AnalysisSettings, EngineSettings, L1Settings, L2Settings, RpcSettings,
 };
-use kvtier_server::http::admin::LogControl;
 use kvtier_server::http::{AuthToken, HttpConfig};
 use kvtier_server::{Server, ServerConfig};
+
+use process::{init_logging, release_memory};
+use values::{fraction, fraction_or_zero, parse_allow, parse_on_off, parse_token, seconds};
 
 /// Flags of `kvtier serve`. Names and defaults follow `lmcache server` where it has the flag;
 /// every flag can also be set through the environment variable shown.
@@ -310,56 +314,6 @@ struct Extras {
     notes: Vec<compat::Note>,
 }
 
-/// `--rpc-allow` for clap: one value, comma-separated networks.
-fn parse_allow(
-    s: &str,
-) -> Result<Vec<kvtier_server::transport::access::Cidr>, kvtier_server::transport::access::CidrError>
-{
-    kvtier_server::transport::access::parse_allow_list(s)
-}
-
-/// `on`/`off` for clap (also true/false, yes/no, 1/0).
-fn parse_on_off(s: &str) -> Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "on" | "true" | "yes" | "1" => Ok(true),
-        "off" | "false" | "no" | "0" => Ok(false),
-        _ => Err(format!("expected on or off, got {s:?}")),
-    }
-}
-
-/// Token validation for clap (its `Debug` is redacted, so `ServeArgs` is safe to print).
-fn parse_token(s: &str) -> Result<AuthToken, kvtier_server::http::HttpConfigError> {
-    AuthToken::new(s)
-}
-
-fn seconds(flag: &str, v: f64, allow_zero: bool) -> anyhow::Result<Duration> {
-    if !v.is_finite() || v < 0.0 || (!allow_zero && v == 0.0) {
-        bail!(
-            "--{flag} must be a {} number of seconds, got {v}",
-            if allow_zero {
-                "non-negative"
-            } else {
-                "positive"
-            }
-        );
-    }
-    Duration::try_from_secs_f64(v).with_context(|| format!("--{flag}: {v} seconds is out of range"))
-}
-
-fn fraction(flag: &str, v: f64) -> anyhow::Result<f64> {
-    if !(v > 0.0 && v <= 1.0) {
-        bail!("--{flag} must be in (0, 1], got {v}");
-    }
-    Ok(v)
-}
-
-fn fraction_or_zero(flag: &str, v: f64) -> anyhow::Result<f64> {
-    if !(0.0..=1.0).contains(&v) {
-        bail!("--{flag} must be in [0, 1], got {v}");
-    }
-    Ok(v)
-}
-
 impl ServeArgs {
     fn into_config(self) -> anyhow::Result<(ServerConfig, Extras)> {
         let notes = self.lmcache.resolve()?;
@@ -568,72 +522,6 @@ impl ServeArgs {
             },
         ))
     }
-}
-
-/// Gives freed heap memory back to the OS: the calling thread's empty mimalloc pages and every
-/// arena's purgeable pages (`mi_collect(true)`; mimalloc is this binary's global allocator), and
-/// the free pages of glibc's arenas, where libzmq allocates message buffers (`malloc_trim(0)`).
-/// Run by the server after large releases (see `kvtier_server::engine::MemoryRelease`).
-fn release_memory() {
-    // SAFETY: neither function has preconditions: each walks its allocator's own free lists
-    // under the allocator's locks and may be called from any thread at any time.
-    unsafe {
-        libmimalloc_sys::mi_collect(true);
-        libc::malloc_trim(0);
-    }
-}
-
-type FilterHandle =
-    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
-
-/// The run-time log filter behind `GET/POST /loglevel`.
-#[derive(Debug)]
-struct ReloadableFilter {
-    handle: FilterHandle,
-    current: parking_lot::Mutex<String>,
-}
-
-impl LogControl for ReloadableFilter {
-    fn current(&self) -> String {
-        self.current.lock().clone()
-    }
-
-    fn set(&self, filter: &str) -> Result<(), String> {
-        let parsed = tracing_subscriber::EnvFilter::try_new(filter)
-            .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
-        self.handle.reload(parsed).map_err(|e| e.to_string())?;
-        *self.current.lock() = filter.to_owned();
-        tracing::info!(filter, "log filter changed");
-        Ok(())
-    }
-}
-
-fn init_logging(filter: &str) -> anyhow::Result<std::sync::Arc<ReloadableFilter>> {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => v,
-        _ => filter.to_owned(),
-    };
-    let parsed = tracing_subscriber::EnvFilter::try_new(&filter)
-        .with_context(|| format!("invalid log filter {filter:?}"))?;
-    let (layer, handle) = tracing_subscriber::reload::Layer::new(parsed);
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none(),
-        );
-    tracing_subscriber::registry()
-        .with(layer)
-        .with(fmt)
-        .try_init()
-        .context("installing the logger")?;
-    Ok(std::sync::Arc::new(ReloadableFilter {
-        handle,
-        current: parking_lot::Mutex::new(filter),
-    }))
 }
 
 /// Runs the server until SIGINT or SIGTERM, then shuts down in order and exits 0.
