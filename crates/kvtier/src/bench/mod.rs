@@ -24,9 +24,11 @@
 //! The bench clears the server's cache (`clear(force=True)`) between passes: never point it
 //! at a server that holds data you need.
 
+mod neighbour;
 mod probe;
 mod report;
 mod worker;
+mod yardstick;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -373,9 +375,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     // The yardsticks: one thread copying one client's pass, chunk by chunk, into warm memory;
     // and a bare ZeroMQ DEALER→ROUTER echo over loopback TCP (the floor under any noop).
-    let memcpy = worker::measure_memcpy(&cfg);
+    let memcpy = yardstick::measure_memcpy(&cfg);
     metrics.set("memcpy_gbps", memcpy);
-    match worker::measure_page_faults(&cfg) {
+    match yardstick::measure_page_faults(&cfg) {
         Ok([first_touch, remapped, warm]) => {
             metrics.set("shm_first_touch_gbps", first_touch);
             metrics.set("shm_remapped_gbps", remapped);
@@ -394,7 +396,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let status = args.http_url.is_some();
     let phase_list = phases(status, args.neighbour_chunks > 0);
     let mut neighbour = if args.neighbour_chunks > 0 {
-        Some(worker::Neighbour::setup(&cfg).context("setting up the heavy client")?)
+        Some(neighbour::Neighbour::setup(&cfg).context("setting up the heavy client")?)
     } else {
         None
     };

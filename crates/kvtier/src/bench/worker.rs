@@ -37,7 +37,7 @@ fn splitmix(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn make_sources(cfg: &RunConfig, idx: usize) -> Vec<Vec<u8>> {
+pub(super) fn make_sources(cfg: &RunConfig, idx: usize) -> Vec<Vec<u8>> {
     (0..=cfg.chunks)
         .map(|s| {
             let mut state = cfg.seed ^ ((idx as u64) << 40) ^ ((s as u64) << 20);
@@ -52,79 +52,14 @@ fn make_sources(cfg: &RunConfig, idx: usize) -> Vec<Vec<u8>> {
 }
 
 /// A retrieve buffer with every page already written.
-fn touched(len: usize) -> Vec<u8> {
+pub(super) fn touched(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     v.fill(0xa5);
     v
 }
 
-fn source_index(cfg: &RunConfig, r: usize, i: usize) -> usize {
+pub(super) fn source_index(cfg: &RunConfig, r: usize, i: usize) -> usize {
     (r * cfg.chunks + i) % (cfg.chunks + 1)
-}
-
-/// Single-thread memcpy of one client's pass (same chunk sizes and sources), median of 3, GB/s.
-pub fn measure_memcpy(cfg: &RunConfig) -> f64 {
-    let sources = make_sources(cfg, usize::MAX >> 1);
-    let total = cfg.requests * cfg.chunks * cfg.chunk_bytes;
-    let mut dest = touched(total);
-    let mut rates: Vec<f64> = (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            for (n, d) in dest.chunks_exact_mut(cfg.chunk_bytes).enumerate() {
-                let src = &sources[source_index(cfg, n / cfg.chunks, n % cfg.chunks)];
-                d.copy_from_slice(src);
-            }
-            black_box(&dest);
-            total as f64 / t.elapsed().as_secs_f64() / 1e9
-        })
-        .collect();
-    rates.sort_by(f64::total_cmp);
-    rates.get(1).copied().unwrap_or(0.0)
-}
-
-/// Page-fault yardsticks, GB/s, copying up to 256 MiB of one client's chunks into a scratch
-/// file in `/dev/shm` (removed afterwards): into pages that do not exist yet (tmpfs allocation
-/// and page-table faults), through a fresh mapping of the now allocated pages (page-table
-/// faults only), and again through that mapping (no faults: memcpy into shared memory).
-pub fn measure_page_faults(cfg: &RunConfig) -> anyhow::Result<[f64; 3]> {
-    use std::sync::atomic::AtomicU32;
-    static N: AtomicU32 = AtomicU32::new(0);
-    let sources = make_sources(cfg, usize::MAX >> 2);
-    let chunks = ((256usize << 20) / cfg.chunk_bytes).clamp(1, cfg.requests * cfg.chunks);
-    let bytes = (chunks * cfg.chunk_bytes) as u64;
-    let name = format!(
-        "kvtier_bench_faults_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    let path = std::path::Path::new("/dev/shm").join(&name);
-    struct Remove(std::path::PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _removed = std::fs::remove_file(&self.0);
-        }
-    }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    let _remove = Remove(path);
-    file.set_len(bytes)?;
-    let fill = |pool: &ShmPool| -> anyhow::Result<f64> {
-        let t = Instant::now();
-        for n in 0..chunks {
-            let src = &sources[source_index(cfg, n / cfg.chunks, n % cfg.chunks)];
-            pool.copy_in((n * cfg.chunk_bytes) as u64, src)?;
-        }
-        Ok(bytes as f64 / t.elapsed().as_secs_f64() / 1e9)
-    };
-    let first_touch = fill(&ShmPool::open(&name, bytes)?)?;
-    let fresh = ShmPool::open(&name, bytes)?;
-    let remapped = fill(&fresh)?;
-    let warm = fill(&fresh)?;
-    Ok([first_touch, remapped, warm])
 }
 
 /// The thread body: set up, then run every phase between barriers. A failure stops this
@@ -567,82 +502,15 @@ impl<'a> Worker<'a> {
     }
 }
 
-/// The heavy client of `--neighbour-chunks`: its own connection and engine instance, storing
-/// batches of new chunks back to back without copying into them.
-pub struct Neighbour<'a> {
-    cfg: &'a RunConfig,
-    client: Client,
-    iid: i64,
-    batches: u64,
-}
-
-impl Drop for Neighbour<'_> {
-    fn drop(&mut self) {
-        // Best effort: the server reaps instances anyway.
-        let _unregistered = self.client.unregister_engine_driven(self.iid);
-    }
-}
-
-impl<'a> Neighbour<'a> {
-    /// Connects and registers (instance index `--clients`, after every client's).
-    pub fn setup(cfg: &'a RunConfig) -> anyhow::Result<Self> {
-        let mut client = Client::connect(&cfg.url, cfg.timeout)?;
-        let iid = instance_id(cfg, cfg.clients);
-        client
-            .register_engine_driven(&register_payload(cfg, iid, &cfg.shape))
-            .context("register_kv_cache_engine_driven_context")?;
-        Ok(Self {
-            cfg,
-            client,
-            iid,
-            batches: 0,
-        })
-    }
-
-    /// Stores batches until `done()`; samples each batch's prepare + commit as `heavy_batch`.
-    /// A batch L1 cannot hold (fewer slots than chunks) is not an error: the load is the point.
-    pub fn run(&mut self, done: impl Fn() -> bool) -> anyhow::Result<PhaseOut> {
-        let cfg = self.cfg;
-        let n = cfg.neighbour_chunks * cfg.chunk_size as usize;
-        let mut out = PhaseOut::start();
-        while !done() {
-            let b = self.batches;
-            self.batches += 1;
-            let head = [
-                cfg.seed as u32,
-                (cfg.seed >> 32) as u32,
-                u32::MAX,
-                b as u32,
-                (b >> 32) as u32,
-            ];
-            let tokens: Vec<u32> = (0..n)
-                .map(|i| head.get(i).copied().unwrap_or(i as u32))
-                .collect();
-            let id = format!("kvb-{:x}-heavy-{b}", cfg.seed);
-            let key = CacheKey::new(cfg.model.clone(), 1, tokens, 0, n as i64, id.clone())
-                .with_worker(Some(0));
-            let t = Instant::now();
-            let prep = self.client.prepare_store(&key, self.iid)?;
-            if !prep.slots.is_empty() {
-                let _committed = self.client.commit_store(&key, self.iid)?;
-            }
-            out.sample("heavy_batch", t.elapsed());
-            self.client.end_session(&id)?;
-            out.ops += 1;
-        }
-        Ok(out.finish())
-    }
-}
-
 fn align(n: u64) -> u64 {
     n.div_ceil(4096) * 4096
 }
 
-fn instance_id(cfg: &RunConfig, idx: usize) -> i64 {
+pub(super) fn instance_id(cfg: &RunConfig, idx: usize) -> i64 {
     (((cfg.seed >> 8) & 0xff_ffff) * 100_000 + idx as u64) as i64
 }
 
-fn register_payload(cfg: &RunConfig, iid: i64, shape: &super::Shape) -> RegisterPayload {
+pub(super) fn register_payload(cfg: &RunConfig, iid: i64, shape: &super::Shape) -> RegisterPayload {
     RegisterPayload {
         instance_id: iid,
         model_name: if shape.label == fill_shape().label {
