@@ -26,9 +26,11 @@
 //! Invariants (the first two checked by `L1Manager::check_invariants`): an id is in the index
 //! at most once, under the hash of its entry's key, in exactly one of the two tables; no two
 //! ids in the index name entries with equal keys; `old` is empty or its buckets below `cursor`
-//! are all empty; an insert never makes hashbrown rebuild the new table while `old` has ids
-//! (it finishes the move first). The owner (the L1 mutex) keeps the index and the entries in
-//! step: an entry's key never changes while its id is indexed.
+//! are all empty; a move step never fills the new table. Only if the new table fills before
+//! `old` is drained (possible only when mass removals left a big old table with few ids) does
+//! an insert move the rest at once, letting hashbrown grow the new table its own way if need
+//! be. The owner (the L1 mutex) keeps the index and the entries in step: an entry's key never
+//! changes while its id is indexed.
 
 use std::hash::BuildHasher;
 
@@ -54,6 +56,9 @@ pub(super) struct KeyIndex {
     /// The next bucket of `old` to move.
     cursor: usize,
     state: foldhash::fast::RandomState,
+    /// Rebuilds that had to finish the previous move first (tests).
+    #[cfg(test)]
+    forced_moves: usize,
 }
 
 impl KeyIndex {
@@ -103,7 +108,12 @@ impl KeyIndex {
         if self.table.len() >= self.table.capacity() {
             // Only reached with ids left in `old` if the new table filled first (its room is
             // twice the ids it started with, so only after mass removals shrank it): finish
-            // that move, then start the next.
+            // that move at once (hashbrown may grow the table the slow way for it), then start
+            // the next.
+            #[cfg(test)]
+            {
+                self.forced_moves += usize::from(!self.old.is_empty());
+            }
             self.migrate(usize::MAX, &key_of);
             let room = (2 * self.table.len()).max(MIN_CAPACITY);
             self.old = std::mem::replace(&mut self.table, HashTable::with_capacity(room));
@@ -117,14 +127,21 @@ impl KeyIndex {
             .insert_unique(h, id, |&other| Self::rehash(state, other, &key_of));
     }
 
-    /// Moves the ids of up to `buckets` buckets of `old` into the table; frees `old` when it
-    /// has no ids left.
+    /// Moves the ids of up to `buckets` buckets of `old` into the table, stopping early when the
+    /// table is full (`usize::MAX`: all of them, growing the table if need be); frees `old` when
+    /// it has no ids left.
     fn migrate(&mut self, buckets: usize, key_of: &impl Fn(EntryId) -> Option<(ChunkHash, NsId)>) {
         let end = self
             .cursor
             .saturating_add(buckets)
             .min(self.old.num_buckets());
+        let bounded = buckets != usize::MAX;
         while self.cursor < end && !self.old.is_empty() {
+            // A bounded step never fills the table (hashbrown would rebuild it); `insert` then
+            // finishes the move at once.
+            if bounded && self.table.len() >= self.table.capacity() {
+                break;
+            }
             if let Ok(entry) = self.old.get_bucket_entry(self.cursor) {
                 let (id, _) = entry.remove();
                 let state = &self.state;
@@ -240,6 +257,38 @@ mod tests {
             assert_eq!(index.get((&k.0, k.1), key_of), model.get(&k).copied());
         }
         assert!(!index.remove((&key(5000).0, 5000 % 3), 5000));
+    }
+
+    #[test]
+    fn a_new_table_that_fills_before_the_old_one_is_drained_finishes_the_move_first() {
+        // Hard to reach through the public calls (the new table has room for as many inserts
+        // as it started with ids, the old one drains 16 buckets per insert), so the state is
+        // built by hand: a big old table with 1,000 ids, a new table that is already full.
+        let key_of = |id: EntryId| Some(key(id));
+        let mut index = KeyIndex::default();
+        for id in 0..1000u32 {
+            let k = key(id);
+            index.insert((&k.0, k.1), id, key_of);
+        }
+        index.migrate(usize::MAX, &key_of);
+        index.old = std::mem::take(&mut index.table);
+        index.cursor = 0;
+        index.table = HashTable::with_capacity(4);
+        let mut id = 1000u32;
+        while index.table.len() < index.table.capacity() {
+            let k = key(id);
+            let h = KeyIndex::hash(&index.state, (&k.0, k.1));
+            index.table.insert_unique(h, id, |_| 0);
+            id += 1;
+        }
+        let k = key(id);
+        index.insert((&k.0, k.1), id, key_of);
+        assert_eq!(index.forced_moves, 1);
+        assert_eq!(index.len(), id as usize + 1);
+        for i in 0..=id {
+            let k = key(i);
+            assert_eq!(index.get((&k.0, k.1), key_of), Some(i), "{i}");
+        }
     }
 
     #[test]
