@@ -12,16 +12,16 @@
 //!
 //! **Incremental rebuild.** hashbrown rebuilds a full table in one call (growth, or a rehash in
 //! place once removals have left too many tombstones), rehashing every id; without stored
-//! hashes that is one random entry read per object, 110–130 ms at 917,504 objects, and it
-//! happens under the L1 lock, so every client waited for it. Instead, when the table is full
-//! the index moves it aside as `old` and starts a fresh table with room for twice its ids; each
-//! later [`insert`](KeyIndex::insert) first moves the ids of the next [`MIGRATE_BUCKETS`]
-//! buckets of `old` into the new table, so `old` is empty after `old.num_buckets() /
-//! MIGRATE_BUCKETS` inserts (a 917,504-object table: 65,536 inserts, ~1 µs each), long before
-//! the new table, which had room for as many inserts again as it held ids, can fill. Lookups
-//! and removals look in both tables while `old` has ids. Memory: both tables exist only during
-//! the move, as they do during hashbrown's own resize. Storing each key's hash instead would
-//! have more than doubled the table.
+//! hashes that is one random entry read per object (110–320 ms at 917,504 objects on this VM),
+//! under the L1 lock, so every client waited for it. Instead, when the table is full the index
+//! moves it aside as `old` and starts a fresh table with room for twice its ids; each later
+//! [`insert`](KeyIndex::insert) first moves the ids of the next [`MIGRATE_BUCKETS`] buckets of
+//! `old` into the new table (reading those entries' keys), so `old` is empty after
+//! `old.num_buckets() / MIGRATE_BUCKETS` inserts (65,536 for a 917,504-object table), long
+//! before the new table, which had room for as many inserts again as it held ids, can fill.
+//! Lookups and removals look in both tables while `old` has ids. Memory: both tables exist only
+//! during the move, as they do during hashbrown's own resize. Storing each key's hash instead
+//! would have more than doubled the table.
 //!
 //! Invariants (the first two checked by `L1Manager::check_invariants`): an id is in the index
 //! at most once, under the hash of its entry's key, in exactly one of the two tables; no two
