@@ -118,6 +118,8 @@ impl ShmPool {
     }
 
     /// Copies `src` into the pool at `offset`; nothing is copied if the range is outside.
+    /// Copies of a MiB or more use non-temporal stores (`kvtier_copy::copy_bulk`): a chunk
+    /// written into a slot is not read back by this process.
     ///
     /// # Errors
     /// [`ShmError::OutOfBounds`].
@@ -127,12 +129,13 @@ impl ShmPool {
         // `src` is a Rust slice, which never points into the mapping (no reference over it is
         // ever formed), so the ranges do not overlap.
         unsafe {
-            ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(start), src.len());
+            kvtier_copy::copy_bulk(src.as_ptr(), self.ptr.as_ptr().add(start), src.len());
         }
         Ok(())
     }
 
     /// Fills `dst` from the pool at `offset`; nothing is copied if the range is outside.
+    /// Copies of a MiB or more use non-temporal stores (`kvtier_copy::copy_bulk`).
     ///
     /// # Errors
     /// [`ShmError::OutOfBounds`].
@@ -141,7 +144,7 @@ impl ShmPool {
         // SAFETY: in bounds of the live mapping (checked); `dst` is an exclusive Rust slice,
         // which cannot point into the mapping.
         unsafe {
-            ptr::copy_nonoverlapping(self.ptr.as_ptr().add(start), dst.as_mut_ptr(), dst.len());
+            kvtier_copy::copy_bulk(self.ptr.as_ptr().add(start), dst.as_mut_ptr(), dst.len());
         }
         Ok(())
     }

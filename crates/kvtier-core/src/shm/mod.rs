@@ -528,18 +528,21 @@ impl ShmSegment {
     }
 
     /// Copies `src` into the segment at `offset`. Fails, without copying, if the range
-    /// does not lie in the segment.
+    /// does not lie in the segment. A MiB or more is copied with non-temporal stores
+    /// (`kvtier_copy::copy_bulk`): what lands in L1 is read by an engine later, not by this
+    /// thread now.
     pub fn copy_in(&self, offset: usize, src: &[u8]) -> Result<(), ShmError> {
         let dst = self.ptr_at(offset, src.len())?;
         // SAFETY: `dst..dst + src.len()` is inside our live, writable mapping (checked by
         // `ptr_at`). It cannot overlap `src`: a safe `&[u8]` never points into the mapping,
         // and one obtained from the unsafe `slice` forbids writes to its range while alive.
-        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), dst.as_ptr(), src.len()) };
+        unsafe { kvtier_copy::copy_bulk(src.as_ptr(), dst.as_ptr(), src.len()) };
         Ok(())
     }
 
     /// Copies `dst.len()` bytes out of the segment from `offset`. Fails, without copying,
-    /// if the range does not lie in the segment.
+    /// if the range does not lie in the segment. Ordinary (cached) stores: the buffer is read
+    /// right away by whoever sends it on to L2.
     pub fn copy_out(&self, offset: usize, dst: &mut [u8]) -> Result<(), ShmError> {
         let src = self.ptr_at(offset, dst.len())?;
         // SAFETY: `src..src + dst.len()` is inside our live mapping (checked by `ptr_at`).

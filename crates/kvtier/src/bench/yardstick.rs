@@ -35,7 +35,8 @@ pub fn measure_memcpy(cfg: &RunConfig) -> f64 {
 /// Page-fault yardsticks, GB/s, copying up to 256 MiB of one client's chunks into a scratch
 /// file in `/dev/shm` (removed afterwards): into pages that do not exist yet (tmpfs allocation
 /// and page-table faults), through a fresh mapping of the now allocated pages (page-table
-/// faults only), and again through that mapping (no faults: memcpy into shared memory).
+/// faults only), and again through that mapping (no faults: the client's own copy into shared
+/// memory, `ShmPool::copy_in`, streaming stores for chunks of a MiB or more).
 pub fn measure_page_faults(cfg: &RunConfig) -> anyhow::Result<[f64; 3]> {
     use std::sync::atomic::AtomicU32;
     static N: AtomicU32 = AtomicU32::new(0);
