@@ -51,6 +51,37 @@ pub unsafe fn copy_bulk(src: *const u8, dst: *mut u8, len: usize) {
     unsafe { ptr::copy_nonoverlapping(src, dst, len) };
 }
 
+/// Copies `len` bytes with streaming stores whatever the size (x86-64; other architectures:
+/// `ptr::copy_nonoverlapping`), **without** the closing fence: for a caller that assembles one
+/// object out of many pieces (the gather kernels copy a KV chunk a block or a token row at a
+/// time). The caller must call [`store_fence`] on the same thread after its last piece and
+/// before anything that lets another thread or process read the bytes (a thread join or an
+/// atomic store does not order streaming stores on x86).
+///
+/// # Safety
+/// As [`copy_bulk`]'s.
+#[inline]
+pub unsafe fn copy_streaming_unfenced(src: *const u8, dst: *mut u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        streaming::copy_unfenced(src, dst, len)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    // SAFETY: the caller's contract.
+    unsafe {
+        ptr::copy_nonoverlapping(src, dst, len)
+    };
+}
+
+/// Orders this thread's earlier [`copy_streaming_unfenced`] stores before its later stores
+/// (`sfence` on x86-64; nothing elsewhere, where those copies use ordinary stores).
+#[inline]
+pub fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    streaming::fence();
+}
+
 /// Copies `src` into `dst` (equal lengths) with [`copy_bulk`].
 ///
 /// # Panics
@@ -69,12 +100,29 @@ mod streaming {
     /// Bytes per loop step: one cache line, four 16-byte stores.
     const STEP: usize = 64;
 
+    /// [`copy_unfenced`], then [`fence`].
+    ///
+    /// # Safety
+    /// As [`super::copy_bulk`]'s.
+    pub(super) unsafe fn copy(src: *const u8, dst: *mut u8, len: usize) {
+        // SAFETY: passed on.
+        unsafe { copy_unfenced(src, dst, len) };
+        fence();
+    }
+
+    /// Streaming stores are weakly ordered: this orders them before whatever follows (the
+    /// store that publishes the copy, or the system call that sends the commit).
+    pub(super) fn fence() {
+        // SAFETY: SSE is part of every x86-64 target; the call has no other precondition.
+        unsafe { _mm_sfence() };
+    }
+
     /// The non-temporal copy: ordinary copies for the bytes before the first 16-byte-aligned
     /// destination address and after the last whole step, streaming stores in between.
     ///
     /// # Safety
     /// As [`super::copy_bulk`]'s.
-    pub(super) unsafe fn copy(src: *const u8, dst: *mut u8, len: usize) {
+    pub(super) unsafe fn copy_unfenced(src: *const u8, dst: *mut u8, len: usize) {
         let head = dst.align_offset(16).min(len);
         // SAFETY: `head ≤ len`, inside both ranges.
         unsafe { ptr::copy_nonoverlapping(src, dst, head) };
@@ -98,10 +146,6 @@ mod streaming {
             }
             i += STEP;
         }
-        // Streaming stores are weakly ordered: fence them before whatever follows (the store
-        // that publishes the copy, or the system call that sends the commit).
-        // SAFETY: SSE is part of every x86-64 target; the call has no other precondition.
-        unsafe { _mm_sfence() };
         // SAFETY: `i ≤ len`; the rest of both ranges.
         unsafe { ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i) };
     }
@@ -145,8 +189,15 @@ mod tests {
             for (s_off, d_off) in [(0, 0), (1, 0), (0, 1), (7, 13), (15, 16), (63, 33), (16, 5)] {
                 let src = &src_all[s_off..s_off + n];
                 let mut dst = vec![0xA5u8; n + 128];
+                let mut dst2 = dst.clone();
                 copy_slice(&mut dst[d_off..d_off + n], src);
                 assert!(dst[d_off..d_off + n] == *src, "n={n} s={s_off} d={d_off}");
+                // SAFETY: both ranges lie inside their own allocations.
+                unsafe {
+                    copy_streaming_unfenced(src.as_ptr(), dst2.as_mut_ptr().add(d_off), n);
+                }
+                store_fence();
+                assert!(dst2 == dst, "unfenced: n={n} s={s_off} d={d_off}");
                 assert!(
                     dst[..d_off].iter().all(|&b| b == 0xA5),
                     "before: n={n} d={d_off}"

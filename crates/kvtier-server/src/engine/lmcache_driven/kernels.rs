@@ -17,6 +17,15 @@ use super::layout::{KvGeometry, LayerLayout, RunKind};
 /// Below this many bytes a transfer runs on the calling thread only.
 pub const PARALLEL_MIN_BYTES: usize = 4 << 20;
 
+/// Pieces of at least this many bytes are written with streaming stores (`kvtier_copy`), in
+/// both directions: the object a gather fills is read next by an engine or by write-behind, the
+/// engine blocks a scatter fills by the engine, never by this thread, so reading each
+/// destination line into the cache first (what an ordinary store does) only costs. A head
+/// vector (256 bytes at fp16 × 128) qualifies; single elements do not. Each thread's share ends
+/// with a store fence (`run_transfer`). `cargo bench -p kvtier-server --bench
+/// lmcache_driven_copy` measures it (docs/performance.md).
+const STREAM_MIN_BYTES: usize = 64;
+
 /// Which way a transfer copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -91,6 +100,8 @@ pub(crate) unsafe fn run_transfer(
             // SAFETY: forwarded from this function's contract.
             unsafe { copy_unit(view, block_ids, chunk, plane, layer, dir) };
         }
+        // The streaming stores, ordered before this thread's share is reported done.
+        kvtier_copy::store_fence();
     };
     if threads <= 1 {
         run(0..units);
@@ -235,7 +246,13 @@ unsafe fn copy(
         let e = engine.as_ptr().add(engine_off);
         let o = object.as_ptr().add(object_off);
         match dir {
+            Direction::Gather if len >= STREAM_MIN_BYTES => {
+                kvtier_copy::copy_streaming_unfenced(e, o, len)
+            }
             Direction::Gather => ptr::copy_nonoverlapping(e, o, len),
+            Direction::Scatter if len >= STREAM_MIN_BYTES => {
+                kvtier_copy::copy_streaming_unfenced(o, e, len)
+            }
             Direction::Scatter => ptr::copy_nonoverlapping(o, e, len),
         }
     }
