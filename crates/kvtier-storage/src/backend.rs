@@ -290,20 +290,33 @@ impl BufPool {
     }
 }
 
-/// Sorts a load batch's failures the same way for every key-value adapter (`resp`, `valkey`):
-/// a corrupt object is counted, logged and recorded as the adapter's last error, and returned
-/// so the caller deletes it; a vanished one (indexed here, gone from the server) is counted and
-/// un-indexed, so usage heals.
-pub(crate) fn triage_load_failures(
+/// The load flow of every key-value adapter (`resp`, `valkey`): refuse the batch while the
+/// adapter is unhealthy, load every key concurrently (`load_one(i)` loads `keys[i]`), then sort
+/// the failures. A corrupt object is counted, logged, recorded as the adapter's last error,
+/// deleted from the store (`delete_corrupt`, which each adapter does its own way) and
+/// un-indexed; a vanished one (indexed here, gone from the server) is counted and un-indexed,
+/// so usage heals.
+pub(crate) async fn load_batch<L, LF, D, DF>(
     adapter: &'static str,
     keys: &[ObjectKey],
-    results: &KeyResults,
-    events: &AdapterEvents,
     health: &Health,
+    events: &AdapterEvents,
     index: &parking_lot::Mutex<crate::index::ObjectIndex>,
-) -> Vec<ObjectKey> {
+    load_one: L,
+    delete_corrupt: D,
+) -> KeyResults
+where
+    L: Fn(usize) -> LF,
+    LF: Future<Output = Result<(), L2Error>>,
+    D: FnOnce(Vec<ObjectKey>) -> DF,
+    DF: Future<Output = ()>,
+{
+    if let Err(e) = health.gate() {
+        return all_err(keys.len(), &e);
+    }
+    let results: KeyResults = futures_util::future::join_all((0..keys.len()).map(load_one)).await;
     let mut corrupt = Vec::new();
-    for (k, r) in keys.iter().zip(results) {
+    for (k, r) in keys.iter().zip(&results) {
         match r {
             Err(L2Error::Corrupt(why)) => {
                 events.corrupt_objects_total.inc();
@@ -318,7 +331,14 @@ pub(crate) fn triage_load_failures(
             _ => {}
         }
     }
-    corrupt
+    if !corrupt.is_empty() {
+        delete_corrupt(corrupt.clone()).await;
+        let mut ix = index.lock();
+        for k in &corrupt {
+            ix.remove(k);
+        }
+    }
+    results
 }
 
 /// The same error for every key of a batch.

@@ -39,7 +39,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
-use futures_util::future::join_all;
 use kvtier_core::key::ObjectKey;
 use kvtier_core::l1::Allocation;
 use kvtier_core::shm::ShmSegment;
@@ -50,8 +49,7 @@ use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, R
 use tokio::sync::Semaphore;
 
 use crate::backend::{
-    BoxFuture, KeyResults, L2Backend, Usage, all_err, copy_in, status_head, triage_load_failures,
-    usize_len,
+    BoxFuture, KeyResults, L2Backend, Usage, all_err, copy_in, load_batch, status_head, usize_len,
 };
 use crate::config::{EvictionPolicyName, RespConfig, gib_to_bytes};
 use crate::error::{ConfigError, L2Error, is_redis_connection_error};
@@ -483,25 +481,15 @@ impl L2Backend for RespBackend {
         segment: &'a Arc<ShmSegment>,
         dst: &'a [Allocation],
     ) -> BoxFuture<'a, KeyResults> {
-        Box::pin(async move {
-            if let Err(e) = self.health.gate() {
-                return all_err(keys.len(), &e);
-            }
-            let results: KeyResults = join_all(
-                keys.iter()
-                    .zip(dst)
-                    .map(|(k, a)| self.load_one(k, segment, *a)),
-            )
-            .await;
-            let corrupt = triage_load_failures(
-                "resp",
-                keys,
-                &results,
-                &self.events,
-                &self.health,
-                &self.index,
-            );
-            if !corrupt.is_empty() {
+        Box::pin(load_batch(
+            "resp",
+            keys,
+            &self.health,
+            &self.events,
+            &self.index,
+            move |i| self.load_one(&keys[i], segment, dst[i]),
+            move |corrupt| async move {
+                // Delete every part of each corrupt object: its header says how many.
                 if let Ok(headers) = self.headers(&corrupt).await {
                     let items: Vec<(ObjectKey, u64)> = corrupt
                         .iter()
@@ -510,13 +498,8 @@ impl L2Backend for RespBackend {
                         .collect();
                     let _deleted = self.del_known(&items).await;
                 }
-                let mut ix = self.index.lock();
-                for k in &corrupt {
-                    ix.remove(k);
-                }
-            }
-            results
-        })
+            },
+        ))
     }
 
     fn store<'a>(

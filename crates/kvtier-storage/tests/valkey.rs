@@ -1,7 +1,8 @@
 //! The `valkey` adapter against real servers: the conformance suite in standalone and cluster
 //! mode, keys spread over the masters, a master failover and a whole-cluster outage survived
 //! without reopening the adapter, TLS (right and wrong CA) and an ACL user (right and wrong
-//! password). One cluster serves every cluster case (they run in sequence in one test).
+//! password), and a corrupt value deleted and counted. One cluster serves every cluster case (they
+//! run in sequence in one test).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +75,48 @@ fn valkey_standalone_conforms_and_refuses_oversized_objects() {
         "{r:?}"
     );
     assert!(r[1].is_ok(), "{r:?}");
+}
+
+#[test]
+fn valkey_corrupt_value_is_a_counted_deleted_miss() {
+    // A value whose length no longer matches what the lookup pinned (rewritten behind the
+    // adapter's back) fails the load as corrupt, is deleted from the server and un-indexed.
+    let redis = RedisServer::start();
+    let rt = runtime();
+    let mut cfg = ValkeyConfig::new(format!("127.0.0.1:{}", redis.port()), false);
+    cfg.key_prefix = "corrupt".to_owned();
+    let b = open(&rt, cfg);
+    let arena = Arena::new(1 << 20);
+    let model = unique_model();
+    let k = key(&model, 1);
+    let one = std::slice::from_ref(&k);
+    let src = arena.put(&pattern(1, 1000));
+    assert!(rt.block_on(b.store(one, &arena.segment, &[src]))[0].is_ok());
+    assert_eq!(
+        rt.block_on(b.lookup_and_pin(one)).expect("lookup"),
+        vec![Some(1000)]
+    );
+    let name = kvtier_storage::valkey::wire_key("corrupt", &k);
+    redis_cli(redis.port(), &["SET", &name, "short"]);
+    let dst = arena.alloc(1000);
+    let r = rt.block_on(b.load(one, &arena.segment, &[dst]));
+    assert!(
+        matches!(&r[0], Err(kvtier_storage::L2Error::Corrupt(why)) if why.contains("5 bytes")),
+        "{r:?}"
+    );
+    rt.block_on(b.unpin(one));
+    assert_eq!(
+        redis_cli(redis.port(), &["EXISTS", &name]).trim(),
+        "0",
+        "the corrupt value was deleted"
+    );
+    assert_eq!(
+        rt.block_on(b.lookup_and_pin(one)).expect("lookup"),
+        vec![None]
+    );
+    assert_eq!(b.usage().object_count, 0, "and un-indexed");
+    let v = b.report_status().to_value();
+    assert_eq!(v["ops"]["corrupt_objects_total"], 1, "{v}");
 }
 
 #[test]

@@ -66,7 +66,7 @@ use redis::{
 use tokio::sync::Semaphore;
 
 use crate::backend::{
-    BoxFuture, KeyResults, L2Backend, Usage, all_err, copy_in, status_head, triage_load_failures,
+    BoxFuture, KeyResults, L2Backend, Usage, all_err, copy_in, load_batch, status_head,
     visit_adapter_metrics,
 };
 use crate::config::{EvictionPolicyName, ValkeyConfig, gib_to_bytes};
@@ -404,33 +404,17 @@ impl L2Backend for ValkeyBackend {
         segment: &'a Arc<ShmSegment>,
         dst: &'a [Allocation],
     ) -> BoxFuture<'a, KeyResults> {
-        Box::pin(async move {
-            if let Err(e) = self.health.gate() {
-                return all_err(keys.len(), &e);
-            }
-            let results: KeyResults = join_all(
-                keys.iter()
-                    .zip(dst)
-                    .map(|(k, a)| self.load_one(k, segment, *a)),
-            )
-            .await;
-            let corrupt = triage_load_failures(
-                "valkey",
-                keys,
-                &results,
-                &self.events,
-                &self.health,
-                &self.index,
-            );
-            if !corrupt.is_empty() {
+        Box::pin(load_batch(
+            "valkey",
+            keys,
+            &self.health,
+            &self.events,
+            &self.index,
+            move |i| self.load_one(&keys[i], segment, dst[i]),
+            move |corrupt| async move {
                 let _deleted = self.del_keys(&corrupt).await;
-                let mut ix = self.index.lock();
-                for k in &corrupt {
-                    ix.remove(k);
-                }
-            }
-            results
-        })
+            },
+        ))
     }
 
     fn store<'a>(
