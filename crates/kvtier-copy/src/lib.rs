@@ -55,8 +55,9 @@ pub unsafe fn copy_bulk(src: *const u8, dst: *mut u8, len: usize) {
 /// `ptr::copy_nonoverlapping`), **without** the closing fence: for a caller that assembles one
 /// object out of many pieces (the gather kernels copy a KV chunk a block or a token row at a
 /// time). The caller must call [`store_fence`] on the same thread after its last piece and
-/// before anything that lets another thread or process read the bytes (a thread join or an
-/// atomic store does not order streaming stores on x86).
+/// before anything that lets another thread or process read the bytes (on x86 an ordinary or
+/// release store, which is how an atomic flag may publish them, does not order streaming
+/// stores; only fences and locked instructions do).
 ///
 /// # Safety
 /// As [`copy_bulk`]'s.
