@@ -245,15 +245,14 @@ unsafe fn copy(
     unsafe {
         let e = engine.as_ptr().add(engine_off);
         let o = object.as_ptr().add(object_off);
-        match dir {
-            Direction::Gather if len >= STREAM_MIN_BYTES => {
-                kvtier_copy::copy_streaming_unfenced(e, o, len)
-            }
-            Direction::Gather => ptr::copy_nonoverlapping(e, o, len),
-            Direction::Scatter if len >= STREAM_MIN_BYTES => {
-                kvtier_copy::copy_streaming_unfenced(o, e, len)
-            }
-            Direction::Scatter => ptr::copy_nonoverlapping(o, e, len),
+        let (from, to) = match dir {
+            Direction::Gather => (e.cast_const(), o),
+            Direction::Scatter => (o.cast_const(), e),
+        };
+        if len >= STREAM_MIN_BYTES {
+            kvtier_copy::copy_streaming_unfenced(from, to, len);
+        } else {
+            ptr::copy_nonoverlapping(from, to, len);
         }
     }
 }
