@@ -341,6 +341,36 @@ where
     results
 }
 
+/// The store flow of every key-value adapter (`resp`, `valkey`): refuse the batch while the
+/// adapter is unhealthy, else [`StorePlan::run`](crate::index::StorePlan::run) with the
+/// adapter's eviction (`evict`) and single-object write (`write(i)` stores `keys[i]`).
+pub(crate) async fn store_batch<E, W>(
+    keys: &[ObjectKey],
+    src: &[Allocation],
+    health: &Health,
+    events: &AdapterEvents,
+    index: &parking_lot::Mutex<crate::index::ObjectIndex>,
+    evict: impl Fn(Vec<(ObjectKey, u64)>) -> E,
+    write: impl Fn(usize) -> W,
+) -> KeyResults
+where
+    E: Future<Output = ()>,
+    W: Future<Output = Result<(), L2Error>>,
+{
+    if let Err(e) = health.gate() {
+        return all_err(keys.len(), &e);
+    }
+    crate::index::StorePlan::run(
+        index,
+        keys,
+        src,
+        &events.store_skipped_existing_total,
+        evict,
+        write,
+    )
+    .await
+}
+
 /// The same error for every key of a batch.
 pub(crate) fn all_err(n: usize, e: &L2Error) -> KeyResults {
     (0..n).map(|_| Err(e.clone())).collect()

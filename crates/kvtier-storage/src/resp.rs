@@ -49,12 +49,13 @@ use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, R
 use tokio::sync::Semaphore;
 
 use crate::backend::{
-    BoxFuture, KeyResults, L2Backend, Usage, all_err, copy_in, load_batch, status_head, usize_len,
+    BoxFuture, KeyResults, L2Backend, Usage, copy_in, load_batch, status_head, store_batch,
+    usize_len,
 };
 use crate::config::{EvictionPolicyName, RespConfig, gib_to_bytes};
 use crate::error::{ConfigError, L2Error, is_redis_connection_error};
 use crate::health::{Health, Prober};
-use crate::index::{ObjectIndex, StorePlan};
+use crate::index::ObjectIndex;
 use crate::instrumented::Instrumented;
 use crate::metrics::AdapterEvents;
 
@@ -508,21 +509,15 @@ impl L2Backend for RespBackend {
         segment: &'a Arc<ShmSegment>,
         src: &'a [Allocation],
     ) -> BoxFuture<'a, KeyResults> {
-        Box::pin(async move {
-            let n = keys.len();
-            if let Err(e) = self.health.gate() {
-                return all_err(n, &e);
-            }
-            StorePlan::run(
-                &self.index,
-                keys,
-                src,
-                &self.events.store_skipped_existing_total,
-                |victims| self.evict(victims),
-                |i| self.store_one(&keys[i], segment, src[i]),
-            )
-            .await
-        })
+        Box::pin(store_batch(
+            keys,
+            src,
+            &self.health,
+            &self.events,
+            &self.index,
+            move |victims| self.evict(victims),
+            move |i| self.store_one(&keys[i], segment, src[i]),
+        ))
     }
 
     fn delete<'a>(&'a self, keys: &'a [ObjectKey]) -> BoxFuture<'a, Result<u64, L2Error>> {
