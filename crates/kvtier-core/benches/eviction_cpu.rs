@@ -8,9 +8,14 @@
 //! - `l1_evict_per_chunk`: the whole L1 manager on a full pool, per chunk one store that evicts
 //!   exactly one object (`reserve_write` + `finish_write`: index, allocator, tenant accounting,
 //!   listener and policy), with no reads (`store_evict`) or with two reads per chunk that hit
-//!   under every policy (`store_evict_read`, see [`whole_path`]). Identical operations and
-//!   outcomes for every policy, so this is the like-for-like ratio users pay for.
+//!   under every policy (`store_evict_read`, see [`whole_path`]), or one store of 16 new
+//!   chunks per call that evicts 16 (`store_evict_batch16`: a multi-chunk request, whose
+//!   admissions and removals the manager hints to the policy before handling the first).
+//!   Identical operations and outcomes for every policy, so this is the like-for-like ratio
+//!   users pay for.
 //!
+//! `EVICTION_BENCH_RESIDENT=<objects>` changes the resident object count (default 65,536, whose
+//! tables fit this machine's 2 MiB L2; 1,048,576 shows a large L1, whose tables do not).
 //! Run: `cargo bench -p kvtier-core --bench eviction_cpu`. On a shared, loaded machine run the
 //! built binary under `chrt -f 50 … --bench` instead (docs/performance.md).
 
@@ -26,8 +31,28 @@ use kvtier_core::l1::eviction::{EntryMeta, Removal, Verdict};
 use kvtier_core::l1::{EvictionPolicyKind, L1Config, L1Listener, L1Manager};
 
 const OBJ: u64 = 4096;
-const RESIDENT: u64 = 65_536;
+const DEFAULT_RESIDENT: u64 = 65_536;
 const BATCH: usize = 16;
+
+/// Resident objects: `EVICTION_BENCH_RESIDENT` or [`DEFAULT_RESIDENT`].
+fn resident() -> u64 {
+    std::env::var("EVICTION_BENCH_RESIDENT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &u64| n >= 1024)
+        .unwrap_or(DEFAULT_RESIDENT)
+}
+
+/// The whole-path workloads (see [`whole_path`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// One chunk per store, no reads.
+    Store,
+    /// One chunk per store and two reads per chunk.
+    StoreRead,
+    /// Sixteen chunks per store, no reads.
+    Batch,
+}
 
 fn key(i: u64, salts: &[Arc<str>], model: &Arc<str>) -> ObjectKey {
     let mut h = [0u8; 32];
@@ -46,6 +71,7 @@ fn policy_only(c: &mut Criterion) {
     let mut g = c.benchmark_group("policy_per_chunk");
     g.throughput(Throughput::Elements(BATCH as u64));
     let tenants = [0u32, 1, 2, 3];
+    let resident = resident();
     for policy in [
         EvictionPolicyKind::Lru,
         EvictionPolicyKind::Arc,
@@ -59,11 +85,11 @@ fn policy_only(c: &mut Criterion) {
         };
         // Each slot's object number: the caller hands the object's metadata back at removal,
         // as the manager does from its entry.
-        let mut objects: Vec<u32> = (0..RESIDENT as u32).collect();
+        let mut objects: Vec<u32> = (0..resident as u32).collect();
         for (id, &n) in objects.iter().enumerate() {
             p.on_ready(id as u32, meta(u64::from(n)));
         }
-        let mut next = RESIDENT;
+        let mut next = resident;
         let mut x = 1u64;
         g.bench_function(BenchmarkId::new("evict_insert_read", policy.name()), |b| {
             b.iter(|| {
@@ -83,7 +109,7 @@ fn policy_only(c: &mut Criterion) {
                     p.on_ready(id, meta(next));
                     next += 1;
                     x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                    let read = ((x >> 33) % RESIDENT) as u32;
+                    let read = ((x >> 33) % resident) as u32;
                     let tenant = meta(u64::from(objects[read as usize])).tenant;
                     p.on_access(read, tenant);
                     p.on_access(read, tenant);
@@ -136,32 +162,42 @@ fn store_one_then_read(l1: &L1Manager, item: &[(ObjectKey, u64)], reads: &[Objec
 /// - `store_evict`: per chunk one store of a new key into a full pool (index insert and removal,
 ///   allocator, tenant accounting, listener, policy), no reads.
 /// - `store_evict_read`: the same, and per chunk two reads (lock + release each): the chunk just
-///   stored, and one of a hot set of `RESIDENT / 4` keys taken round-robin (each is read every
-///   `RESIDENT / 4` chunks, so every policy keeps it: LRU by recency, ARC in T2, S3-FIFO in
+///   stored, and one of a hot set of `resident / 4` keys taken round-robin (each is read every
+///   `resident / 4` chunks, so every policy keeps it: LRU by recency, ARC in T2, S3-FIFO in
 ///   main with reinsertion, IsolatedLRU in its tenant's list). Every new chunk is read once,
 ///   so ARC's T1 empties into T2 and S3-FIFO promotes to main: their main-queue paths run.
 ///   The bench panics if any read misses (the sequences would then differ).
+/// - `store_evict_batch16`: per iteration one store of 16 new keys (one `reserve_write` that
+///   evicts 16 objects, one `finish_write`), no reads.
 fn whole_path(c: &mut Criterion) {
     let mut g = c.benchmark_group("l1_evict_per_chunk");
     g.throughput(Throughput::Elements(BATCH as u64));
     let model: Arc<str> = Arc::from("bench/model");
     let salts: Vec<Arc<str>> = (0..4).map(|t| Arc::from(format!("t{t}"))).collect();
-    let hot = RESIDENT / 4;
-    for reading in [false, true] {
+    let resident = resident();
+    let hot = resident / 4;
+    for mode in [Mode::Store, Mode::StoreRead, Mode::Batch] {
+        let reading = mode == Mode::StoreRead;
+        // Chunks per store, and stores per iteration.
+        let (per_store, stores) = if mode == Mode::Batch {
+            (BATCH, 1)
+        } else {
+            (1, BATCH)
+        };
         for policy in [
             EvictionPolicyKind::Lru,
             EvictionPolicyKind::Arc,
             EvictionPolicyKind::S3Fifo,
             EvictionPolicyKind::IsolatedLru,
         ] {
-            let mut cfg = L1Config::with_capacity(RESIDENT * OBJ);
+            let mut cfg = L1Config::with_capacity(resident * OBJ);
             cfg.eviction.policy = policy;
             let l1 = L1Manager::new(cfg);
             let listener = Arc::new(CountingListener::default());
             if l1.set_listener(listener.clone()).is_err() {
                 panic!("listener already set");
             }
-            let fill: Vec<(ObjectKey, u64)> = (0..RESIDENT)
+            let fill: Vec<(ObjectKey, u64)> = (0..resident)
                 .map(|i| (key(i, &salts, &model), OBJ))
                 .collect();
             for part in fill.chunks(1024) {
@@ -181,35 +217,37 @@ fn whole_path(c: &mut Criterion) {
                     assert_eq!(store_one_then_read(&l1, &[], part), 0, "{policy}");
                 }
             }
-            let mut next = RESIDENT;
+            let mut next = resident;
             let mut h = 0usize;
-            // One step: the new key and (when reading) its read set.
+            // One step: the new keys (one store) and (when reading) the read set.
             let step = |next: &mut u64, h: &mut usize| {
-                let item = [(key(*next, &salts, &model), OBJ)];
+                let items: Vec<(ObjectKey, u64)> = (0..per_store as u64)
+                    .map(|i| (key(*next + i, &salts, &model), OBJ))
+                    .collect();
                 let reads = if reading {
-                    vec![item[0].0.clone(), hot_keys[*h].clone()]
+                    vec![items[0].0.clone(), hot_keys[*h].clone()]
                 } else {
                     Vec::new()
                 };
-                *next += 1;
+                *next += per_store as u64;
                 *h = (*h + 1) % hot_keys.len();
-                (item, reads)
+                (items, reads)
             };
             // Reach the steady state first (the fill's cold objects gone twice over).
-            for _ in 0..2 * RESIDENT {
+            for _ in 0..2 * resident / per_store as u64 {
                 let (item, reads) = step(&mut next, &mut h);
                 assert_eq!(store_one_then_read(&l1, &item, &reads), 0, "{policy}");
             }
-            let name = if reading {
-                "store_evict_read"
-            } else {
-                "store_evict"
+            let name = match mode {
+                Mode::Store => "store_evict",
+                Mode::StoreRead => "store_evict_read",
+                Mode::Batch => "store_evict_batch16",
             };
             let mut misses = 0;
             g.bench_function(BenchmarkId::new(name, policy.name()), |b| {
                 b.iter_batched(
                     || {
-                        (0..BATCH)
+                        (0..stores)
                             .map(|_| step(&mut next, &mut h))
                             .collect::<Vec<_>>()
                     },
@@ -225,7 +263,7 @@ fn whole_path(c: &mut Criterion) {
             assert_eq!(misses, 0, "{policy}: a store failed or a read missed");
             assert_eq!(
                 l1.usage().0,
-                RESIDENT * OBJ,
+                resident * OBJ,
                 "{policy}: the pool stays full"
             );
             black_box(listener.0.load(Ordering::Relaxed));

@@ -103,6 +103,10 @@ impl EvictionPolicy for ArcPolicy {
         }
     }
 
+    fn prefetch(&self, fingerprint: u64) {
+        self.ghosts.prefetch(ghost_key(fingerprint));
+    }
+
     fn on_access(&mut self, id: EntryId, _tenant: TenantId) {
         if self.list_of(id) == T2 {
             self.lists.touch(T2, id);

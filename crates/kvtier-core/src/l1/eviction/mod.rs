@@ -12,6 +12,11 @@
 //!   3-bit frequency, so a round is at most `4 × resident + 8` steps. Nothing walks every object.
 //! - **Called with the L1 lock held**; a policy never calls back into L1 and has no lock of its
 //!   own, so there is no lock order to get wrong.
+//! - **Batch hints.** Before publishing or removing several objects at once, the manager calls
+//!   [`EvictionPolicy::prefetch`] with each one's fingerprint; ARC and S3-FIFO start loading
+//!   the ghost bucket each admission or eviction will touch, so a batch's ghost-table misses
+//!   overlap instead of following one another (on a 1M-object L1 the tables are far larger
+//!   than the caches; docs/performance.md, "Batch hints"). A hint changes no state.
 //! - Ghost entries (ARC's B1/B2, S3-FIFO's G) remember *fingerprints* of evicted keys
 //!   ([`EntryMeta::fingerprint`]), never entry ids, because ids are reused; each ghost list is
 //!   a window of its last `resident` pushes (see `l1::ghost` for the table and its
@@ -78,6 +83,12 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     /// The object left L1. `meta` is what [`on_ready`](Self::on_ready) was given (its
     /// fingerprint is 0 for an object that never became readable).
     fn on_remove(&mut self, id: EntryId, meta: EntryMeta, why: Removal);
+    /// A hint: an object with this key fingerprint is about to become ready or to be removed
+    /// (the manager calls it for each object of a batch before handling the first). The
+    /// policy may start loading the memory that call will touch; its state must not change.
+    fn prefetch(&self, fingerprint: u64) {
+        let _ = fingerprint;
+    }
     /// Proposes candidates in eviction order until `visit` says [`Verdict::Stop`] or none are
     /// left. `tenants` is the order in which to drain tenants; only isolated policies (see
     /// [`isolated`](Self::isolated)) use it, and the manager passes an empty slice to the others.

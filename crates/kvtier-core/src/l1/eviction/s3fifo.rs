@@ -83,6 +83,10 @@ impl EvictionPolicy for S3FifoPolicy {
         }
     }
 
+    fn prefetch(&self, fingerprint: u64) {
+        self.ghost.prefetch(ghost_key(fingerprint));
+    }
+
     fn on_access(&mut self, id: EntryId, _tenant: TenantId) {
         if let Some(f) = self.freq.get_mut(id as usize)
             && *f & LINKED != 0

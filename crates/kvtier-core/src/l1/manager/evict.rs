@@ -63,6 +63,12 @@ impl L1Manager {
         why: EvictedFor,
     ) -> EvictionOutcome {
         let mut out = EvictionOutcome::default();
+        if victims.len() > 1 {
+            // Start every victim's ghost push before the first (see `hint_batch`).
+            for &id in &victims {
+                inner.hint_policy(id);
+            }
+        }
         for id in victims {
             if let Some(e) = inner.entry(id) {
                 out.bytes += inner.reserved(e);

@@ -71,6 +71,16 @@ impl Inner {
         self.ns.tenant(e.ns()).unwrap_or(TenantId::MAX)
     }
 
+    /// Tells the policy that entry `id` is about to be published or removed, so that it can
+    /// start loading what that will touch ([`EvictionPolicy::prefetch`]). Used by the batch
+    /// paths, which hint every object of the batch before handling the first.
+    pub(super) fn hint_policy(&self, id: EntryId) {
+        if let Some(e) = self.entry(id) {
+            self.policy
+                .prefetch(fingerprint(&e.hash, self.ns.seed(e.ns())));
+        }
+    }
+
     /// What the eviction policy is told about entry `id`: its tenant, and its fingerprint once
     /// it became readable (0 for one that never did).
     pub(super) fn meta_of(&self, id: EntryId) -> EntryMeta {

@@ -166,6 +166,7 @@ impl L1Manager {
     /// freed by it.
     pub fn finish_write(&self, tickets: &[WriteTicket]) -> Vec<Result<(), L1Error>> {
         let mut inner = self.inner.lock();
+        hint_batch(&inner, tickets);
         tickets
             .iter()
             .map(|t| self.publish(&mut inner, t).map(|_| ()))
@@ -181,6 +182,7 @@ impl L1Manager {
         let now = self.ticks(self.clock.now());
         let count = count.clamp(1, MAX_READ_LOCKS_PER_CALL);
         let mut inner = self.inner.lock();
+        hint_batch(&inner, tickets);
         tickets
             .iter()
             .map(|t| {
@@ -273,5 +275,18 @@ impl L1Manager {
             inner.tenants.on_ready(meta.tenant, id);
         }
         Ok(id)
+    }
+}
+
+/// Before a batch is published: hints the policy about every object of a multi-object batch,
+/// so that the cache misses of their admissions (ghost lookups) overlap instead of queueing
+/// one after another (`EvictionPolicy::prefetch`).
+fn hint_batch(inner: &Inner, tickets: &[WriteTicket]) {
+    if tickets.len() > 1 {
+        for t in tickets {
+            if let Some(id) = inner.live(t.id, t.generation) {
+                inner.hint_policy(id);
+            }
+        }
     }
 }
