@@ -4,7 +4,10 @@
 //!   65,536 resident objects; per chunk, one victim is selected and removed (the caller hands
 //!   back its metadata, which it keeps per slot as a 4-byte object number), a new object
 //!   becomes ready in its slot, and a resident object is read (two accesses: lock and
-//!   release). This is the comparison the policy choice changes.
+//!   release). This is the comparison the policy choice changes. `evict_insert_read` does it
+//!   one chunk at a time; `batch16` runs the same operations 16 chunks at a time, as the
+//!   manager does for a 16-chunk store (one selection, the removals and the admissions each
+//!   hinted first with `EvictionPolicy::prefetch`).
 //! - `l1_evict_per_chunk`: the whole L1 manager on a full pool, per chunk one store that evicts
 //!   exactly one object (`reserve_write` + `finish_write`: index, allocator, tenant accounting,
 //!   listener and policy), with no reads (`store_evict`) or with two reads per chunk that hit
@@ -115,6 +118,44 @@ fn policy_only(c: &mut Criterion) {
                     p.on_access(read, tenant);
                     black_box(id);
                 }
+            });
+        });
+        // The same operations grouped as the manager runs a 16-chunk store: one round selects
+        // 16 victims, each is hinted and then removed, the 16 new objects are hinted and then
+        // made ready; then 16 reads.
+        let mut victims = Vec::with_capacity(BATCH);
+        g.bench_function(BenchmarkId::new("batch16", policy.name()), |b| {
+            b.iter(|| {
+                victims.clear();
+                p.select(&tenants, &mut |id| {
+                    if victims.len() == BATCH {
+                        return Verdict::Stop;
+                    }
+                    victims.push(id);
+                    Verdict::Evict
+                });
+                for &id in &victims {
+                    p.prefetch(meta(u64::from(objects[id as usize])).fingerprint);
+                }
+                for &id in &victims {
+                    p.on_remove(id, meta(u64::from(objects[id as usize])), Removal::Evicted);
+                }
+                for i in 0..victims.len() as u64 {
+                    p.prefetch(meta(next + i).fingerprint);
+                }
+                for &id in &victims {
+                    objects[id as usize] = next as u32;
+                    p.on_ready(id, meta(next));
+                    next += 1;
+                }
+                for _ in 0..victims.len() {
+                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    let read = ((x >> 33) % resident) as u32;
+                    let tenant = meta(u64::from(objects[read as usize])).tenant;
+                    p.on_access(read, tenant);
+                    p.on_access(read, tenant);
+                }
+                black_box(victims.len());
             });
         });
     }
