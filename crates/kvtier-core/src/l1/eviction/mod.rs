@@ -12,11 +12,12 @@
 //!   3-bit frequency, so a round is at most `4 × resident + 8` steps. Nothing walks every object.
 //! - **Called with the L1 lock held**; a policy never calls back into L1 and has no lock of its
 //!   own, so there is no lock order to get wrong.
-//! - **Batch hints.** Before publishing or removing several objects at once, the manager calls
-//!   [`EvictionPolicy::prefetch`] with each one's fingerprint; ARC and S3-FIFO start loading
-//!   the ghost bucket each admission or eviction will touch, so a batch's ghost-table misses
-//!   overlap instead of following one another (on a 1M-object L1 the tables are far larger
-//!   than the caches; docs/performance.md, "Batch hints"). A hint changes no state.
+//! - **Hints.** The manager calls [`EvictionPolicy::prefetch`] with an object's fingerprint
+//!   when it reserves the object (its admission follows at `finish_write`), and for every
+//!   object of a batch before publishing or removing the first; ARC and S3-FIFO start loading
+//!   the ghost bucket that admission or eviction will touch, so the ghost-table misses overlap
+//!   other work instead of stalling it (on a 1M-object L1 the tables are far larger than the
+//!   caches; docs/performance.md, "Batch hints"). A hint changes no state.
 //! - Ghost entries (ARC's B1/B2, S3-FIFO's G) remember *fingerprints* of evicted keys
 //!   ([`EntryMeta::fingerprint`]), never entry ids, because ids are reused; each ghost list is
 //!   a window of its last `resident` pushes (see `l1::ghost` for the table and its
@@ -84,8 +85,9 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     /// fingerprint is 0 for an object that never became readable).
     fn on_remove(&mut self, id: EntryId, meta: EntryMeta, why: Removal);
     /// A hint: an object with this key fingerprint is about to become ready or to be removed
-    /// (the manager calls it for each object of a batch before handling the first). The
-    /// policy may start loading the memory that call will touch; its state must not change.
+    /// (the manager calls it when it reserves an object, and for each object of a batch
+    /// before handling the first). The policy may start loading the memory that call will
+    /// touch; its state must not change.
     fn prefetch(&self, fingerprint: u64) {
         let _ = fingerprint;
     }

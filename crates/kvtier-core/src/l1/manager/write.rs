@@ -152,6 +152,9 @@ impl L1Manager {
             if temporary {
                 self.counters.temporary_objects.add(1);
             }
+            // The admission at `finish_write` will look the key up among the ghosts: start
+            // loading that bucket now (see `hint_batch`).
+            inner.hint_policy(id);
             out[i] = Ok(WriteTicket {
                 id,
                 generation,
