@@ -107,6 +107,10 @@ impl EvictionPolicy for ArcPolicy {
         self.ghosts.prefetch(ghost_key(fingerprint));
     }
 
+    fn takes_hints(&self) -> bool {
+        true
+    }
+
     fn on_access(&mut self, id: EntryId, _tenant: TenantId) {
         if self.list_of(id) == T2 {
             self.lists.touch(T2, id);

@@ -91,6 +91,11 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     fn prefetch(&self, fingerprint: u64) {
         let _ = fingerprint;
     }
+    /// Whether [`prefetch`](Self::prefetch) does anything (the manager computes a fingerprint
+    /// for a hint only then).
+    fn takes_hints(&self) -> bool {
+        false
+    }
     /// Proposes candidates in eviction order until `visit` says [`Verdict::Stop`] or none are
     /// left. `tenants` is the order in which to drain tenants; only isolated policies (see
     /// [`isolated`](Self::isolated)) use it, and the manager passes an empty slice to the others.

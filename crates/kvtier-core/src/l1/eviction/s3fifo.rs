@@ -87,6 +87,10 @@ impl EvictionPolicy for S3FifoPolicy {
         self.ghost.prefetch(ghost_key(fingerprint));
     }
 
+    fn takes_hints(&self) -> bool {
+        true
+    }
+
     fn on_access(&mut self, id: EntryId, _tenant: TenantId) {
         if let Some(f) = self.freq.get_mut(id as usize)
             && *f & LINKED != 0

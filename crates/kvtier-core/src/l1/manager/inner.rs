@@ -75,6 +75,9 @@ impl Inner {
     /// start loading what that will touch ([`EvictionPolicy::prefetch`]). Used by the batch
     /// paths, which hint every object of the batch before handling the first.
     pub(super) fn hint_policy(&self, id: EntryId) {
+        if !self.policy.takes_hints() {
+            return;
+        }
         if let Some(e) = self.entry(id) {
             self.policy
                 .prefetch(fingerprint(&e.hash, self.ns.seed(e.ns())));
