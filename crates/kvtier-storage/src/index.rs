@@ -9,9 +9,12 @@
 //!   their own map.
 //! - Victims are removed from the index when chosen; the caller deletes their bytes afterwards.
 //!   A concurrent lookup therefore never pins an object that is about to be deleted.
-//! - Order: FIFO (insertion) or LRU (insertion and every hit move the key to the tail).
-//!   Choosing victims walks from the head and skips pinned keys, so its cost is the victims plus
-//!   the pinned keys in front of them.
+//! - Order: the adapter's `eviction_policy`, one of L1's policies (`kvtier_core::l1::eviction`:
+//!   LRU, ARC, IsolatedLRU, S3-FIFO, noop) over per-index entry ids, told of every insert, hit
+//!   and removal; FIFO is LRU without the hits. Choosing victims asks the policy for candidates
+//!   and skips pinned keys, so its cost is the victims plus the pinned keys proposed before
+//!   them (plus S3-FIFO's bounded reinsertions). IsolatedLRU drains the tenant (`cache_salt`)
+//!   holding the most bytes first. An id is reused once its key has left.
 //!
 //! - Change notifications ([`BoundListener`], optional): `stored` when a key is indexed and was
 //!   not before, `removed` whenever an indexed key leaves (every removal goes through
@@ -20,12 +23,15 @@
 //! Not thread-safe by itself: adapters keep it behind a `parking_lot::Mutex` and never hold that
 //! across an `.await` or I/O.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::hash::BuildHasher;
+use std::sync::Arc;
 
 use kvtier_core::key::ObjectKey;
 
-use kvtier_core::l1::Allocation;
+use kvtier_core::l1::eviction::{EntryId, EntryMeta, Removal, TenantId, Verdict};
+use kvtier_core::l1::{Allocation, EvictionPolicy, EvictionPolicyKind};
 use kvtier_core::metrics::Counter;
 use parking_lot::Mutex;
 
@@ -39,22 +45,55 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     len: u64,
-    seq: u64,
+    id: EntryId,
 }
 
 /// See the module docs.
 #[derive(Debug)]
 pub struct ObjectIndex {
     map: Map<ObjectKey, Entry>,
-    order: BTreeMap<u64, ObjectKey>,
+    /// The key of each entry id (`None`: free).
+    keys: Vec<Option<ObjectKey>>,
+    free_ids: Vec<EntryId>,
+    policy: Box<dyn EvictionPolicy>,
+    /// FIFO: hits are not reported to the (LRU) policy.
+    fifo: bool,
+    /// Tenant id of each `cache_salt` with indexed objects, and per tenant id its bytes (for
+    /// IsolatedLRU's drain order), objects and salt; a tenant whose last object leaves is
+    /// retired and its id reused, so client-chosen salts cannot grow these tables.
+    tenants: Map<Arc<str>, TenantId>,
+    tenant_stats: Vec<TenantStat>,
+    free_tenants: Vec<TenantId>,
     pins: Map<ObjectKey, u32>,
-    next_seq: u64,
     used: u64,
     reserved: u64,
     capacity: u64,
-    lru: bool,
     watermark: Option<(f64, f64)>,
     listener: Option<BoundListener>,
+}
+
+#[derive(Debug, Default)]
+struct TenantStat {
+    bytes: u64,
+    objects: u64,
+    salt: Option<Arc<str>>,
+}
+
+/// The L1 policy that orders an adapter's index, and whether hits are ignored (FIFO).
+fn policy_of(name: EvictionPolicyName) -> (EvictionPolicyKind, bool) {
+    match name {
+        EvictionPolicyName::Lru => (EvictionPolicyKind::Lru, false),
+        EvictionPolicyName::Fifo => (EvictionPolicyKind::Lru, true),
+        EvictionPolicyName::Arc => (EvictionPolicyKind::Arc, false),
+        EvictionPolicyName::IsolatedLru => (EvictionPolicyKind::IsolatedLru, false),
+        EvictionPolicyName::S3Fifo => (EvictionPolicyKind::S3Fifo, false),
+        EvictionPolicyName::Noop => (EvictionPolicyKind::Noop, false),
+    }
+}
+
+/// A stable 64-bit hash of a key, for the ghost lists of ARC and S3-FIFO.
+fn fingerprint(key: &ObjectKey) -> u64 {
+    foldhash::fast::FixedState::with_seed(0x6c32_2d67_686f_7374).hash_one(key)
 }
 
 impl ObjectIndex {
@@ -65,26 +104,126 @@ impl ObjectIndex {
         default_policy: EvictionPolicyName,
         eviction: Option<&EvictionSettings>,
     ) -> Self {
-        let policy = eviction.map_or(default_policy, |e| e.eviction_policy);
+        let name = eviction.map_or(default_policy, |e| e.eviction_policy);
+        let (kind, fifo) = policy_of(name);
         Self {
             map: Map::default(),
-            order: BTreeMap::new(),
+            keys: Vec::new(),
+            free_ids: Vec::new(),
+            policy: kind.build(),
+            fifo,
+            tenants: Map::default(),
+            tenant_stats: Vec::new(),
+            free_tenants: Vec::new(),
             pins: Map::default(),
-            next_seq: 0,
             used: 0,
             reserved: 0,
             capacity,
-            lru: policy == EvictionPolicyName::Lru,
             watermark: eviction.map(|e| (e.trigger_watermark, e.eviction_ratio)),
             listener: None,
         }
+    }
+
+    /// The tenant of `key` (its `cache_salt`), registered on first sight.
+    fn tenant(&mut self, key: &ObjectKey) -> TenantId {
+        if let Some(&t) = self.tenants.get(&key.cache_salt) {
+            return t;
+        }
+        let stat = TenantStat {
+            salt: Some(Arc::clone(&key.cache_salt)),
+            ..TenantStat::default()
+        };
+        let t = match self.free_tenants.pop() {
+            Some(t) => {
+                if let Some(s) = self.tenant_stats.get_mut(t as usize) {
+                    *s = stat;
+                }
+                t
+            }
+            None => {
+                self.tenant_stats.push(stat);
+                (self.tenant_stats.len() - 1) as TenantId
+            }
+        };
+        self.tenants.insert(Arc::clone(&key.cache_salt), t);
+        t
+    }
+
+    /// Counts an object of `len` bytes in (`add`) or out of tenant `t`; retires the tenant when
+    /// its last object leaves.
+    fn count(&mut self, t: TenantId, len: u64, add: bool) {
+        let Some(s) = self.tenant_stats.get_mut(t as usize) else {
+            return;
+        };
+        if add {
+            s.bytes += len;
+            s.objects += 1;
+            return;
+        }
+        s.bytes = s.bytes.saturating_sub(len);
+        s.objects = s.objects.saturating_sub(1);
+        if s.objects == 0
+            && let Some(salt) = s.salt.take()
+        {
+            self.tenants.remove(&salt);
+            self.free_tenants.push(t);
+        }
+    }
+
+    fn meta(&mut self, key: &ObjectKey) -> EntryMeta {
+        EntryMeta {
+            tenant: self.tenant(key),
+            fingerprint: fingerprint(key),
+        }
+    }
+
+    /// The tenants in IsolatedLRU's drain order (most bytes first); empty for the others.
+    fn drain_order(&self) -> Vec<TenantId> {
+        if !self.policy.isolated() {
+            return Vec::new();
+        }
+        let mut order: Vec<(u64, TenantId)> = self
+            .tenant_stats
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.salt.is_some())
+            .map(|(t, s)| (s.bytes, t as TenantId))
+            .collect();
+        order.sort_by_key(|&(bytes, t)| (std::cmp::Reverse(bytes), t));
+        order.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Unpinned candidates in the policy's order, as long as `enough(freed)` is false.
+    fn candidates(&mut self, enough: impl Fn(u64) -> bool) -> (Vec<(ObjectKey, u64)>, u64) {
+        let order = self.drain_order();
+        let (keys, map, pins) = (&self.keys, &self.map, &self.pins);
+        let mut freed = 0u64;
+        let mut out = Vec::new();
+        self.policy.select(&order, &mut |id| {
+            if enough(freed) {
+                return Verdict::Stop;
+            }
+            let Some(Some(key)) = keys.get(id as usize) else {
+                return Verdict::Skip;
+            };
+            if pins.contains_key(key) {
+                return Verdict::Skip;
+            }
+            let Some(e) = map.get(key) else {
+                return Verdict::Skip;
+            };
+            freed += e.len;
+            out.push((key.clone(), e.len));
+            Verdict::Evict
+        });
+        (out, freed)
     }
 
     /// Starts notifying `listener` of changes. The keys already indexed (an index rebuilt from
     /// disk) are announced first, in eviction order: O(n) once, at start-up, before the adapter
     /// serves requests.
     pub fn set_listener(&mut self, listener: BoundListener) {
-        for key in self.order.values() {
+        for key in self.keys.iter().flatten() {
             listener.stored(key);
         }
         self.listener = Some(listener);
@@ -125,11 +264,12 @@ impl ObjectIndex {
         }
     }
 
-    /// The length of `key` if indexed; a hit refreshes its LRU position.
+    /// The length of `key` if indexed; a hit is reported to the policy (not under FIFO).
     pub fn get(&mut self, key: &ObjectKey) -> Option<u64> {
         let e = *self.map.get(key)?;
-        if self.lru {
-            self.touch(key, e);
+        if !self.fifo {
+            let tenant = self.tenant(key);
+            self.policy.on_access(e.id, tenant);
         }
         Some(e.len)
     }
@@ -142,16 +282,6 @@ impl ObjectIndex {
     /// The length of `key` if indexed (no LRU refresh).
     pub fn peek(&self, key: &ObjectKey) -> Option<u64> {
         self.map.get(key).map(|e| e.len)
-    }
-
-    fn touch(&mut self, key: &ObjectKey, e: Entry) {
-        self.order.remove(&e.seq);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.order.insert(seq, key.clone());
-        if let Some(m) = self.map.get_mut(key) {
-            m.seq = seq;
-        }
     }
 
     /// Adds one pin to `key` (indexed or not).
@@ -192,55 +322,68 @@ impl ObjectIndex {
         self.pins.contains_key(key)
     }
 
-    /// Indexes `key` (replacing an older entry). Does not touch reservations.
+    /// Indexes `key` (replacing an older entry, which counts as new to the policy). Does not
+    /// touch reservations.
     pub fn insert(&mut self, key: ObjectKey, len: u64) {
-        if let Some(old) = self.map.remove(&key) {
-            self.order.remove(&old.seq);
-            self.used -= old.len;
-        } else if let Some(l) = &self.listener {
+        if self.unindex(&key, Removal::Dropped).is_none()
+            && let Some(l) = &self.listener
+        {
             l.stored(&key);
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.order.insert(seq, key.clone());
-        self.map.insert(key, Entry { len, seq });
+        let id = match self.free_ids.pop() {
+            Some(id) => id,
+            None => {
+                self.keys.push(None);
+                (self.keys.len() - 1) as EntryId
+            }
+        };
+        let meta = self.meta(&key);
+        self.count(meta.tenant, len, true);
+        if let Some(slot) = self.keys.get_mut(id as usize) {
+            *slot = Some(key.clone());
+        }
+        self.map.insert(key, Entry { len, id });
         self.used += len;
+        self.policy.on_ready(id, meta);
+    }
+
+    /// Takes `key` out of the map, the policy and the byte counts (not the listener).
+    fn unindex(&mut self, key: &ObjectKey, why: Removal) -> Option<u64> {
+        let e = self.map.remove(key)?;
+        self.used -= e.len;
+        let meta = self.meta(key);
+        self.policy.on_remove(e.id, meta, why);
+        self.count(meta.tenant, e.len, false);
+        if let Some(slot) = self.keys.get_mut(e.id as usize) {
+            *slot = None;
+        }
+        self.free_ids.push(e.id);
+        Some(e.len)
     }
 
     /// Removes `key` from the index; returns its length.
     pub fn remove(&mut self, key: &ObjectKey) -> Option<u64> {
-        let e = self.map.remove(key)?;
-        self.order.remove(&e.seq);
-        self.used -= e.len;
+        self.remove_for(key, Removal::Dropped)
+    }
+
+    fn remove_for(&mut self, key: &ObjectKey, why: Removal) -> Option<u64> {
+        let len = self.unindex(key, why)?;
         if let Some(l) = &self.listener {
             l.removed(key);
         }
-        Some(e.len)
+        Some(len)
     }
 
-    /// Unpinned victims (head first) whose lengths add up to at least `goal` bytes, or `None`
-    /// if the unpinned objects cannot cover it. Nothing is removed.
-    fn pick_victims(&self, goal: u64) -> Option<Vec<(ObjectKey, u64)>> {
-        let mut freed = 0u64;
-        let mut out = Vec::new();
-        for key in self.order.values() {
-            if freed >= goal {
-                break;
-            }
-            if self.pins.contains_key(key) {
-                continue;
-            }
-            if let Some(e) = self.map.get(key) {
-                freed += e.len;
-                out.push((key.clone(), e.len));
-            }
-        }
+    /// Unpinned victims, in the policy's order, whose lengths add up to at least `goal` bytes,
+    /// or `None` if the unpinned objects cannot cover it. Nothing is removed.
+    fn pick_victims(&mut self, goal: u64) -> Option<Vec<(ObjectKey, u64)>> {
+        let (out, freed) = self.candidates(|freed| freed >= goal);
         (freed >= goal).then_some(out)
     }
 
     fn take(&mut self, victims: &[(ObjectKey, u64)]) {
         for (k, _) in victims {
-            self.remove(k);
+            self.remove_for(k, Removal::Evicted);
         }
     }
 
@@ -285,29 +428,36 @@ impl ObjectIndex {
         }
         let goal = ((self.used as f64) * ratio).ceil() as u64;
         // Take what is evictable even if it falls short of the goal.
-        let mut freed = 0u64;
-        let mut victims = Vec::new();
-        for key in self.order.values() {
-            if freed >= goal.max(1) {
-                break;
-            }
-            if self.pins.contains_key(key) {
-                continue;
-            }
-            if let Some(e) = self.map.get(key) {
-                freed += e.len;
-                victims.push((key.clone(), e.len));
-            }
-        }
+        let (victims, _) = self.candidates(|freed| freed >= goal.max(1));
         self.take(&victims);
         victims
     }
 
-    /// Every indexed key with its length, in eviction order (tests and shutdown only: O(n)).
-    pub fn keys_in_order(&self) -> Vec<(ObjectKey, u64)> {
-        self.order
-            .values()
-            .filter_map(|k| self.map.get(k).map(|e| (k.clone(), e.len)))
+    /// Un-indexes unpinned victims until the index fits its capacity again (a capacity that
+    /// shrank since the objects were written); returns them, whose bytes the caller deletes.
+    pub fn trim_to_capacity(&mut self) -> Vec<(ObjectKey, u64)> {
+        if self.capacity == 0 || self.used <= self.capacity {
+            return Vec::new();
+        }
+        let goal = self.used - self.capacity;
+        let (victims, _) = self.candidates(|freed| freed >= goal);
+        self.take(&victims);
+        victims
+    }
+
+    /// Every indexed key with its length, in the policy's eviction order, pinned keys
+    /// included (tests only: O(n), and S3-FIFO's walk reorders as it goes).
+    #[cfg(test)]
+    pub fn keys_in_order(&mut self) -> Vec<(ObjectKey, u64)> {
+        let order = self.drain_order();
+        let mut ids = Vec::new();
+        self.policy.select(&order, &mut |id| {
+            ids.push(id);
+            Verdict::Skip
+        });
+        ids.into_iter()
+            .filter_map(|id| self.keys.get(id as usize).cloned().flatten())
+            .filter_map(|k| self.map.get(&k).map(|e| (k.clone(), e.len)))
             .collect()
     }
 }
@@ -522,5 +672,87 @@ mod tests {
         let v: Vec<_> = ix.watermark_victims().into_iter().map(|(k, _)| k).collect();
         assert_eq!(v, vec![key(1), key(2), key(3)]);
         assert_eq!(ix.used(), 20);
+    }
+
+    fn salted(i: u8, salt: &str) -> ObjectKey {
+        ObjectKey {
+            cache_salt: Arc::from(salt),
+            ..key(i)
+        }
+    }
+
+    fn with_policy(capacity: u64, policy: EvictionPolicyName) -> ObjectIndex {
+        let eviction = EvictionSettings {
+            eviction_policy: policy,
+            trigger_watermark: 1.0,
+            eviction_ratio: 0.2,
+        };
+        ObjectIndex::new(capacity, EvictionPolicyName::Lru, Some(&eviction))
+    }
+
+    /// Stores `k` (10 bytes), evicting as needed; returns the victims.
+    fn store(ix: &mut ObjectIndex, k: ObjectKey) -> Vec<ObjectKey> {
+        let victims = ix.reserve(10).expect("room");
+        ix.finish_reservation(10, Some(k));
+        victims.into_iter().map(|(k, _)| k).collect()
+    }
+
+    #[test]
+    fn arc_and_s3fifo_keep_a_reread_object_through_a_scan_that_lru_loses_it_to() {
+        for (policy, kept) in [
+            (EvictionPolicyName::Lru, false),
+            (EvictionPolicyName::Arc, true),
+            (EvictionPolicyName::S3Fifo, true),
+        ] {
+            let mut ix = with_policy(40, policy);
+            for i in 0..4 {
+                store(&mut ix, key(i));
+            }
+            // Object 0 is read twice (S3-FIFO counts a read as two accesses: lock and release).
+            for _ in 0..4 {
+                assert_eq!(ix.get(&key(0)), Some(10));
+            }
+            // A scan of one-off objects, twice the capacity.
+            for i in 10..18 {
+                store(&mut ix, key(i));
+            }
+            assert_eq!(ix.contains(&key(0)), kept, "{policy:?}");
+            assert_eq!(ix.used(), 40, "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn noop_never_evicts_and_refuses_what_does_not_fit() {
+        let mut ix = with_policy(30, EvictionPolicyName::Noop);
+        for i in 0..3 {
+            assert!(store(&mut ix, key(i)).is_empty());
+        }
+        assert_eq!(ix.reserve(10), Err(10));
+        assert_eq!(ix.len(), 3);
+        assert!(ix.watermark_victims().is_empty(), "noop has no victims");
+        assert_eq!(ix.remove(&key(1)), Some(10));
+        assert!(store(&mut ix, key(3)).is_empty());
+    }
+
+    #[test]
+    fn isolated_lru_drains_the_largest_tenant_first_and_retires_empty_tenants() {
+        let mut ix = with_policy(60, EvictionPolicyName::IsolatedLru);
+        store(&mut ix, salted(0, "small"));
+        for i in 1..5 {
+            store(&mut ix, salted(i, "big"));
+        }
+        store(&mut ix, salted(5, "small"));
+        // Full: the next store evicts from "big" (40 bytes) although "small"'s 0 is older.
+        assert_eq!(store(&mut ix, salted(6, "new")), vec![salted(1, "big")]);
+        assert!(ix.contains(&salted(0, "small")));
+        // Salts come and go without growing the tenant table.
+        let mut ix = with_policy(0, EvictionPolicyName::IsolatedLru);
+        for round in 0..50u8 {
+            let k = salted(round, &format!("salt-{round}"));
+            ix.insert(k.clone(), 10);
+            assert_eq!(ix.remove(&k), Some(10));
+        }
+        assert_eq!(ix.tenant_stats.len(), 1);
+        assert!(ix.tenants.is_empty());
     }
 }

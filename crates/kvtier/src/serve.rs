@@ -243,7 +243,8 @@ pub struct ServeArgs {
     /// num_workers?}, `valkey` {startup_nodes: "host:port[,host:port...]", cluster_mode?,
     /// username?, password?, key_prefix?, tls_enable?, tls_ca_file?, tls_client_cert_file?,
     /// tls_client_key_file?, database_id?, request_timeout?, connection_timeout?,
-    /// max_capacity_gb?, ttl_seconds?, num_workers?}; each may add "eviction": {"eviction_policy": "LRU"|"FIFO", "trigger_watermark": 0.8,
+    /// max_capacity_gb?, ttl_seconds?, num_workers?}; each may add "eviction": {"eviction_policy": "LRU"|"ARC"|"IsolatedLRU"|"noop" (LMCache's
+    /// names) or "S3FIFO"|"FIFO" (kvtier's), "trigger_watermark": 0.8,
     /// "eviction_ratio": 0.2}. Example: --l2-adapter '{"type":"fs","base_path":"/var/cache/kvtier"}'
     /// (The environment variable sets one adapter.)
     #[arg(long = "l2-adapter", value_name = "JSON", env = "KVTIER_L2_ADAPTER")]

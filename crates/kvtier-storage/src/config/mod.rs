@@ -46,7 +46,9 @@ use redis::check_key_prefix;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Eviction order of an adapter's own capacity management.
+/// Eviction order of an adapter's own capacity management: LMCache 0.5.6's L2 names (`LRU`,
+/// `ARC`, `IsolatedLRU`, `noop`), plus kvtier's `S3FIFO` and `FIFO`. Each but `FIFO` is the
+/// L1 policy of the same name (`kvtier_core::l1::eviction`) run over the adapter's index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum EvictionPolicyName {
     /// Least recently stored or loaded first.
@@ -55,16 +57,33 @@ pub enum EvictionPolicyName {
     /// Oldest stored first.
     #[serde(rename = "FIFO")]
     Fifo,
+    /// Adaptive replacement (recency and frequency lists with ghost-driven balance).
+    #[serde(rename = "ARC")]
+    Arc,
+    /// One LRU list per `cache_salt`; the tenant holding the most bytes is drained first.
+    #[serde(rename = "IsolatedLRU")]
+    IsolatedLru,
+    /// S3-FIFO (scan-resistant).
+    #[serde(rename = "S3FIFO")]
+    S3Fifo,
+    /// Never evict: a store that does not fit is refused.
+    #[serde(rename = "noop")]
+    Noop,
 }
 
 impl<'de> Deserialize<'de> for EvictionPolicyName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        match s.to_ascii_uppercase().as_str() {
+        match s.to_ascii_uppercase().replace(['-', '_'], "").as_str() {
             "LRU" => Ok(Self::Lru),
             "FIFO" => Ok(Self::Fifo),
+            "ARC" => Ok(Self::Arc),
+            "ISOLATEDLRU" => Ok(Self::IsolatedLru),
+            "S3FIFO" => Ok(Self::S3Fifo),
+            "NOOP" => Ok(Self::Noop),
             _ => Err(serde::de::Error::custom(format!(
-                "unknown eviction_policy {s:?}; supported: LRU, FIFO"
+                "unknown eviction_policy {s:?}; supported: LRU, ARC, IsolatedLRU, noop \
+                 (LMCache's), S3FIFO, FIFO"
             ))),
         }
     }
@@ -411,6 +430,39 @@ mod tests {
         let e = r.eviction.expect("eviction section");
         assert_eq!(e.eviction_policy, EvictionPolicyName::Lru);
         assert!((e.trigger_watermark - 0.8).abs() < 1e-12);
+        // LMCache 0.5.6's L2 policy names, and kvtier's own.
+        for (name, want) in [
+            ("ARC", EvictionPolicyName::Arc),
+            ("IsolatedLRU", EvictionPolicyName::IsolatedLru),
+            ("noop", EvictionPolicyName::Noop),
+            ("S3FIFO", EvictionPolicyName::S3Fifo),
+            ("FIFO", EvictionPolicyName::Fifo),
+        ] {
+            let c = parse_adapter_json(&format!(
+                r#"{{"type":"mock","max_size_gb":1,"mock_bandwidth_gb":10,"eviction":{{"eviction_policy":"{name}"}}}}"#
+            ))
+            .expect("valid");
+            let AdapterConfig::Mock(m) = &c else {
+                panic!("mock expected")
+            };
+            assert_eq!(m.eviction.map(|e| e.eviction_policy), Some(want), "{name}");
+            assert!(
+                serde_json::to_string(&c).is_ok_and(|s| s.contains(name)),
+                "{name}"
+            );
+        }
+        let lower = parse_adapter_json(
+            r#"{"type":"mock","max_size_gb":1,"mock_bandwidth_gb":10,"eviction":{"eviction_policy":"isolated_lru"}}"#,
+        );
+        assert!(lower.is_ok_and(|c| matches!(c, AdapterConfig::Mock(m)
+            if m.eviction.map(|e| e.eviction_policy) == Some(EvictionPolicyName::IsolatedLru))));
+        let bad = parse_adapter_json(
+            r#"{"type":"mock","max_size_gb":1,"mock_bandwidth_gb":10,"eviction":{"eviction_policy":"LFU"}}"#,
+        );
+        assert!(
+            bad.is_err_and(|e| e.to_string().contains("\"LFU\"")),
+            "an unknown policy is refused by name"
+        );
         // The password never shows.
         let shown = serde_json::to_string(&c).expect("serialises");
         assert!(!shown.contains("secret") && shown.contains("\"type\":\"resp\""));
@@ -437,8 +489,8 @@ mod tests {
         );
         let e = err(r#"{"type":"fs","base_path":"/x","eviction":{"eviction_policy":"LRU","x":1}}"#);
         assert!(e.contains("`x`"), "{e}");
-        let e = err(r#"{"type":"fs","base_path":"/x","eviction":{"eviction_policy":"ARC"}}"#);
-        assert!(e.contains("ARC"), "{e}");
+        let e = err(r#"{"type":"fs","base_path":"/x","eviction":{"eviction_policy":"LFU"}}"#);
+        assert!(e.contains("LFU"), "{e}");
         let e = err(r#"{"type":"fs","base_path":"/x","max_capacity_gb":-1}"#);
         assert!(e.contains("max_capacity_gb"), "{e}");
         let e = err(r#"{"type":"fs","base_path":"/x","relative_tmp_dir":"../t"}"#);

@@ -69,15 +69,9 @@ impl FsBackend {
             index.insert(key, len);
         }
         // The capacity may have shrunk since the files were written.
-        if index.capacity() > 0 && index.used() > index.capacity() {
-            for (key, _) in index.keys_in_order() {
-                if index.used() <= index.capacity() {
-                    break;
-                }
-                index.remove(&key);
-                let _removed = fs::remove_file(base.join(format!("{key}{SUFFIX}")));
-                report.evicted += 1;
-            }
+        for (key, _) in index.trim_to_capacity() {
+            let _removed = fs::remove_file(base.join(format!("{key}{SUFFIX}")));
+            report.evicted += 1;
         }
         report.seconds = t.elapsed().as_secs_f64();
         Ok(report)
