@@ -79,18 +79,6 @@ struct TenantStat {
     salt: Option<Arc<str>>,
 }
 
-/// The L1 policy that orders an adapter's index, and whether hits are ignored (FIFO).
-fn policy_of(name: EvictionPolicyName) -> (EvictionPolicyKind, bool) {
-    match name {
-        EvictionPolicyName::Lru => (EvictionPolicyKind::Lru, false),
-        EvictionPolicyName::Fifo => (EvictionPolicyKind::Lru, true),
-        EvictionPolicyName::Arc => (EvictionPolicyKind::Arc, false),
-        EvictionPolicyName::IsolatedLru => (EvictionPolicyKind::IsolatedLru, false),
-        EvictionPolicyName::S3Fifo => (EvictionPolicyKind::S3Fifo, false),
-        EvictionPolicyName::Noop => (EvictionPolicyKind::Noop, false),
-    }
-}
-
 /// A stable 64-bit hash of a key, for the ghost lists of ARC and S3-FIFO.
 fn fingerprint(key: &ObjectKey) -> u64 {
     foldhash::fast::FixedState::with_seed(0x6c32_2d67_686f_7374).hash_one(key)
@@ -105,7 +93,10 @@ impl ObjectIndex {
         eviction: Option<&EvictionSettings>,
     ) -> Self {
         let name = eviction.map_or(default_policy, |e| e.eviction_policy);
-        let (kind, fifo) = policy_of(name);
+        let (kind, fifo) = match name {
+            EvictionPolicyName::Fifo => (EvictionPolicyKind::Lru, true),
+            EvictionPolicyName::Policy(kind) => (kind, false),
+        };
         Self {
             map: Map::default(),
             keys: Vec::new(),
@@ -658,7 +649,7 @@ mod tests {
     #[test]
     fn lru_hit_moves_to_tail_and_watermark() {
         let eviction = EvictionSettings {
-            eviction_policy: EvictionPolicyName::Lru,
+            eviction_policy: EvictionPolicyName::LRU,
             trigger_watermark: 0.5,
             eviction_ratio: 0.5,
         };
@@ -687,7 +678,7 @@ mod tests {
             trigger_watermark: 1.0,
             eviction_ratio: 0.2,
         };
-        ObjectIndex::new(capacity, EvictionPolicyName::Lru, Some(&eviction))
+        ObjectIndex::new(capacity, EvictionPolicyName::LRU, Some(&eviction))
     }
 
     /// Stores `k` (10 bytes), evicting as needed; returns the victims.
@@ -700,11 +691,11 @@ mod tests {
     #[test]
     fn arc_and_s3fifo_keep_a_reread_object_through_a_scan_that_lru_loses_it_to() {
         for (policy, kept) in [
-            (EvictionPolicyName::Lru, false),
-            (EvictionPolicyName::Arc, true),
-            (EvictionPolicyName::S3Fifo, true),
+            (EvictionPolicyKind::Lru, false),
+            (EvictionPolicyKind::Arc, true),
+            (EvictionPolicyKind::S3Fifo, true),
         ] {
-            let mut ix = with_policy(40, policy);
+            let mut ix = with_policy(40, EvictionPolicyName::Policy(policy));
             for i in 0..4 {
                 store(&mut ix, key(i));
             }
@@ -723,7 +714,7 @@ mod tests {
 
     #[test]
     fn noop_never_evicts_and_refuses_what_does_not_fit() {
-        let mut ix = with_policy(30, EvictionPolicyName::Noop);
+        let mut ix = with_policy(30, EvictionPolicyName::Policy(EvictionPolicyKind::Noop));
         for i in 0..3 {
             assert!(store(&mut ix, key(i)).is_empty());
         }
@@ -736,7 +727,10 @@ mod tests {
 
     #[test]
     fn isolated_lru_drains_the_largest_tenant_first_and_retires_empty_tenants() {
-        let mut ix = with_policy(60, EvictionPolicyName::IsolatedLru);
+        let mut ix = with_policy(
+            60,
+            EvictionPolicyName::Policy(EvictionPolicyKind::IsolatedLru),
+        );
         store(&mut ix, salted(0, "small"));
         for i in 1..5 {
             store(&mut ix, salted(i, "big"));
@@ -746,7 +740,10 @@ mod tests {
         assert_eq!(store(&mut ix, salted(6, "new")), vec![salted(1, "big")]);
         assert!(ix.contains(&salted(0, "small")));
         // Salts come and go without growing the tenant table.
-        let mut ix = with_policy(0, EvictionPolicyName::IsolatedLru);
+        let mut ix = with_policy(
+            0,
+            EvictionPolicyName::Policy(EvictionPolicyKind::IsolatedLru),
+        );
         for round in 0..50u8 {
             let k = salted(round, &format!("salt-{round}"));
             ix.insert(k.clone(), 10);

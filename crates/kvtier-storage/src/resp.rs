@@ -138,7 +138,7 @@ impl RespBackend {
             permits: Semaphore::new(cfg.num_workers),
             index: Mutex::new(ObjectIndex::new(
                 capacity,
-                EvictionPolicyName::Lru,
+                EvictionPolicyName::LRU,
                 cfg.eviction.as_ref(),
             )),
             cfg,

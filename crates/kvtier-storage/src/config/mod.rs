@@ -31,6 +31,7 @@
 
 use std::fmt;
 
+use kvtier_core::l1::EvictionPolicyKind;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
@@ -46,46 +47,48 @@ use redis::check_key_prefix;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Eviction order of an adapter's own capacity management: LMCache 0.5.6's L2 names (`LRU`,
-/// `ARC`, `IsolatedLRU`, `noop`), plus kvtier's `S3FIFO` and `FIFO`. Each but `FIFO` is the
-/// L1 policy of the same name (`kvtier_core::l1::eviction`) run over the adapter's index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// Eviction order of an adapter's own capacity management: one of L1's policies
+/// ([`EvictionPolicyKind`]: LMCache 0.5.6's L2 names `LRU`, `ARC`, `IsolatedLRU`, `noop`, and
+/// kvtier's `S3FIFO`) run over the adapter's index, or `FIFO` (oldest stored first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EvictionPolicyName {
-    /// Least recently stored or loaded first.
-    #[serde(rename = "LRU")]
-    Lru,
-    /// Oldest stored first.
-    #[serde(rename = "FIFO")]
+    /// Oldest stored first (LRU without the hits).
     Fifo,
-    /// Adaptive replacement (recency and frequency lists with ghost-driven balance).
-    #[serde(rename = "ARC")]
-    Arc,
-    /// One LRU list per `cache_salt`; the tenant holding the most bytes is drained first.
-    #[serde(rename = "IsolatedLRU")]
-    IsolatedLru,
-    /// S3-FIFO (scan-resistant).
-    #[serde(rename = "S3FIFO")]
-    S3Fifo,
-    /// Never evict: a store that does not fit is refused.
-    #[serde(rename = "noop")]
-    Noop,
+    /// The L1 policy of that name.
+    Policy(EvictionPolicyKind),
+}
+
+impl EvictionPolicyName {
+    /// Least recently stored or loaded first.
+    pub const LRU: Self = Self::Policy(EvictionPolicyKind::Lru);
+
+    /// The name, as LMCache spells it (`FIFO` and `S3FIFO` are kvtier's).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fifo => "FIFO",
+            Self::Policy(kind) => kind.name(),
+        }
+    }
+}
+
+impl Serialize for EvictionPolicyName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
 }
 
 impl<'de> Deserialize<'de> for EvictionPolicyName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        match s.to_ascii_uppercase().replace(['-', '_'], "").as_str() {
-            "LRU" => Ok(Self::Lru),
-            "FIFO" => Ok(Self::Fifo),
-            "ARC" => Ok(Self::Arc),
-            "ISOLATEDLRU" => Ok(Self::IsolatedLru),
-            "S3FIFO" => Ok(Self::S3Fifo),
-            "NOOP" => Ok(Self::Noop),
-            _ => Err(serde::de::Error::custom(format!(
+        if s.eq_ignore_ascii_case("FIFO") {
+            return Ok(Self::Fifo);
+        }
+        s.parse().map(Self::Policy).map_err(|_| {
+            serde::de::Error::custom(format!(
                 "unknown eviction_policy {s:?}; supported: LRU, ARC, IsolatedLRU, noop \
                  (LMCache's), S3FIFO, FIFO"
-            ))),
-        }
+            ))
+        })
     }
 }
 
@@ -428,14 +431,20 @@ mod tests {
         assert_eq!(r.num_workers, 2);
         assert_eq!(r.part_bytes, default_part_bytes());
         let e = r.eviction.expect("eviction section");
-        assert_eq!(e.eviction_policy, EvictionPolicyName::Lru);
+        assert_eq!(e.eviction_policy, EvictionPolicyName::LRU);
         assert!((e.trigger_watermark - 0.8).abs() < 1e-12);
         // LMCache 0.5.6's L2 policy names, and kvtier's own.
         for (name, want) in [
-            ("ARC", EvictionPolicyName::Arc),
-            ("IsolatedLRU", EvictionPolicyName::IsolatedLru),
-            ("noop", EvictionPolicyName::Noop),
-            ("S3FIFO", EvictionPolicyName::S3Fifo),
+            ("ARC", EvictionPolicyName::Policy(EvictionPolicyKind::Arc)),
+            (
+                "IsolatedLRU",
+                EvictionPolicyName::Policy(EvictionPolicyKind::IsolatedLru),
+            ),
+            ("noop", EvictionPolicyName::Policy(EvictionPolicyKind::Noop)),
+            (
+                "S3FIFO",
+                EvictionPolicyName::Policy(EvictionPolicyKind::S3Fifo),
+            ),
             ("FIFO", EvictionPolicyName::Fifo),
         ] {
             let c = parse_adapter_json(&format!(
@@ -455,7 +464,7 @@ mod tests {
             r#"{"type":"mock","max_size_gb":1,"mock_bandwidth_gb":10,"eviction":{"eviction_policy":"isolated_lru"}}"#,
         );
         assert!(lower.is_ok_and(|c| matches!(c, AdapterConfig::Mock(m)
-            if m.eviction.map(|e| e.eviction_policy) == Some(EvictionPolicyName::IsolatedLru))));
+            if m.eviction.map(|e| e.eviction_policy) == Some(EvictionPolicyName::Policy(EvictionPolicyKind::IsolatedLru)))));
         let bad = parse_adapter_json(
             r#"{"type":"mock","max_size_gb":1,"mock_bandwidth_gb":10,"eviction":{"eviction_policy":"LFU"}}"#,
         );

@@ -107,7 +107,7 @@ impl FsBackend {
         fs::create_dir_all(&tmp)
             .map_err(|e| open_err(format!("creating {}: {e}", tmp.display())))?;
         let capacity = gib_to_bytes(cfg.max_capacity_gb);
-        let mut index = ObjectIndex::new(capacity, EvictionPolicyName::Lru, cfg.eviction.as_ref());
+        let mut index = ObjectIndex::new(capacity, EvictionPolicyName::LRU, cfg.eviction.as_ref());
         let rebuild = Self::rebuild(&base, &tmp, &mut index)
             .map_err(|e| open_err(format!("scanning {}: {e}", base.display())))?;
         tracing::info!(

@@ -154,7 +154,7 @@ impl ValkeyBackend {
             permits: Semaphore::new(cfg.num_workers),
             index: Mutex::new(ObjectIndex::new(
                 capacity,
-                EvictionPolicyName::Lru,
+                EvictionPolicyName::LRU,
                 cfg.eviction.as_ref(),
             )),
             seeds,
