@@ -72,16 +72,16 @@ impl Inner {
     }
 
     /// Tells the policy that entry `id` is about to be published or removed, so that it can
-    /// start loading what that will touch ([`EvictionPolicy::prefetch`]). Used by the batch
-    /// paths, which hint every object of the batch before handling the first.
-    pub(super) fn hint_policy(&self, id: EntryId) {
+    /// start loading what that will touch ([`EvictionPolicy::prefetch`]); returns the
+    /// fingerprint it hinted (0 when the policy takes no hints).
+    pub(super) fn hint_policy(&self, id: EntryId) -> u64 {
         if !self.policy.takes_hints() {
-            return;
+            return 0;
         }
-        if let Some(e) = self.entry(id) {
-            self.policy
-                .prefetch(fingerprint(&e.hash, self.ns.seed(e.ns())));
-        }
+        let Some(e) = self.entry(id) else { return 0 };
+        let fp = fingerprint(&e.hash, self.ns.seed(e.ns()));
+        self.policy.prefetch(fp);
+        fp
     }
 
     /// What the eviction policy is told about entry `id`: its tenant, and its fingerprint once

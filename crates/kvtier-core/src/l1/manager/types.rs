@@ -61,6 +61,9 @@ pub struct Allocation {
 pub struct WriteTicket {
     pub(super) id: EntryId,
     pub(super) generation: u32,
+    /// The key's fingerprint when the policy takes hints (0 otherwise), so that the hint before
+    /// a batch is published costs neither an entry lookup nor a hash.
+    pub(super) fingerprint: u64,
     /// Where to write the object's bytes.
     pub alloc: Allocation,
 }

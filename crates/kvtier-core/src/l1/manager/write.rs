@@ -154,10 +154,11 @@ impl L1Manager {
             }
             // The admission at `finish_write` will look the key up among the ghosts: start
             // loading that bucket now (see `hint_batch`).
-            inner.hint_policy(id);
+            let fingerprint = inner.hint_policy(id);
             out[i] = Ok(WriteTicket {
                 id,
                 generation,
+                fingerprint,
                 alloc,
             });
         }
@@ -286,10 +287,9 @@ impl L1Manager {
 /// one after another (`EvictionPolicy::prefetch`).
 fn hint_batch(inner: &Inner, tickets: &[WriteTicket]) {
     if tickets.len() > 1 {
-        for t in tickets {
-            if let Some(id) = inner.live(t.id, t.generation) {
-                inner.hint_policy(id);
-            }
+        // A stale ticket's hint is harmless: a prefetch changes nothing.
+        for t in tickets.iter().filter(|t| t.fingerprint != 0) {
+            inner.policy.prefetch(t.fingerprint);
         }
     }
 }
