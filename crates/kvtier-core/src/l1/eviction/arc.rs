@@ -107,7 +107,7 @@ impl EvictionPolicy for ArcPolicy {
         self.ghosts.prefetch(ghost_key(fingerprint));
     }
 
-    fn takes_hints(&self) -> bool {
+    fn uses_fingerprints(&self) -> bool {
         true
     }
 

@@ -91,9 +91,10 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     fn prefetch(&self, fingerprint: u64) {
         let _ = fingerprint;
     }
-    /// Whether [`prefetch`](Self::prefetch) does anything (the manager computes a fingerprint
-    /// for a hint only then).
-    fn takes_hints(&self) -> bool {
+    /// Whether the policy reads key fingerprints (ghost lists). Only then does the manager
+    /// compute them, for [`on_ready`](Self::on_ready), [`on_remove`](Self::on_remove) and
+    /// [`prefetch`](Self::prefetch); the others are given 0.
+    fn uses_fingerprints(&self) -> bool {
         false
     }
     /// Proposes candidates in eviction order until `visit` says [`Verdict::Stop`] or none are

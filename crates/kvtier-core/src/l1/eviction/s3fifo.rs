@@ -87,7 +87,7 @@ impl EvictionPolicy for S3FifoPolicy {
         self.ghost.prefetch(ghost_key(fingerprint));
     }
 
-    fn takes_hints(&self) -> bool {
+    fn uses_fingerprints(&self) -> bool {
         true
     }
 

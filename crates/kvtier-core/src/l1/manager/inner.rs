@@ -75,7 +75,7 @@ impl Inner {
     /// start loading what that will touch ([`EvictionPolicy::prefetch`]); returns the
     /// fingerprint it hinted (0 when the policy takes no hints).
     pub(super) fn hint_policy(&self, id: EntryId) -> u64 {
-        if !self.policy.takes_hints() {
+        if !self.policy.uses_fingerprints() {
             return 0;
         }
         let Some(e) = self.entry(id) else { return 0 };
@@ -85,12 +85,12 @@ impl Inner {
     }
 
     /// What the eviction policy is told about entry `id`: its tenant, and its fingerprint once
-    /// it became readable (0 for one that never did).
+    /// it became readable (0 for one that never did, and for policies that read none).
     pub(super) fn meta_of(&self, id: EntryId) -> EntryMeta {
         match self.entry(id) {
             Some(e) => EntryMeta {
                 tenant: self.tenant_of(e),
-                fingerprint: if e.phase() == Phase::Ready {
+                fingerprint: if e.phase() == Phase::Ready && self.policy.uses_fingerprints() {
                     fingerprint(&e.hash, self.ns.seed(e.ns()))
                 } else {
                     0
