@@ -108,8 +108,25 @@ pub enum HashError {
 /// A 32-byte blake3 chunk digest: the content identity of one chunk and its prefix.
 ///
 /// `Display` and `Debug` print lowercase hex; serde uses the same hex string.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ChunkHash([u8; CHUNK_HASH_LEN]);
+
+/// Hashed as two 128-bit words rather than as a byte slice (what `derive` would do): the same
+/// bits reach the hasher, but a word-oriented hasher (foldhash, hashbrown's default) mixes
+/// each word inline instead of calling its out-of-line byte-string path with a length prefix.
+/// The L1 index, the namespace table and the ghost-list fingerprints hash one of these per
+/// key on every store, lookup and eviction.
+impl std::hash::Hash for ChunkHash {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let (lo, hi) = self.0.split_at(16);
+        for half in [lo, hi] {
+            let mut w = [0u8; 16];
+            w.copy_from_slice(half);
+            state.write_u128(u128::from_le_bytes(w));
+        }
+    }
+}
 
 /// The seed of the chain: `blake3(12 zero bytes)`, i.e. LMCache hashing `(0, (0,), None)`
 /// as 8 zero bytes (int 0, big-endian) followed by 4 zero bytes (token 0).

@@ -84,6 +84,14 @@ impl MainRing {
     /// Appends `id` (not queued) at the tail; `cursor` stays on its object.
     #[inline(always)]
     pub(crate) fn push(&mut self, id: EntryId, cursor: &mut u64) {
+        self.append(id, cursor);
+        self.len += 1;
+    }
+
+    /// Writes `id` at the tail without counting it (a push, or the second half of a
+    /// reinsertion, which leaves `len` as it was).
+    #[inline(always)]
+    fn append(&mut self, id: EntryId, cursor: &mut u64) {
         if (self.tail - self.head) as usize >= self.cells.len() {
             self.copy(cursor);
         }
@@ -98,7 +106,6 @@ impl MainRing {
             *p = cell;
         }
         self.tail += 1;
-        self.len += 1;
     }
 
     /// Moves the id under `cursor` (as returned by [`peek`](Self::peek)) to the tail; `cursor`
@@ -117,9 +124,11 @@ impl MainRing {
         } else {
             self.set_cell(at, HOLE);
         }
-        self.len -= 1;
+        // `len` is unchanged: not written at all, because a write of it here followed by
+        // `push`'s read of the neighbouring `tail` measured as a store-forwarding stall (the
+        // compiler reads and writes `tail` and `len` as one 16-byte word).
         *cursor = at + 1;
-        self.push(id, cursor);
+        self.append(id, cursor);
     }
 
     /// Removes a queued `id` (anywhere in the queue).
