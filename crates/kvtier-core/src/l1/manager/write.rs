@@ -274,7 +274,8 @@ impl L1Manager {
             {
                 l.published(&k);
             }
-            let meta = inner.meta_of(id);
+            // The ticket carries the fingerprint hinted at `reserve_write`: no second hash.
+            let meta = inner.meta_with(id, Some(t.fingerprint));
             inner.policy.on_ready(id, meta);
             inner.tenants.on_ready(meta.tenant, id);
         }
