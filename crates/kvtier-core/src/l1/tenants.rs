@@ -15,7 +15,8 @@
 //! - [`Tenants::isolation_order`] is the order IsolatedLRU drains tenants under global pressure:
 //!   tenants over their quota (largest excess first), then tenants without a quota (largest
 //!   first), then tenants within their quota (fullest relative to it first); ties by salt.
-//!   O(T log T) in the number of tenants, never in objects.
+//!   O(T log T) in the number of tenants, never in objects, and no allocation once its scratch
+//!   has grown to the tenant count (it runs on every eviction round).
 //!
 //! # Concurrency and lock order
 //! [`Tenants`] lives inside the L1 lock. Readers (status, `/metrics`, `GET /quota`) never take
@@ -257,6 +258,10 @@ pub(crate) struct Tenants {
     /// Per-tenant recency of ready objects (list index = tenant id).
     lists: Lists,
     directory: Arc<Directory>,
+    /// Scratch of [`Tenants::isolation_order`], kept so that an eviction allocates nothing:
+    /// each live tenant's sort key (class, inverted size) and id, then the ids in order.
+    order_keys: Vec<(u8, u64, TenantId)>,
+    order: Vec<TenantId>,
 }
 
 impl Tenants {
@@ -413,29 +418,44 @@ impl Tenants {
     }
 
     /// See the module docs.
-    pub(crate) fn isolation_order(&self) -> Vec<TenantId> {
-        // Ties break by salt, so the order does not depend on slot reuse.
-        let mut keyed: Vec<((u8, u64, &str), TenantId)> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(t, x)| {
-                let x = x.as_ref()?;
-                let key = match x.stats.limit() {
-                    Some(l) if x.used > l => (0, u64::MAX - (x.used - l), &*x.stats.salt),
-                    None => (1, u64::MAX - x.used, &*x.stats.salt),
-                    Some(0) => (2, 0, &*x.stats.salt),
-                    Some(l) => {
-                        // Fullest relative to its quota first (parts per million).
-                        let ppm = (u128::from(x.used) * 1_000_000 / u128::from(l)) as u64;
-                        (2, u64::MAX - ppm, &*x.stats.salt)
-                    }
-                };
-                Some((key, t as TenantId))
-            })
-            .collect();
-        keyed.sort_unstable();
-        keyed.into_iter().map(|(_, t)| t).collect()
+    pub(crate) fn isolation_order(&mut self) -> &[TenantId] {
+        let Self {
+            slots,
+            order_keys,
+            order,
+            ..
+        } = self;
+        order_keys.clear();
+        order_keys.extend(slots.iter().enumerate().filter_map(|(t, x)| {
+            let x = x.as_ref()?;
+            let (class, key) = match x.stats.limit() {
+                Some(l) if x.used > l => (0, u64::MAX - (x.used - l)),
+                None => (1, u64::MAX - x.used),
+                Some(0) => (2, 0),
+                Some(l) => {
+                    // Fullest relative to its quota first (parts per million).
+                    let ppm = (u128::from(x.used) * 1_000_000 / u128::from(l)) as u64;
+                    (2, u64::MAX - ppm)
+                }
+            };
+            Some((class, key, t as TenantId))
+        }));
+        // Ties break by salt, so the order does not depend on slot reuse (a salt is looked up
+        // only on a tie).
+        let salt = |t: TenantId| {
+            slots
+                .get(t as usize)
+                .and_then(Option::as_ref)
+                .map(|x| &*x.stats.salt)
+        };
+        order_keys.sort_unstable_by(|a, b| {
+            (a.0, a.1)
+                .cmp(&(b.0, b.1))
+                .then_with(|| salt(a.2).cmp(&salt(b.2)))
+        });
+        order.clear();
+        order.extend(order_keys.iter().map(|k| k.2));
+        order
     }
 }
 
@@ -495,8 +515,8 @@ mod tests {
         }
         let order: Vec<&str> = ts
             .isolation_order()
-            .into_iter()
-            .map(|t| names[t as usize])
+            .iter()
+            .map(|&t| names[t as usize])
             .collect();
         assert_eq!(order, vec!["over", "free-big", "free-small", "within"]);
     }

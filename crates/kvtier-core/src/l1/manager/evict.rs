@@ -12,11 +12,6 @@ impl L1Manager {
         goal_bytes: u64,
         why: EvictedFor,
     ) -> EvictionOutcome {
-        let order = if inner.policy.isolated() {
-            inner.tenants.isolation_order()
-        } else {
-            Vec::new()
-        };
         let mut victims = Vec::new();
         let mut planned = 0u64;
         {
@@ -24,9 +19,15 @@ impl L1Manager {
                 policy,
                 slots,
                 align,
+                tenants,
                 ..
             } = inner;
-            policy.select(&order, &mut |id| {
+            let order: &[TenantId] = if policy.isolated() {
+                tenants.isolation_order()
+            } else {
+                &[]
+            };
+            policy.select(order, &mut |id| {
                 verdict(slots, *align, id, goal_bytes, &mut planned, &mut victims)
             });
         }
