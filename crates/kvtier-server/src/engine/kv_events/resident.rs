@@ -46,7 +46,7 @@ pub(super) struct ResidentCounts {
 
 impl ResidentCounts {
     fn fingerprint(&self, medium: u8, model: &str, chunk: &ChunkHash) -> u64 {
-        self.seed.hash_one((medium, model, chunk.as_bytes()))
+        self.seed.hash_one((medium, model, chunk))
     }
 
     /// One more object holds the identity; whether it is the first (announce `stored`).
