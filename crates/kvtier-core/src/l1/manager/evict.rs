@@ -64,17 +64,22 @@ impl L1Manager {
         why: EvictedFor,
     ) -> EvictionOutcome {
         let mut out = EvictionOutcome::default();
-        if victims.len() > 1 {
-            // Start every victim's ghost push before the first (see `hint_batch`).
-            for &id in &victims {
-                inner.hint_policy(id);
-            }
-        }
-        for id in victims {
+        // Start every victim's ghost push before the first (see `hint_batch`), keeping each
+        // fingerprint for its removal; a single victim has nothing to overlap with.
+        let hints: Vec<Option<u64>> = if victims.len() > 1 {
+            victims
+                .iter()
+                .map(|&id| Some(inner.hint_policy(id)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (i, id) in victims.into_iter().enumerate() {
             if let Some(e) = inner.entry(id) {
                 out.bytes += inner.reserved(e);
                 out.objects += 1;
-                self.remove_entry(inner, id, RemovalCause::Evicted(why));
+                let hinted = hints.get(i).copied().flatten();
+                self.remove_entry_hinted(inner, id, RemovalCause::Evicted(why), hinted);
             }
         }
         self.counters.evicted_objects_total.add(out.objects);

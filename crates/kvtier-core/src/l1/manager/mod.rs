@@ -419,12 +419,24 @@ impl L1Manager {
 
     /// Removes an entry whatever its state and returns its memory.
     fn remove_entry(&self, inner: &mut Inner, id: EntryId, cause: RemovalCause) {
+        self.remove_entry_hinted(inner, id, cause, None);
+    }
+
+    /// [`remove_entry`](Self::remove_entry), given the fingerprint
+    /// [`Inner::hint_policy`] already computed for `id` (see [`Inner::meta_with`]).
+    fn remove_entry_hinted(
+        &self,
+        inner: &mut Inner,
+        id: EntryId,
+        cause: RemovalCause,
+        hinted: Option<u64>,
+    ) {
         let why = match cause {
             RemovalCause::Evicted(_) => Removal::Evicted,
             _ => Removal::Dropped,
         };
         // Read before the entry goes: the fingerprint and tenant come from its namespace.
-        let meta = inner.meta_of(id);
+        let meta = inner.meta_with(id, hinted);
         let slot = &mut inner.slots[id as usize];
         let generation = slot.generation;
         let Some(e) = slot.entry.take() else { return };
