@@ -331,8 +331,9 @@ pub struct KvEventRecord {
     pub medium: &'static str,
     /// The model the chunks belong to.
     pub model_name: std::sync::Arc<str>,
-    /// The chunks' 32-byte hashes.
-    pub block_hashes: Vec<[u8; 32]>,
+    /// The chunk's 32-byte hash. kvtier announces one chunk per record, so the wire's
+    /// `block_hashes` list always has this one element (kept inline: no allocation per record).
+    pub block_hash: [u8; 32],
     /// The hash of the chunk before the first one (stored records), `None` for a first chunk or
     /// when unknown.
     pub parent_block_hash: Option<[u8; 32]>,
@@ -412,10 +413,8 @@ impl KvEventBatch {
             w.str("model_name");
             w.str(&r.model_name);
             w.str("block_hashes");
-            let m = w.array_len(r.block_hashes.len());
-            for h in r.block_hashes.iter().take(m) {
-                w.bin(h);
-            }
+            w.array_len(1);
+            w.bin(&r.block_hash);
             w.str("parent_block_hash");
             match &r.parent_block_hash {
                 Some(h) => w.bin(h),

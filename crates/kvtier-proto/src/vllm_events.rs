@@ -130,7 +130,7 @@ fn record(w: &mut Writer, encoding: Encoding, r: &KvEventRecord) {
             if map {
                 w.str("block_hashes");
             }
-            hashes(w, encoding, &r.block_hashes);
+            hashes(w, encoding, std::slice::from_ref(&r.block_hash));
             if map {
                 w.str("parent_block_hash");
             }
@@ -173,7 +173,7 @@ fn record(w: &mut Writer, encoding: Encoding, r: &KvEventRecord) {
             if map {
                 w.str("block_hashes");
             }
-            hashes(w, encoding, &r.block_hashes);
+            hashes(w, encoding, std::slice::from_ref(&r.block_hash));
             if map {
                 w.str("medium");
             }
@@ -194,7 +194,7 @@ mod tests {
             kind: KvEventKind::Stored,
             medium: "CPU",
             model_name: Arc::from("m"),
-            block_hashes: vec![[7u8; 32]],
+            block_hash: [7u8; 32],
             parent_block_hash: None,
             token_ids: TokenSpan::new(Arc::from(vec![1u32, 2, 3]), 0, 3),
         }

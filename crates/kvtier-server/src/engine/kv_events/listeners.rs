@@ -61,7 +61,7 @@ fn new_record(
         kind,
         medium,
         model_name: Arc::clone(&key.model_name),
-        block_hashes: vec![*key.chunk_hash.as_bytes()],
+        block_hash: *key.chunk_hash.as_bytes(),
         parent_block_hash: None,
         token_ids: TokenSpan::default(),
     }
