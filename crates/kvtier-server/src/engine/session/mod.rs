@@ -169,7 +169,7 @@ impl Sessions {
         t.next_serial += 1;
         let s = Arc::new(Mutex::new(Session {
             hashes: ChunkHashCache::new(),
-            locks: HashMap::new(),
+            locks: record::KeyMap::default(),
             prefetch: PrefetchState::Idle,
             last_used: now,
             retired: false,
