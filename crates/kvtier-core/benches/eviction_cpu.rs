@@ -453,37 +453,28 @@ fn interleaved(rounds: usize) {
             );
         }
     };
-    let order = |round: usize, k: usize| if round.is_multiple_of(2) { k } else { 3 - k };
-
     let mut rigs: Vec<PolicyRig> = POLICIES
         .iter()
         .map(|&p| PolicyRig::new(p, resident))
         .collect();
     for (name, batched) in [("evict_insert_read", false), ("batch16", true)] {
-        let mut per_round = Vec::with_capacity(rounds);
-        for round in 0..rounds {
-            let mut row = [0.0; 4];
-            for k in 0..4 {
-                let i = order(round, k);
-                let rig = &mut rigs[i];
-                let phase = |rig: &mut PolicyRig, chunks: usize| {
-                    if batched {
-                        for _ in 0..chunks / BATCH {
-                            rig.batch16();
-                        }
-                    } else {
-                        for _ in 0..chunks {
-                            rig.chunk();
-                        }
+        let per_round = interleave(&mut rigs, rounds, |rig| {
+            let phase = |rig: &mut PolicyRig, chunks: usize| {
+                if batched {
+                    for _ in 0..chunks / BATCH {
+                        rig.batch16();
                     }
-                };
-                phase(rig, warm_chunks);
-                let t = std::time::Instant::now();
-                phase(rig, PHASE_CHUNKS);
-                row[i] = t.elapsed().as_nanos() as f64 / PHASE_CHUNKS as f64;
-            }
-            per_round.push(row);
-        }
+                } else {
+                    for _ in 0..chunks {
+                        rig.chunk();
+                    }
+                }
+            };
+            phase(rig, warm_chunks);
+            let t = std::time::Instant::now();
+            phase(rig, PHASE_CHUNKS);
+            t.elapsed().as_nanos() as f64 / PHASE_CHUNKS as f64
+        });
         report(name, &per_round);
     }
     drop(rigs);
@@ -494,26 +485,40 @@ fn interleaved(rounds: usize) {
             .map(|&p| WholeRig::new(p, mode, resident))
             .collect();
         let n = PHASE_CHUNKS / rigs[0].keys.per_store;
-        let mut per_round = Vec::with_capacity(rounds);
-        for round in 0..rounds {
-            let mut row = [0.0; 4];
-            for k in 0..4 {
-                let i = order(round, k);
-                let rig = &mut rigs[i];
-                let warm = rig.keys.steps(n);
-                let timed = rig.keys.steps(n);
-                let mut misses = run(&rig.l1, &warm);
-                let t = std::time::Instant::now();
-                misses += run(&rig.l1, &timed);
-                row[i] = t.elapsed().as_nanos() as f64 / PHASE_CHUNKS as f64;
-                rig.check(misses);
-                // Dropping the keys (Arc decrements, frees) stays outside the timed part.
-                drop((warm, timed));
-            }
-            per_round.push(row);
-        }
+        let per_round = interleave(&mut rigs, rounds, |rig| {
+            let warm = rig.keys.steps(n);
+            let timed = rig.keys.steps(n);
+            let mut misses = run(&rig.l1, &warm);
+            let t = std::time::Instant::now();
+            misses += run(&rig.l1, &timed);
+            let ns = t.elapsed().as_nanos() as f64 / PHASE_CHUNKS as f64;
+            rig.check(misses);
+            // Dropping the keys (Arc decrements, frees) stays outside the timed part.
+            drop((warm, timed));
+            ns
+        });
         report(mode_name(mode), &per_round);
     }
+}
+
+/// Runs `phase` (which returns ns per chunk) on each of the four rigs in turn, `rounds` times,
+/// in ABCD order on even rounds and DCBA on odd ones; one row of figures per round, in
+/// [`POLICIES`] order.
+fn interleave<R>(
+    rigs: &mut [R],
+    rounds: usize,
+    mut phase: impl FnMut(&mut R) -> f64,
+) -> Vec<[f64; 4]> {
+    (0..rounds)
+        .map(|round| {
+            let mut row = [0.0; 4];
+            for k in 0..4 {
+                let i = if round.is_multiple_of(2) { k } else { 3 - k };
+                row[i] = phase(&mut rigs[i]);
+            }
+            row
+        })
+        .collect()
 }
 
 criterion_group!(benches, policy_only, whole_path);
