@@ -66,11 +66,8 @@ impl L1Manager {
         let mut out = EvictionOutcome::default();
         // Start every victim's ghost push before the first (see `hint_batch`), keeping each
         // fingerprint for its removal; a single victim has nothing to overlap with.
-        let hints: Vec<Option<u64>> = if victims.len() > 1 {
-            victims
-                .iter()
-                .map(|&id| Some(inner.hint_policy(id)))
-                .collect()
+        let hints: Vec<u64> = if victims.len() > 1 {
+            victims.iter().map(|&id| inner.hint_policy(id)).collect()
         } else {
             Vec::new()
         };
@@ -78,7 +75,7 @@ impl L1Manager {
             if let Some(e) = inner.entry(id) {
                 out.bytes += inner.reserved(e);
                 out.objects += 1;
-                let hinted = hints.get(i).copied().flatten();
+                let hinted = hints.get(i).copied().unwrap_or(0);
                 self.remove_entry_hinted(inner, id, RemovalCause::Evicted(why), hinted);
             }
         }

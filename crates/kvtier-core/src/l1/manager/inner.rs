@@ -87,20 +87,22 @@ impl Inner {
     /// What the eviction policy is told about entry `id`: its tenant, and its fingerprint once
     /// it became readable (0 for one that never did, and for policies that read none).
     pub(super) fn meta_of(&self, id: EntryId) -> EntryMeta {
-        self.meta_with(id, None)
+        self.meta_with(id, 0)
     }
 
     /// [`meta_of`](Self::meta_of), given the fingerprint [`hint_policy`](Self::hint_policy)
     /// already computed for this entry (its key and namespace never change, so neither does
-    /// the fingerprint); `Some(0)`, what a ticket holds when nothing was hinted, counts as none.
-    pub(super) fn meta_with(&self, id: EntryId, hinted: Option<u64>) -> EntryMeta {
+    /// the fingerprint); 0, what `hint_policy` returns and a ticket holds when nothing was
+    /// hinted, means none.
+    pub(super) fn meta_with(&self, id: EntryId, hinted: u64) -> EntryMeta {
         match self.entry(id) {
             Some(e) => EntryMeta {
                 tenant: self.tenant_of(e),
                 fingerprint: if e.phase() == Phase::Ready && self.policy.uses_fingerprints() {
-                    hinted
-                        .filter(|&f| f != 0)
-                        .unwrap_or_else(|| fingerprint(&e.hash, self.ns.seed(e.ns())))
+                    match hinted {
+                        0 => fingerprint(&e.hash, self.ns.seed(e.ns())),
+                        f => f,
+                    }
                 } else {
                     0
                 },

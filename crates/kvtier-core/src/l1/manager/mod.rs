@@ -419,7 +419,7 @@ impl L1Manager {
 
     /// Removes an entry whatever its state and returns its memory.
     fn remove_entry(&self, inner: &mut Inner, id: EntryId, cause: RemovalCause) {
-        self.remove_entry_hinted(inner, id, cause, None);
+        self.remove_entry_hinted(inner, id, cause, 0);
     }
 
     /// [`remove_entry`](Self::remove_entry), given the fingerprint
@@ -429,7 +429,7 @@ impl L1Manager {
         inner: &mut Inner,
         id: EntryId,
         cause: RemovalCause,
-        hinted: Option<u64>,
+        hinted: u64,
     ) {
         let why = match cause {
             RemovalCause::Evicted(_) => Removal::Evicted,

@@ -275,7 +275,7 @@ impl L1Manager {
                 l.published(&k);
             }
             // The ticket carries the fingerprint hinted at `reserve_write`: no second hash.
-            let meta = inner.meta_with(id, Some(t.fingerprint));
+            let meta = inner.meta_with(id, t.fingerprint);
             inner.policy.on_ready(id, meta);
             inner.tenants.on_ready(meta.tenant, id);
         }
