@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port, kvtier_bin, new_shm_name, new_iid, fresh_tokens
+from conftest import REPO, free_port, kvtier_bin, new_shm_name, new_iid, fresh_tokens, wait_until
 from kvclient import EngineContext, KVClient, NoReply, make_key, store_context
 
 TELEMETRY_OFF = {"LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1", "LMCACHE_DISABLE_BANNER": "1",
@@ -563,14 +563,22 @@ def test_kvcache_clear(cli_results: dict):
     assert metrics_of(cli_results["describe_after_clear"])["cached_objects"] == 0
 
 
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/api/healthcheck", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def test_quota_round_trip():
     port, http_port, shm = free_port(), free_port(), new_shm_name()
     proc = subprocess.Popen([kvtier_bin(), "serve", "--host", "127.0.0.1", "--port", str(port), "--http-port",
                              str(http_port), "--l1-size-gb", "0.0625", "--shm-name", shm, "--no-l1-prefault"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(1)
         url = f"http://127.0.0.1:{http_port}"
+        assert wait_until(lambda: _healthy(url), timeout=30), "kvtier serve did not come up"
         calls = [["quota", "set", "tenant-a", "--limit-gb", "0.01", "--url", url, "--format", "json"],
                  ["quota", "get", "tenant-a", "--url", url, "--format", "json"],
                  ["quota", "list", "--url", url, "--format", "json"],

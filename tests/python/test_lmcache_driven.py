@@ -747,7 +747,7 @@ def test_unregister_unmaps_the_engine_memory(lmd_server: Server, cli: Client, rn
 
 
 def test_reaper_unmaps_silent_engines(rng) -> None:
-    srv = start_server("--worker-reap-timeout-seconds", "30", "--worker-registration-grace-seconds", "1")
+    srv = start_server("--worker-reap-timeout-seconds", "30", "--worker-registration-grace-seconds", "3")
     kv = make_kv("mla", rng)
     try:
         cli = srv.client()

@@ -16,7 +16,7 @@ from kvclient import EngineContext, lookup_key
 MODEL = "prefetch-wait-model"
 WAITERS = 8
 CHUNKS = 2
-TIMEOUT = 1.5
+TIMEOUT = 5.0
 
 
 def test_waiters_hold_no_worker_and_all_get_answers(rng: np.random.Generator) -> None:
@@ -60,11 +60,12 @@ def test_waiters_hold_no_worker_and_all_get_answers(rng: np.random.Generator) ->
             c.end_session("big")
         for t in threads:
             t.join(10)
-        assert big_latency < 1.0, f"a pool request waited {big_latency:.2f} s behind the waiters"
+        # Well under TIMEOUT: a waiter parked on a worker would hold the big lookup ~TIMEOUT s.
+        assert big_latency < 2.5, f"a pool request waited {big_latency:.2f} s behind the waiters"
         assert len(answers) == WAITERS
         for i, (answer, took) in answers.items():
             assert answer in (None, CHUNKS), (i, answer)
-            assert took < TIMEOUT + 1.5, (i, took)
+            assert took < TIMEOUT + 3, (i, took)
             if answer is None:
                 assert took >= TIMEOUT - 0.1, f"waiter {i} answered nil after {took:.2f} s, before its timeout"
         assert any(a == CHUNKS for a, _ in answers.values()), answers

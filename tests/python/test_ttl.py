@@ -81,8 +81,10 @@ def test_a_late_writer_cannot_overwrite_the_next_writers_chunks(wserver: Server,
             prep_a = store_context(ca.prepare_store(key_a, a.instance_id))
             assert prep_a.chunk_indices == [0, 1, 2]
             base = wserver.l1()
-            # A stalls past its write TTL, an eviction round (0.1 s) and a housekeeping sweep (1 s).
-            time.sleep(WRITE_TTL + 1.5)
+            # A stalls past its write TTL until the eviction thread's expiry pass (every 0.1 s)
+            # has quarantined its memory (polled: a loaded machine can delay that pass).
+            time.sleep(WRITE_TTL)
+            assert wait_until(lambda: wserver.l1()["quarantined_objects"] == 3, timeout=15), wserver.l1()
             held = wserver.l1()
 
             # B stores the same chunks: the keys are free again, A's memory is not.

@@ -9,20 +9,44 @@ use kvtier_proto::Op;
 use kvtier_server::transport::{Handler, TransportConfig, ZmqFrontEnd};
 use parking_lot::{Condvar, Mutex};
 
-/// noop → "OK"; get_chunk_size → 256 (sync); ping blocks until released; lookup echoes its
-/// payload length as a msgpack int; query_prefetch_status sleeps `slow_ms` first.
+/// A gate a handler waits at until the test opens it (no clock in any assertion).
 #[derive(Default)]
-struct Scripted {
-    gate: Mutex<bool>,
+struct Gate {
+    open: Mutex<bool>,
     cv: Condvar,
-    handled: AtomicU64,
 }
 
-impl Scripted {
-    fn open_gate(&self) {
-        *self.gate.lock() = true;
+impl Gate {
+    fn open(&self) {
+        *self.open.lock() = true;
         self.cv.notify_all();
     }
+
+    fn wait(&self) {
+        let mut open = self.open.lock();
+        while !*open {
+            self.cv.wait(&mut open);
+        }
+    }
+}
+
+/// Opens a gate when dropped, so a failing assertion cannot leave a worker blocked and the
+/// front end's shutdown waiting for it.
+struct OpenOnDrop<'a>(&'a Gate);
+
+impl Drop for OpenOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+/// noop → "OK"; get_chunk_size → 256 (sync); ping waits at `gate`; query_prefetch_status
+/// waits at `slow_gate` and answers 7; end_session echoes its payload count.
+#[derive(Default)]
+struct Scripted {
+    gate: Gate,
+    slow_gate: Gate,
+    handled: AtomicU64,
 }
 
 fn mp_int(v: u64) -> Vec<u8> {
@@ -44,14 +68,11 @@ impl Handler for Scripted {
             Op::Noop => Some(mp_str("OK")),
             Op::GetChunkSize => Some(mp_int(256)),
             Op::Ping => {
-                let mut open = self.gate.lock();
-                while !*open {
-                    self.cv.wait(&mut open);
-                }
+                self.gate.wait();
                 Some(vec![0xc3])
             }
             Op::QueryPrefetchStatus => {
-                std::thread::sleep(Duration::from_millis(300));
+                self.slow_gate.wait();
                 Some(mp_int(7))
             }
             Op::EndSession => Some(mp_int(payloads.len() as u64)),
@@ -153,21 +174,20 @@ fn send_raw(s: &zmq::Socket, frames: Vec<Vec<u8>>) {
 
 #[test]
 fn a_slow_request_does_not_hold_back_other_clients_and_replies_may_reorder() {
-    let fe = start(Arc::new(Scripted::default()), 2, 16);
+    let h = Arc::new(Scripted::default());
+    let fe = start(Arc::clone(&h), 2, 16);
+    let release = OpenOnDrop(&h.slow_gate);
     let ctx = zmq::Context::new();
     let slow = dealer(&ctx, fe.endpoint());
     let fast = dealer(&ctx, fe.endpoint());
     send(&slow, 1, Op::QueryPrefetchStatus, &[mp_str("r")]);
     send(&slow, 2, Op::Noop, &[]);
-    // The SYNC noop on the same socket overtakes the slow pooled request.
+    // The SYNC noop on the same socket overtakes the pooled request that is still blocked.
     assert_eq!(recv(&slow)[0], mp_int(2));
-    let t = Instant::now();
+    // Another client is answered while that request is still blocked: nobody waits for it.
     send(&fast, 1, Op::EndSession, &[mp_str("x")]);
     assert_eq!(recv(&fast), vec![mp_int(1), mp_int(13), mp_int(1)]);
-    assert!(
-        t.elapsed() < Duration::from_millis(250),
-        "another client was held back"
-    );
+    drop(release);
     assert_eq!(recv(&slow), vec![mp_int(1), mp_int(9), mp_int(7)]);
     fe.shutdown();
 }
@@ -179,13 +199,7 @@ fn full_queue_is_answered_with_the_failure_value() {
     let ctx = zmq::Context::new();
     let c = dealer(&ctx, fe.endpoint());
     // Whatever happens below, release the blocked worker so shutdown can join it.
-    struct OpenOnDrop(Arc<Scripted>);
-    impl Drop for OpenOnDrop {
-        fn drop(&mut self) {
-            self.0.open_gate();
-        }
-    }
-    let _release = OpenOnDrop(Arc::clone(&h));
+    let _release = OpenOnDrop(&h.gate);
     // The first ping blocks the only worker; the second fills the queue; the third must be
     // refused at once.
     send(&c, 0, Op::Ping, &[vec![0xc0]]);
@@ -201,7 +215,7 @@ fn full_queue_is_answered_with_the_failure_value() {
         "ping's failure value is false"
     );
     assert_eq!(fe.stats().rejected_busy.get(), 1);
-    h.open_gate();
+    h.gate.open();
     let mut uids: Vec<Vec<u8>> = (0..2).map(|_| recv(&c).remove(0)).collect();
     uids.sort();
     assert_eq!(uids, vec![mp_int(0), mp_int(1)]);
@@ -214,6 +228,7 @@ fn shutdown_drains_in_flight_requests() {
     let fe = Arc::new(start(Arc::clone(&h), 1, 16));
     let ctx = zmq::Context::new();
     let c = dealer(&ctx, fe.endpoint());
+    let release = OpenOnDrop(&h.slow_gate);
     send(&c, 1, Op::QueryPrefetchStatus, &[mp_str("r")]);
     // Let the request reach its worker, then stop while it is still running.
     while fe.stats().in_flight.get() == 0 {
@@ -223,6 +238,9 @@ fn shutdown_drains_in_flight_requests() {
         let fe = Arc::clone(&fe);
         std::thread::spawn(move || fe.shutdown())
     };
+    // The shutdown is under way (or about to be) with the request still running; let it end.
+    std::thread::sleep(Duration::from_millis(100));
+    drop(release);
     assert_eq!(
         recv(&c),
         vec![mp_int(1), mp_int(9), mp_int(7)],
@@ -298,7 +316,7 @@ fn rpc_allow_refuses_other_peers_during_the_handshake() {
     send(&c, 1, Op::GetChunkSize, &[]);
     assert!(c.recv_multipart(0).is_err(), "a refused peer gets no reply");
     let access = fe.access();
-    assert!(access.stats().refused.get() >= 1);
+    wait_for("the refusal counted", || access.stats().refused.get() >= 1);
     assert_eq!(access.stats().allowed.get(), 0);
     let node = serde_json::to_value(access.status_node()).expect("json");
     assert_eq!(node["last_refused_peer"], "127.0.0.1", "{node}");
@@ -318,18 +336,21 @@ fn rpc_allow_refuses_other_peers_during_the_handshake() {
 }
 
 /// Runs transfer controls inline when their payload is one frame of at most 8 bytes; a
-/// `prepare_store` with a bigger payload goes to the affinity pool and takes 300 ms. Records
-/// the order in which requests were handled.
+/// `prepare_store` with a bigger payload goes to the affinity pool, says it started, and waits
+/// at `gate`. Records the order in which requests finished.
 #[derive(Default)]
 struct InlineSmall {
     order: Mutex<Vec<(Op, Vec<u8>)>>,
+    big_started: AtomicU64,
+    gate: Gate,
 }
 
 impl Handler for InlineSmall {
     fn handle(&self, op: Op, payloads: &[&[u8]]) -> Option<Vec<u8>> {
         let tag = payloads.first().map(|p| p.to_vec()).unwrap_or_default();
         if op == Op::PrepareStore && tag.len() > 8 {
-            std::thread::sleep(Duration::from_millis(300));
+            self.big_started.fetch_add(1, Relaxed);
+            self.gate.wait();
         }
         self.order.lock().push((op, tag));
         Some(vec![0xc3])
@@ -348,21 +369,24 @@ fn an_inline_transfer_op_never_overtakes_the_same_clients_queued_one() {
     let fe = ZmqFrontEnd::start(config(1, 16), Arc::clone(&h) as Arc<dyn Handler>)
         .expect("front end starts");
     let ctx = zmq::Context::new();
+    let release = OpenOnDrop(&h.gate);
     let a = dealer(&ctx, fe.endpoint());
     let b = dealer(&ctx, fe.endpoint());
-    // Client a: a big prepare_store (pool, slow), then a small commit_store that alone would
-    // run inline: it must wait for the prepare.
+    // Client a: a big prepare_store (pool, held at the gate), then a small commit_store that
+    // alone would run inline: it must wait for the prepare.
     send(&a, 1, Op::PrepareStore, &[vec![b'p'; 64]]);
     send(&a, 2, Op::CommitStore, &[b"a".to_vec()]);
-    // Client b has nothing queued: its small commit runs inline at once, ahead of a's.
-    std::thread::sleep(Duration::from_millis(50));
-    let t = Instant::now();
+    wait_for("a's prepare to start", || h.big_started.load(Relaxed) == 1);
+    // Client b has nothing queued: its small commit is answered while a's prepare is held.
     send(&b, 1, Op::CommitStore, &[b"b".to_vec()]);
     assert_eq!(recv(&b)[0], mp_int(1));
+    a.set_rcvtimeo(200).expect("rcvtimeo");
     assert!(
-        t.elapsed() < Duration::from_millis(250),
-        "a client with nothing queued was held back"
+        a.recv_multipart(0).is_err(),
+        "a's commit must not overtake its held prepare"
     );
+    a.set_rcvtimeo(5_000).expect("rcvtimeo");
+    drop(release);
     assert_eq!(recv(&a)[0], mp_int(1));
     assert_eq!(recv(&a)[0], mp_int(2));
     // Once a's queue is empty, its small ops run inline again.

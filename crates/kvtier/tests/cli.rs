@@ -244,12 +244,9 @@ fn status_exits_1_on_401_bad_answers_and_no_server() {
     let (code, out, err) = run(kvtier().args(["status", "--url", &srv.url()]));
     assert_one_line_failure(code, &out, &err, "HTTP 503");
 
-    // A port nobody listens on.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
-    let url = format!("http://{closed}/api/status");
+    // A port nobody listens on (picked below the ephemeral range, never handed out twice).
+    let closed = kvtier_storage::testsuite::free_port();
+    let url = format!("http://127.0.0.1:{closed}/api/status");
     let (code, out, err) = run(kvtier().args(["status", "--url", &url]));
     assert_one_line_failure(code, &out, &err, "cannot connect");
 

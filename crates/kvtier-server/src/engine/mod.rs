@@ -518,8 +518,10 @@ impl Engine {
                 instance_id = iid,
                 "engine instance silent too long; unregistering it"
             );
-            cx.counters.reaped_instances_total.inc();
             self.release_worker(iid, removed, true);
+            // Counted once its reservations are released, so a reader who sees the count also
+            // sees what the instance held given back.
+            cx.counters.reaped_instances_total.inc();
         }
         self.engine_driven.sweep(cx, now);
         cx.events.reap(now, cx.instances.liveness().reap_timeout);
