@@ -196,8 +196,6 @@ def test_l1_and_l2_changes_are_published_in_vllm_format_and_replayable(rng: np.r
             tokens = fresh_tokens(rng, 3 * 256)
             ctx.store(tokens, 0, 512, ctx.random_chunks(rng, 2))
             msgs = sub.collect(lambda ev: len(of(ev, BlockStored, "CPU")) >= 2 and len(of(ev, BlockStored, "DISK")) >= 2)
-            topics = [t for t, _, _ in msgs if t is not None]
-            assert topics and all(t == f"kv@{INSTANCE}@{MODEL}" for t in topics), msgs
             seqs = [s for _, s, _ in msgs]
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
             events = [e for _, _, p in msgs for e in DEC.decode(p).events]
@@ -221,6 +219,9 @@ def test_l1_and_l2_changes_are_published_in_vllm_format_and_replayable(rng: np.r
             cleared = sub.collect(lambda ev: len(of(ev, BlockRemoved, "CPU")) >= 3)
             gone = of([e for _, _, p in cleared for e in DEC.decode(p).events], BlockRemoved, "CPU")
             assert len({e.block_hashes[0] for e in gone}) == 3
+            # Every message that came live (not filled from the replay socket) had the topic.
+            topics = [t for t, _, _ in msgs + more + cleared if t is not None]
+            assert topics and all(t == f"kv@{INSTANCE}@{MODEL}" for t in topics), topics
             ctx.close()
 
         # Replay from the first sequence returns every batch, byte for byte, then the end marker.
