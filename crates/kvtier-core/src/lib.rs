@@ -2,6 +2,7 @@
 //!
 //! Components:
 //! - [`analysis`]: the hit-rate curve estimator (SHARDS), the lookup-log format and the policy replay.
+//! - [`collections`]: the randomly seeded foldhash map and set used for well-mixed keys.
 //! - [`hash`]: LMCache-compatible token hashing (blake3 prefix chain) and an incremental per-request cache.
 //! - [`key`]: [`key::ObjectKey`], kv_rank packing and the per-rank fan-out.
 //! - [`shm`]: the named POSIX shared-memory segment that backs L1 and that engines map.
@@ -13,6 +14,7 @@
 //! - [`status`]: the composable status tree every component reports into.
 
 pub mod analysis;
+pub mod collections;
 pub mod hash;
 pub mod inflight;
 pub mod key;

@@ -23,7 +23,7 @@
 //! Not thread-safe by itself: adapters keep it behind a `parking_lot::Mutex` and never hold that
 //! across an `.await` or I/O.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -40,7 +40,7 @@ use crate::config::{EvictionPolicyName, EvictionSettings};
 use crate::error::L2Error;
 use crate::listener::BoundListener;
 
-type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+use kvtier_core::collections::FastMap as Map;
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {

@@ -24,7 +24,7 @@ use crate::index::ObjectIndex;
 use crate::instrumented::Instrumented;
 use crate::metrics::AdapterEvents;
 
-type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+use kvtier_core::collections::FastMap as Map;
 
 #[derive(Debug)]
 struct State {

@@ -24,7 +24,6 @@
 //! tenants' atomic counters, which the manager updates under the L1 lock when a tenant appears
 //! or retires. Order: L1 lock → directory lock; nothing is taken under the directory lock.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -252,7 +251,7 @@ struct Tenant {
 /// The tenant table (inside the L1 lock; see the module docs).
 #[derive(Debug, Default)]
 pub(crate) struct Tenants {
-    by_salt: HashMap<Arc<str>, TenantId, foldhash::fast::RandomState>,
+    by_salt: crate::collections::FastMap<Arc<str>, TenantId>,
     slots: Vec<Option<Tenant>>,
     free: Vec<TenantId>,
     /// Per-tenant recency of ready objects (list index = tenant id).

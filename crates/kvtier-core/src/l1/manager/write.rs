@@ -19,8 +19,8 @@ fn repeated_keys(items: &[(ObjectKey, u64)]) -> Vec<bool> {
             .map(|(i, (key, _))| items[..i].iter().any(|(k, _)| k == key))
             .collect();
     }
-    let mut seen: std::collections::HashSet<&ObjectKey, foldhash::fast::RandomState> =
-        std::collections::HashSet::with_capacity_and_hasher(items.len(), Default::default());
+    let mut seen: crate::collections::FastSet<&ObjectKey> =
+        crate::collections::FastSet::with_capacity_and_hasher(items.len(), Default::default());
     items.iter().map(|(key, _)| !seen.insert(key)).collect()
 }
 

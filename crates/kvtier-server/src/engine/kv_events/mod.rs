@@ -216,7 +216,7 @@ fn intern(name: String) -> &'static str {
     leaked
 }
 
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+use kvtier_core::collections::FastMap;
 
 #[derive(Debug)]
 struct SubEntry {

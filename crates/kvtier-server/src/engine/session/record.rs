@@ -5,11 +5,8 @@
 
 use super::*;
 
-/// A map keyed by object keys. foldhash with a per-process random seed, not std's SipHash: the
-/// keys are chunk hashes plus short names, and SipHash over them was ~1.5 % of an engine
-/// cycle's CPU (perf, `kv_events` bench); the random seed keeps collisions unpredictable to
-/// clients.
-pub(super) type KeyMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// A map keyed by object keys (see [`kvtier_core::collections`] for why not SipHash).
+pub(super) use kvtier_core::collections::FastMap as KeyMap;
 
 /// Read locks held on one object on behalf of a session.
 #[derive(Debug, Clone, Copy)]
