@@ -38,7 +38,7 @@ pub use reader::{Path, Reader};
 pub use request::{
     BlockAllocationRecord, CpuShmWrapper, DeviceIpcWrapper, EngineGroupInfo, IpcKey,
     RegisterEngineDrivenContext, RegisterKvCache, Request, STUB_IPC_HANDLE, TensorMetadata,
-    decode_request,
+    TokenArrayStats, TokenArrays, TokenIds, decode_request, decode_request_with,
 };
 pub use response::{
     KvEventBatch, KvEventKind, KvEventRecord, RegisterEngineDrivenContextResponse, Response, Slot,

@@ -84,7 +84,7 @@ fn key(tokens: &[u32], worker: Option<u32>, rid: &str) -> IpcKey {
         model_name: "m".into(),
         world_size: 1,
         worker_id: worker,
-        token_ids: tokens.to_vec(),
+        token_ids: tokens.to_vec().into(),
         start: 0,
         end: CHUNKS * CHUNK as u64,
         request_id: rid.into(),

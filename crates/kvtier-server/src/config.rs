@@ -63,7 +63,19 @@ pub struct RpcSettings {
     /// Networks whose peers may connect (`--rpc-allow`); empty: every peer that reaches the port.
     #[serde(rename = "rpc_allow")]
     pub allow: Vec<Cidr>,
+    /// Bytes of recently decoded request token arrays kept for reuse
+    /// (`--token-array-cache-mib`; 0 disables the cache). See `kvtier_proto::TokenArrays`.
+    pub token_array_cache_bytes: usize,
 }
+
+/// Default of `--token-array-cache-mib`: room for the decoded ids (4 bytes per token) of
+/// [`TOKEN_ARRAY_CACHE_ENTRIES`] prompts of up to 256k tokens.
+pub const DEFAULT_TOKEN_ARRAY_CACHE_MIB: usize = 16;
+
+/// Arrays the token-array cache holds at most: enough for the ops of the requests a step
+/// prefills, few enough that a new array's memory is still warm when it is reused (with 256
+/// the first op of each request got 10-25 % slower; docs/performance.md).
+pub const TOKEN_ARRAY_CACHE_ENTRIES: usize = 16;
 
 /// The L1 tier: the shared-memory pool, its locks and its eviction.
 #[derive(Debug, Clone, Serialize)]
@@ -226,6 +238,7 @@ impl Default for ServerConfig {
                 drain_timeout: Duration::from_secs(5),
                 max_message_bytes: crate::transport::DEFAULT_MAX_MESSAGE_BYTES,
                 allow: Vec::new(),
+                token_array_cache_bytes: DEFAULT_TOKEN_ARRAY_CACHE_MIB << 20,
             },
             l1: L1Settings {
                 size_bytes: 1 << 30,

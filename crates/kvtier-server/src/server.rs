@@ -190,6 +190,10 @@ impl Server {
             KvEventPublisher::start(cfg, engine.kv_events(), &config.instance_id)?;
         }
         let rpc = Arc::new(RpcStats::default());
+        let token_arrays = Arc::new(kvtier_proto::TokenArrays::new(
+            config.rpc.token_array_cache_bytes,
+            crate::config::TOKEN_ARRAY_CACHE_ENTRIES,
+        ));
         let housekeeper = {
             let engine = Arc::clone(&engine);
             Arc::new(
@@ -230,12 +234,17 @@ impl Server {
                 queue_capacity: config.rpc.queue_capacity,
                 drain_timeout: config.rpc.drain_timeout,
             },
-            Arc::new(Service::new(Arc::clone(&engine), Arc::clone(&rpc))),
+            Arc::new(Service::new(
+                Arc::clone(&engine),
+                Arc::clone(&rpc),
+                Arc::clone(&token_arrays),
+            )),
         )?);
         let source = StatusSource {
             inner: Arc::new(StatusParts {
                 engine,
                 rpc,
+                token_arrays,
                 started,
                 housekeeper,
                 config,

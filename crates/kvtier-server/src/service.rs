@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvtier_proto::{Op, Response, Scheduling, decode_request};
+use kvtier_proto::{Op, Response, Scheduling, TokenArrays, decode_request, decode_request_with};
 
 use crate::engine::kv_events::{StreamPoll, Subscription, Waker};
 use crate::engine::lookup::PrefetchWait;
@@ -48,17 +48,24 @@ pub fn outcome_of(e: &EngineError) -> Outcome {
 pub struct Service {
     engine: Arc<Engine>,
     rpc: Arc<RpcStats>,
+    /// Recently decoded token arrays, shared by the poll thread and the pools' workers (every
+    /// op of a request carries the request's whole token list; see `kvtier_proto::TokenArrays`).
+    token_arrays: Arc<TokenArrays>,
 }
 
 impl Service {
-    /// A service over `engine`, counting into `rpc`.
-    pub fn new(engine: Arc<Engine>, rpc: Arc<RpcStats>) -> Self {
-        Self { engine, rpc }
+    /// A service over `engine`, counting into `rpc`, reusing token arrays from `token_arrays`.
+    pub fn new(engine: Arc<Engine>, rpc: Arc<RpcStats>, token_arrays: Arc<TokenArrays>) -> Self {
+        Self {
+            engine,
+            rpc,
+            token_arrays,
+        }
     }
 
     /// Handles one request: `(reply payload, outcome)`.
     pub fn call(&self, op: Op, payloads: &[&[u8]]) -> (Option<Vec<u8>>, Outcome) {
-        let req = match decode_request(op, payloads) {
+        let req = match decode_request_with(op, payloads, Some(&self.token_arrays)) {
             Ok(req) => req,
             Err(e) => {
                 tracing::warn!(%op, error = %e, "malformed request; answering with the failure value");

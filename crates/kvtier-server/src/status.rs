@@ -31,6 +31,7 @@ pub struct StatusSource {
 pub(crate) struct StatusParts {
     pub(crate) engine: Arc<Engine>,
     pub(crate) rpc: Arc<RpcStats>,
+    pub(crate) token_arrays: Arc<kvtier_proto::TokenArrays>,
     pub(crate) started: Instant,
     pub(crate) housekeeper: Arc<PeriodicThread>,
     pub(crate) config: ServerConfig,
@@ -80,7 +81,22 @@ impl StatusSource {
                     p.housekeeper.interval().map_or(0.0, |d| d.as_secs_f64()),
                 ),
             )
-            .child("rpc", rpc)
+            .child("rpc", {
+                let t = p.token_arrays.stats();
+                rpc.field(
+                    "token_arrays",
+                    serde_json::json!({
+                        "hits": t.hits,
+                        "prefix_hits": t.prefix_hits,
+                        "misses": t.misses,
+                        "reused_ids": t.reused_ids,
+                        "entries": t.entries,
+                        "max_entries": p.token_arrays.max_entries(),
+                        "bytes": t.bytes,
+                        "max_bytes": t.max_bytes,
+                    }),
+                )
+            })
             .field("unsupported_op_counts", unsupported);
         root = root.child("transport", p.frontend.report_status());
         root = root.child("l1_prefault", p.prefault.report_status());

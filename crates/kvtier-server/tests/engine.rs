@@ -389,7 +389,8 @@ fn a_failed_lmcache_driven_transfer_is_counted_as_failed_and_echoes_its_handle()
     let f = fixture();
     let engine = Arc::new(f.engine);
     let rpc = Arc::new(RpcStats::default());
-    let svc = Service::new(Arc::clone(&engine), Arc::clone(&rpc));
+    let arrays = Arc::new(kvtier_proto::TokenArrays::new(1 << 20, 16));
+    let svc = Service::new(Arc::clone(&engine), Arc::clone(&rpc), arrays);
     let key = kvtier_client::codec::CacheKey::new("m", 1, (0..256).collect(), 0, 256, "r")
         .with_worker(Some(0))
         .encode();

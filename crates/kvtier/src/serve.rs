@@ -51,6 +51,14 @@ pub struct ServeArgs {
     )]
     rpc_allow: Vec<Vec<kvtier_server::transport::access::Cidr>>,
 
+    /// Memory for recently decoded request token arrays, in MiB. Every LMCache op carries the
+    /// request's whole token list; an op whose list is byte-for-byte one seen recently (the
+    /// lookup, retrieve and store of one request) reuses the decoded ids instead of decoding
+    /// them again, and a list that extends a recent one decodes only the new tokens. 4 bytes
+    /// per cached token, at most 16 lists. 0 disables the cache.
+    #[arg(long, env = "KVTIER_TOKEN_ARRAY_CACHE_MIB", value_name = "MIB", default_value_t = kvtier_server::config::DEFAULT_TOKEN_ARRAY_CACHE_MIB)]
+    token_array_cache_mib: usize,
+
     /// Largest RPC message accepted, in bytes. A single frame larger than this makes the server
     /// drop the sender's connection before reading it (no reply; counted in
     /// `transport.peer_disconnects_total`); a request whose frames together exceed it is
@@ -430,6 +438,10 @@ impl ServeArgs {
                 drain_timeout: seconds("drain-timeout-seconds", self.drain_timeout_seconds, true)?,
                 max_message_bytes: self.max_message_bytes,
                 allow: self.rpc_allow.into_iter().flatten().collect(),
+                token_array_cache_bytes: self
+                    .token_array_cache_mib
+                    .checked_mul(1 << 20)
+                    .context("--token-array-cache-mib is too large")?,
                 ..defaults.rpc
             },
             l1: L1Settings {

@@ -374,10 +374,25 @@ impl<'a> Reader<'a> {
     /// # Errors
     /// A decode error naming the first offending index and value.
     pub fn read_u32_array(&mut self, path: &Path<'_>) -> Result<Vec<u32>, ProtoError> {
-        // Token ids: the element path is built only for an element the fast path declines.
         let len = self.read_array_len(path)?;
         let mut out = Vec::with_capacity(self.capacity_hint(len));
-        for i in 0..len {
+        self.read_u32_elements(0..len, &mut out, path)?;
+        Ok(out)
+    }
+
+    /// Reads the elements `indices` of an array of ints that each fit in `u32` (the header and
+    /// any earlier elements already read), appending them to `out`; `path` is the array's.
+    ///
+    /// # Errors
+    /// A decode error naming the first offending index and value.
+    pub fn read_u32_elements(
+        &mut self,
+        indices: std::ops::Range<u32>,
+        out: &mut Vec<u32>,
+        path: &Path<'_>,
+    ) -> Result<(), ProtoError> {
+        // Token ids: the element path is built only for an element the fast path declines.
+        for i in indices {
             if let Some((v, used)) = small_uint(self.rest) {
                 self.rest = &self.rest[used..];
                 out.push(v);
@@ -386,7 +401,13 @@ impl<'a> Reader<'a> {
                 out.push(self.read_u32(&path.index(index))?);
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Moves past the next `n` bytes, which the caller has already interpreted (at most the
+    /// bytes left).
+    pub fn advance(&mut self, n: usize) {
+        self.rest = self.rest.get(n..).unwrap_or_default();
     }
 
     /// Reads an array of ints that each fit in `u64`.
@@ -721,6 +742,61 @@ mod tests {
         assert_eq!(r.capacity_hint(u32::MAX), 6);
         let mut r = Reader::new(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01]);
         assert!(r.read_u32_array(&root()).is_err());
+    }
+
+    #[test]
+    fn u32_array_every_width_in_both_decode_paths() {
+        // Each boundary value in every encoding that holds it (fixint, uint8, uint16, uint32,
+        // and the wider forms the slow path takes), followed by nothing or by enough bytes for
+        // the branch-free path.
+        let values = [0u32, 1, 0x7f, 0x80, 0xff, 0x100, 0xffff, 0x1_0000, u32::MAX];
+        let mut elems: Vec<(Vec<u8>, u32)> = Vec::new();
+        for &v in &values {
+            let mut e = Vec::new();
+            rmp::encode::write_uint(&mut e, u64::from(v)).expect("vec write");
+            elems.push((e, v));
+            if let Ok(b) = u8::try_from(v) {
+                elems.push((vec![0xcc, b], v));
+            }
+            if let Ok(h) = u16::try_from(v) {
+                let mut e = vec![0xcd];
+                e.extend_from_slice(&h.to_be_bytes());
+                elems.push((e, v));
+            }
+            let mut e = vec![0xce];
+            e.extend_from_slice(&v.to_be_bytes());
+            elems.push((e, v));
+            let mut e = vec![0xcf];
+            e.extend_from_slice(&u64::from(v).to_be_bytes());
+            elems.push((e, v));
+            if let Ok(n) = i8::try_from(v) {
+                elems.push((vec![0xd0, n.to_be_bytes()[0]], v));
+            }
+        }
+        for trailer in [0usize, 9] {
+            let mut buf = Vec::new();
+            rmp::encode::write_array_len(&mut buf, elems.len() as u32).expect("vec write");
+            for (e, _) in &elems {
+                buf.extend_from_slice(e);
+            }
+            buf.extend(std::iter::repeat_n(0xc0, trailer));
+            let mut r = Reader::new(&buf);
+            let got = r.read_u32_array(&root()).expect("decodes");
+            let want: Vec<u32> = elems.iter().map(|&(_, v)| v).collect();
+            assert_eq!(got, want, "trailer {trailer}");
+            assert_eq!(r.remaining().len(), trailer);
+        }
+        // Out-of-range and non-int elements are refused in the fast path's reach too.
+        for bad in [vec![0xcfu8, 0, 0, 0, 1, 0, 0, 0, 0], vec![0xd0, 0xff], vec![0xc2]] {
+            let mut buf = vec![0x92, 0x05];
+            buf.extend_from_slice(&bad);
+            buf.extend(std::iter::repeat_n(0xc0, 9));
+            let e = Reader::new(&buf).read_u32_array(&root());
+            assert!(
+                e.as_ref().is_err_and(|e| e.to_string().contains("v[1]")),
+                "{bad:x?}: {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! Invariants:
 //! - The number of payload frames is checked first against [`Op::arity`].
 //! - Decoding streams over the borrowed frames and allocates only what the decoded values own
-//!   (`token_ids` go straight into a `Vec<u32>`); preallocation is capped by the frame size.
+//!   (`token_ids` go straight into a `Vec<u32>`, or come from a [`TokenArrays`] cache of
+//!   recently decoded arrays when the caller passes one: `token_ids.rs`); preallocation is capped by the frame size.
 //! - Range checks are done here, once, on client values: token ids fit in `u32`,
 //!   `1 <= world_size <= 255`, `worker_id < world_size`, `start <= end`,
 //!   `cache_salt` has at most 128 chars and none of `@ / \ NUL`. Semantic checks that need
@@ -35,8 +36,10 @@ use crate::op::Op;
 use crate::reader::{Path, Reader, decode_error, marker_type_name};
 
 mod params;
+mod token_ids;
 
 pub use params::*;
+pub use token_ids::{MIN_CACHED_LEN, TokenArrayStats, TokenArrays, TokenIds};
 
 use params::layout_hints;
 
@@ -309,8 +312,8 @@ fn uint_frame(bytes: &[u8], name: &'static str) -> Result<u64, ProtoError> {
     frame(bytes, name, |r, p| r.read_u64(p))
 }
 
-fn key_frame(bytes: &[u8]) -> Result<IpcKey, ProtoError> {
-    frame(bytes, "key", IpcKey::read)
+fn key_frame(bytes: &[u8], arrays: Option<&TokenArrays>) -> Result<IpcKey, ProtoError> {
+    frame(bytes, "key", |r, p| IpcKey::read_with(r, p, arrays))
 }
 
 fn str_frame(bytes: &[u8], name: &'static str) -> Result<String, ProtoError> {
@@ -335,6 +338,19 @@ fn bin_frame(bytes: &[u8], name: &'static str) -> Result<Vec<u8>, ProtoError> {
 /// otherwise the first decode, range or trailing-bytes error, with the parameter name as the
 /// root of its path.
 pub fn decode_request(op: Op, payloads: &[&[u8]]) -> Result<Request, ProtoError> {
+    decode_request_with(op, payloads, None)
+}
+
+/// Like [`decode_request`], taking keys' token ids from `arrays` when it holds them (and
+/// caching the ones it decodes); the result is the same either way.
+///
+/// # Errors
+/// As [`decode_request`].
+pub fn decode_request_with(
+    op: Op,
+    payloads: &[&[u8]],
+    arrays: Option<&TokenArrays>,
+) -> Result<Request, ProtoError> {
     let arity_error = || ProtoError::Arity {
         op,
         expected: op.arity(),
@@ -367,20 +383,20 @@ pub fn decode_request(op: Op, payloads: &[&[u8]]) -> Result<Request, ProtoError>
             instance_id: int_frame(iid, "instance_id")?,
         },
         (Op::Store, &[key, iid, blocks, handle]) => Request::Store {
-            key: key_frame(key)?,
+            key: key_frame(key, arrays)?,
             instance_id: int_frame(iid, "instance_id")?,
             block_ids: frame(blocks, "block_ids", block_id_groups)?,
             event_ipc_handle: bin_frame(handle, "event_ipc_handle")?,
         },
         (Op::Retrieve, &[key, iid, blocks, handle, skip]) => Request::Retrieve {
-            key: key_frame(key)?,
+            key: key_frame(key, arrays)?,
             instance_id: int_frame(iid, "instance_id")?,
             block_ids: frame(blocks, "block_ids", block_id_groups)?,
             event_ipc_handle: bin_frame(handle, "event_ipc_handle")?,
             skip_first_n_tokens: uint_frame(skip, "skip_first_n_tokens")?,
         },
         (Op::Lookup, &[key, tp]) => Request::Lookup {
-            key: key_frame(key)?,
+            key: key_frame(key, arrays)?,
             tp_size: int_frame(tp, "tp_size")?,
         },
         (Op::QueryPrefetchStatus, &[rid]) => Request::QueryPrefetchStatus {
@@ -391,7 +407,7 @@ pub fn decode_request(op: Op, payloads: &[&[u8]]) -> Result<Request, ProtoError>
             timeout: frame(timeout, "timeout", Reader::read_f64)?,
         },
         (Op::FreeLookupLocks, &[key, tp]) => Request::FreeLookupLocks {
-            key: key_frame(key)?,
+            key: key_frame(key, arrays)?,
             tp_size: int_frame(tp, "tp_size")?,
         },
         (Op::EndSession, &[rid]) => Request::EndSession {
@@ -410,20 +426,20 @@ pub fn decode_request(op: Op, payloads: &[&[u8]]) -> Result<Request, ProtoError>
             }
         }
         (Op::PrepareStore, &[key, iid]) => Request::PrepareStore {
-            key: key_frame(key)?,
+            key: key_frame(key, arrays)?,
             instance_id: int_frame(iid, "instance_id")?,
         },
         (Op::CommitStore, &[key, iid, data]) => Request::CommitStore {
-            key: key_frame(key)?,
+            key: key_frame(key, arrays)?,
             instance_id: int_frame(iid, "instance_id")?,
             data: bin_frame(data, "data")?,
         },
         (Op::PrepareRetrieve, &[key, iid]) => Request::PrepareRetrieve {
-            key: key_frame(key)?,
+            key: key_frame(key, arrays)?,
             instance_id: int_frame(iid, "instance_id")?,
         },
         (Op::CommitRetrieve, &[key, iid]) => Request::CommitRetrieve {
-            key: key_frame(key)?,
+            key: key_frame(key, arrays)?,
             instance_id: int_frame(iid, "instance_id")?,
         },
         (Op::Clear, &[force]) => Request::Clear {

@@ -17,8 +17,8 @@ pub struct IpcKey {
     pub world_size: u32,
     /// The KV rank this key is for, or `None` for "every rank" (lookups). Always `< world_size`.
     pub worker_id: Option<u32>,
-    /// The full token sequence of the request.
-    pub token_ids: Vec<u32>,
+    /// The full token sequence of the request (shared: see [`TokenIds`]).
+    pub token_ids: TokenIds,
     /// First token of the range being operated on.
     pub start: u64,
     /// One past the last token of the range; `start <= end` (it may exceed `token_ids.len()`:
@@ -154,7 +154,7 @@ impl IpcKey {
     /// # Errors
     /// Any [`ProtoError`] describing the first problem found.
     pub fn decode(frame_bytes: &[u8]) -> Result<Self, ProtoError> {
-        key_frame(frame_bytes)
+        key_frame(frame_bytes, None)
     }
 
     /// Reads a key map from `r`; errors are reported below `path`.
@@ -162,6 +162,18 @@ impl IpcKey {
     /// # Errors
     /// Any [`ProtoError`] describing the first problem found.
     pub fn read(r: &mut Reader<'_>, path: &Path<'_>) -> Result<Self, ProtoError> {
+        Self::read_with(r, path, None)
+    }
+
+    /// Like [`read`](Self::read), taking the token ids from `arrays` when it holds them.
+    ///
+    /// # Errors
+    /// Any [`ProtoError`] describing the first problem found.
+    pub fn read_with(
+        r: &mut Reader<'_>,
+        path: &Path<'_>,
+        arrays: Option<&TokenArrays>,
+    ) -> Result<Self, ProtoError> {
         let mut model_name = None;
         let mut world_size_v = None;
         let mut worker_id = None;
@@ -178,7 +190,13 @@ impl IpcKey {
                 "worker_id" => {
                     worker_id = Some(r.read_nil_or(&path.field("worker_id"), Reader::read_u32)?);
                 }
-                "token_ids" => token_ids = Some(r.read_u32_array(&path.field("token_ids"))?),
+                "token_ids" => {
+                    let p = path.field("token_ids");
+                    token_ids = Some(match arrays {
+                        Some(a) => a.read(r, &p)?,
+                        None => TokenIds::new(r.read_u32_array(&p)?),
+                    });
+                }
                 "start" => start = Some(r.read_u64(&path.field("start"))?),
                 "end" => end = Some(r.read_u64(&path.field("end"))?),
                 "request_id" => request_id = Some(owned_str(r, &path.field("request_id"))?),

@@ -47,7 +47,7 @@ fn key_full_decode() {
             model_name: "m".into(),
             world_size: 4,
             worker_id: Some(3),
-            token_ids: vec![0, 1, 2, 3],
+            token_ids: vec![0, 1, 2, 3].into(),
             start: 1,
             end: 3,
             request_id: "req1".into(),

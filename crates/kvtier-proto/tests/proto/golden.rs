@@ -58,7 +58,7 @@ fn v041_key_map_decodes_with_defaults() {
             model_name: "m".into(),
             world_size: 2,
             worker_id: None,
-            token_ids: vec![1, 2, 3],
+            token_ids: vec![1, 2, 3].into(),
             start: 0,
             end: 3,
             request_id: "req1".into(),

@@ -77,7 +77,7 @@ fn key_strategy() -> impl Strategy<Value = IpcKey> {
                     worker_id: worker.map(|w| w % world_size),
                     start: a.min(b) as u64,
                     end: a.max(b) as u64,
-                    token_ids,
+                    token_ids: token_ids.into(),
                     request_id,
                     cache_salt: salt,
                     num_kv_readers: readers,
