@@ -2,7 +2,10 @@
 //! (new tokens: decode + remember), hits (the same array again: compare + share) or finds a
 //! prefix (the array grew by one 256-token chunk: compare + copy + decode the rest), at a short
 //! (1,024 ids) and a long (32,768 ids) prompt. Ids are random below 128,000 (a Llama-3-sized
-//! vocabulary), so about half are uint16 and half uint32 on the wire.
+//! vocabulary), so about half are uint16 and half uint32 on the wire; `plain_textlike` draws
+//! them log-uniformly instead (mostly fixint and uint16, as text's frequent tokens have low
+//! ids). `plain` decodes one array again and again (the branch predictor learns it);
+//! `plain_distinct`/`plain_warm` go through 256 different arrays (as a server sees them).
 //!
 //! Run: `cargo bench -p kvtier-proto --bench token_arrays`.
 
@@ -80,6 +83,30 @@ fn token_arrays(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("plain_warm", n), |b| {
             b.iter_batched(
                 || warm(&mut i),
+                |a| black_box(Reader::new(a).read_u32_array(&path).expect("decodes")),
+                BatchSize::SmallInput,
+            );
+        });
+        // Ids log-uniform below 128,000 (rank-frequency like text: frequent tokens have low
+        // ids in BPE vocabularies): ~41 % fixint, 6 % uint8, 47 % uint16, 6 % uint32.
+        let text_like: Vec<Vec<u8>> = (0..256)
+            .map(|s| {
+                let v: Vec<u32> = ids(n, 7_000 + s)
+                    .iter()
+                    .map(|&r| (128_000f64.powf(f64::from(r) / 128_000.0) - 1.0) as u32)
+                    .collect();
+                encode(&v)
+            })
+            .collect();
+        let mut k = 0;
+        g.bench_function(BenchmarkId::new("plain_textlike", n), |b| {
+            b.iter_batched(
+                || {
+                    k = (k + 1) % text_like.len();
+                    let a = &text_like[k];
+                    black_box(a.iter().map(|&b| u64::from(b)).sum::<u64>());
+                    a
+                },
                 |a| black_box(Reader::new(a).read_u32_array(&path).expect("decodes")),
                 BatchSize::SmallInput,
             );
