@@ -1,10 +1,13 @@
 """Every op of a request carries its whole token list; kvtier reuses the ids it decoded for the
 request's earlier ops (`kvtier_proto::TokenArrays`). Through the wire: a long prompt's store,
-lookup and retrieve reuse the decoded list (`rpc.token_arrays.hits`), a grown prompt reuses its
-start (`prefix_hits`), and two prompts that differ in one id in the middle (same length, same
+lookup and retrieve reuse the decoded list (`rpc.token_arrays.hits_total`), a grown prompt reuses its
+start (`prefix_hits_total`), and two prompts that differ in one id in the middle (same length, same
 last bytes) never share ids: each retrieves its own bytes."""
 
 from __future__ import annotations
+
+import re
+import urllib.request
 
 from conftest import Server, fresh_tokens, new_iid
 from kvclient import EngineContext, lookup_key
@@ -29,13 +32,13 @@ def test_ops_of_one_request_reuse_its_token_ids(server: Server, rng):
             assert c.lookup_hits(lookup_key(MODEL, tokens, "r1", end=1024)) == 4
             assert ctx.retrieve(tokens, 0, 1024, "r1") == data[:4]
             mid = token_arrays(server)
-            assert mid["hits"] >= before["hits"] + 4, (before, mid)
+            assert mid["hits_total"] >= before["hits_total"] + 4, (before, mid)
 
             # The prompt grows by one chunk: its start is reused, the new ids decoded.
             grown = tokens + fresh_tokens(rng, 256)
             assert ctx.store(grown, 1024, 1280, data, "r1") == [0]
             after = token_arrays(server)
-            assert after["prefix_hits"] >= mid["prefix_hits"] + 1, (mid, after)
+            assert after["prefix_hits_total"] >= mid["prefix_hits_total"] + 1, (mid, after)
             assert c.lookup_hits(lookup_key(MODEL, grown, "r1", end=1280)) == 5
             assert ctx.retrieve(grown, 0, 1280, "r1") == data[:5]
             c.end_session("r1")
@@ -56,3 +59,7 @@ def test_ops_of_one_request_reuse_its_token_ids(server: Server, rng):
     final = token_arrays(server)
     assert final["entries"] <= final["max_entries"]
     assert final["bytes"] <= final["max_bytes"]
+    with urllib.request.urlopen(server.http_url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(r"^kvtier_rpc_token_arrays_hits_total (\d+)$", text, re.M)
+    assert m and int(m.group(1)) >= final["hits_total"], text[:2000]

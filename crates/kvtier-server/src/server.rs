@@ -244,7 +244,7 @@ impl Server {
             inner: Arc::new(StatusParts {
                 engine,
                 rpc,
-                token_arrays,
+                token_arrays: crate::stats::TokenArrayMetrics(token_arrays),
                 started,
                 housekeeper,
                 config,

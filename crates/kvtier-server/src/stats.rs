@@ -8,7 +8,10 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use kvtier_proto::Op;
+use std::sync::Arc;
+
+use kvtier_core::metrics::{MetricDesc, MetricKind, MetricSet, MetricUnit, MetricVisitor};
+use kvtier_proto::{Op, TokenArrays};
 
 pub use kvtier_core::metrics::histogram::{
     EXPOSITION_LOG2_NS, HistogramSnapshot, LatencyHistogram, quantile_of_counts,
@@ -127,5 +130,89 @@ impl kvtier_core::metrics::MetricSet for RpcStats {
         for (op, s) in &seen {
             v.histogram(duration, &[("op", op.name())], &s.latency.exposition());
         }
+    }
+}
+
+/// The token-array cache (`kvtier_proto::TokenArrays`: decoded token ids reused across a
+/// request's ops) as a status node (`rpc.token_arrays`) and a metric set.
+#[derive(Debug)]
+pub struct TokenArrayMetrics(pub Arc<TokenArrays>);
+
+static TOKEN_ARRAY_METRICS: [MetricDesc; 6] = [
+    MetricDesc {
+        name: "kvtier_rpc_token_arrays_hits",
+        status_key: "hits_total",
+        help: "Request token arrays answered from the token-array cache without decoding.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Counter,
+    },
+    MetricDesc {
+        name: "kvtier_rpc_token_arrays_prefix_hits",
+        status_key: "prefix_hits_total",
+        help: "Request token arrays that extend a cached one: only the new tail was decoded.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Counter,
+    },
+    MetricDesc {
+        name: "kvtier_rpc_token_arrays_misses",
+        status_key: "misses_total",
+        help: "Request token arrays of at least 64 ids decoded in full (then cached).",
+        unit: MetricUnit::None,
+        kind: MetricKind::Counter,
+    },
+    MetricDesc {
+        name: "kvtier_rpc_token_arrays_reused_ids",
+        status_key: "reused_ids_total",
+        help: "Token ids taken from the token-array cache instead of decoded.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Counter,
+    },
+    MetricDesc {
+        name: "kvtier_rpc_token_arrays_entries",
+        status_key: "entries",
+        help: "Token arrays in the cache now.",
+        unit: MetricUnit::None,
+        kind: MetricKind::Gauge,
+    },
+    MetricDesc {
+        name: "kvtier_rpc_token_arrays",
+        status_key: "bytes",
+        help: "Memory the cached token arrays hold (decoded ids and bookkeeping).",
+        unit: MetricUnit::Bytes,
+        kind: MetricKind::Gauge,
+    },
+];
+
+impl TokenArrayMetrics {
+    /// The status fields (`rpc.token_arrays`), keyed as the metric set's status keys.
+    pub fn status_value(&self) -> serde_json::Value {
+        let t = self.0.stats();
+        serde_json::json!({
+            "hits_total": t.hits,
+            "prefix_hits_total": t.prefix_hits,
+            "misses_total": t.misses,
+            "reused_ids_total": t.reused_ids,
+            "entries": t.entries,
+            "max_entries": self.0.max_entries(),
+            "bytes": t.bytes,
+            "max_bytes": t.max_bytes,
+        })
+    }
+}
+
+impl MetricSet for TokenArrayMetrics {
+    fn descriptors(&self) -> &'static [MetricDesc] {
+        &TOKEN_ARRAY_METRICS
+    }
+
+    fn visit(&self, v: &mut dyn MetricVisitor) {
+        let [hits, prefix, misses, reused, entries, bytes] = &TOKEN_ARRAY_METRICS;
+        let t = self.0.stats();
+        v.counter(hits, &[], t.hits);
+        v.counter(prefix, &[], t.prefix_hits);
+        v.counter(misses, &[], t.misses);
+        v.counter(reused, &[], t.reused_ids);
+        v.gauge(entries, &[], t.entries as f64);
+        v.gauge(bytes, &[], t.bytes as f64);
     }
 }

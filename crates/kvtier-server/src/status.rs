@@ -31,7 +31,7 @@ pub struct StatusSource {
 pub(crate) struct StatusParts {
     pub(crate) engine: Arc<Engine>,
     pub(crate) rpc: Arc<RpcStats>,
-    pub(crate) token_arrays: Arc<kvtier_proto::TokenArrays>,
+    pub(crate) token_arrays: crate::stats::TokenArrayMetrics,
     pub(crate) started: Instant,
     pub(crate) housekeeper: Arc<PeriodicThread>,
     pub(crate) config: ServerConfig,
@@ -81,22 +81,10 @@ impl StatusSource {
                     p.housekeeper.interval().map_or(0.0, |d| d.as_secs_f64()),
                 ),
             )
-            .child("rpc", {
-                let t = p.token_arrays.stats();
-                rpc.field(
-                    "token_arrays",
-                    serde_json::json!({
-                        "hits": t.hits,
-                        "prefix_hits": t.prefix_hits,
-                        "misses": t.misses,
-                        "reused_ids": t.reused_ids,
-                        "entries": t.entries,
-                        "max_entries": p.token_arrays.max_entries(),
-                        "bytes": t.bytes,
-                        "max_bytes": t.max_bytes,
-                    }),
-                )
-            })
+            .child(
+                "rpc",
+                rpc.field("token_arrays", p.token_arrays.status_value()),
+            )
             .field("unsupported_op_counts", unsupported);
         root = root.child("transport", p.frontend.report_status());
         root = root.child("l1_prefault", p.prefault.report_status());
@@ -124,7 +112,7 @@ impl StatusSource {
     pub fn metric_sets(&self) -> Vec<&dyn MetricSet> {
         let p = &self.inner;
         let engine = &p.engine;
-        let mut sets: Vec<&dyn MetricSet> = vec![p.rpc.as_ref()];
+        let mut sets: Vec<&dyn MetricSet> = vec![p.rpc.as_ref(), &p.token_arrays];
         sets.extend(engine.metric_sets());
         sets.push(p.frontend.stats());
         sets.push(p.frontend.access().stats());
