@@ -274,7 +274,13 @@ impl Sessions {
             s.last_used = s.last_used.max(now);
             let hashes = s
                 .hashes
-                .hashes(&self.hasher, &key.token_ids, start, end)
+                .hashes_of(
+                    &self.hasher,
+                    &key.token_ids,
+                    Some(key.token_ids.identity()),
+                    start,
+                    end,
+                )
                 .map_err(|e| malformed(&e))?
                 .to_vec();
             let first = start / self.hasher.chunk_size().max(1);
