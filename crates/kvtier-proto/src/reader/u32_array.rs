@@ -190,17 +190,14 @@ fn decode_chained_with(
     stretches: &mut Vec<Stretch>,
 ) -> (usize, usize) {
     let fast_end = buf.len().saturating_sub(7);
+    let mut t = TrueChain { pos: 0, done: 0 };
     // The true chain alone, for the sample.
-    let (mut done, mut pos) = (0usize, 0usize);
-    while done < SAMPLE.min(count) && pos < fast_end {
-        let (v, w) = decode_at(buf, pos);
-        if w == 0 {
-            return (done, pos);
+    while t.done < SAMPLE.min(count) {
+        if !t.step(buf, fast_end, out) {
+            return (t.done, t.pos);
         }
-        out.push(v);
-        pos += w;
-        done += 1;
     }
+    let (done, pos) = (t.done, t.pos);
     if done < SAMPLE || count - done < CHAINS * SAMPLE {
         return (done, pos);
     }
@@ -225,18 +222,10 @@ fn decode_chained_with(
         used += 1;
     }
     let stretches = &mut stretches[..used];
-    // The lockstep loop: the true chain writes `out` directly and stops at a non-u32 marker.
-    let mut true_steps = per.min(count - done);
-    for _ in 0..steps {
-        if true_steps > 0 && pos < fast_end {
-            let (v, w) = decode_at(buf, pos);
-            if w == 0 {
-                return (done, pos);
-            }
-            out.push(v);
-            pos += w;
-            done += 1;
-            true_steps -= 1;
+    // The lockstep loop: the true chain writes `out` directly.
+    for n in 0..steps {
+        if n < per && !t.step(buf, fast_end, out) {
+            return (t.done, t.pos);
         }
         for s in stretches.iter_mut() {
             s.step(buf, fast_end);
@@ -246,47 +235,63 @@ fn decode_chained_with(
     // stretch read, then take the stretch's values from there.
     for s in stretches.iter() {
         let mut j = 0usize;
-        loop {
-            if done == count {
-                return (done, pos);
-            }
-            while j < s.offsets.len() && s.offsets[j] < pos {
+        while t.done < count {
+            while j < s.offsets.len() && s.offsets[j] < t.pos {
                 j += 1;
             }
             if j == s.offsets.len() {
                 // This stretch ends before the true chain: nothing to take from it.
                 break;
             }
-            if s.offsets[j] == pos {
-                let want = (count - done).min(s.values.len() - j);
+            if s.offsets[j] == t.pos {
+                let want = (count - t.done).min(s.values.len() - j);
                 let first_bad = s.not_uint.partition_point(|&i| i < j);
                 let take = s
                     .not_uint
                     .get(first_bad)
                     .map_or(want, |&bad| want.min(bad - j));
                 out.extend_from_slice(&s.values[j..j + take]);
-                done += take;
-                pos = s.offset(j + take);
+                t.done += take;
+                t.pos = s.offset(j + take);
                 if take < want {
                     // A non-u32 marker: the exact loop takes it from here.
-                    return (done, pos);
+                    return (t.done, t.pos);
                 }
                 break;
             }
             // Not on the stretch's path (yet): one more element of the true chain.
-            if pos >= fast_end {
-                return (done, pos);
+            if !t.step(buf, fast_end, out) {
+                return (t.done, t.pos);
             }
-            let (v, w) = decode_at(buf, pos);
-            if w == 0 {
-                return (done, pos);
-            }
-            out.push(v);
-            pos += w;
-            done += 1;
         }
     }
-    (done, pos)
+    (t.done, t.pos)
+}
+
+/// The true chain of [`decode_chained`]: where its next element starts and how many it has
+/// decoded into `out`.
+struct TrueChain {
+    pos: usize,
+    done: usize,
+}
+
+impl TrueChain {
+    /// Decodes one element into `out`; `false`, decoding nothing, at a marker that is not a
+    /// `u32` int's or where fewer than 8 bytes are left (the exact loop's cases).
+    #[inline(always)]
+    fn step(&mut self, buf: &[u8], fast_end: usize, out: &mut Vec<u32>) -> bool {
+        if self.pos >= fast_end {
+            return false;
+        }
+        let (v, w) = decode_at(buf, self.pos);
+        if w == 0 {
+            return false;
+        }
+        out.push(v);
+        self.pos += w;
+        self.done += 1;
+        true
+    }
 }
 
 /// How to read a msgpack unsigned int of at most 32 bits from the 8 bytes starting at its
