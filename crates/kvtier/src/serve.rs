@@ -68,12 +68,10 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_MAX_MESSAGE_BYTES", default_value_t = kvtier_server::transport::DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
 
-    /// Pin the request path to this CPU: libzmq's I/O thread (which reads requests and writes
-    /// replies) and the `kvtier-zmq` thread (which handles them) then hand each request over on
-    /// one CPU instead of waking a thread on another. On a VM that saves an inter-processor
-    /// wake-up of an idle vCPU per hand-off (measured on a 2-vCPU guest: noop round trip 78-93
-    /// -> 59-65 µs). Off by default; pick a CPU the engines' busy threads do not use. The CPU
-    /// must be one this process may run on (see `taskset -p $$`).
+    /// Pin the request path (libzmq's I/O thread and the `kvtier-zmq` handler thread) to this
+    /// CPU, so each request is handed over without waking another (on a 2-vCPU VM: noop round
+    /// trip 78-93 -> 59-65 µs). Off by default; pick a CPU the engines' busy threads do not
+    /// use and this process may run on (`taskset -p $$`).
     #[arg(long, env = "KVTIER_RPC_CPU", value_name = "CPU")]
     rpc_cpu: Option<usize>,
 
