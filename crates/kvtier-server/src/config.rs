@@ -66,10 +66,6 @@ pub struct RpcSettings {
     /// Bytes of recently decoded request token arrays kept for reuse
     /// (`--token-array-cache-mib`; 0 disables the cache). See `kvtier_proto::TokenArrays`.
     pub token_array_cache_bytes: usize,
-    /// The CPU the request path's threads (libzmq's I/O thread, the poll thread) are pinned to
-    /// (`--rpc-cpu`); `None`: not pinned. See `transport/affinity.rs`.
-    #[serde(rename = "rpc_cpu")]
-    pub cpu: Option<usize>,
 }
 
 /// Default of `--token-array-cache-mib`: room for the decoded ids (4 bytes per token) of
@@ -243,7 +239,6 @@ impl Default for ServerConfig {
                 max_message_bytes: crate::transport::DEFAULT_MAX_MESSAGE_BYTES,
                 allow: Vec::new(),
                 token_array_cache_bytes: DEFAULT_TOKEN_ARRAY_CACHE_MIB << 20,
-                cpu: None,
             },
             l1: L1Settings {
                 size_bytes: 1 << 30,

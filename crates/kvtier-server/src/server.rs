@@ -233,7 +233,6 @@ impl Server {
                     .unwrap_or(config.rpc.max_workers),
                 queue_capacity: config.rpc.queue_capacity,
                 drain_timeout: config.rpc.drain_timeout,
-                cpu: config.rpc.cpu,
             },
             Arc::new(Service::new(
                 Arc::clone(&engine),

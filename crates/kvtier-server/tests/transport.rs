@@ -1,7 +1,6 @@
 //! The ZeroMQ front end against real DEALER sockets, with a scripted handler: framing, dispatch,
 //! out-of-order replies, the queue-full policy, malformed messages and draining shutdown.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -92,7 +91,6 @@ fn config(workers: usize, queue: usize) -> TransportConfig {
         normal_workers: workers,
         queue_capacity: queue,
         drain_timeout: Duration::from_secs(5),
-        cpu: None,
     }
 }
 
@@ -404,83 +402,5 @@ fn an_inline_transfer_op_never_overtakes_the_same_clients_queued_one() {
             (Op::CommitStore, b"c".to_vec()),
         ]
     );
-    fe.shutdown();
-}
-
-/// `Cpus_allowed_list` of every thread of this process, by thread id.
-fn thread_cpus() -> HashMap<String, (String, String)> {
-    let mut out = HashMap::new();
-    for entry in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
-        let dir = entry.expect("task entry").path();
-        let (Ok(status), Ok(comm)) = (
-            std::fs::read_to_string(dir.join("status")),
-            std::fs::read_to_string(dir.join("comm")),
-        ) else {
-            continue; // the thread ended meanwhile
-        };
-        let cpus = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_default();
-        let tid = dir.file_name().expect("tid").to_string_lossy().into_owned();
-        out.insert(tid, (comm.trim().to_owned(), cpus));
-    }
-    out
-}
-
-#[test]
-fn rpc_cpu_pins_the_io_thread_and_the_poll_thread_and_nothing_else() {
-    let before = thread_cpus();
-    let mine = std::fs::read_to_string("/proc/thread-self/status").expect("own status");
-    let allowed = mine
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .expect("Cpus_allowed_list")
-        .trim()
-        .to_owned();
-    // The last CPU this process may use (a list such as `0-1` or `0,2-3`).
-    let cpu: usize = allowed
-        .rsplit([',', '-'])
-        .next()
-        .and_then(|c| c.parse().ok())
-        .expect("a CPU number");
-    let mut cfg = config(1, 16);
-    cfg.cpu = Some(cpu);
-    let fe = ZmqFrontEnd::start(cfg, Arc::new(Scripted::default())).expect("front end starts");
-    let ctx = zmq::Context::new();
-    let c = dealer(&ctx, fe.endpoint());
-    send(&c, 1, Op::Noop, &[]);
-    assert_eq!(recv(&c).last(), Some(&mp_str("OK")));
-    let after = thread_cpus();
-    let pinned: Vec<&(String, String)> = after
-        .iter()
-        .filter(|(tid, (_, cpus))| !before.contains_key(*tid) && *cpus == cpu.to_string())
-        .map(|(_, v)| v)
-        .collect();
-    if allowed != cpu.to_string() {
-        // libzmq's I/O and reaper threads (started with the ROUTER socket) and the poll thread.
-        assert_eq!(pinned.len(), 3, "new pinned threads: {pinned:?}");
-        assert!(
-            pinned.iter().any(|(comm, _)| comm == "kvtier-zmq"),
-            "{pinned:?}"
-        );
-    }
-    let now = std::fs::read_to_string("/proc/thread-self/status").expect("own status");
-    assert!(
-        now.lines()
-            .any(|l| l.strip_prefix("Cpus_allowed_list:").map(str::trim) == Some(&allowed)),
-        "the starting thread gets its mask back"
-    );
-    let Err(err) = ZmqFrontEnd::start(
-        TransportConfig {
-            cpu: Some(100_000),
-            ..config(1, 16)
-        },
-        Arc::new(Scripted::default()),
-    ) else {
-        panic!("a front end pinned to CPU 100000 started");
-    };
-    assert!(err.to_string().contains("--rpc-cpu 100000"), "{err}");
     fe.shutdown();
 }

@@ -68,13 +68,6 @@ pub struct ServeArgs {
     #[arg(long, env = "KVTIER_MAX_MESSAGE_BYTES", default_value_t = kvtier_server::transport::DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
 
-    /// Pin the request path (libzmq's I/O thread and the `kvtier-zmq` handler thread) to this
-    /// CPU, so each request is handed over without waking another (on a 2-vCPU VM: noop round
-    /// trip 78-93 -> 59-65 µs). Off by default; pick a CPU the engines' busy threads do not
-    /// use and this process may run on (`taskset -p $$`).
-    #[arg(long, env = "KVTIER_RPC_CPU", value_name = "CPU")]
-    rpc_cpu: Option<usize>,
-
     /// Port of the ZeroMQ RPC socket (LMCache clients connect to tcp://HOST:PORT).
     #[arg(long, env = "KVTIER_PORT", default_value_t = 5555)]
     port: u16,
@@ -449,7 +442,6 @@ impl ServeArgs {
                     .token_array_cache_mib
                     .checked_mul(1 << 20)
                     .context("--token-array-cache-mib is too large")?,
-                cpu: self.rpc_cpu,
                 ..defaults.rpc
             },
             l1: L1Settings {

@@ -55,7 +55,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, unbounded};
 
 pub mod access;
-mod affinity;
 mod deferred;
 mod poll;
 mod stream;
@@ -137,9 +136,6 @@ pub struct TransportConfig {
     pub queue_capacity: usize,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
-    /// The CPU that libzmq's I/O thread and the poll thread are pinned to (`--rpc-cpu`; see
-    /// `affinity.rs`); `None`: not pinned.
-    pub cpu: Option<usize>,
 }
 
 /// Transport errors (start-up only; the running loop logs and counts instead).
@@ -158,14 +154,6 @@ pub enum TransportError {
     /// The peer filter (`--rpc-allow`) could not start.
     #[error(transparent)]
     Access(#[from] access::AccessError),
-    /// `--rpc-cpu` names a CPU this process may not run on.
-    #[error("--rpc-cpu {cpu} is not a CPU this process may run on (allowed: {allowed})")]
-    CpuNotAllowed {
-        /// The CPU asked for.
-        cpu: usize,
-        /// The process's CPUs, as a `0-3,6` list.
-        allowed: String,
-    },
     /// A system call failed.
     #[error("{op} failed: {source}")]
     Io {
@@ -282,13 +270,9 @@ impl ZmqFrontEnd {
             source,
         };
         let ctx = zmq::Context::new();
-        // libzmq starts its I/O thread with the context's first socket, on this thread's CPU
-        // mask (`--rpc-cpu`: affinity.rs).
-        let pinned = config.cpu.map(affinity::InheritedCpu::pin).transpose()?;
-        let socket = ctx.socket(zmq::ROUTER).map_err(|e| zerr("socket", e))?;
-        drop(pinned);
         // The ZAP handler is bound before the ROUTER can accept anyone.
         let access = Arc::new(Access::start(&ctx, &config.host, config.allow.clone())?);
+        let socket = ctx.socket(zmq::ROUTER).map_err(|e| zerr("socket", e))?;
         access
             .configure(&socket)
             .map_err(|e| zerr("setsockopt", e))?;
@@ -388,17 +372,9 @@ impl ZmqFrontEnd {
             max_message_bytes: config.max_message_bytes,
             affinity_queued: HashMap::new(),
         };
-        let cpu = config.cpu;
         let poll_thread = std::thread::Builder::new()
             .name("kvtier-zmq".into())
-            .spawn(move || {
-                if let Some(cpu) = cpu
-                    && let Err(e) = affinity::pin_current_thread(cpu)
-                {
-                    tracing::warn!(error = %e, "poll thread not pinned");
-                }
-                poll.run();
-            })
+            .spawn(move || poll.run())
             .map_err(|e| TransportError::Io {
                 op: "spawn poll thread",
                 source: e,
