@@ -215,8 +215,9 @@ class Bench:
         m = self.metrics
         m[f"store_{name}_gbps"] = gbps
         m[f"store_{name}_frac_memcpy"] = gbps / self.memcpy_gbps
-        m[f"prepare_store_{name}_p50_us"] = quantile_us(prep_l, 0.5)
-        m[f"commit_store_{name}_p50_us"] = quantile_us(commit_l, 0.5)
+        for op, lat in (("prepare_store", prep_l), ("commit_store", commit_l)):
+            m[f"{op}_{name}_p50_us"] = quantile_us(lat, 0.5)
+            m[f"{op}_{name}_p99_us"] = quantile_us(lat, 0.99)
         m[f"copy_in_{name}_gbps"] = nbytes / sum(copy_l) / 1e9
         # Where the copies went: page faults taken (the whole process, so the client's RPC threads
         # add a few), slots not on a page boundary, and the span of the pool the pass touched.
@@ -270,8 +271,9 @@ class Bench:
         m[f"retrieve_{name}_frac_memcpy"] = gbps / self.memcpy_gbps
         m[f"lookup_{name}_p50_us"] = quantile_us(look_l, 0.5)
         m[f"lookup_{name}_p99_us"] = quantile_us(look_l, 0.99)
-        m[f"prepare_retrieve_{name}_p50_us"] = quantile_us(prep_l, 0.5)
-        m[f"commit_retrieve_{name}_p50_us"] = quantile_us(commit_l, 0.5)
+        for op, lat in (("prepare_retrieve", prep_l), ("commit_retrieve", commit_l)):
+            m[f"{op}_{name}_p50_us"] = quantile_us(lat, 0.5)
+            m[f"{op}_{name}_p99_us"] = quantile_us(lat, 0.99)
         m[f"copy_out_{name}_gbps"] = nbytes / sum(copy_l) / 1e9
         lookups.extend(look_l)
 
@@ -300,10 +302,32 @@ class Bench:
         self.metrics["lookup_p50_us"] = quantile_us(lookups, 0.5)
         self.metrics["lookup_p99_us"] = quantile_us(lookups, 0.99)
         self.metrics["lookup_polls_mean"] = self.polls / max(1, len(lookups))
+        floor_ratios(self.metrics)
         try:
             self.call(self.client.unregister_kv_cache_engine_driven_context(self.iid))
         except Exception:  # best effort, the server reaps instances anyway
             pass
+
+
+# The control operations whose latency is compared with the same run's noop.
+CONTROL_OPS = ("prepare_store_warm", "commit_store_warm", "prepare_retrieve_warm",
+               "commit_retrieve_warm", "lookup")
+
+
+def floor_ratios(m):
+    """Each control op's p50 and p99 as a multiple of the same run's noop p50 and p99, under the
+    names `kvtier bench` uses (`<op>_p50_x_noop`, `<op>_p99_x_noop`), so that
+    scripts/compare-lmcache prints one floor table for both clients. Only ratios within one run
+    mean anything on a shared machine. (No `_x_noop_after_copy`: this client sends no noop
+    right after a copy.)"""
+    for q in ("p50", "p99"):
+        base = m.get(f"noop_rtt_{q}_us")
+        if not base:
+            continue
+        for op in CONTROL_OPS:
+            v = m.get(f"{op}_{q}_us")
+            if v is not None:
+                m[f"{op}_{q}_x_noop"] = v / base
 
 
 def main():

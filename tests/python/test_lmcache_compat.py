@@ -619,3 +619,28 @@ def test_the_prefault_is_off_by_default_and_on_when_asked() -> None:
                 assert srv.status()["l1_prefault"]["is_healthy"] is True
         finally:
             stop_and_check(srv)
+
+
+def test_lmcache_client_bench_reports_each_control_op_against_its_noop() -> None:
+    """scripts/lmcache-client-bench.py (LMCache's own client; what scripts/compare-lmcache runs
+    for its python-* workloads) moves real chunks through kvtier, checks them, and reports each
+    control op's p50 and p99 as a multiple of the same run's noop under `kvtier bench`'s names,
+    so compare-lmcache's floor table has a row per op for the Python client too."""
+    from conftest import start_server, stop_and_check
+
+    srv = start_server()
+    try:
+        r = subprocess.run([str(lmcache_venv() / "bin" / "python"), str(REPO / "scripts" / "lmcache-client-bench.py"),
+                            "--url", f"tcp://127.0.0.1:{srv.port}", "--requests", "2", "--noops", "50",
+                            "--pipeline-depth", "10", "--json"],
+                           capture_output=True, text=True, timeout=240, env=lmcache_env())
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["errors"] == [], out["errors"]
+        m = out["metrics"]
+        for op in ("prepare_store_warm", "commit_store_warm", "prepare_retrieve_warm", "commit_retrieve_warm",
+                   "lookup"):
+            for q in ("p50", "p99"):
+                assert m[f"{op}_{q}_x_noop"] == pytest.approx(m[f"{op}_{q}_us"] / m[f"noop_rtt_{q}_us"]), (op, q)
+    finally:
+        stop_and_check(srv)
