@@ -624,7 +624,8 @@ def test_the_prefault_is_off_by_default_and_on_when_asked() -> None:
 def test_lmcache_client_bench_reports_each_control_op_against_its_noop() -> None:
     """scripts/lmcache-client-bench.py (LMCache's own client; what scripts/compare-lmcache runs
     for its python-* workloads) moves real chunks through kvtier, checks them, and reports each
-    control op's p50 and p99 as a multiple of the same run's noop under `kvtier bench`'s names,
+    control op's p50 and p99 as a multiple of the same run's noop (and its p50 of a noop sent
+    right after a copy) under `kvtier bench`'s names,
     so compare-lmcache's floor table has a row per op for the Python client too."""
     from conftest import start_server, stop_and_check
 
@@ -642,5 +643,6 @@ def test_lmcache_client_bench_reports_each_control_op_against_its_noop() -> None
                    "lookup"):
             for q in ("p50", "p99"):
                 assert m[f"{op}_{q}_x_noop"] == pytest.approx(m[f"{op}_{q}_us"] / m[f"noop_rtt_{q}_us"]), (op, q)
+            assert m[f"{op}_p50_x_noop_after_copy"] == pytest.approx(m[f"{op}_p50_us"] / m["noop_after_copy_p50_us"])
     finally:
         stop_and_check(srv)
